@@ -1,0 +1,35 @@
+# Everything installs from nothing: `make test` and `make demo` create .venv when missing
+# and (re)install whenever pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch: pip takes it from the local wheel store when present, else from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test test-all demo lint train-default evaluate-default clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu and not tensorrt" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(VENV)/bin/cdae demo
+
+# Re-runs the exact command recorded in the shipped default model's manifest.
+train-default: $(STAMP)
+	$(VENV)/bin/cdae train --config training/configs/default.toml --out models
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,200 @@
+"""The ``cdae`` command line: thin subcommands over the packages' functions.
+
+Heavy imports (torch, the simulator) happen inside each subcommand, so ``cdae --help`` and the
+IOC's commands stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cdae import __version__
+
+
+def _models_dir(arg: str | None) -> Path:
+    from cdae.engine.package import default_models_dir
+
+    return Path(arg) if arg else default_models_dir()
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# --- train -------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cdae.training.config import load_train_config
+    from cdae.training.train import train
+
+    cfg = load_train_config(args.config, args.set)
+    updates: dict[str, object] = {}
+    if args.name:
+        updates["name"] = args.name
+    if args.model_version:
+        updates["version"] = args.model_version
+    if args.init:
+        updates["init_from"] = args.init
+    cfg = cfg.model_copy(update=updates)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
+    models = _models_dir(args.out)
+    for seed in seeds:
+        member = cfg.model_copy(update={"seed": seed, "version": f"{cfg.version}-s{seed}" if args.seeds else cfg.version})
+        member = type(cfg).model_validate(member.model_dump())
+        print(f"training {member.name}:{member.version} (seed {seed}) → {models}", flush=True)
+        print("effective config: " + member.model_dump_json(), flush=True)
+        run_dir = Path(args.run_dir) / f"{member.name}-{member.version}" if args.run_dir else None
+        train(member, models, run_dir, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cdae.engine.inference import Denoiser
+    from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, read_manifest, write_manifest
+    from cdae.training.config import DataConfig
+    from cdae.training.evaluate import evaluate
+
+    registry = ModelRegistry(_models_dir(args.models_dir))
+    refs = args.model or [DEFAULT_MODEL]
+    pkgs = [registry.resolve(r) for r in refs]
+    denoisers = [Denoiser.from_package(p) for p in pkgs]
+    names = [d.manifest.ref for d in denoisers]
+    td = denoisers[0].manifest.training_config.get("data")
+    data = DataConfig.model_validate(td) if isinstance(td, dict) else DataConfig()
+    out = Path(args.out) if args.out else pkgs[0] / "evaluation"
+    sizes = [tuple(int(v) for v in s.lower().split("x"))[::-1] for s in args.sizes.split(",")]
+    report = evaluate(list(zip(names, denoisers)), out, data, frames=args.frames, val_frames=args.val_frames,
+                      sizes=sizes, timing=not args.no_timing)
+    for name, c in report["comparisons"].items():
+        s = report["methods"][name]["summary"]
+        print(f"{name}: PSNR {s['psnr_db']:.2f} dB ({c['psnr_gain_over_best_baseline_db']:+.2f} dB vs "
+              f"{report['best_baseline']}), defect RMSE {c['defect_rmse_ratio_best_baseline_over_model']:.2f}x better, "
+              f"bright RMSE {c['bright_rmse_model_over_noisy']:.3f} of noisy; targets met: {c['meets_targets']}")
+    if args.update_manifest:
+        for pkg, name in zip(pkgs, names):
+            m = read_manifest(pkg)
+            held_out = {"summary": report["methods"][name]["summary"], "comparison": report["comparisons"][name],
+                        "best_baseline": report["best_baseline"],
+                        "best_baseline_summary": report["methods"][report["best_baseline"]]["summary"],
+                        "noisy_summary": report["methods"]["noisy input"]["summary"],
+                        "held_out": report["held_out"],
+                        "cpu_1024x1024_uint16_seconds": report["cpu_1024x1024_uint16_seconds"].get(name)}
+            write_manifest(pkg, m.model_copy(update={"metrics": {**m.metrics, "held_out": held_out}}))
+            print(f"recorded held-out metrics in {pkg / 'manifest.json'}")
+    return 0
+
+
+# --- fuse --------------------------------------------------------------------------------------
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from cdae.engine.package import ModelRegistry
+    from cdae.training.fuse import fuse
+
+    models = _models_dir(args.models_dir)
+    registry = ModelRegistry(models)
+    pkgs = [registry.resolve(r) for r in args.members.split(",")]
+    pkg = fuse(pkgs, args.mode, models, args.name, args.model_version, force=args.force)
+    print(f"wrote {pkg}")
+    return 0
+
+
+# --- denoise -----------------------------------------------------------------------------------
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from cdae.engine.inference import Denoiser
+    from cdae.engine.package import DEFAULT_MODEL, ModelRegistry
+
+    registry = ModelRegistry(_models_dir(args.models_dir))
+    denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL))
+    print(f"model {denoiser.manifest.ref}", file=sys.stderr)
+    from cdae.training.denoise import denoise_files
+
+    written, errors = denoise_files(args.inputs, args.output, denoiser, args.bit_depth, error=_err)
+    print(f"{len(written)} written, {len(errors)} failed", file=sys.stderr)
+    return 1 if errors else 0
+
+
+# --- simulate ----------------------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cdae.training.simulate import save_gallery
+
+    path = save_gallery(args.output, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdae", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"cdae {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a CDAE on simulated frames; writes a model package")
+    t.add_argument("--config", help="TOML/YAML/JSON training config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=5")
+    t.add_argument("--seeds", help="comma-separated seeds: train one ensemble member per seed (version-sN)")
+    t.add_argument("--name")
+    t.add_argument("--model-version")
+    t.add_argument("--init", help="fine-tune from this package (NAME:VERSION or directory)")
+    t.add_argument("--out", help="model store (default: $CDAE_MODELS or the source tree's models/)")
+    t.add_argument("--run-dir", help="folder for checkpoints and logs (default runs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="held-out evaluation against tuned median/Gaussian baselines")
+    e.add_argument("--model", action="append", help="NAME[:VERSION]; repeat to compare (default: the shipped model)")
+    e.add_argument("--models-dir")
+    e.add_argument("--frames", type=int, default=48)
+    e.add_argument("--val-frames", type=int, default=24)
+    e.add_argument("--sizes", default="256x256,320x192", help="WxH list the held-out frames cycle through")
+    e.add_argument("--out", help="report folder (default: <package>/evaluation)")
+    e.add_argument("--update-manifest", action="store_true", help="record the held-out metrics in the manifest")
+    e.add_argument("--no-timing", action="store_true", help="skip the 1024x1024 CPU timing")
+    e.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("fuse", help="fuse ensemble members (weight average, greedy soup, or output average)")
+    f.add_argument("--members", required=True, help="comma-separated NAME:VERSION list")
+    f.add_argument("--mode", choices=["params", "greedy", "outputs"], default="greedy")
+    f.add_argument("--name", required=True)
+    f.add_argument("--model-version", required=True)
+    f.add_argument("--models-dir")
+    f.add_argument("--force", action="store_true", help="average weights even without a common parent")
+    f.set_defaults(func=cmd_fuse)
+
+    d = sub.add_parser("denoise", help="denoise .npy/.tif/.png/HDF5 (file.h5:/dataset) files")
+    d.add_argument("inputs", nargs="+")
+    d.add_argument("-o", "--output", required=True, help="output folder (file names are kept)")
+    d.add_argument("--model", help="NAME[:VERSION] (default: the shipped model)")
+    d.add_argument("--models-dir")
+    d.add_argument("--bit-depth", type=int, help="camera bit depth when the container is wider (e.g. 12 in uint16)")
+    d.set_defaults(func=cmd_denoise)
+
+    s = sub.add_parser("simulate", help="write a PNG gallery of simulated scenes and detector defects")
+    s.add_argument("-o", "--output", default="simulated.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cdae.errors import user_errors
+
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as e:
+        _err(f"cdae {args.command}: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

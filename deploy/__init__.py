@@ -1,0 +1,1 @@
+"""Deployment: export, site configuration, services."""

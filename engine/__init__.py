@@ -1,0 +1,1 @@
+"""Inference engine: architecture, model packages, backends. Knows nothing of EPICS."""

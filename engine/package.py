@@ -1,0 +1,271 @@
+"""The model package: ``models/<name>/<version>/{weights.safetensors, manifest.json}``.
+
+One module owns the format: writing, verifying (sha256 of the weights against the manifest) and
+loading (safetensors only: nothing is ever unpickled), and the registry that resolves
+``NAME:VERSION`` references in a model store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cdae import __version__
+from cdae.engine.architecture import ArchitectureConfig, build_model
+from cdae.engine.normalise import NormalisationConfig
+
+MANIFEST_FORMAT = 1
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+MetricValue = Union[float, int, str, None]
+
+
+class ModelPackageError(Exception):
+    """A model package is missing, malformed, tampered with or of an unknown architecture."""
+
+
+class EnsembleSpec(BaseModel):
+    """How a package's weights are organised when it fuses several members."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["single", "parameter_average", "output_average"] = "single"
+    members: int = Field(1, ge=1)
+    member_refs: list[str] = Field(default_factory=list, description="NAME:VERSION of each member")
+
+
+class Manifest(BaseModel):
+    """Everything needed to know how a model was made and how to run it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format: int = MANIFEST_FORMAT
+    name: str
+    version: str
+    architecture: ArchitectureConfig
+    normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)
+    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    seed: int | None = None
+    data_generator_version: str | None = None
+    code_version: str = __version__
+    command: str | None = Field(None, description="the command that made this package")
+    parent: str | None = Field(None, description="NAME:VERSION this model was fine-tuned from")
+    training_config: dict[str, JsonValue] = Field(default_factory=dict)
+    metrics: dict[str, JsonValue] = Field(default_factory=dict)
+    weights_sha256: str
+    weights_bytes: int
+    parameters: int
+    created_utc: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    notes: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def validate_name(kind: str, value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ModelPackageError(f"invalid model {kind} {value!r}: use letters, digits, '_', '.', '-' (max 64)")
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one (``+dirty`` if modified)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{sha}" + (".dirty" if dirty else "")
+
+
+def write_package(
+    root: Path | str,
+    *,
+    name: str,
+    version: str,
+    state_dict: dict[str, torch.Tensor],
+    architecture: ArchitectureConfig,
+    overwrite: bool = False,
+    **manifest_fields: object,
+) -> Path:
+    """Write weights (safetensors) and manifest atomically; returns the package directory."""
+    validate_name("name", name)
+    validate_name("version", version)
+    pkg = Path(root) / name / version
+    if pkg.exists() and not overwrite:
+        raise ModelPackageError(f"package {name}:{version} already exists at {pkg}")
+    pkg.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state_dict.items())}
+    weights = pkg / WEIGHTS_FILE
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, weights)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        architecture=architecture,
+        weights_sha256=sha256_file(weights),
+        weights_bytes=weights.stat().st_size,
+        parameters=sum(t.numel() for t in tensors.values()),
+        **manifest_fields,  # type: ignore[arg-type]
+    )
+    write_manifest(pkg, manifest)
+    return pkg
+
+
+def write_manifest(pkg: Path, manifest: Manifest) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=pkg, suffix=".tmp", delete=False) as f:
+        f.write(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(f.name, pkg / MANIFEST_FILE)
+
+
+def read_manifest(pkg: Path | str) -> Manifest:
+    path = Path(pkg) / MANIFEST_FILE
+    try:
+        raw = path.read_text()
+    except OSError as e:
+        raise ModelPackageError(f"{path}: cannot read manifest ({e.strerror or e})") from e
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelPackageError(f"{path}: manifest is not valid JSON ({e})") from e
+    if isinstance(data, dict):
+        arch = data.get("architecture")
+        if isinstance(arch, dict) and arch.get("name") not in (None, "cdae-unet"):
+            raise ModelPackageError(f"{path}: unknown architecture {arch.get('name')!r}; this engine knows 'cdae-unet'")
+        if data.get("format") not in (None, MANIFEST_FORMAT):
+            raise ModelPackageError(f"{path}: manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ModelPackageError(f"{path}: invalid manifest at '{where}': {first['msg']}") from e
+
+
+def load_package(pkg: Path | str) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """Read and verify a package: manifest valid, weights' sha256 matches, tensors load without pickle."""
+    pkg = Path(pkg)
+    manifest = read_manifest(pkg)
+    weights = pkg / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelPackageError(f"{pkg}: missing {WEIGHTS_FILE}")
+    digest = sha256_file(weights)
+    if digest != manifest.weights_sha256:
+        raise ModelPackageError(
+            f"{weights}: sha256 {digest[:16]}… does not match the manifest's {manifest.weights_sha256[:16]}…"
+            " (tampered or truncated weights); refusing to load"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelPackageError(f"{weights}: not a readable safetensors file ({e})") from e
+    return manifest, state
+
+
+def instantiate(manifest: Manifest, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Build the network a manifest describes and load its weights (strictly: every key must match)."""
+    members = manifest.ensemble.members if manifest.ensemble.mode == "output_average" else 1
+    model = build_model(manifest.architecture, members=members)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise ModelPackageError(f"{manifest.ref}: weights do not fit the architecture in the manifest ({msg})") from e
+    return model.eval()
+
+
+def load_model(pkg: Path | str) -> tuple[Manifest, nn.Module]:
+    manifest, state = load_package(pkg)
+    return manifest, instantiate(manifest, state)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME:VERSION`` or ``NAME`` (latest version) → (name, version or None)."""
+    name, _, version = ref.partition(":")
+    validate_name("name", name)
+    if version:
+        validate_name("version", version)
+    return name, version or None
+
+
+def _version_key(v: str) -> tuple:
+    parts = re.split(r"[._-]", v)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+class ModelRegistry:
+    """A model store directory: lists packages and resolves references (no loading until asked)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+
+    def versions(self, name: str) -> list[str]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        vs = [p.name for p in d.iterdir() if (p / MANIFEST_FILE).is_file() and _NAME_RE.match(p.name)]
+        return sorted(vs, key=_version_key)
+
+    def refs(self) -> list[str]:
+        return [f"{n}:{v}" for n in self.names() for v in self.versions(n)]
+
+    def resolve(self, ref: str) -> Path:
+        name, version = parse_ref(ref)
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.refs()) or "none"
+            raise ModelPackageError(f"no model named {name!r} in {self.root} (available: {known})")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise ModelPackageError(f"model {name!r} has no version {version!r} (available: {', '.join(versions)})")
+        return self.root / name / version
+
+    def load(self, ref: str) -> tuple[Manifest, nn.Module]:
+        return load_model(self.resolve(ref))
+
+
+DEFAULT_MODEL = "cdae-default"
+
+
+def default_models_dir() -> Path:
+    """``$CDAE_MODELS`` if set, else the source tree's ``models/`` (where the shipped model lives)."""
+    env = os.environ.get("CDAE_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"

@@ -1,0 +1,1 @@
+"""IOC side (EPICS): filter IOC and simulated camera."""

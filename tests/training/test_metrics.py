@@ -1,0 +1,196 @@
+"""Tests of cdae.training.metrics: formulas checked by hand and against a brute-force SSIM."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cdae.training.metrics import (
+    EvalFrame,
+    FrameMetrics,
+    MetricsError,
+    aggregate,
+    bright_feature_mask,
+    frame_metrics,
+    psnr,
+    rmse,
+    rmse_normalised,
+    ssim,
+)
+
+ADC_MAX = 4095
+
+
+def _scene(shape: tuple[int, int] = (48, 40), seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    scene = 200.0 + 800.0 * np.exp(-((yy - 20) ** 2 + (xx - 15) ** 2) / 30.0)
+    return (scene + rng.normal(0, 20, shape)).astype(np.float32)
+
+
+def test_psnr_of_known_mse_matches_formula() -> None:
+    clean = np.full((10, 10), 100.0)
+    estimate = clean.copy()
+    estimate[0, :] += 10.0  # 10 of 100 pixels off by 10 DN: MSE = 10
+    assert psnr(estimate, clean, 255) == pytest.approx(10 * math.log10(255**2 / 10.0))
+
+
+def test_psnr_is_infinite_for_an_exact_estimate() -> None:
+    clean = _scene()
+    assert psnr(clean, clean, ADC_MAX) == math.inf
+
+
+def test_psnr_uses_data_range_not_frame_content() -> None:
+    clean = np.zeros((8, 8))
+    estimate = np.ones((8, 8))
+    assert psnr(estimate, clean, 1023) - psnr(estimate, clean, 255) == pytest.approx(
+        20 * math.log10(1023 / 255)
+    )
+
+
+def test_shape_mismatch_and_bad_range_raise() -> None:
+    with pytest.raises(MetricsError, match=r"\(4, 4\) and \(4, 5\)"):
+        psnr(np.zeros((4, 4)), np.zeros((4, 5)), 255)
+    with pytest.raises(MetricsError, match="data_range"):
+        psnr(np.zeros((4, 4)), np.zeros((4, 4)), 0)
+    with pytest.raises(MetricsError, match="11x11"):
+        ssim(np.zeros((8, 30)), np.zeros((8, 30)), 255)
+
+
+def test_ssim_of_identical_frames_is_one() -> None:
+    clean = _scene()
+    assert ssim(clean, clean, ADC_MAX) == pytest.approx(1.0)
+
+
+def test_ssim_of_constant_frames_is_the_luminance_term() -> None:
+    a, b, rng = 100.0, 140.0, 255.0
+    c1 = (0.01 * rng) ** 2
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    assert ssim(np.full((20, 20), a), np.full((20, 20), b), rng) == pytest.approx(expected, rel=1e-9)
+
+
+def _ssim_brute_force(x: np.ndarray, y: np.ndarray, data_range: float) -> float:
+    """Wang et al. 2004 evaluated window by window with an explicit 11x11 Gaussian."""
+    r, sigma = 5, 1.5
+    g = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
+    g /= g.sum()
+    w = np.outer(g, g)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for i in range(r, x.shape[0] - r):
+        for j in range(r, x.shape[1] - r):
+            px = x[i - r : i + r + 1, j - r : j + r + 1]
+            py = y[i - r : i + r + 1, j - r : j + r + 1]
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+            cxy = (w * (px - mx) * (py - my)).sum()
+            values.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_matches_window_by_window_definition() -> None:
+    rng = np.random.default_rng(3)
+    clean = _scene((20, 23)).astype(np.float64)
+    noisy = clean + rng.normal(0, 60, clean.shape)
+    assert ssim(noisy, clean, ADC_MAX) == pytest.approx(_ssim_brute_force(noisy, clean, ADC_MAX), rel=1e-9)
+
+
+def test_ssim_decreases_with_noise_and_is_symmetric() -> None:
+    rng = np.random.default_rng(1)
+    clean = _scene().astype(np.float64)
+    scores = [ssim(clean + rng.normal(0, s, clean.shape), clean, ADC_MAX) for s in (5, 30, 150)]
+    assert scores[0] > scores[1] > scores[2]
+    noisy = clean + rng.normal(0, 30, clean.shape)
+    assert ssim(noisy, clean, ADC_MAX) == pytest.approx(ssim(clean, noisy, ADC_MAX))
+
+
+def test_rmse_with_and_without_mask() -> None:
+    clean = np.zeros((4, 4))
+    estimate = np.zeros((4, 4))
+    estimate[0, 0] = 4.0
+    mask = np.zeros((4, 4), dtype=np.uint8)
+    mask[0, :2] = 1
+    assert rmse(estimate, clean) == pytest.approx(1.0)  # sqrt(16 / 16)
+    assert rmse(estimate, clean, mask) == pytest.approx(math.sqrt(8.0))  # sqrt(16 / 2)
+    assert math.isnan(rmse(estimate, clean, np.zeros((4, 4), bool)))
+    assert rmse_normalised(estimate, clean, 4.0) == pytest.approx(0.25)
+    with pytest.raises(MetricsError, match="mask"):
+        rmse(estimate, clean, np.zeros((3, 3), bool))
+
+
+def test_bright_feature_mask_picks_bright_non_defect_pixels() -> None:
+    clean = np.full((20, 20), 100.0)
+    clean[5, 5] = clean[5, 6] = clean[6, 5] = clean[6, 6] = 3000.0
+    defects = np.zeros((20, 20), np.uint8)
+    defects[6, 6] = 1
+    mask = bright_feature_mask(clean, defects, quantile=0.99)
+    expected = np.zeros((20, 20), bool)
+    expected[5, 5] = expected[5, 6] = expected[6, 5] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_flat_frame_has_no_bright_features() -> None:
+    clean = np.full((16, 16), 250.0)
+    assert not bright_feature_mask(clean, np.zeros((16, 16), bool)).any()
+
+
+def test_frame_metrics_regions() -> None:
+    clean = np.full((24, 24), 100.0)
+    clean[10:12, 10:12] = 2000.0
+    defects = np.zeros((24, 24), np.uint8)
+    defects[0, 0] = 1
+    estimate = clean.copy()
+    estimate[0, 0] += 409.5  # the defect left uncorrected: 0.1 of full scale
+    estimate[10:12, 10:12] -= 204.75  # the bright feature dimmed by 0.05 of full scale
+    m = frame_metrics(estimate, clean, defects, ADC_MAX)
+    assert m.rmse_defect == pytest.approx(0.1)
+    assert m.n_defect == 1
+    assert m.rmse_bright == pytest.approx(0.05)
+    assert m.n_bright == 4
+    assert m.rmse_all == pytest.approx(math.sqrt((0.1**2 + 4 * 0.05**2) / 576))
+    assert m.psnr_db == pytest.approx(psnr(estimate, clean, ADC_MAX))
+    assert m.ssim < 1.0
+
+
+def test_aggregate_pools_squared_errors_not_rmses() -> None:
+    clean = np.full((16, 16), 100.0)
+    d1 = np.zeros((16, 16), np.uint8)
+    d1[0, 0] = 1  # one defect pixel, error 0.4 of full scale
+    d2 = np.zeros((16, 16), np.uint8)
+    d2[:, 0] = 1  # sixteen defect pixels, no error
+    e1 = clean.copy()
+    e1[0, 0] += 0.4 * ADC_MAX
+    m1 = frame_metrics(e1, clean, d1, ADC_MAX)
+    m2 = frame_metrics(clean + 1.0, clean, d2, ADC_MAX)
+    m2_defect_se = 16 * (1.0 / ADC_MAX) ** 2
+    agg = aggregate([m1, m2])
+    assert agg["rmse_defect"] == pytest.approx(math.sqrt((0.4**2 + m2_defect_se) / 17))
+    assert agg["rmse_defect"] != pytest.approx((m1.rmse_defect + m2.rmse_defect) / 2)
+    assert agg["psnr_db"] == pytest.approx((m1.psnr_db + m2.psnr_db) / 2)
+    assert agg["ssim"] == pytest.approx((m1.ssim + m2.ssim) / 2)
+    assert agg["n_frames"] == 2
+    assert agg["n_defect"] == 17
+    assert math.isnan(agg["rmse_bright"])  # flat frames: no bright features anywhere
+    with pytest.raises(MetricsError):
+        aggregate([])
+
+
+def test_frame_metrics_round_trips_through_json_with_nan_and_inf() -> None:
+    clean = _scene()
+    m = frame_metrics(clean + 3.0, clean, np.zeros(clean.shape, bool), ADC_MAX)
+    back = FrameMetrics.model_validate_json(m.model_dump_json())
+    assert back.rmse_all == pytest.approx(m.rmse_all)
+    assert math.isnan(back.rmse_defect)  # no defects in this frame
+    exact = FrameMetrics.model_validate_json(
+        frame_metrics(clean, clean, np.zeros(clean.shape, bool), ADC_MAX).model_dump_json()
+    )
+    assert exact.psnr_db == math.inf
+
+
+def test_eval_frame_holds_its_fields() -> None:
+    clean = _scene()
+    f = EvalFrame(noisy=clean, clean=clean, defect_mask=np.zeros(clean.shape, np.uint8),
+                  adc_max=ADC_MAX, bit_depth=12, kind="gaussian-spots")
+    assert f.adc_max == 2**f.bit_depth - 1

@@ -1,0 +1,1 @@
+"""Offline: simulate, corrupt, train, evaluate, fuse, denoise files."""

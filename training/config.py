@@ -1,0 +1,139 @@
+"""Training configuration: nested pydantic models, one loader for TOML/YAML/JSON, dotted overrides.
+
+Config is data: the effective configuration is saved with the model, and it is enough (with the
+code version) to reproduce the run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cdae.engine.architecture import ArchitectureConfig
+from cdae.engine.normalise import NormalisationConfig
+from cdae.training.defects import DefectConfig
+from cdae.training.simulate import SceneConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    # overrides are parsed as YAML: "version=2" must stay the string "2"
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
+
+
+class DataConfig(_Strict):
+    """Simulated training data, generated on the fly from seeds (never stored)."""
+
+    train_seed: int = Field(1000, description="data stream seed for training (member seed is added)")
+    val_seed: int = Field(2, description="seed of the validation set (used for early checks and baseline tuning)")
+    test_seed: int = Field(3, description="seed of the held-out evaluation set")
+    patch_size: int = Field(96, ge=32, le=512, description="side of the simulated training frames (px)")
+    frames_per_epoch: int = Field(2048, ge=8)
+    val_frames: int = Field(48, ge=4)
+    val_size: int = Field(128, ge=32, le=1024)
+    bit_depths: list[int] = Field(default_factory=lambda: [8, 12, 16])
+    scene: SceneConfig = Field(default_factory=SceneConfig)
+    defects: DefectConfig = Field(default_factory=DefectConfig)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> DataConfig:
+        if len({self.train_seed, self.val_seed, self.test_seed}) != 3:
+            raise ValueError("train_seed, val_seed and test_seed must differ (held-out sets are disjoint)")
+        bad = [b for b in self.bit_depths if b not in (8, 12, 16)]
+        if bad or not self.bit_depths:
+            raise ValueError(f"bit_depths must be a non-empty subset of [8, 12, 16], got {self.bit_depths}")
+        return self
+
+
+class OptimConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(5e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class LossConfig(_Strict):
+    kind: Literal["charbonnier", "l1", "mse"] = "charbonnier"
+    charbonnier_eps: float = Field(1e-3, gt=0)
+    bright_weight: float = Field(4.0, ge=0, description="extra weight on pixels of bright real features")
+    defect_weight: float = Field(1.0, ge=0, description="extra weight on defect pixels in the restoration loss")
+    defect_bce_weight: float = Field(0.1, ge=0, description="weight of the defect-head cross entropy")
+
+
+class TrainConfig(_Strict):
+    """One training run; ``seed`` drives weight initialisation and the data stream."""
+
+    name: str = "cdae"
+    version: str = "1"
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads; fixed because it can change float reductions")
+    init_from: str | None = Field(None, description="package dir or NAME:VERSION to fine-tune from")
+    architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+def read_config_file(path: Path | str) -> dict:
+    """Read TOML, YAML or JSON into a plain dict."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text) or {}
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` in place; value parsed as YAML (numbers, bools, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value ({e})") from e
+
+
+def load_train_config(path: Path | str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The one loader: file (optional) + dotted overrides → validated TrainConfig."""
+    data: dict = read_config_file(path) if path else {}
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(lines)) from e

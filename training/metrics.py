@@ -1,0 +1,253 @@
+"""Image-quality metrics for denoised detector frames, in detector units (DN).
+
+Every function is a pure function of arrays. ``data_range`` is the ADC's full scale
+(``2**bits - 1``), so that a frame's scores do not depend on what it happens to contain.
+
+Per-region RMSEs are reported normalised by ``data_range`` and carry their squared-error
+sums and pixel counts, so that :func:`aggregate` pools them over frames
+(``sqrt(total SE / total count)``) instead of averaging RMSEs of unequal regions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from scipy import ndimage
+
+__all__ = [
+    "EvalFrame",
+    "FrameMetrics",
+    "MetricsError",
+    "aggregate",
+    "bright_feature_mask",
+    "frame_metrics",
+    "psnr",
+    "rmse",
+    "rmse_normalised",
+    "ssim",
+]
+
+# Wang, Bovik, Sheikh & Simoncelli 2004 (IEEE TIP 13:600): constants and an 11x11 Gaussian
+# window (sigma 1.5); truncate 3.5 gives radius 5, as scikit-image's ``gaussian_weights``.
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+SSIM_TRUNCATE = 3.5
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+
+
+class MetricsError(ValueError):
+    """Inputs a metric cannot be computed on (shape mismatch, bad data range, tiny frame)."""
+
+
+@dataclass(frozen=True)
+class EvalFrame:
+    """One evaluation frame: the noisy input, its clean truth and where the defects are.
+
+    ``noisy``/``clean`` are float32 DN; ``defect_mask`` is non-zero on defective pixels
+    (hot/dead pixels, cosmic rays...); ``kind`` names the scene generator or source.
+    """
+
+    noisy: np.ndarray
+    clean: np.ndarray
+    defect_mask: np.ndarray
+    adc_max: int
+    bit_depth: int
+    kind: str
+
+
+def _pair(estimate: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    est = np.asarray(estimate, dtype=np.float64)
+    ref = np.asarray(clean, dtype=np.float64)
+    if est.shape != ref.shape:
+        raise MetricsError(
+            f"estimate and clean must have the same shape; got {est.shape} and {ref.shape}"
+        )
+    if est.size == 0:
+        raise MetricsError(f"expected non-empty frames; got shape {est.shape}")
+    return est, ref
+
+
+def _check_range(data_range: float) -> float:
+    value = float(data_range)
+    if not math.isfinite(value) or value <= 0:
+        raise MetricsError(f"data_range must be a finite positive number (ADC max); got {data_range!r}")
+    return value
+
+
+def _mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise MetricsError(f"mask must have the frame's shape {shape}; got {m.shape}")
+    return m.astype(bool, copy=False)
+
+
+def psnr(estimate: np.ndarray, clean: np.ndarray, data_range: float) -> float:
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``; inf when exact."""
+    est, ref = _pair(estimate, clean)
+    rng = _check_range(data_range)
+    mse = float(np.mean((est - ref) ** 2))
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(rng * rng / mse)
+
+
+def ssim(estimate: np.ndarray, clean: np.ndarray, data_range: float) -> float:
+    """Mean structural similarity (Wang et al. 2004), Gaussian window sigma 1.5.
+
+    Matches scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=data_range)``: population (co)variances,
+    reflect borders, and the mean taken over pixels whose window lies inside the frame.
+    """
+    est, ref = _pair(estimate, clean)
+    rng = _check_range(data_range)
+    if est.ndim != 2:
+        raise MetricsError(f"ssim expects a 2-D frame; got shape {est.shape}")
+    win = 2 * SSIM_RADIUS + 1
+    if min(est.shape) < win:
+        raise MetricsError(f"ssim needs frames of at least {win}x{win} pixels; got {est.shape}")
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a, SSIM_SIGMA, mode="reflect", truncate=SSIM_TRUNCATE)
+
+    mu_x, mu_y = blur(est), blur(ref)
+    var_x = blur(est * est) - mu_x * mu_x
+    var_y = blur(ref * ref) - mu_y * mu_y
+    cov_xy = blur(est * ref) - mu_x * mu_y
+    c1 = (SSIM_K1 * rng) ** 2
+    c2 = (SSIM_K2 * rng) ** 2
+    s_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    )
+    r = SSIM_RADIUS
+    return float(s_map[r:-r, r:-r].mean())
+
+
+def _se_sum_count(est: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
+    diff = est - ref if mask is None else est[mask] - ref[mask]
+    return float(np.sum(diff * diff)), int(diff.size)
+
+
+def rmse(estimate: np.ndarray, clean: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Root-mean-square error in DN over ``mask`` (all pixels if None); NaN if it is empty."""
+    est, ref = _pair(estimate, clean)
+    se, n = _se_sum_count(est, ref, None if mask is None else _mask(mask, est.shape))
+    return math.sqrt(se / n) if n else math.nan
+
+
+def rmse_normalised(
+    estimate: np.ndarray, clean: np.ndarray, data_range: float, mask: np.ndarray | None = None
+) -> float:
+    """:func:`rmse` divided by ``data_range`` (a fraction of the ADC's full scale)."""
+    return rmse(estimate, clean, mask) / _check_range(data_range)
+
+
+def bright_feature_mask(
+    clean: np.ndarray,
+    defect_mask: np.ndarray,
+    quantile: float = 0.99,
+    margin_dn: float | None = None,
+) -> np.ndarray:
+    """The brightest real features: the pixels a smoothing filter is most likely to erase.
+
+    True where ``clean >= quantile(clean)`` and ``clean > median + margin`` (so a flat
+    frame has no bright features) and the pixel is not a defect. ``margin_dn`` defaults to
+    one robust standard deviation of the clean frame (1.4826 MAD), at least 1e-6 of its
+    median's magnitude (and of 1 DN) so that a flat background never counts as a feature.
+    """
+    ref = np.asarray(clean, dtype=np.float64)
+    defects = _mask(defect_mask, ref.shape)
+    if not 0.0 <= quantile <= 1.0:
+        raise MetricsError(f"quantile must lie in [0, 1]; got {quantile}")
+    if ref.size == 0:
+        return np.zeros(ref.shape, dtype=bool)
+    median = float(np.median(ref))
+    if margin_dn is None:
+        mad = float(np.median(np.abs(ref - median)))
+        margin_dn = max(1.4826 * mad, 1e-6 * max(abs(median), 1.0))
+    threshold = float(np.quantile(ref, quantile))
+    return (ref >= threshold) & (ref > median + margin_dn) & ~defects
+
+
+class FrameMetrics(BaseModel):
+    """Scores of one denoised frame; RMSEs are fractions of ``data_range``.
+
+    The ``se_*``/``n_*`` fields carry normalised squared-error sums and pixel counts so
+    that :func:`aggregate` can pool RMSEs over frames. An RMSE over an empty region is NaN
+    and an exact estimate has infinite PSNR; JSON carries them as the strings "NaN" and
+    "Infinity" (strict JSON has neither, and pydantic's default ``null`` would not load back).
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
+
+    psnr_db: float
+    ssim: float
+    rmse_defect: float
+    rmse_bright: float
+    rmse_all: float
+    se_defect: float
+    n_defect: int
+    se_bright: float
+    n_bright: int
+    se_all: float
+    n_all: int
+
+
+def frame_metrics(
+    estimate: np.ndarray, clean: np.ndarray, defect_mask: np.ndarray, data_range: float
+) -> FrameMetrics:
+    """All scores of one frame: PSNR, SSIM and RMSEs on defects, bright features and all."""
+    est, ref = _pair(estimate, clean)
+    rng = _check_range(data_range)
+    defects = _mask(defect_mask, est.shape)
+    bright = bright_feature_mask(ref, defects)
+    est_n, ref_n = est / rng, ref / rng
+
+    def region(mask: np.ndarray | None) -> tuple[float, float, int]:
+        se, n = _se_sum_count(est_n, ref_n, mask)
+        return (math.sqrt(se / n) if n else math.nan), se, n
+
+    r_def, se_def, n_def = region(defects)
+    r_bri, se_bri, n_bri = region(bright)
+    r_all, se_all, n_all = region(None)
+    return FrameMetrics(
+        psnr_db=psnr(est, ref, rng),
+        ssim=ssim(est, ref, rng),
+        rmse_defect=r_def,
+        rmse_bright=r_bri,
+        rmse_all=r_all,
+        se_defect=se_def,
+        n_defect=n_def,
+        se_bright=se_bri,
+        n_bright=n_bri,
+        se_all=se_all,
+        n_all=n_all,
+    )
+
+
+def aggregate(metrics: Sequence[FrameMetrics]) -> dict[str, float]:
+    """Summary over frames: mean PSNR and SSIM, pooled RMSEs ``sqrt(sum SE / sum count)``.
+
+    Also reports ``n_frames`` and the pooled pixel counts ``n_defect``/``n_bright``/``n_all``.
+    """
+    if len(metrics) == 0:
+        raise MetricsError("aggregate expects at least one FrameMetrics; got none")
+
+    def pooled(se: float, n: int) -> float:
+        return math.sqrt(se / n) if n else math.nan
+
+    out: dict[str, float] = {
+        "psnr_db": float(np.mean([m.psnr_db for m in metrics])),
+        "ssim": float(np.mean([m.ssim for m in metrics])),
+    }
+    for region in ("defect", "bright", "all"):
+        se = sum(getattr(m, f"se_{region}") for m in metrics)
+        n = sum(getattr(m, f"n_{region}") for m in metrics)
+        out[f"rmse_{region}"] = pooled(se, n)
+        out[f"n_{region}"] = float(n)
+    out["n_frames"] = float(len(metrics))
+    return out

@@ -1,0 +1,275 @@
+"""Reproducible CDAE training on simulated diagnostic frames.
+
+Same config + seed + thread count → bit-identical weights on CPU: data are generated from
+(seed, index) alone, torch runs with deterministic algorithms, and checkpoints hold the complete
+optimiser state (as safetensors + JSON, never pickle) so that a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from cdae.engine.architecture import build_model
+from cdae.engine.normalise import network_input
+from cdae.engine.package import ModelRegistry, code_version, load_package, write_package
+from cdae.training.config import TrainConfig
+from cdae.training.dataset import simulated_frames
+from cdae.training.metrics import EvalFrame, bright_feature_mask, psnr
+from cdae.training.report import save_loss_curves
+from cdae.training.simulate import GENERATOR_VERSION
+
+LOSS_CSV = "loss.csv"
+LOSS_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_psnr_db", "lr", "seconds"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue (bad init package, corrupt checkpoint, ...)."""
+
+
+def member_data_seed(cfg: TrainConfig) -> int:
+    """The training data stream of one ensemble member (members differ in init and data order)."""
+    return cfg.data.train_seed * 1000 + cfg.seed
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, 2, H, W) network input
+    target: torch.Tensor  # (B, 1, H, W) clean frame, normalised like the input
+    weight: torch.Tensor  # (B, 1, H, W) per-pixel loss weight
+    defect: torch.Tensor  # (B, 1, H, W) 1 on defect pixels
+
+
+def make_batch(frames: Sequence[EvalFrame], cfg: TrainConfig) -> Batch:
+    xs, ts, ws, ds = [], [], [], []
+    for fr in frames:
+        x, offset, scale = network_input(fr.noisy, float(fr.adc_max), cfg.normalisation)
+        xs.append(x)
+        ts.append(((fr.clean - offset) / scale).astype(np.float32)[None])
+        defect = fr.defect_mask != 0
+        w = 1.0 + cfg.loss.bright_weight * bright_feature_mask(fr.clean, fr.defect_mask, 0.98)
+        w = w + cfg.loss.defect_weight * defect
+        ws.append(w.astype(np.float32)[None])
+        ds.append(defect.astype(np.float32)[None])
+    x = torch.from_numpy(np.stack(xs))
+    if cfg.architecture.in_channels == 1:
+        x = x[:, :1]
+    return Batch(x, torch.from_numpy(np.stack(ts)), torch.from_numpy(np.stack(ws)), torch.from_numpy(np.stack(ds)))
+
+
+def restoration_loss(pred: torch.Tensor, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+    err = pred - batch.target
+    if cfg.loss.kind == "mse":
+        per_px = err * err
+    elif cfg.loss.kind == "l1":
+        per_px = err.abs()
+    else:
+        per_px = torch.sqrt(err * err + cfg.loss.charbonnier_eps**2)
+    return (per_px * batch.weight).sum() / batch.weight.sum()
+
+
+def total_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+    restored, logit = model(batch.x)
+    loss = restoration_loss(restored, batch, cfg)
+    if cfg.architecture.defect_head and cfg.loss.defect_bce_weight > 0:
+        loss = loss + cfg.loss.defect_bce_weight * F.binary_cross_entropy_with_logits(logit, batch.defect)
+    return loss
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def set_determinism(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, frames: Sequence[EvalFrame], cfg: TrainConfig) -> tuple[float, float]:
+    """Mean loss (normalised units) and mean PSNR (dB against the ADC range) on the validation set."""
+    model.eval()
+    losses, psnrs = [], []
+    for i in range(0, len(frames), cfg.optim.batch_size):
+        chunk = frames[i : i + cfg.optim.batch_size]
+        batch = make_batch(chunk, cfg)
+        losses.append(total_loss(model, batch, cfg).item() * len(chunk))
+        restored, _ = model(batch.x)
+        for fr, r in zip(chunk, restored[:, 0].numpy()):
+            _, offset, scale = network_input(fr.noisy, float(fr.adc_max), cfg.normalisation)
+            est = np.clip(r * scale + offset, 0, fr.adc_max)
+            psnrs.append(psnr(est, fr.clean, fr.adc_max))
+    model.train()
+    return sum(losses) / len(frames), float(np.mean(psnrs))
+
+
+# --- checkpoints: safetensors for tensors, JSON for the rest (no pickle) -----------------------
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).contiguous()
+    save_file(tensors, str(path / "checkpoint.safetensors.tmp"))
+    (path / "checkpoint.safetensors.tmp").replace(path / "checkpoint.safetensors")
+    meta = {"epoch": epoch, "step": step, "param_groups": sd["param_groups"]}
+    (path / "checkpoint.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    try:
+        meta = json.loads((path / "checkpoint.json").read_text())
+        tensors = load_file(str(path / "checkpoint.safetensors"))
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{path}: cannot read checkpoint ({e})") from e
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["epoch"]), int(meta["step"])
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    package: Path
+    val_loss: float
+    val_psnr_db: float
+    seconds: float
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig, models_root: Path) -> str | None:
+    if cfg.init_from is None:
+        return None
+    src = Path(cfg.init_from)
+    pkg = src if (src / "manifest.json").is_file() else ModelRegistry(models_root).resolve(cfg.init_from)
+    manifest, state = load_package(pkg)
+    if manifest.architecture != cfg.architecture:
+        raise TrainingError(f"init package {manifest.ref} has architecture {manifest.architecture}, config asks {cfg.architecture}")
+    model.load_state_dict(state, strict=True)
+    return manifest.ref
+
+
+def train(
+    cfg: TrainConfig,
+    models_root: Path | str = "models",
+    run_dir: Path | str | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train one model and write it as a package ``models_root/<name>/<version>``.
+
+    ``run_dir`` holds checkpoints and logs (default ``runs/<name>-<version>``); ``resume`` continues
+    from its last checkpoint. ``stop_after_epochs`` ends early (used to test resumption).
+    """
+    models_root = Path(models_root)
+    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{cfg.version}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    set_determinism(cfg)
+    t0 = time.perf_counter()
+
+    model = build_model(cfg.architecture)
+    parent = _init_weights(model, cfg, models_root)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    steps_per_epoch = cfg.data.frames_per_epoch // cfg.optim.batch_size
+    total_steps = steps_per_epoch * cfg.optim.epochs
+
+    val_frames = simulated_frames(cfg.data, cfg.data.val_seed, 0, cfg.data.val_frames, [(cfg.data.val_size,) * 2])
+    csv_path = run_dir / LOSS_CSV
+    start_epoch, step = 0, 0
+    if resume and (run_dir / "checkpoint.json").is_file():
+        start_epoch, step = load_checkpoint(run_dir, model, opt)
+        log(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
+    else:
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(LOSS_COLUMNS)
+
+    data_seed = member_data_seed(cfg)
+    val_loss = val_psnr = float("nan")
+    end_epoch = cfg.optim.epochs if stop_after_epochs is None else min(cfg.optim.epochs, stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        running, n = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
+        for b in bar:
+            first = (epoch * steps_per_epoch + b) * cfg.optim.batch_size
+            frames = simulated_frames(cfg.data, data_seed, first, cfg.optim.batch_size, [(cfg.data.patch_size,) * 2])
+            batch = make_batch(frames, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total_steps, cfg)
+            loss = total_loss(model, batch, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            step += 1
+            running += loss.item()
+            n += 1
+            bar.set_postfix(loss=f"{running / n:.4f}")
+        val_loss, val_psnr = validate(model, val_frames, cfg)
+        row = [epoch + 1, step, running / max(n, 1), val_loss, val_psnr, lr_at(step - 1, total_steps, cfg),
+               round(time.perf_counter() - t0, 1)]
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        log(f"epoch {epoch + 1}/{cfg.optim.epochs}: train {running / max(n, 1):.4f}  val {val_loss:.4f}  "
+            f"val PSNR {val_psnr:.2f} dB")
+        save_checkpoint(run_dir, model, opt, epoch + 1, step)
+
+    seconds = time.perf_counter() - t0
+    save_loss_curves(run_dir / "loss.png", csv_path)
+    if math.isnan(val_loss):  # resumed at the end: nothing trained in this call
+        val_loss, val_psnr = validate(model, val_frames, cfg)
+    pkg = write_package(
+        models_root,
+        name=cfg.name,
+        version=cfg.version,
+        state_dict=model.state_dict(),
+        architecture=cfg.architecture,
+        normalisation=cfg.normalisation,
+        overwrite=True,
+        seed=cfg.seed,
+        data_generator_version=GENERATOR_VERSION,
+        code_version=code_version(),
+        command=command or shlex.join(["cdae", *sys.argv[1:]]),
+        training_config=json.loads(cfg.model_dump_json()),
+        metrics={"val_loss": val_loss, "val_psnr_db": val_psnr, "train_seconds": round(seconds, 1),
+                 "epochs": cfg.optim.epochs, "steps": step},
+        parent=parent,
+    )
+    for name in (LOSS_CSV, "loss.png"):
+        if (run_dir / name).is_file():
+            (pkg / name).write_bytes((run_dir / name).read_bytes())
+    log(f"wrote {pkg} (val PSNR {val_psnr:.2f} dB, {seconds:.0f} s)")
+    return TrainResult(pkg, val_loss, val_psnr, seconds)
