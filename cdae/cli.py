@@ -124,8 +124,18 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from cdae.training.simulate import save_gallery
 
-    path = save_gallery(args.output, seed=args.seed)
-    print(f"wrote {path}")
+    save_gallery(args.output, seed=args.seed)
+    print(f"wrote {args.output}")
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cdae.demo import run_demo
+
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    run_demo(args.output, args.model, Path(args.models_dir) if args.models_dir else None, args.frames, (h, w))
     return 0
 
 
@@ -179,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="simulated.png")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_simulate)
+    m = sub.add_parser("demo", help="the shipped model on simulated damaged frames, beside median/Gaussian filters")
+    m.add_argument("-o", "--output", default="demo-out", help="folder for demo.png")
+    m.add_argument("--model", help="NAME[:VERSION] (default: the shipped model)")
+    m.add_argument("--models-dir")
+    m.add_argument("--frames", type=int, default=6)
+    m.add_argument("--size", default="512x512", help="WxH")
+    m.set_defaults(func=cmd_demo)
     return p
 
 

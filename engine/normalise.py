@@ -33,7 +33,9 @@ class NormalisationConfig(BaseModel):
     min_scale_fraction: float = Field(
         2e-3, gt=0.0, description="floor on scale as a fraction of the ADC full scale (flat frames)"
     )
-    subsample: int = Field(4, ge=1, le=64, description="stride of the pixel grid the percentiles use")
+    max_samples: int = Field(
+        65536, ge=1024, description="percentiles use a regular pixel grid of at most about this many pixels"
+    )
 
 
 def adc_max_for(dtype: np.dtype | str, bit_depth: int | None = None) -> float:
@@ -54,10 +56,18 @@ def adc_max_for(dtype: np.dtype | str, bit_depth: int | None = None) -> float:
 
 
 def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[float, float]:
-    """Robust per-frame (offset, scale) in DN."""
-    s = config.subsample
-    sample = frame[::s, ::s] if min(frame.shape[-2:]) >= 8 * s else frame
-    sample = np.asarray(sample, dtype=np.float32).ravel()
+    """Robust per-frame (offset, scale) in DN.
+
+    Saturated pixels are left out of the percentiles: a saturated glint or bloom trail covering a
+    few percent of the frame would otherwise set the scale and squash the real scene.
+    """
+    h, w = frame.shape[-2:]
+    s = max(1, int(math.sqrt(h * w / config.max_samples)))
+    sample = np.asarray(frame[::s, ::s], dtype=np.float32).ravel()
+    if math.isfinite(adc_max):
+        unsaturated = sample[sample < adc_max - 0.5]
+        if unsaturated.size >= max(16, sample.size // 10):
+            sample = unsaturated
     lo, hi = np.percentile(sample, [config.low_percentile, config.high_percentile])
     lo = float(lo)
     span = float(hi) - lo

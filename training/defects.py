@@ -199,11 +199,11 @@ class DefectConfig(BaseModel):
         0.2, description="Chance a frame has artefact glints (stray reflections) that saturate."
     )
     saturated_blobs: CountRange = Field((1, 2), description="Glints per frame, when present.")
-    saturated_blob_sigma_px: PositiveRange = Field(
-        (1.0, 6.0), description="Glint size (super-Gaussian sigma), pixels (log-uniform)."
+    saturated_blob_radius_px: PositiveRange = Field(
+        (3.0, 16.0), description="Glint (ghost disc or annulus) outer radius, pixels (log-uniform)."
     )
     saturated_blob_peak_full_wells: PositiveRange = Field(
-        (1.5, 30.0), description="Glint peak charge in full wells (log-uniform); > 1 saturates."
+        (1.2, 12.0), description="Glint peak charge in full wells (log-uniform); > 1 saturates."
     )
     bloom_probability: _Probability = Field(
         0.5,
@@ -305,7 +305,7 @@ class DefectParams(BaseModel):
     )
     hot_line_offset_dn: tuple[float, float] = Field(description="Range of hot-line offset, DN.")
     saturated_blobs: int = Field(ge=0, description="Number of artefact glints in the frame.")
-    saturated_blob_sigma_px: tuple[float, float] = Field(description="Glint sigma range, px.")
+    saturated_blob_radius_px: tuple[float, float] = Field(description="Glint outer radius range, px.")
     saturated_blob_peak_full_wells: tuple[float, float] = Field(
         description="Glint peak charge range, full wells."
     )
@@ -466,7 +466,7 @@ def sample_defect_params(
         hot_line_offset_dn=(cfg.hot_line_offset_frac[0] * span,
                             cfg.hot_line_offset_frac[1] * span),
         saturated_blobs=blobs if on[3] < cfg.saturated_blob_probability else 0,
-        saturated_blob_sigma_px=cfg.saturated_blob_sigma_px,
+        saturated_blob_radius_px=cfg.saturated_blob_radius_px,
         saturated_blob_peak_full_wells=cfg.saturated_blob_peak_full_wells,
         bloom=bool(on[4] < cfg.bloom_probability),
         bloom_up_share=up_share,
@@ -629,20 +629,30 @@ def _radiation(
 def _glints(
     rng: np.random.Generator, params: DefectParams, height: int, width: int
 ) -> list[tuple[slice, slice, np.ndarray]]:
-    """Artefact glints: (row slice, column slice, expected electrons) per blob."""
+    """Artefact glints: (row slice, column slice, expected electrons) per blob.
+
+    A glint is a ghost reflection: a defocused image of the optics' pupil, so a uniformly filled
+    disc, or an annulus where the pupil has a central obstruction, with an edge only 0.5-1.5 px
+    soft. That sharp edge without a halo is what tells it apart from a real saturating spot,
+    whose profile falls off smoothly around its saturated core.
+    """
     out = []
     for _ in range(params.saturated_blobs):
-        sigma = float(loguniform(rng, *params.saturated_blob_sigma_px))
-        power = rng.uniform(1.0, 2.0)
+        radius = float(loguniform(rng, *params.saturated_blob_radius_px))
+        inner = radius * rng.uniform(0.35, 0.7) if rng.random() < 0.4 else 0.0
+        edge = rng.uniform(0.5, 1.5)
         peak = float(loguniform(rng, *params.saturated_blob_peak_full_wells)) * params.full_well_e
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        r = int(math.ceil(3.0 * sigma)) + 1
+        r = int(math.ceil(radius + 2 * edge)) + 1
         ya, yb = max(0, int(cy) - r), min(height, int(cy) + r + 1)
         xa, xb = max(0, int(cx) - r), min(width, int(cx) + r + 1)
         yy = np.arange(ya, yb, dtype=_F32)[:, None] - _F32(cy)
         xx = np.arange(xa, xb, dtype=_F32)[None, :] - _F32(cx)
-        q = (yy * yy + xx * xx) * _F32(0.5 / sigma**2)
-        out.append((slice(ya, yb), slice(xa, xb), _F32(peak) * np.exp(-(q ** _F32(power)))))
+        d = np.sqrt(yy * yy + xx * xx)
+        profile = np.clip((_F32(radius) - d) / _F32(edge) + _F32(0.5), 0, 1)
+        if inner > 0:
+            profile *= np.clip((d - _F32(inner)) / _F32(edge) + _F32(0.5), 0, 1)
+        out.append((slice(ya, yb), slice(xa, xb), _F32(peak) * profile))
     return out
 
 

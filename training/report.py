@@ -51,6 +51,15 @@ def _is_residual(column: str) -> bool:
     return column.lower().startswith("residual")
 
 
+def _is_probability(column: str) -> bool:
+    return column.lower().startswith("defect")
+
+
+def _own_scale(column: str) -> bool:
+    """Panels not drawn on the row's shared intensity scale."""
+    return _is_residual(column) or _is_probability(column)
+
+
 def _with_residual(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The row's panels with ``residual = noisy - model`` after ``model`` when it can be made."""
     panels = {k: np.asarray(v) for k, v in row.items()}
@@ -85,8 +94,11 @@ def _crop_box(shape: tuple[int, ...], centre: tuple[int, int], size: int) -> tup
     return boxes[0], boxes[1]
 
 
-def _draw(ax: Axes, image: np.ndarray, residual: bool, limits: tuple[float, float], fig: Figure) -> None:
-    if residual:
+def _draw(ax: Axes, image: np.ndarray, key: str, limits: tuple[float, float], fig: Figure) -> None:
+    if _is_probability(key):
+        im = ax.imshow(image, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    elif _is_residual(key):
         mag = np.abs(np.asarray(image, dtype=np.float64))
         finite = mag[np.isfinite(mag)]
         lim = float(np.percentile(finite, ROBUST_PERCENTILES[1])) if finite.size else 1.0
@@ -114,7 +126,8 @@ def save_panels(
     Columns follow each row's dict order. With ``add_residual`` a ``residual`` panel
     (noisy - model, diverging colours centred on 0) is inserted after ``model`` when the
     row has both. Intensity panels of a row share one robust scale (0.5-99.5 percentiles);
-    residual panels (any key starting with "residual") get their own symmetric scale.
+    residual panels (any key starting with "residual") get their own symmetric scale, and
+    probability panels (keys starting with "defect", e.g. a defect map) a fixed 0-1 scale.
     With ``zoom_size``, each frame gets a second row: ``zoom_size`` pixel crops around the
     largest residual, marked by a box on the full view, with their own shared scale.
     Returns the written path.
@@ -141,20 +154,20 @@ def save_panels(
         ax.set_axis_off()
 
     for i, panels in enumerate(frames):
-        intensity = [v for k, v in panels.items() if not _is_residual(k)]
+        intensity = [v for k, v in panels.items() if not _own_scale(k)]
         limits = robust_limits(intensity) if intensity else (0.0, 1.0)
         box = None
         if zoom_size:
             box = _crop_box(next(iter(panels.values())).shape, _zoom_centre(panels), zoom_size)
         zoom_limits = limits
         if box is not None:
-            crops = [v[box] for k, v in panels.items() if not _is_residual(k)]
+            crops = [v[box] for k, v in panels.items() if not _own_scale(k)]
             # The zoom row gets its own shared scale: faint structure near the box is the point.
             zoom_limits = robust_limits(crops) if crops else limits
         for j, (key, image) in enumerate(panels.items()):
             ax = axes[i * per_frame, j]
             ax.set_axis_on()
-            _draw(ax, image, _is_residual(key), limits, fig)
+            _draw(ax, image, key, limits, fig)
             label = key if row_titles is None or j else f"{row_titles[i]}\n{key}"
             ax.set_title(label, fontsize=9)
             if box is not None:
@@ -165,7 +178,7 @@ def save_panels(
                 )
                 zax = axes[i * per_frame + 1, j]
                 zax.set_axis_on()
-                _draw(zax, image[ys, xs], _is_residual(key), zoom_limits, fig)
+                _draw(zax, image[ys, xs], key, zoom_limits, fig)
                 zax.set_title(f"{key} (zoom y{ys.start}:{ys.stop} x{xs.start}:{xs.stop})", fontsize=7)
     if title:
         fig.suptitle(title)

@@ -46,7 +46,7 @@ __all__ = [
 
 #: Version of the data generator (scenes and detector model). Bump it whenever the arrays
 #: produced for a given (seed, index, shape, config) change.
-GENERATOR_VERSION: str = "1.0"
+GENERATOR_VERSION: str = "1.1"
 
 SceneKind = Literal["plasma", "filaments", "spots", "points", "edges", "background", "mixed"]
 SCENE_KINDS: tuple[str, ...] = get_args(SceneKind)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from cdae.engine.architecture import build_model
 from cdae.engine.normalise import network_input
 from cdae.engine.package import ModelRegistry, code_version, load_package, write_package
+from cdae.training.baselines import make_baseline
 from cdae.training.config import TrainConfig
 from cdae.training.dataset import simulated_frames
 from cdae.training.metrics import EvalFrame, bright_feature_mask, psnr
@@ -124,6 +125,15 @@ def validate(model: nn.Module, frames: Sequence[EvalFrame], cfg: TrainConfig) ->
     return sum(losses) / len(frames), float(np.mean(psnrs))
 
 
+def reference_psnr(frames: Sequence[EvalFrame]) -> dict[str, float]:
+    """Mean PSNR of the untouched input and of a 3x3 median on the validation frames (for the log)."""
+    med = make_baseline("median3")
+    return {
+        "noisy": float(np.mean([psnr(f.noisy, f.clean, f.adc_max) for f in frames])),
+        "median3": float(np.mean([psnr(med(f.noisy, f.adc_max), f.clean, f.adc_max) for f in frames])),
+    }
+
+
 # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle) -----------------------
 
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int) -> None:
@@ -208,6 +218,8 @@ def train(
     total_steps = steps_per_epoch * cfg.optim.epochs
 
     val_frames = simulated_frames(cfg.data, cfg.data.val_seed, 0, cfg.data.val_frames, [(cfg.data.val_size,) * 2])
+    reference = reference_psnr(val_frames)
+    log("validation references: " + ", ".join(f"{k} {v:.2f} dB" for k, v in reference.items()))
     csv_path = run_dir / LOSS_CSV
     start_epoch, step = 0, 0
     if resume and (run_dir / "checkpoint.json").is_file():
@@ -264,7 +276,8 @@ def train(
         code_version=code_version(),
         command=command or shlex.join(["cdae", *sys.argv[1:]]),
         training_config=json.loads(cfg.model_dump_json()),
-        metrics={"val_loss": val_loss, "val_psnr_db": val_psnr, "train_seconds": round(seconds, 1),
+        metrics={"val_loss": val_loss, "val_psnr_db": val_psnr, **{f"val_{k}_psnr_db": v for k, v in reference.items()},
+                 "train_seconds": round(seconds, 1),
                  "epochs": cfg.optim.epochs, "steps": step},
         parent=parent,
     )
