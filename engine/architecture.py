@@ -35,6 +35,10 @@ class ArchitectureConfig(BaseModel):
     convs_per_level: int = Field(2, ge=1, le=4)
     defect_head: bool = True
     activation: Literal["relu", "leaky_relu", "silu"] = "leaky_relu"
+    compression: Literal["none", "asinh"] = Field(
+        "asinh", description="range compression of the normalised frame inside the network"
+    )
+    compression_scale: float = Field(1.0, gt=0.0, description="asinh is linear below about this level")
 
     @property
     def multiple(self) -> int:
@@ -86,8 +90,33 @@ class CDAE(nn.Module):
             self.dec.append(_block(2 * w[i - 1], w[i - 1], n, act))
         self.head = nn.Conv2d(w[0], 2 if config.defect_head else 1, 1)
 
+    def compress(self, frame: torch.Tensor) -> torch.Tensor:
+        """Range compression: linear for the scene, logarithmic for defects far above it.
+
+        A hot pixel or a saturated glint in a dim frame sits 10-1000x above the scene in
+        normalised units; compressing keeps every input within a range a small CNN handles,
+        while the residual path and the loss stay in the same (compressed) space.
+        """
+        if self.config.compression == "none":
+            return frame
+        s = self.config.compression_scale
+        return torch.asinh(frame / s) * s
+
+    def expand(self, frame: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`compress`."""
+        if self.config.compression == "none":
+            return frame
+        s = self.config.compression_scale
+        return torch.sinh(frame / s) * s
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        frame = x[:, :1]
+        restored, defect_logit = self.forward_compressed(x)
+        return self.expand(restored), defect_logit
+
+    def forward_compressed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward`` but the restored frame stays compressed (training computes its loss there)."""
+        frame = self.compress(x[:, :1])
+        x = torch.cat([frame, x[:, 1:]], dim=1) if x.shape[1] > 1 else frame
         h = self.stem(x)
         skips = [h]
         for down, enc in zip(self.down, self.enc):

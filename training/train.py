@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from cdae.engine.architecture import build_model
+from cdae.engine.architecture import CDAE
 from cdae.engine.normalise import network_input
 from cdae.engine.package import ModelRegistry, code_version, load_package, write_package
 from cdae.training.baselines import make_baseline
@@ -73,20 +73,21 @@ def make_batch(frames: Sequence[EvalFrame], cfg: TrainConfig) -> Batch:
     return Batch(x, torch.from_numpy(np.stack(ts)), torch.from_numpy(np.stack(ws)), torch.from_numpy(np.stack(ds)))
 
 
-def restoration_loss(pred: torch.Tensor, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
-    err = pred - batch.target
+def restoration_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    err = pred - target
     if cfg.loss.kind == "mse":
         per_px = err * err
     elif cfg.loss.kind == "l1":
         per_px = err.abs()
     else:
         per_px = torch.sqrt(err * err + cfg.loss.charbonnier_eps**2)
-    return (per_px * batch.weight).sum() / batch.weight.sum()
+    return (per_px * weight).sum() / weight.sum()
 
 
-def total_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
-    restored, logit = model(batch.x)
-    loss = restoration_loss(restored, batch, cfg)
+def total_loss(model: CDAE, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+    """Restoration loss in the network's compressed space, plus the defect head's cross entropy."""
+    restored, logit = model.forward_compressed(batch.x)
+    loss = restoration_loss(restored, model.compress(batch.target), batch.weight, cfg)
     if cfg.architecture.defect_head and cfg.loss.defect_bce_weight > 0:
         loss = loss + cfg.loss.defect_bce_weight * F.binary_cross_entropy_with_logits(logit, batch.defect)
     return loss
@@ -108,7 +109,7 @@ def set_determinism(cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, frames: Sequence[EvalFrame], cfg: TrainConfig) -> tuple[float, float]:
+def validate(model: CDAE, frames: Sequence[EvalFrame], cfg: TrainConfig) -> tuple[float, float]:
     """Mean loss (normalised units) and mean PSNR (dB against the ADC range) on the validation set."""
     model.eval()
     losses, psnrs = [], []
@@ -210,7 +211,7 @@ def train(
     set_determinism(cfg)
     t0 = time.perf_counter()
 
-    model = build_model(cfg.architecture)
+    model = CDAE(cfg.architecture)
     parent = _init_weights(model, cfg, models_root)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
