@@ -139,6 +139,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- engine ------------------------------------------------------------------------------------
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cdae.engine.errors import EngineError
+    from cdae.engine.server import EngineConfig, run_engine
+
+    fields: dict[str, object] = {"bind": args.bind, "backend": args.backend, "models_dir": _models_dir(args.models)}
+    for key in ("control", "model", "max_pixels", "tile_margin", "max_frame_pixels", "queue", "threads"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    options: dict[str, object] = {}
+    for key in ("device", "precision", "trt_max_side", "trt_opt_side"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.no_cuda_graphs:
+        options["cuda_graphs"] = False
+    fields["backend_options"] = options
+    try:
+        config = EngineConfig.model_validate(fields)
+    except ValueError as e:  # pydantic's ValidationError: say which flag is wrong, no traceback
+        _err(f"cdae engine: error: {e}")
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        return run_engine(config, stop)
+    except EngineError as e:
+        _err(f"cdae engine: error: {e}")
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cdae", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"cdae {__version__}")
@@ -196,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--frames", type=int, default=6)
     m.add_argument("--size", default="512x512", help="WxH")
     m.set_defaults(func=cmd_demo)
+    g = sub.add_parser("engine", help="the ZeroMQ inference service (frames in, denoised frames out)")
+    g.add_argument("--bind", default="tcp://127.0.0.1:5555", help="data endpoint; port 0 or * picks a free port")
+    g.add_argument("--control", help="control endpoint (default: bind port + 1)")
+    g.add_argument("--models", help="model store (default: $CDAE_MODELS or the source tree's models/)")
+    g.add_argument("--model", help="NAME[:VERSION] active at start (default: the shipped model)")
+    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"])
+    g.add_argument("--max-pixels", type=int, help="frames larger than this are tiled (default 2048*2048)")
+    g.add_argument("--tile-margin", type=int, help="tile overlap in pixels (default: the network's receptive radius)")
+    g.add_argument("--max-frame-pixels", type=int, help="refuse declared frames larger than this")
+    g.add_argument("--queue", type=int, help="frames waiting per client before the oldest is dropped (default 2)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--device", help="CUDA device for torch-cuda/tensorrt (default cuda:0)")
+    g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"])
+    g.add_argument("--trt-max-side", type=int, help="TensorRT profile's largest side (larger frames are tiled)")
+    g.add_argument("--trt-opt-side", type=int, help="TensorRT profile's tuned side")
+    g.add_argument("--no-cuda-graphs", action="store_true")
+    g.set_defaults(func=cmd_engine)
     return p
 
 

@@ -39,6 +39,9 @@ class ArchitectureConfig(BaseModel):
         "asinh", description="range compression of the normalised frame inside the network"
     )
     compression_scale: float = Field(1.0, gt=0.0, description="asinh is linear below about this level")
+    saturation_gate: bool = Field(
+        True, description="saturated input pixels change only as far as the defect head calls them defects"
+    )
 
     @property
     def multiple(self) -> int:
@@ -131,6 +134,12 @@ class CDAE(nn.Module):
             defect_logit = out[:, 1:2]
         else:
             defect_logit = torch.full_like(restored, -20.0)
+        if self.config.saturation_gate and self.config.defect_head and x.shape[1] > 1:
+            # A saturated pixel carries no noise: the only reason to change it is that it is an
+            # artefact (glint, bloom, hot pixel), which is the defect head's call. Real saturated
+            # features (the physicist's brightest data) pass through unchanged.
+            keep = x[:, 1:2] * (1.0 - torch.sigmoid(defect_logit))
+            restored = restored + keep * (frame - restored)
         return restored, defect_logit
 
 

@@ -43,20 +43,30 @@ class Denoiser:
         manifest, model = load_model(pkg)
         return cls(manifest, model, device)
 
-    @torch.inference_mode()
     def denoise_dn(self, frame: np.ndarray, adc_max: float) -> tuple[np.ndarray, np.ndarray]:
         """Float DN in, float32 DN out (unclipped) plus the defect probability map."""
         x, offset, scale = network_input(frame, adc_max, self.manifest.normalisation)
+        restored, prob = self.infer_normalised(x)
+        return denormalise(restored, offset, scale), prob
+
+    @torch.inference_mode()
+    def infer_normalised(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The network alone on a precomputed ``network_input`` (2, H, W) (or a tile of one).
+
+        Returns the restored frame, still normalised, and the defect probability, both (H, W)
+        float32. Per-frame normalisation is computed once by the caller, so that tiles of a frame
+        share one offset and scale.
+        """
         if self.manifest.architecture.in_channels == 1:
             x = x[:1]
-        t = torch.from_numpy(x)[None].to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
         t, (h, w) = pad_to_multiple(t, self.multiple)
         if self.device.type == "cpu":
             t = t.contiguous(memory_format=torch.channels_last)
         restored, logit = self.model(t)
-        restored = restored[0, 0, :h, :w].float().cpu().numpy()
+        restored_np = restored[0, 0, :h, :w].float().cpu().numpy()
         prob = torch.sigmoid(logit[0, 0, :h, :w]).float().cpu().numpy()
-        return denormalise(restored, offset, scale), prob
+        return restored_np, prob
 
     def __call__(self, frame: np.ndarray, bit_depth: int | None = None) -> DenoiseResult:
         """Denoise one 2-D frame of any supported dtype; output keeps its dtype and shape."""

@@ -1,0 +1,311 @@
+"""Clients of the engine: synchronous and asyncio, spreading frames over engines with a bounded window.
+
+Each engine address gets its own DEALER socket; frames go to the addresses round-robin, and at
+most ``window`` frames are in flight at once over all of them (a submit waits for a reply when
+the window is full). Replies come back in completion order and carry the client's ``frame_id``.
+The wire format is entirely :mod:`cdae.engine.protocol`; these classes only move its parts.
+
+Frames are sent without copying (ZeroMQ reads the array's own buffer from its I/O thread):
+do not modify a frame in place until its reply has arrived. Reply arrays are read-only views
+of the received message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from cdae.engine.errors import EngineError, EngineTimeout
+from cdae.engine.protocol import (
+    ControlReply,
+    ControlRequest,
+    FrameReply,
+    decode_control_reply,
+    decode_reply,
+    encode_control_request,
+    encode_request,
+    request_header_for,
+)
+
+
+def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
+    eps = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    if not eps:
+        raise EngineError("no engine endpoint given")
+    return eps
+
+
+def _request_parts(frame: np.ndarray, frame_id: int, fields: dict[str, object]) -> list:
+    return encode_request(request_header_for(frame, frame_id, **fields), frame)
+
+
+class EngineClient:
+    """Synchronous client: ``denoise(frame)`` for one frame, or ``submit``/``receive`` to pipeline frames."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
+                 context: zmq.Context | None = None) -> None:
+        if window < 1:
+            raise EngineError(f"window must be >= 1, got {window}")
+        self.endpoints = _endpoints(endpoints)
+        self.window = window
+        self.timeout_s = timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self._sockets: list[zmq.Socket] = []
+        for ep in self.endpoints:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            self._sockets.append(s)
+        self._poller = zmq.Poller()
+        for s in self._sockets:
+            self._poller.register(s, zmq.POLLIN)
+        self._next = itertools.cycle(range(len(self._sockets)))
+        self._ids = itertools.count()
+        self._in_flight: dict[int, int] = {}  # frame_id → socket index
+        self._ready: deque[FrameReply] = deque()
+        self.unmatched = 0  # replies to frames this client did not send (or sent before a reset)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def submit(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
+               timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
+               want_residual: bool = False, want_defect_map: bool = False,
+               defect_map_dtype: Literal["float32", "uint8"] = "float32") -> int:
+        """Send one frame (waiting for a reply first if the window is full); returns its frame_id."""
+        while len(self._in_flight) >= self.window:
+            self._ready.append(self._receive_one(self.timeout_s))
+        fid = next(self._ids) if frame_id is None else frame_id
+        parts = _request_parts(frame, fid, dict(
+            unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth,
+            want_residual=want_residual, want_defect_map=want_defect_map, defect_map_dtype=defect_map_dtype,
+        ))
+        i = next(self._next)
+        self._sockets[i].send_multipart(parts, copy=False)
+        self._in_flight[fid] = i
+        return fid
+
+    def receive(self, timeout_s: float | None = None) -> FrameReply:
+        """The next reply, in completion order."""
+        if self._ready:
+            return self._ready.popleft()
+        return self._receive_one(self.timeout_s if timeout_s is None else timeout_s)
+
+    def denoise(self, frame: np.ndarray, **fields: object) -> FrameReply:
+        """Send one frame and wait for its own reply (replies to other frames are kept for ``receive``)."""
+        fid = self.submit(frame, **fields)  # type: ignore[arg-type]
+        for i, r in enumerate(self._ready):
+            if r.frame_id == fid:
+                del self._ready[i]
+                return r
+        while True:
+            r = self._receive_one(self.timeout_s)
+            if r.frame_id == fid:
+                return r
+            self._ready.append(r)
+
+    def _receive_one(self, timeout_s: float) -> FrameReply:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            events = dict(self._poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
+            if not events:
+                raise EngineTimeout(
+                    f"no reply from {', '.join(self.endpoints)} within {timeout_s:g} s "
+                    f"({len(self._in_flight)} frames in flight)"
+                )
+            for s in self._sockets:
+                if s in events:
+                    reply = decode_reply(s.recv_multipart(copy=False))
+                    if self._in_flight.pop(reply.frame_id, None) is None:  # type: ignore[arg-type]
+                        self.unmatched += 1
+                    return reply
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close(0)
+        self._sockets.clear()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEngineClient:
+    """asyncio client (zmq.asyncio): ``await denoise(frame)``; run many concurrently to pipeline.
+
+    At most ``window`` frames are in flight; further calls wait for a free slot.
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        if window < 1:
+            raise EngineError(f"window must be >= 1, got {window}")
+        self.endpoints = _endpoints(endpoints)
+        self.window = window
+        self.timeout_s = timeout_s
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sockets: list[zmq.asyncio.Socket] = []
+        for ep in self.endpoints:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            self._sockets.append(s)
+        self._next = itertools.cycle(range(len(self._sockets)))
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[FrameReply]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._readers: list[asyncio.Task[None]] = []
+        self.unmatched = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _start(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.window)
+            self._readers = [asyncio.create_task(self._read(s)) for s in self._sockets]
+        return self._slots
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            parts = await sock.recv_multipart(copy=False)
+            try:
+                reply = decode_reply(parts)
+            except EngineError as e:  # a broken reply fails every frame waiting on this engine
+                for f in self._pending.values():
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            fut = self._pending.pop(reply.frame_id, None) if reply.frame_id is not None else None
+            if fut is None:
+                self.unmatched += 1
+            elif not fut.done():
+                fut.set_result(reply)
+
+    async def denoise(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
+                      timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
+                      want_residual: bool = False, want_defect_map: bool = False,
+                      defect_map_dtype: Literal["float32", "uint8"] = "float32") -> FrameReply:
+        """Send one frame and wait for its reply (an error reply, e.g. "dropped", is returned, not raised)."""
+        slots = self._start()
+        async with slots:
+            fid = next(self._ids) if frame_id is None else frame_id
+            parts = _request_parts(frame, fid, dict(
+                unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth,
+                want_residual=want_residual, want_defect_map=want_defect_map, defect_map_dtype=defect_map_dtype,
+            ))
+            fut: asyncio.Future[FrameReply] = asyncio.get_running_loop().create_future()
+            self._pending[fid] = fut
+            try:
+                await self._sockets[next(self._next)].send_multipart(parts, copy=False)
+                return await asyncio.wait_for(fut, self.timeout_s)
+            except asyncio.TimeoutError as e:
+                raise EngineTimeout(f"no reply to frame {fid} from {', '.join(self.endpoints)} "
+                                    f"within {self.timeout_s:g} s") from e
+            finally:
+                self._pending.pop(fid, None)
+
+    async def close(self) -> None:
+        for t in self._readers:
+            t.cancel()
+        for t in self._readers:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._readers.clear()
+        for s in self._sockets:
+            s.close(0)
+        self._sockets.clear()
+
+    async def __aenter__(self) -> AsyncEngineClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class ControlClient:
+    """The engine's control channel (REQ): ``status()``, ``list_models()``, ``activate(ref)``, ``metrics()``."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._sock = (context or zmq.Context.instance()).socket(zmq.REQ)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # a timed-out request must not wedge the REQ state machine
+        self._sock.setsockopt(zmq.REQ_RELAXED, 1)
+        self._sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        self._sock.connect(endpoint)
+
+    def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
+        req = ControlRequest(command=command, **fields)  # type: ignore[arg-type]
+        self._sock.send(encode_control_request(req))
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if command == "activate" and req.wait:
+            timeout = max(timeout, req.timeout_s + 5.0)
+        if not self._sock.poll(int(timeout * 1000)):
+            raise EngineTimeout(f"no control reply from {self.endpoint} within {timeout:g} s")
+        return decode_control_reply(self._sock.recv())
+
+    def status(self) -> ControlReply:
+        return self.request("status")
+
+    def metrics(self) -> ControlReply:
+        return self.request("metrics")
+
+    def list_models(self) -> ControlReply:
+        return self.request("list_models")
+
+    def activate(self, model: str, *, wait: bool = True, timeout_s: float = 600.0) -> ControlReply:
+        return self.request("activate", model=model, wait=wait, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncControlClient:
+    """The control channel for asyncio code (the IOC)."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, context: zmq.asyncio.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._sock = (context or zmq.asyncio.Context.instance()).socket(zmq.REQ)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.REQ_RELAXED, 1)
+        self._sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        self._sock.connect(endpoint)
+
+    async def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
+        req = ControlRequest(command=command, **fields)  # type: ignore[arg-type]
+        await self._sock.send(encode_control_request(req))
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if command == "activate" and req.wait:
+            timeout = max(timeout, req.timeout_s + 5.0)
+        try:
+            raw = await asyncio.wait_for(self._sock.recv(), timeout)
+        except asyncio.TimeoutError as e:
+            raise EngineTimeout(f"no control reply from {self.endpoint} within {timeout:g} s") from e
+        return decode_control_reply(raw)
+
+    def close(self) -> None:
+        self._sock.close(0)

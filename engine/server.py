@@ -1,0 +1,632 @@
+"""The inference service: a ZeroMQ ROUTER for frames, a REP socket for control, one model at a time.
+
+Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
+
+- **I/O thread**: owns the ROUTER. Decodes each request (cheap: header + a view of the bytes),
+  answers bad ones at once, and puts good ones in a bounded per-client slot where the newest
+  frame wins; a frame pushed out of its slot is answered with error code ``dropped``. Forwards
+  the worker's replies (inproc PUSH/PULL) to the ROUTER.
+- **worker thread**: takes frames round-robin across clients, runs the pipeline on the active
+  model, and hands the reply back to the I/O thread. It reads the active model once per frame,
+  so a swap takes effect between two frames.
+- **control thread**: owns the REP socket: ``status``, ``list_models``, ``activate``, ``metrics``.
+- **activation thread** (per swap): loads the new package, warms it up on the live frame shape,
+  then replaces the active model in one assignment; on any failure the old model keeps serving.
+
+Nothing queues without bound: at most ``queue`` frames per client wait, the ROUTER's receive
+high-water mark bounds what sits in ZeroMQ, and latency cannot grow with the backlog.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from cdae import __version__
+from cdae.engine.backends import Backend, BackendKind, BackendOptions, load_backend
+from cdae.engine.errors import EngineError
+from cdae.engine.normalise import NormalisationError
+from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, default_models_dir, read_manifest
+from cdae.engine.pipeline import denoise_frame, warm_up
+from cdae.engine.protocol import (
+    DEFAULT_MAX_FRAME_PIXELS,
+    ControlReply,
+    ControlRequest,
+    ErrorCode,
+    FrameRequest,
+    ProtocolError,
+    Timings,
+    decode_control_request,
+    decode_request,
+    encode_control_reply,
+    error_reply,
+    error_reply_for,
+    ok_reply,
+)
+
+Log = Callable[[str], None]
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
+
+
+def _stderr(msg: str) -> None:
+    print(f"cdae-engine: {msg}", file=sys.stderr, flush=True)
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine process needs; ``cdae engine`` flags are a thin layer over it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    bind: str = Field("tcp://127.0.0.1:5555", description="data endpoint (ROUTER); port 0 or * picks a free port")
+    control: str | None = Field(None, description="control endpoint (REP); default: bind port + 1")
+    models_dir: Path = Field(default_factory=default_models_dir, description="model store")
+    model: str = Field(DEFAULT_MODEL, description="NAME[:VERSION] active at start")
+    backend: BackendKind = "auto"
+    backend_options: BackendOptions = Field(default_factory=BackendOptions)
+    max_pixels: int = Field(2048 * 2048, ge=64, description="frames larger than this are tiled")
+    tile_margin: int | None = Field(None, ge=0, description="tile overlap; default: the network's receptive radius")
+    max_frame_pixels: int = Field(DEFAULT_MAX_FRAME_PIXELS, ge=1, description="larger declared frames are refused")
+    queue: int = Field(2, ge=1, le=256, description="frames waiting per client; beyond it the oldest is dropped")
+    max_clients: int = Field(64, ge=1, description="clients with frames waiting at once")
+    receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark on the data socket (messages)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
+    timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
+
+    @field_validator("bind", "control")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|ipc|inproc)://.+", v):
+            raise ValueError(f"expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {v!r}")
+        return v
+
+    def control_endpoint(self) -> str:
+        """The control endpoint: as configured, else the data port + 1 on the same host."""
+        if self.control:
+            return self.control
+        m = _TCP.match(self.bind)
+        if m:
+            port = m["port"]
+            if port in ("0", "*"):
+                return self.bind
+            return f"tcp://{m['host']}:{int(port) + 1}"
+        if self.bind.startswith(("ipc://", "inproc://")):
+            return self.bind + ".control"
+        raise ValueError(f"cannot derive a control endpoint from {self.bind!r}; give one")
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> str:
+    m = _TCP.match(endpoint)
+    if m and m["port"] == "0":
+        endpoint = f"tcp://{m['host']}:*"  # libzmq's spelling of "any free port"
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        raise EngineError(f"cannot bind {endpoint}: {e}") from e
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _is_loopback(endpoint: str) -> bool:
+    m = _TCP.match(endpoint)
+    return m is None or m["host"] in _LOOPBACK
+
+
+# --- bounded pending frames --------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class FrameQueue(Generic[T]):
+    """Bounded per-client pending frames, served round-robin; when a client's slot is full the newest wins.
+
+    ``put`` returns the items it pushed out (the caller answers them "dropped"); nothing ever
+    blocks the producer, and at most ``per_client * max_clients`` items wait.
+    """
+
+    def __init__(self, per_client: int, max_clients: int) -> None:
+        self.per_client = per_client
+        self.max_clients = max_clients
+        self._slots: dict[bytes, deque[T]] = {}
+        self._order: deque[bytes] = deque()  # clients with frames waiting, in service order
+        self._cond = threading.Condition()
+        self._depth = 0
+        self.high_water = 0
+
+    def put(self, client: bytes, item: T) -> list[T]:
+        with self._cond:
+            slot = self._slots.get(client)
+            if slot is None:
+                if len(self._slots) >= self.max_clients:
+                    return [item]  # too many clients waiting: refuse rather than grow
+                slot = self._slots[client] = deque()
+                self._order.append(client)
+            evicted = []
+            while len(slot) >= self.per_client:
+                evicted.append(slot.popleft())
+                self._depth -= 1
+            slot.append(item)
+            self._depth += 1
+            self.high_water = max(self.high_water, self._depth)
+            self._cond.notify()
+            return evicted
+
+    def get(self, timeout: float | None = None) -> T | None:
+        with self._cond:
+            if not self._order and not self._cond.wait_for(lambda: bool(self._order), timeout):
+                return None
+            client = self._order.popleft()
+            slot = self._slots[client]
+            item = slot.popleft()
+            self._depth -= 1
+            if slot:
+                self._order.append(client)  # round robin: this client goes to the back
+            else:
+                del self._slots[client]
+            return item
+
+    def drain(self) -> list[T]:
+        with self._cond:
+            items = [i for s in self._slots.values() for i in s]
+            self._slots.clear()
+            self._order.clear()
+            self._depth = 0
+            return items
+
+    def __len__(self) -> int:
+        return self._depth
+
+
+# --- counters ----------------------------------------------------------------------------------
+
+class EngineStats:
+    """Counters and rolling timing windows, shared by the I/O, worker and control threads."""
+
+    def __init__(self, window: int) -> None:
+        self._lock = threading.Lock()
+        self.received = 0
+        self.processed = 0
+        self.dropped = 0
+        self.errors = 0
+        self.errors_by_code: dict[str, int] = {}
+        self.tiled_frames = 0
+        self.by_model: dict[str, int] = {}
+        self._timings: dict[str, deque[float]] = {k: deque(maxlen=window) for k in ("queue_ms", "inference_ms", "total_ms")}
+        self._done_at: deque[float] = deque(maxlen=window)
+        self.started = time.monotonic()
+
+    def count_received(self) -> None:
+        with self._lock:
+            self.received += 1
+
+    def count_dropped(self) -> None:
+        with self._lock:
+            self.dropped += 1
+
+    def count_error(self, code: str) -> None:
+        with self._lock:
+            self.errors += 1
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+
+    def count_processed(self, timings: Timings, model: str, tiles: int) -> None:
+        with self._lock:
+            self.processed += 1
+            self.by_model[model] = self.by_model.get(model, 0) + 1
+            if tiles > 1:
+                self.tiled_frames += 1
+            for k, q in self._timings.items():
+                q.append(getattr(timings, k))
+            self._done_at.append(time.monotonic())
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {"received": self.received, "processed": self.processed, "dropped": self.dropped,
+                    "errors": self.errors}
+
+    def timings(self, percentiles: tuple[float, ...] = (50, 99)) -> dict[str, dict[str, float | None]]:
+        with self._lock:
+            data = {k: np.asarray(q, dtype=np.float64) for k, q in self._timings.items()}
+        out: dict[str, dict[str, float | None]] = {}
+        for k, a in data.items():
+            out[k] = {f"p{p:g}": (round(float(np.percentile(a, p)), 3) if a.size else None) for p in percentiles}
+        return out
+
+    def metrics(self) -> dict[str, JsonValue]:
+        with self._lock:
+            done = list(self._done_at)
+            rate = (len(done) - 1) / (done[-1] - done[0]) if len(done) >= 2 and done[-1] > done[0] else 0.0
+            extra = {"errors_by_code": dict(self.errors_by_code), "tiled_frames": self.tiled_frames,
+                     "processed_by_model": dict(self.by_model)}
+        timings = self.timings((50, 90, 99, 100))
+        return {"counters": self.counters(), **extra, "rate_hz": round(rate, 3),  # type: ignore[dict-item]
+                "timings_ms": timings, "uptime_s": round(time.monotonic() - self.started, 3)}  # type: ignore[dict-item]
+
+
+# --- the server --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """The model serving frames; replaced as a whole by a swap."""
+
+    ref: str
+    package: Path
+    backend: Backend
+    since_utc: str = field(default_factory=_utc_now)
+
+
+@dataclass
+class _Pending:
+    client: bytes
+    request: FrameRequest
+    received: float  # perf_counter
+    message: list[zmq.Frame]  # keeps the received buffers alive while the frame is a view of them
+
+
+def _model_matches(requested: str, active: str) -> bool:
+    return requested == active or (":" not in requested and active.split(":", 1)[0] == requested)
+
+
+class EngineServer:
+    """One engine: load a model, bind, serve until stopped. See the module docstring for the threads."""
+
+    POLL_MS = 100
+
+    def __init__(self, config: EngineConfig, log: Log = _stderr) -> None:
+        self.config = config
+        self.log = log
+        self.registry = ModelRegistry(config.models_dir)
+        self.stats = EngineStats(config.timing_window)
+        self.queue: FrameQueue[_Pending] = FrameQueue(config.queue, config.max_clients)
+        self._active: ActiveModel | None = None
+        self._retired: deque[ActiveModel] = deque()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._swap_lock = threading.Lock()
+        self._swap_thread: threading.Thread | None = None
+        self._live: tuple[tuple[int, int], str] | None = None  # (shape, dtype) of the last frame served
+        self.activation: dict[str, JsonValue] = {"state": "idle"}
+        self.last_error: str | None = None
+        self.last_request_error: str | None = None
+        self.data_endpoint = ""
+        self.control_endpoint = ""
+        self._ctx: zmq.Context | None = None
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load and warm up the model, bind both sockets, start the threads. Raises on any failure."""
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+        self._active = self._load(self.config.model, self.config.warmup_shape, "uint16")
+        ctx = self._ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
+        rep = ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        pull = ctx.socket(zmq.PULL)
+        push = ctx.socket(zmq.PUSH)
+        pull.bind(f"inproc://cdae-replies-{id(self)}")
+        push.connect(f"inproc://cdae-replies-{id(self)}")
+        try:
+            self.data_endpoint = _bind(router, self.config.bind)
+            self.control_endpoint = _bind(rep, self.config.control_endpoint())
+        except EngineError:
+            for s in (router, rep, pull, push):
+                s.close(0)
+            ctx.term()
+            self._ctx = None
+            self._active.backend.close()
+            raise
+        for ep in (self.data_endpoint, self.control_endpoint):
+            if not _is_loopback(ep):
+                self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
+                         "anyone who reaches it can send frames and swap models")
+        self._threads = [
+            threading.Thread(target=self._io_loop, args=(router, pull), name="cdae-io", daemon=True),
+            threading.Thread(target=self._worker_loop, args=(push,), name="cdae-worker", daemon=True),
+            threading.Thread(target=self._control_loop, args=(rep,), name="cdae-control", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def ready_line(self) -> str:
+        a = self._require_active()
+        return (f"cdae-engine ready data={self.data_endpoint} control={self.control_endpoint} "
+                f"backend={a.backend.name} device={a.backend.device} model={a.ref}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the threads, answer waiting frames "shutting_down" where possible, close the sockets."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        if self._swap_thread is not None:
+            self._swap_thread.join(timeout)
+        if self._ctx is not None and not any(t.is_alive() for t in self._threads):
+            self._ctx.term()  # every socket is closed by its own thread; a stuck thread leaves it to exit
+        self._ctx = None
+        for model in [self._active, *self._retired]:
+            if model is not None:
+                model.backend.close()
+        self._retired.clear()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _require_active(self) -> ActiveModel:
+        if self._active is None:
+            raise EngineError("the engine has no active model (not started)")
+        return self._active
+
+    # models --------------------------------------------------------------------------------
+
+    def _load(self, ref: str, shape: tuple[int, int], dtype: str) -> ActiveModel:
+        pkg = self.registry.resolve(ref)
+        t0 = time.perf_counter()
+        backend = load_backend(self.config.backend, pkg, self.config.backend_options, self.log)
+        try:
+            ms = warm_up(backend, shape, dtype, max_pixels=self.config.max_pixels, margin=self.config.tile_margin)
+        except BaseException:
+            backend.close()
+            raise
+        self.log(f"loaded {backend.ref} on {backend.name} ({backend.device}) in {time.perf_counter() - t0:.2f} s; "
+                 f"warm-up {shape[0]}x{shape[1]} {dtype}: {ms:.1f} ms")
+        return ActiveModel(ref=backend.ref, package=pkg, backend=backend)
+
+    def activate(self, ref: str, wait: bool = True, timeout_s: float = 600.0) -> ControlReply:
+        """Load ``ref`` in the background, warm it up on the live shape, switch between two frames."""
+        with self._swap_lock:
+            if self._swap_thread is not None and self._swap_thread.is_alive():
+                return ControlReply(ok=False, command="activate",
+                                    error=f"activation of {self.activation.get('model')} is still in progress")
+            self.activation = {"model": ref, "state": "loading", "started_utc": _utc_now(), "error": None}
+            self._swap_thread = threading.Thread(target=self._swap, args=(ref,), name="cdae-activate", daemon=True)
+            self._swap_thread.start()
+            thread = self._swap_thread
+        if wait:
+            deadline = time.monotonic() + timeout_s
+            while thread.is_alive() and time.monotonic() < deadline and not self.stopping:
+                thread.join(0.1)
+        state = dict(self.activation)
+        if state.get("state") == "failed":
+            return ControlReply(ok=False, command="activate", error=str(state.get("error")), result={"activation": state})
+        return ControlReply(ok=True, command="activate", result={"activation": state, "model": self._require_active().ref})
+
+    def _swap(self, ref: str) -> None:
+        t0 = time.perf_counter()
+        shape, dtype = self._live or (self.config.warmup_shape, "uint16")
+        try:
+            new = self._load(ref, shape, dtype)
+        except Exception as e:  # any failure: the old model keeps serving
+            msg = f"activate {ref}: {e}"
+            self.last_error = msg
+            self.activation = {**self.activation, "state": "failed", "error": msg,
+                               "seconds": round(time.perf_counter() - t0, 3)}
+            self.log(f"{msg}; still serving {self._require_active().ref}")
+            return
+        old = self._active
+        self._active = new  # one assignment: the worker reads it once per frame
+        if old is not None:
+            self._retired.append(old)  # closed by the worker between frames, never under its feet
+        self.activation = {**self.activation, "state": "active", "model": new.ref, "error": None,
+                           "seconds": round(time.perf_counter() - t0, 3)}
+        self.log(f"switched {old.ref if old else None} → {new.ref} on {new.backend.name}")
+
+    def list_models(self) -> dict[str, JsonValue]:
+        active = self._require_active().ref
+        models: list[JsonValue] = []
+        for ref in self.registry.refs():
+            name, version = ref.split(":", 1)
+            entry: dict[str, JsonValue] = {"ref": ref, "active": ref == active}
+            try:
+                m = read_manifest(self.registry.root / name / version)
+                entry.update(parameters=m.parameters, created_utc=m.created_utc, parent=m.parent,
+                             ensemble=m.ensemble.mode, notes=m.notes)
+            except Exception as e:  # a broken package is listed with its error, not hidden
+                entry["error"] = str(e)
+            models.append(entry)
+        return {"models_dir": str(self.registry.root), "active": active, "models": models}
+
+    def status(self) -> dict[str, JsonValue]:
+        a = self._require_active()
+        return {
+            "version": __version__, "backend": a.backend.name, "device": a.backend.device, "model": a.ref,
+            "model_since_utc": a.since_utc, "package": str(a.package),
+            "queue_depth": len(self.queue), "queue_bound": self.config.queue,
+            "queue_high_water": self.queue.high_water, "counters": self.stats.counters(),  # type: ignore[dict-item]
+            "timings_ms": self.stats.timings(),  # type: ignore[dict-item]
+            "last_error": self.last_error, "last_request_error": self.last_request_error,
+            "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
+            "data": self.data_endpoint, "control": self.control_endpoint,
+            "max_pixels": self.config.max_pixels,
+            "uptime_s": round(time.monotonic() - self.stats.started, 3),
+        }
+
+    def metrics(self) -> dict[str, JsonValue]:
+        return {**self.stats.metrics(), "queue_depth": len(self.queue), "queue_high_water": self.queue.high_water,
+                "model": self._require_active().ref}
+
+    # threads -------------------------------------------------------------------------------
+
+    def _io_loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(self.POLL_MS))
+                if pull in events:
+                    for _ in range(256):  # replies first: they free the clients' windows
+                        try:
+                            router.send_multipart(pull.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                        except zmq.Again:
+                            break
+                if router in events:
+                    for _ in range(256):
+                        try:
+                            msg = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_request(router, msg)
+            for item in self.queue.drain():
+                self._send_error(router, item.client, "shutting_down", "the engine is stopping", item)
+        except Exception:  # the I/O thread must not die silently
+            self.last_error = "I/O thread: " + traceback.format_exc(limit=3)
+            self.log(self.last_error)
+            self._stop.set()
+        finally:
+            router.close(0)
+            pull.close(0)
+
+    def _send_error(self, router: zmq.Socket, client: bytes, code: ErrorCode, message: str,
+                    item: _Pending | None = None) -> None:
+        h = item.request.header if item else None
+        a = self._active
+        parts = error_reply(code, message, frame_id=h.frame_id if h else None, unique_id=h.unique_id if h else None,
+                            timestamp=h.timestamp if h else None, model=a.ref if a else None,
+                            backend=a.backend.name if a else None)
+        router.send_multipart([client, *parts], copy=False)
+
+    def _on_request(self, router: zmq.Socket, msg: list[zmq.Frame]) -> None:
+        received = time.perf_counter()
+        client = msg[0].bytes
+        self.stats.count_received()
+        try:
+            request = decode_request(msg[1:], self.config.max_frame_pixels)
+        except ProtocolError as e:
+            self.stats.count_error(e.code)
+            self.last_request_error = f"{e.code}: {e}"
+            router.send_multipart([client, *error_reply_for(e)], copy=False)
+            return
+        pending = _Pending(client, request, received, msg)
+        for old in self.queue.put(client, pending):
+            self.stats.count_dropped()
+            if old is pending:
+                why = f"{self.config.max_clients} other clients have frames waiting; try again"
+            else:
+                why = (f"frame {old.request.header.frame_id} was replaced by a newer frame before it was processed "
+                       f"(at most {self.config.queue} waiting per client: the newest frame wins)")
+            self._send_error(router, old.client, "dropped", why, old)
+
+    def _worker_loop(self, push: zmq.Socket) -> None:
+        try:
+            while not self.stopping:
+                while self._retired:
+                    self._retired.popleft().backend.close()
+                item = self.queue.get(timeout=self.POLL_MS / 1000)
+                if item is None:
+                    continue
+                try:
+                    parts = self._process(item)
+                except Exception as e:  # a bug must cost one frame, not the worker
+                    self.last_error = f"worker: {type(e).__name__}: {e}"
+                    self.log(self.last_error + "\n" + traceback.format_exc(limit=5))
+                    self.stats.count_error("inference_failed")
+                    h = item.request.header
+                    parts = error_reply("inference_failed", self.last_error, frame_id=h.frame_id,
+                                        unique_id=h.unique_id)
+                push.send_multipart([item.client, *parts], copy=False)
+        finally:
+            push.close(0)
+
+    def _process(self, item: _Pending) -> list[bytes | memoryview]:
+        started = time.perf_counter()
+        active = self._require_active()  # read once: a swap lands between frames, never inside one
+        h = item.request.header
+        label = {"model": active.ref, "backend": active.backend.name}
+
+        def fail(code: ErrorCode, message: str) -> list[bytes | memoryview]:
+            self.stats.count_error(code)
+            timings = Timings(queue_ms=(started - item.received) * 1e3,
+                              total_ms=(time.perf_counter() - item.received) * 1e3)
+            return error_reply(code, message, frame_id=h.frame_id, unique_id=h.unique_id, timestamp=h.timestamp,
+                               timings=timings, **label)
+
+        if h.model and not _model_matches(h.model, active.ref):
+            return fail("model_mismatch", f"frame asks for model {h.model}, the engine serves {active.ref}")
+        try:
+            result = denoise_frame(
+                item.request.frame, active.backend, bit_depth=h.bit_depth, max_pixels=self.config.max_pixels,
+                margin=self.config.tile_margin, want_residual=h.flags.want_residual,
+            )
+        except NormalisationError as e:
+            return fail("bad_frame", str(e))
+        except Exception as e:  # the service keeps serving; the error goes back to the client and to status
+            self.last_error = f"inference on {active.ref} ({active.backend.name}) failed: {type(e).__name__}: {e}"
+            self.log(self.last_error)
+            return fail("inference_failed", f"{type(e).__name__}: {e}")
+        self._live = (h.shape, h.dtype)
+        timings = Timings(queue_ms=(started - item.received) * 1e3, inference_ms=result.inference_ms,
+                          total_ms=(time.perf_counter() - item.received) * 1e3)
+        self.stats.count_processed(timings, active.ref, result.tiles)
+        return ok_reply(h, denoised=result.denoised, residual=result.residual, defect_map=result.defect_probability,
+                        timings=timings, tiles=result.tiles, **label)
+
+    def _control_loop(self, rep: zmq.Socket) -> None:
+        try:
+            while not self.stopping:
+                if not rep.poll(self.POLL_MS):
+                    continue
+                raw = rep.recv(copy=False)
+                rep.send(encode_control_reply(self.handle_control(raw)))
+        finally:
+            rep.close(0)
+
+    def handle_control(self, raw: object) -> ControlReply:
+        """One control request → its reply; never raises."""
+        try:
+            req: ControlRequest = decode_control_request(raw)
+        except ProtocolError as e:
+            return ControlReply(ok=False, error=str(e))
+        try:
+            if req.command == "status":
+                return ControlReply(ok=True, command=req.command, result=self.status())
+            if req.command == "list_models":
+                return ControlReply(ok=True, command=req.command, result=self.list_models())
+            if req.command == "metrics":
+                return ControlReply(ok=True, command=req.command, result=self.metrics())
+            if req.command == "activate":
+                assert req.model is not None
+                return self.activate(req.model, req.wait, req.timeout_s)
+        except Exception as e:  # a control request never takes the engine down
+            return ControlReply(ok=False, command=req.command, error=f"{type(e).__name__}: {e}")
+        return ControlReply(ok=False, command=req.command, error=f"unknown command {req.command!r}")
+
+
+def run_engine(config: EngineConfig, stop: threading.Event, out: Callable[[str], None] | None = None,
+               log: Log = _stderr) -> int:
+    """Start an engine, print its ready line, serve until ``stop`` is set; returns an exit status."""
+    out = out or (lambda s: print(s, flush=True))
+    log("effective config: " + config.model_dump_json())
+    server = EngineServer(config, log)
+    server.start()
+    out(server.ready_line())
+    try:
+        while not stop.wait(0.2) and not server.stopping:
+            pass
+    finally:
+        server.stop()
+        c = server.stats.counters()
+        log(f"stopped: received {c['received']}, processed {c['processed']}, dropped {c['dropped']}, "
+            f"errors {c['errors']}")
+    return 0
