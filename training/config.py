@@ -74,6 +74,11 @@ class LossConfig(_Strict):
     bright_weight: float = Field(4.0, ge=0, description="extra weight on pixels of bright real features")
     defect_weight: float = Field(1.0, ge=0, description="extra weight on defect pixels in the restoration loss")
     defect_bce_weight: float = Field(0.1, ge=0, description="weight of the defect-head cross entropy")
+    defect_bce_pixel_weights: bool = Field(
+        False,
+        description="weigh the defect head's cross entropy with the same per-pixel map as the restoration loss, "
+        "so that calling a real bright feature a defect costs as much as blurring it",
+    )
 
 
 class TrainConfig(_Strict):

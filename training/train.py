@@ -89,7 +89,12 @@ def total_loss(model: CDAE, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     restored, logit = model.forward_compressed(batch.x)
     loss = restoration_loss(restored, model.compress(batch.target), batch.weight, cfg)
     if cfg.architecture.defect_head and cfg.loss.defect_bce_weight > 0:
-        loss = loss + cfg.loss.defect_bce_weight * F.binary_cross_entropy_with_logits(logit, batch.defect)
+        if cfg.loss.defect_bce_pixel_weights:
+            bce = F.binary_cross_entropy_with_logits(logit, batch.defect, reduction="none")
+            bce = (bce * batch.weight).sum() / batch.weight.sum()
+        else:
+            bce = F.binary_cross_entropy_with_logits(logit, batch.defect)
+        loss = loss + cfg.loss.defect_bce_weight * bce
     return loss
 
 
