@@ -130,6 +130,7 @@ def write_package(
     weights = pkg / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o644)  # a model store is read by the services' own user
     os.replace(tmp, weights)
     manifest = Manifest(
         name=name,
@@ -147,6 +148,7 @@ def write_package(
 def write_manifest(pkg: Path, manifest: Manifest) -> None:
     with tempfile.NamedTemporaryFile("w", dir=pkg, suffix=".tmp", delete=False) as f:
         f.write(manifest.model_dump_json(indent=2) + "\n")
+    os.chmod(f.name, 0o644)
     os.replace(f.name, pkg / MANIFEST_FILE)
 
 

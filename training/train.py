@@ -215,6 +215,7 @@ def train(
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     set_determinism(cfg)
     t0 = time.perf_counter()
+    code = code_version()  # the code that starts the run is the code that made the weights
 
     model = CDAE(cfg.architecture)
     parent = _init_weights(model, cfg, models_root)
@@ -279,7 +280,7 @@ def train(
         overwrite=True,
         seed=cfg.seed,
         data_generator_version=GENERATOR_VERSION,
-        code_version=code_version(),
+        code_version=code,
         command=command or shlex.join(["cdae", *sys.argv[1:]]),
         training_config=json.loads(cfg.model_dump_json()),
         metrics={"val_loss": val_loss, "val_psnr_db": val_psnr, **{f"val_{k}_psnr_db": v for k, v in reference.items()},
