@@ -129,14 +129,74 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- demo --------------------------------------------------------------------------------------
+# --- compare (offline) and demo (live) ---------------------------------------------------------
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cdae.demo import run_demo
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cdae.demo import run_compare
 
     w, h = (int(v) for v in args.size.lower().split("x"))
-    run_demo(args.output, args.model, Path(args.models_dir) if args.models_dir else None, args.frames, (h, w))
+    run_compare(args.output, args.model, Path(args.models_dir) if args.models_dir else None, args.frames, (h, w))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cdae.demo import DemoConfig, run_live_demo
+
+    fields = {k: getattr(args, k) for k in ("output", "model", "models_dir", "size", "rate", "data_type",
+                                            "backend", "seconds", "prefix", "bit_depth") if getattr(args, k) is not None}
+    try:
+        config = DemoConfig.model_validate(fields)
+    except ValueError as e:
+        _err(f"cdae demo: error: {e}")
+        return 2
+    return run_live_demo(config)
+
+
+# --- the EPICS side ----------------------------------------------------------------------------
+
+def cmd_sim_camera(args: argparse.Namespace) -> int:
+    from cdae.ioc.camera import CameraConfig, run_camera
+    from cdae.ioc.runner import run_until_signalled
+
+    fields: dict[str, object] = {"prefix": args.prefix}
+    if args.size:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        fields.update(width=w, height=h)
+    if args.max_size:
+        w, h = (int(v) for v in args.max_size.lower().split("x"))
+        fields.update(max_width=w, max_height=h)
+    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if args.stopped:
+        fields["acquire"] = False
+    try:
+        config = CameraConfig.model_validate(fields)
+    except ValueError as e:
+        _err(f"cdae sim-camera: error: {e}")
+        return 2
+    return run_until_signalled(lambda stop: run_camera(config, stop))
+
+
+def cmd_ioc(args: argparse.Namespace) -> int:
+    from cdae.ioc.filter import load_ioc_config, run_ioc
+    from cdae.ioc.frames import IocError
+    from cdae.ioc.runner import run_until_signalled
+
+    overrides = {k: getattr(args, k) for k in ("source", "prefix", "engine", "control", "model", "width", "height",
+                                               "data_type", "bit_depth", "queue_size", "max_elements",
+                                               "engine_timeout_s")}
+    if args.no_residual:
+        overrides["residual"] = False
+    if args.no_defect_map:
+        overrides["defect_map"] = False
+    try:
+        config = load_ioc_config(args.config, overrides)
+        config.control_endpoint()
+    except (ValueError, OSError, IocError) as e:
+        _err(f"cdae ioc: error: {e}")
+        return 2
+    return run_until_signalled(lambda stop: run_ioc(config, stop))
 
 
 # --- engine ------------------------------------------------------------------------------------
@@ -224,13 +284,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="simulated.png")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_simulate)
-    m = sub.add_parser("demo", help="the shipped model on simulated damaged frames, beside median/Gaussian filters")
+    m = sub.add_parser("compare", help="offline: the model on simulated damaged frames, beside median/Gaussian filters")
     m.add_argument("-o", "--output", default="demo-out", help="folder for demo.png")
     m.add_argument("--model", help="NAME[:VERSION] (default: the shipped model)")
     m.add_argument("--models-dir")
     m.add_argument("--frames", type=int, default=6)
     m.add_argument("--size", default="512x512", help="WxH")
-    m.set_defaults(func=cmd_demo)
+    m.set_defaults(func=cmd_compare)
+    dm = sub.add_parser("demo", help="live: simulated camera → engine → filter IOC on loopback, with status and snapshot")
+    dm.add_argument("-o", "--output", help="folder for the PNG snapshot (default demo-out)")
+    dm.add_argument("--model", help="NAME[:VERSION] (default: the shipped model)")
+    dm.add_argument("--models-dir")
+    dm.add_argument("--size", help="camera WxH (default 512x512)")
+    dm.add_argument("--rate", type=float, help="camera frames per second (default 5)")
+    dm.add_argument("--data-type", choices=["UInt8", "UInt16", "Float32"])
+    dm.add_argument("--bit-depth", type=int, help="camera ADC bits for UInt16/Float32 (default 12)")
+    dm.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"])
+    dm.add_argument("--prefix", help="PV prefix root (default 13SIM1:)")
+    dm.add_argument("--seconds", type=float, help="run this long, then print a summary and exit")
+    dm.set_defaults(func=cmd_demo)
+    sc = sub.add_parser("sim-camera", help="an areaDetector-like CA IOC serving simulated damaged camera frames")
+    sc.add_argument("--prefix", default="13SIM1:image1:")
+    sc.add_argument("--size", help="WxH (default 512x512)")
+    sc.add_argument("--max-size", help="largest WxH SizeX/SizeY may be set to (default: --size)")
+    sc.add_argument("--rate", dest="rate_hz", type=float, help="frames per second (default 10)")
+    sc.add_argument("--data-type", choices=["UInt8", "Int16", "UInt16", "Float32"])
+    sc.add_argument("--bit-depth", type=int, choices=[12, 16], help="ADC bits of UInt16/Int16/Float32 frames")
+    sc.add_argument("--seed", type=int, help="which camera (defect layout) and scenes")
+    sc.add_argument("--bank", type=int, help="frames simulated once and cycled (default 4)")
+    sc.add_argument("--stopped", action="store_true", help="start with Acquire = Done")
+    sc.set_defaults(func=cmd_sim_camera)
+    io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")
+    io.add_argument("--config", help="TOML file with IocConfig fields (flags override it)")
+    io.add_argument("--source", help="source prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
+    io.add_argument("--prefix", help="output prefix (e.g. 13SIM1:CDAE1:)")
+    io.add_argument("--engine", help="engine data endpoint(s), comma-separated (default tcp://127.0.0.1:5555)")
+    io.add_argument("--control", help="engine control endpoint (default: engine port + 1)")
+    io.add_argument("--model", help="NAME:VERSION to activate at start")
+    io.add_argument("--width", type=int, help="plain waveform source: width")
+    io.add_argument("--height", type=int, help="plain waveform source: height")
+    io.add_argument("--data-type", help="plain waveform source: UInt8, Int16, UInt16, Int32, Float32, ...")
+    io.add_argument("--bit-depth", type=int, help="camera ADC bits when the container is wider (e.g. 12)")
+    io.add_argument("--queue-size", type=int, help="frames in flight to the engine (default 2)")
+    io.add_argument("--max-elements", type=int, help="ArrayData length (default: the source's)")
+    io.add_argument("--engine-timeout-s", type=float, help="no reply within this: the engine counts as down")
+    io.add_argument("--no-residual", action="store_true", help="do not publish Residual:ArrayData")
+    io.add_argument("--no-defect-map", action="store_true", help="do not publish DefectMap:ArrayData")
+    io.set_defaults(func=cmd_ioc)
     g = sub.add_parser("engine", help="the ZeroMQ inference service (frames in, denoised frames out)")
     g.add_argument("--bind", default="tcp://127.0.0.1:5555", help="data endpoint; port 0 or * picks a free port")
     g.add_argument("--control", help="control endpoint (default: bind port + 1)")

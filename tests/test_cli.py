@@ -15,7 +15,7 @@ def _cdae(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[st
 def test_help_lists_subcommands() -> None:
     r = _cdae("--help")
     assert r.returncode == 0
-    for sub in ("train", "evaluate", "fuse", "denoise", "simulate", "demo"):
+    for sub in ("train", "evaluate", "fuse", "denoise", "simulate", "compare", "demo", "sim-camera", "ioc", "engine"):
         assert sub in r.stdout
 
 
@@ -26,8 +26,8 @@ def test_simulate_gallery(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
-def test_demo_runs_with_a_model(tmp_path: Path, tiny_package: Path) -> None:
-    r = _cdae("demo", "-o", str(tmp_path / "d"), "--model", "tiny:1", "--models-dir", str(tiny_package.parent.parent),
+def test_compare_runs_with_a_model(tmp_path: Path, tiny_package: Path) -> None:
+    r = _cdae("compare", "-o", str(tmp_path / "d"), "--model", "tiny:1", "--models-dir", str(tiny_package.parent.parent),
               "--frames", "2", "--size", "96x64")
     assert r.returncode == 0, r.stderr
     assert "mean PSNR" in r.stdout and (tmp_path / "d" / "demo.png").stat().st_size > 10_000

@@ -1,0 +1,187 @@
+"""``cdae sim-camera``: an areaDetector-like caproto IOC serving simulated, damaged diagnostic frames.
+
+One camera = one detector drawn once (:func:`cdae.training.defects.sample_defect_params`) and one
+fixed defect layout (:func:`~cdae.training.defects.sample_defect_layout`): the same dead and hot
+pixels and bad lines frame after frame, like one damaged camera; noise, radiation hits and glints
+are new in every frame. Scenes come from the training simulator. To serve high rates the camera
+simulates a bank of ``bank`` frames once (per size) and cycles through it, each sent with a new
+UniqueId and timestamp. ``<prefix>Clean:ArrayData`` carries the noiseless frame of the same
+UniqueId, so tests can check that denoised frames are closer to the truth than raw ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from cdae.ioc.frames import FrameInfo, NDDataType, RateMeter, ca_element_dtype, numpy_dtype, posix_to_epics, to_ca
+from cdae.ioc.publish import write_image
+from cdae.ioc.pvs import CameraPVs, camera_pvs
+from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
+
+CameraDataType = Literal["UInt8", "Int16", "UInt16", "Float32"]
+
+
+class CameraConfig(BaseModel):
+    """The simulated camera; ``cdae sim-camera`` flags are a thin layer over it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field("13SIM1:image1:", min_length=1, description="PV prefix")
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    max_width: int | None = Field(None, ge=8, le=8192, description="largest SizeX (ArrayData length); default width")
+    max_height: int | None = Field(None, ge=8, le=8192)
+    rate_hz: float = Field(10.0, gt=0, le=10000)
+    data_type: CameraDataType = "UInt16"
+    bit_depth: int = Field(12, description="ADC bits of integer frames wider than 8 bits (12 or 16)")
+    seed: int = Field(7, ge=0, description="which camera (defect layout) and which scenes")
+    bank: int = Field(4, ge=1, le=256, description="frames simulated once per size and cycled")
+    acquire: bool = Field(True, description="start acquiring at once")
+    interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
+
+    def max_elements(self) -> int:
+        return (self.max_width or self.width) * (self.max_height or self.height)
+
+
+@dataclass(frozen=True)
+class BankFrame:
+    noisy: np.ndarray  # float32 DN
+    clean: np.ndarray  # float32 DN
+
+
+def simulate_bank(seed: int, height: int, width: int, bit_depth: int, count: int) -> list[BankFrame]:
+    """``count`` frames of one camera (fixed detector and defect layout) at (height, width)."""
+    from cdae.training.defects import apply_detector, detector_rng, sample_defect_layout, sample_defect_params
+    from cdae.training.simulate import generate_scene, scene_rng
+
+    rng = detector_rng(seed, 0)
+    params = sample_defect_params(rng, None, bit_depth)
+    layout = sample_defect_layout(rng, params, height, width)
+    out = []
+    for i in range(count):
+        scene = generate_scene(scene_rng(seed, i), height, width)
+        det = apply_detector(scene.signal, detector_rng(seed, 1 + i), params, layout)
+        out.append(BankFrame(noisy=det.noisy, clean=det.clean))
+    return out
+
+
+def bit_depth_for(data_type: str, bit_depth: int) -> int:
+    return 8 if data_type == "UInt8" else bit_depth
+
+
+class SimCamera:
+    """The camera's behaviour behind :class:`~cdae.ioc.pvs.CameraPVs`."""
+
+    def __init__(self, config: CameraConfig) -> None:
+        self.config = config
+        self.element = ca_element_dtype(NDDataType[config.data_type])
+        group_cls = camera_pvs(self.element, config.max_elements())
+        self.pvs: CameraPVs = group_cls(prefix=config.prefix)
+        self.pvs.controller = self
+        self.data_type = NDDataType[config.data_type]
+        self.width, self.height = config.width, config.height
+        self.bank: list[BankFrame] = []
+        self.served: list[np.ndarray] = []  # bank frames flat in the CA element type
+        self.acquiring = asyncio.Event()
+        self.period_s = 1.0 / config.rate_hz
+        self.counter = 0
+        self.unique_id = 0
+        self.rate = RateMeter()
+        self._resize_lock = asyncio.Lock()
+
+    # putters -----------------------------------------------------------------------------
+
+    async def set_acquire(self, on: bool) -> None:
+        (self.acquiring.set if on else self.acquiring.clear)()
+
+    async def set_rate(self, rate_hz: float) -> None:
+        self.period_s = 1.0 / rate_hz
+
+    async def set_size(self, width: int, height: int) -> None:
+        cap_w, cap_h = self.config.max_width or self.config.width, self.config.max_height or self.config.height
+        if not (8 <= width and 8 <= height and width * height <= cap_w * cap_h):
+            raise ValueError(f"size {width}x{height}: expected >= 8x8 and at most {cap_w * cap_h} pixels")
+        await self._simulate(width, height)
+
+    async def set_data_type(self, name: str) -> None:
+        t = NDDataType[name]
+        if name not in ("UInt8", "Int16", "UInt16", "Float32") or ca_element_dtype(t) != self.element:
+            raise ValueError(f"DataType {name}: this camera serves {self.element} elements; "
+                             f"expected a type that travels as {self.element}")
+        self.data_type = t
+        self._convert()
+
+    # frames ------------------------------------------------------------------------------
+
+    async def _simulate(self, width: int, height: int) -> None:
+        async with self._resize_lock:
+            c = self.config
+            loop = asyncio.get_running_loop()
+            bank = await loop.run_in_executor(
+                None, simulate_bank, c.seed, height, width, bit_depth_for(c.data_type, c.bit_depth), c.bank)
+            self.bank, self.width, self.height = bank, width, height
+            self._convert()
+            await self.pvs.size_x.write(width, verify_value=False)
+            await self.pvs.size_y.write(height, verify_value=False)
+
+    def _convert(self) -> None:
+        dt = numpy_dtype(self.data_type)
+        self.served = [to_ca(np.asarray(f.noisy).astype(dt), self.element) for f in self.bank]
+
+    async def publish_next(self) -> None:
+        i = self.counter % len(self.bank)
+        self.counter += 1
+        self.unique_id += 1
+        self.rate.tick()
+        info = FrameInfo(unique_id=self.unique_id, stamp=posix_to_epics(time.time()), data_type=self.data_type)
+        rate = self.rate.rate_hz()
+        await write_image(self.pvs.clean, self.bank[i].clean.reshape(-1), self.height, self.width,
+                          NDDataType.Float32, info, self.counter, rate)
+        await write_image(self.pvs, self.served[i], self.height, self.width, self.data_type, info, self.counter,
+                          rate, itemsize=numpy_dtype(self.data_type).itemsize)
+
+    async def acquire_loop(self) -> None:
+        next_t = time.monotonic()
+        while True:
+            await self.acquiring.wait()
+            async with self._resize_lock:
+                await self.publish_next()
+            next_t += self.period_s
+            now = time.monotonic()
+            if next_t < now - self.period_s:  # fell behind: skip ahead rather than burst
+                next_t = now
+            await asyncio.sleep(max(0.0, next_t - now))
+
+    async def run(self, stop: asyncio.Event) -> int:
+        c = self.config
+        await self.pvs.set_data_type.write(c.data_type, verify_value=False)
+        await self.pvs.rate.write(c.rate_hz, verify_value=False)
+        await self.pvs.rate_rbv.write(c.rate_hz)
+        await self._simulate(c.width, c.height)
+        if c.acquire:
+            self.acquiring.set()
+        else:
+            await self.pvs.acquire.write("Done")
+        tasks = [asyncio.create_task(serve_pvdb(self.pvs.pvdb, c.interfaces)),
+                 asyncio.create_task(self.acquire_loop())]
+        print(f"cdae-sim-camera ready prefix={c.prefix} size={c.width}x{c.height} data_type={c.data_type} "
+              f"rate_hz={c.rate_hz:g} port={ca_server_port()}", flush=True)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        await cancel_all([stopper, *tasks])
+        for t in failed:
+            log("cdae-sim-camera", f"stopped on error: {t.exception()!r}")
+        log("cdae-sim-camera", f"stopped after {self.counter} frames")
+        return 1 if failed else 0
+
+
+async def run_camera(config: CameraConfig, stop: asyncio.Event) -> int:
+    log("cdae-sim-camera", "effective config: " + config.model_dump_json())
+    return await SimCamera(config).run(stop)

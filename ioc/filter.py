@@ -1,0 +1,471 @@
+"""``cdae ioc``: the filter IOC. Camera frames in over CA, through the engine, denoised frames out over CA.
+
+One frame's path: :class:`~cdae.ioc.source.FrameSource` assembles it → the newest-wins slot
+(a frame still waiting when a newer one arrives is dropped and counted in ``DroppedArrays``) →
+at most ``QueueSize`` frames in flight to the engine (:class:`cdae.engine.client.AsyncEngineClient`)
+→ :func:`~cdae.ioc.publish.write_image` publishes the reply with the raw frame's UniqueId and
+timestamps. The engine's control channel is polled for connection state, backend and the list
+of models; when it stops answering the image PVs go to an INVALID/COMM alarm and frames are
+dropped until it answers again (ZeroMQ reconnects by itself; the data client is rebuilt so no
+stale frame is replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import zmq
+from caproto import AlarmSeverity, AlarmStatus
+from caproto.asyncio.client import Context as ClientContext
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cdae.engine.client import AsyncControlClient, AsyncEngineClient
+from cdae.engine.errors import EngineError
+from cdae.engine.protocol import FrameReply
+from cdae.ioc.frames import (
+    FrameError,
+    FrameInfo,
+    IocError,
+    LatestSlot,
+    NDDataType,
+    RateMeter,
+    numpy_dtype,
+    parse_model_ref,
+    to_ca,
+    to_engine,
+)
+from cdae.ioc.publish import set_alarm, write_image
+from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
+from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
+from cdae.ioc.source import FrameSource, SourceNames
+
+_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+)$")
+_WHO = "cdae-ioc"
+
+
+class IocConfig(BaseModel):
+    """The filter IOC; ``cdae ioc`` flags and TOML files are thin layers over it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    source: str = Field(description="source prefix (an NDStdArrays plugin, e.g. 13SIM1:image1:) or, with "
+                                    "width and height, the full name of a plain waveform PV")
+    prefix: str = Field(description="output prefix, e.g. 13SIM1:CDAE1:")
+    engine: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5555"], min_length=1,
+                              description="engine data endpoints (frames are spread over them)")
+    control: str | None = Field(None, description="engine control endpoint (default: first engine's port + 1)")
+    model: str | None = Field(None, description="NAME:VERSION to activate at start")
+    array_suffix: str = Field("ArrayData", description="the source's image PV after the prefix")
+    width: int | None = Field(None, ge=1, description="plain waveform source: frame width")
+    height: int | None = Field(None, ge=1, description="plain waveform source: frame height")
+    data_type: NDDataType | None = Field(None, description="plain waveform source: data type (default from CA type)")
+    bit_depth: int | None = Field(None, ge=1, le=32, description="camera bit depth when the container is wider")
+    queue_size: int = Field(2, ge=1, le=64, description="frames in flight to the engine")
+    engine_timeout_s: float = Field(10.0, gt=0, description="no reply within this: the engine counts as down")
+    status_period_s: float = Field(0.5, gt=0, description="engine control-channel poll period")
+    residual: bool = Field(True, description="publish Residual:ArrayData")
+    defect_map: bool = Field(True, description="publish DefectMap:ArrayData")
+    max_elements: int | None = Field(None, ge=1, description="ArrayData length (default: the source's)")
+    port_name: str = Field("CDAE1", max_length=STRING_MAX - 1)
+    interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
+    source_timeout_s: float = Field(5.0, gt=0, description="retry period while the source is not found")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [s for s in v.split(",") if s] if isinstance(v, str) else v
+
+    @field_validator("data_type", mode="before")
+    @classmethod
+    def _data_type_name(cls, v: object) -> object:
+        return NDDataType[v] if isinstance(v, str) else v
+
+    @property
+    def plain_waveform(self) -> bool:
+        return self.width is not None and self.height is not None
+
+    def control_endpoint(self) -> str:
+        """As configured, else the first engine's data port + 1 (the engine's own default)."""
+        if self.control:
+            return self.control
+        m = _TCP.match(self.engine[0])
+        if not m:
+            raise IocError(f"cannot derive the control endpoint from {self.engine[0]!r}; give --control")
+        return f"tcp://{m['host']}:{int(m['port']) + 1}"
+
+
+def load_ioc_config(path: str | Path | None, overrides: Mapping[str, object]) -> IocConfig:
+    """A TOML file (optional) with flags on top; validated once."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(Path(path).read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return IocConfig.model_validate(data)
+
+
+_ENGINE_TROUBLE = (EngineError, asyncio.TimeoutError, zmq.ZMQError)
+
+
+class FilterIOC:
+    """The filter IOC's behaviour behind :class:`~cdae.ioc.pvs.FilterPVs`."""
+
+    def __init__(self, config: IocConfig) -> None:
+        self.config = config
+        names = (SourceNames(array=config.source) if config.plain_waveform
+                 else SourceNames.nd_std_arrays(config.source, config.array_suffix))
+        self.source = FrameSource(names, self.on_frame, self.on_frame_error, self.on_source_connection,
+                                  width=config.width, height=config.height, data_type=config.data_type)
+        self.pvs: FilterPVs | None = None
+        self.element: np.dtype | None = None
+        self.slot: LatestSlot[tuple[int, np.ndarray, FrameInfo]] = LatestSlot()
+        self.frame_ready = asyncio.Event()
+        self.engine_up = asyncio.Event()
+        self.engine_ok = False
+        self.enabled = True
+        self.queue_size = config.queue_size
+        self.in_flight = 0
+        self._permits = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.client: AsyncEngineClient | None = None
+        self.models: list[str] = []
+        self.seq = 0
+        self.last_published_seq = 0
+        self.counter = 0
+        self.received = 0
+        self.dropped = 0
+        self.errors = 0
+        self.rate = RateMeter()
+        self._pending_writes: set[asyncio.Task[None]] = set()
+        self._initial_model_done = config.model is None
+
+    # --- the source side (called in the event loop by FrameSource) ---------------------------
+
+    def on_frame(self, frame: np.ndarray, info: FrameInfo) -> None:
+        if not self.enabled or self.pvs is None:  # nothing is served before the PVs exist
+            return
+        self.received += 1
+        self.seq += 1
+        if self.slot.put((self.seq, frame, info)) is not None:
+            self.dropped += 1
+        self.frame_ready.set()
+        self._soon(self._write_counters())
+
+    def on_frame_error(self, message: str) -> None:
+        self.errors += 1
+        self._soon(self._report_error(message))
+
+    def on_source_connection(self, connected: bool) -> None:
+        self._soon(self._write_source_state(connected))
+
+    def _soon(self, coro: object) -> None:
+        """Run a PV write from a synchronous callback; keep a reference until it is done."""
+        if self.pvs is None:  # before the PVs exist there is nothing to write: run() writes the state
+            coro.close()  # type: ignore[attr-defined]
+            return
+        t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._pending_writes.add(t)
+        t.add_done_callback(self._pending_writes.discard)
+
+    async def _write_counters(self) -> None:
+        p = self._require_pvs()
+        await p.frames_received.write(self.received)
+        if p.dropped_arrays_rbv.value != self.dropped:
+            await p.dropped_arrays_rbv.write(self.dropped)
+        await p.frame_errors.write(self.errors)
+        await p.queue_free.write(max(0, self.queue_size - self.in_flight))
+
+    async def _report_error(self, message: str) -> None:
+        log(_WHO, message)
+        p = self._require_pvs()
+        await p.last_error.write(message[:255])
+        await p.frame_errors.write(self.errors)
+
+    async def _write_source_state(self, connected: bool) -> None:
+        p = self._require_pvs()
+        if connected:
+            await p.source_connected.write("Connected", status=AlarmStatus.NO_ALARM,
+                                           severity=AlarmSeverity.NO_ALARM)
+        else:
+            await p.source_connected.write("Disconnected", status=AlarmStatus.COMM,
+                                           severity=AlarmSeverity.MAJOR_ALARM)
+            await p.status.write(f"source {self.config.source} disconnected; waiting for it")
+
+    # --- putters (FilterController) ---------------------------------------------------------
+
+    async def request_model(self, ref: str) -> None:
+        p = self._require_pvs()
+        try:
+            ref = parse_model_ref(ref)
+            if not self.engine_ok:
+                raise IocError("the engine is not connected")
+            if self.models and ref not in self.models:
+                raise IocError(f"model {ref} is not in the engine's store; available: {', '.join(self.models)}")
+            ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s)
+            try:
+                reply = await ctl.request("activate", model=ref, wait=True, timeout_s=600.0)
+            finally:
+                ctl.close()
+            if not reply.ok:
+                raise IocError(f"the engine refused {ref}: {reply.error}")
+        except (IocError, *_ENGINE_TROUBLE) as e:
+            await p.last_error.write(f"Model: {e}"[:255])
+            raise ValueError(str(e)) from e
+        await p.status.write(f"activated {ref}")
+
+    async def _activate_initial(self, ref: str) -> None:
+        try:
+            await self.request_model(ref)
+            await self._require_pvs().model.write(ref, verify_value=False)
+        except ValueError as e:
+            log(_WHO, f"could not activate {ref}: {e}")
+
+    async def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            self.slot.take()
+
+    async def set_queue_size(self, size: int) -> None:
+        async with self._permits:
+            self.queue_size = size
+            self._permits.notify_all()
+
+    # --- the engine side ----------------------------------------------------------------------
+
+    def _new_client(self) -> AsyncEngineClient:
+        # the client's own window never binds: QueueSize permits bound what is in flight
+        return AsyncEngineClient(self.config.engine, window=64, timeout_s=self.config.engine_timeout_s)
+
+    async def _engine_lost(self, why: str) -> None:
+        if not self.engine_ok:
+            return
+        self.engine_ok = False
+        self.engine_up.clear()
+        log(_WHO, f"engine down: {why}")
+        p = self._require_pvs()
+        current = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not current:
+                t.cancel()
+        old, self.client = self.client, None
+        if old is not None:
+            await old.close()
+        await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
+        await p.status.write(f"engine down ({why[:180]}); reconnecting")
+        await p.last_error.write(f"engine: {why}"[:255])
+        for group in self._image_groups():
+            await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+
+    async def _engine_found(self, status: Mapping[str, object]) -> None:
+        p = self._require_pvs()
+        if self.client is not None:
+            await self.client.close()
+        self.client = self._new_client()
+        self.engine_ok = True
+        log(_WHO, f"engine connected: {status.get('model')} on {status.get('backend')}")
+        await p.engine_connected.write("Connected", status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        await p.status.write("running")
+        for group in self._image_groups():
+            await set_alarm(group, AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+        self.engine_up.set()
+
+    def _image_groups(self) -> list[FilterPVs]:
+        p = self._require_pvs()
+        return [p, p.residual, p.defect_map]  # type: ignore[list-item]
+
+    async def monitor_engine(self) -> None:
+        """Poll the control channel: connection state, backend, available models; recover by itself."""
+        endpoint = self.config.control_endpoint()
+        ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
+        polls = 0
+        p = self._require_pvs()
+        while True:
+            try:
+                st = await ctl.request("status")
+                if not st.ok:
+                    raise EngineError(st.error or "status refused")
+                if not self.engine_ok:
+                    await self._engine_found(st.result)
+                    polls = 0
+                backend = str(st.result.get("backend", ""))[: STRING_MAX - 1]
+                if p.backend.value != backend:
+                    await p.backend.write(backend)
+                if polls % 10 == 0:
+                    lm = await ctl.request("list_models")
+                    if lm.ok:
+                        refs = [str(m["ref"]) for m in lm.result.get("models", []) if isinstance(m, dict)]  # type: ignore[union-attr]
+                        self.models = refs
+                        text = ",".join(refs)[:4095]
+                        if p.models.value != text:
+                            await p.models.write(text)
+                if not self._initial_model_done:
+                    self._initial_model_done = True
+                    if st.result.get("model") != self.config.model:  # in the background: polling goes on
+                        self._soon(self._activate_initial(self.config.model or ""))
+                polls += 1
+            except _ENGINE_TROUBLE as e:
+                await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
+                ctl.close()  # a fresh REQ socket: nothing stale waits in the old one
+                ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
+            await asyncio.sleep(self.config.status_period_s)
+
+    async def dispatch(self) -> None:
+        """Take the newest frame whenever a permit is free and the engine is up; process it in its own task."""
+        while True:
+            async with self._permits:
+                await self._permits.wait_for(lambda: self.in_flight < self.queue_size)
+                self.in_flight += 1
+            try:
+                await self.engine_up.wait()
+                await self.frame_ready.wait()
+                self.frame_ready.clear()
+                item = self.slot.take()
+            except BaseException:
+                await self._release()
+                raise
+            if item is None or self.client is None:
+                await self._release()
+                continue
+            t = asyncio.create_task(self._process(self.client, *item))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _release(self) -> None:
+        async with self._permits:
+            self.in_flight -= 1
+            self._permits.notify_all()
+
+    async def _process(self, client: AsyncEngineClient, seq: int, frame: np.ndarray, info: FrameInfo) -> None:
+        try:
+            try:
+                wire = to_engine(frame, info.data_type)
+            except FrameError as e:
+                self.on_frame_error(f"frame {info.unique_id}: {e}")
+                return
+            try:
+                reply = await asyncio.wait_for(client.denoise(
+                    wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
+                    want_residual=self.config.residual, want_defect_map=self.config.defect_map,
+                    defect_map_dtype="uint8"), self.config.engine_timeout_s)
+            except _ENGINE_TROUBLE as e:
+                await self._engine_lost(f"frame {info.unique_id}: {type(e).__name__}: {e}")
+                return
+            if not reply.ok:
+                await self._refused(reply, info)
+                return
+            if seq <= self.last_published_seq:  # overtaken by a newer frame (several engines)
+                self.dropped += 1
+                return
+            self.last_published_seq = seq
+            await self.publish(reply, info)
+        finally:
+            await self._release()
+
+    async def _refused(self, reply: FrameReply, info: FrameInfo) -> None:
+        code = reply.error_code
+        msg = reply.header.error.message if reply.header.error else ""
+        if code == "dropped":  # the engine's own newest-wins queue replaced it
+            self.dropped += 1
+            await self._write_counters()
+        elif code == "shutting_down":
+            await self._engine_lost(msg)
+        else:
+            self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
+
+    async def publish(self, reply: FrameReply, info: FrameInfo) -> None:
+        p = self._require_pvs()
+        assert reply.denoised is not None and self.element is not None
+        h, w = reply.denoised.shape
+        self.counter += 1
+        self.rate.tick()
+        rate = self.rate.rate_hz()
+        if reply.residual is not None:
+            await write_image(p.residual, reply.residual.reshape(-1), h, w, NDDataType.Float32, info,  # type: ignore[arg-type]
+                              self.counter, rate)
+        if reply.defect_map is not None:
+            await write_image(p.defect_map, reply.defect_map.reshape(-1), h, w, NDDataType.UInt8, info,  # type: ignore[arg-type]
+                              self.counter, rate)
+        model = (reply.model or "")[: STRING_MAX - 1]
+        if p.model_rbv.value != model:
+            await p.model_rbv.write(model, timestamp=info.stamp)
+        await p.execution_time.write(round(reply.header.timings.total_ms, 3), timestamp=info.stamp)
+        pixels = to_ca(reply.denoised, self.element)
+        await write_image(p, pixels, h, w, info.data_type, info, self.counter, rate,
+                          itemsize=numpy_dtype(info.data_type).itemsize)
+        await p.latency.write(round((time.time() - info.timestamp) * 1e3, 3), timestamp=info.stamp)
+        await self._write_counters()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def _require_pvs(self) -> FilterPVs:
+        if self.pvs is None:
+            raise IocError("the PVs are not built yet")
+        return self.pvs
+
+    async def _connect_source(self, ctx: ClientContext) -> None:
+        while True:
+            try:
+                await self.source.connect(ctx, timeout_s=self.config.source_timeout_s)
+                return
+            except TimeoutError:
+                log(_WHO, f"waiting for the source {self.source.names.array}")
+
+    async def run(self, stop: asyncio.Event) -> int:
+        c = self.config
+        ctx = ClientContext()
+        waiter = asyncio.create_task(self._connect_source(ctx))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            await cancel_all([waiter, stopper])
+            await ctx.disconnect()
+            return 0
+        waiter.result()
+        assert self.source.element is not None
+        self.element = self.source.element
+        max_elements = c.max_elements or self.source.native_count
+        self.pvs = filter_pvs(self.element, max_elements)(prefix=c.prefix)
+        p = self.pvs
+        p.controller = self
+        await p.port_name.write(c.port_name)
+        await p.nd_array_port.write(c.source[: STRING_MAX - 1], verify_value=False)
+        await p.nd_array_port_rbv.write(c.source[: STRING_MAX - 1])
+        await p.engine_address.write(",".join(c.engine)[:255])
+        await p.queue_size.write(c.queue_size, verify_value=False)
+        await p.queue_size_rbv.write(c.queue_size)
+        await p.queue_free.write(c.queue_size)
+        await p.source_connected.write("Connected")
+        await p.status.write("waiting for the engine")
+        await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
+        for group in self._image_groups():
+            await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+        tasks = [asyncio.create_task(serve_pvdb(p.pvdb, c.interfaces), name="ca-server"),
+                 asyncio.create_task(self.monitor_engine(), name="engine-monitor"),
+                 asyncio.create_task(self.dispatch(), name="dispatch")]
+        print(f"cdae-ioc ready prefix={c.prefix} source={c.source} element={self.element.name} "
+              f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()}", flush=True)
+        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        await cancel_all([stopper, *tasks, *self._tasks])
+        if self.client is not None:
+            await self.client.close()
+        await self.source.close()
+        await ctx.disconnect()
+        for t in failed:
+            log(_WHO, f"{t.get_name()} stopped on error: {t.exception()!r}")
+        log(_WHO, f"stopped: received {self.received}, published {self.counter}, dropped {self.dropped}, "
+                  f"errors {self.errors}")
+        return 1 if failed else 0
+
+
+async def run_ioc(config: IocConfig, stop: asyncio.Event) -> int:
+    log(_WHO, "effective config: " + config.model_dump_json())
+    return await FilterIOC(config).run(stop)

@@ -1,0 +1,320 @@
+"""The PV contract (DESIGN.md), top to bottom: what every client of the filter IOC and the simulated camera sees.
+
+The denoised output looks like an areaDetector NDPluginStdArrays plugin (ADCore's
+NDArrayBase.template + NDPluginBase.template + NDStdArrays.template), so viewers, the archiver,
+ophyd and ophyd-async use it unchanged. ``ArrayData``'s CA element type and length are fixed
+when the IOC starts (the source's, like a waveform's FTVL/NELM); :func:`filter_pvs` and
+:func:`camera_pvs` make the classes for them. Behaviour lives elsewhere: the groups call their
+``controller`` (the filter IOC or the camera) from the putters, and the controller writes the
+read-backs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+from caproto import ChannelType
+from caproto.server import PVGroup, SubGroup
+from caproto.server import pvproperty as _pvproperty
+
+from cdae import __version__
+from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
+
+#: The ADCore release whose PV set this emulates (reported, so clients know what to expect).
+AD_CORE_VERSION = "3.12.1"
+ENABLE_STRINGS = ("Disable", "Enable")  # exactly these: ophyd-async compares the strings
+YES_NO = ("No", "Yes")
+CONNECTION_STRINGS = ("Disconnected", "Connected")
+ACQUIRE_STRINGS = ("Done", "Acquire")
+STRING_MAX = 40  # DBR_STRING holds 39 characters and a NUL
+
+_CA_TYPES: dict[str, ChannelType] = {
+    "uint8": ChannelType.CHAR,
+    "int16": ChannelType.INT,  # caproto's name for DBR_SHORT
+    "int32": ChannelType.LONG,
+    "float32": ChannelType.FLOAT,
+    "float64": ChannelType.DOUBLE,
+}
+
+
+def pvproperty(**kwargs: object) -> _pvproperty:
+    """caproto's pvproperty with an alarm of its own: caproto's default shares one alarm across a
+    whole group, so an INVALID image would drag every status PV into the same alarm."""
+    kwargs.setdefault("alarm_group", kwargs["name"])
+    return _pvproperty(**kwargs)
+
+
+def ca_channel_type(element: np.dtype | str) -> ChannelType:
+    """The CA channel type of an array element dtype (what ``ArrayData`` is served as)."""
+    name = np.dtype(element).newbyteorder("=").name
+    if name not in _CA_TYPES:
+        raise ValueError(f"no CA channel type for {name}; expected one of {', '.join(_CA_TYPES)}")
+    return _CA_TYPES[name]
+
+
+def _array(element: np.dtype | str, max_elements: int, doc: str) -> _pvproperty:
+    return pvproperty(name="ArrayData", value=np.zeros(1, dtype=np.dtype(element)), dtype=ca_channel_type(element),
+                      max_length=max_elements, read_only=True, doc=doc)
+
+
+def _long_string(name: str, value: str = "", length: int = 256, read_only: bool = True, doc: str = "") -> _pvproperty:
+    return pvproperty(name=name, value=value, dtype=ChannelType.CHAR, max_length=length, report_as_string=True,
+                      read_only=read_only, doc=doc)
+
+
+def _string(name: str, value: str = "", read_only: bool = True, doc: str = "") -> _pvproperty:
+    return pvproperty(name=name, value=value, dtype=ChannelType.STRING, read_only=read_only, doc=doc)
+
+
+class FilterController(Protocol):
+    """What the filter IOC's putters call."""
+
+    async def request_model(self, ref: str) -> None: ...
+    async def set_enabled(self, enabled: bool) -> None: ...
+    async def set_queue_size(self, size: int) -> None: ...
+
+
+# --- NDArrayBase: one image ---------------------------------------------------------------------
+
+class NDArrayPVs(PVGroup):
+    """An image and what a client needs to decode it (ADCore NDArrayBase.template + NDStdArrays.template)."""
+
+    array_data = _array(np.int16, 1, "the pixels, C order (ArraySize0 fastest)")
+    ndimensions = pvproperty(name="NDimensions_RBV", value=2, read_only=True)
+    dimensions = pvproperty(name="Dimensions_RBV", value=[0] * 10, dtype=ChannelType.LONG, max_length=10,
+                            read_only=True, doc="ND_ARRAY_MAX_DIMS sizes, fastest first")
+    array_size0 = pvproperty(name="ArraySize0_RBV", value=0, read_only=True, doc="width")
+    array_size1 = pvproperty(name="ArraySize1_RBV", value=0, read_only=True, doc="height")
+    array_size2 = pvproperty(name="ArraySize2_RBV", value=0, read_only=True, doc="0 for a 2-D frame")
+    array_size_x = pvproperty(name="ArraySizeX_RBV", value=0, read_only=True)
+    array_size_y = pvproperty(name="ArraySizeY_RBV", value=0, read_only=True)
+    array_size_z = pvproperty(name="ArraySizeZ_RBV", value=0, read_only=True)
+    array_size = pvproperty(name="ArraySize_RBV", value=0, read_only=True, doc="bytes")
+    data_type = pvproperty(name="DataType_RBV", value="UInt16", dtype=ChannelType.ENUM, enum_strings=DATA_TYPE_NAMES,
+                           read_only=True, doc="ADCore R3-8 order; clients reinterpret ArrayData with it")
+    color_mode = pvproperty(name="ColorMode_RBV", value="Mono", dtype=ChannelType.ENUM, enum_strings=COLOR_MODE_NAMES,
+                            read_only=True)
+    unique_id = pvproperty(name="UniqueId_RBV", value=0, read_only=True, doc="the raw frame's")
+    time_stamp = pvproperty(name="TimeStamp_RBV", value=0.0, precision=6, read_only=True,
+                            doc="the raw frame's, seconds past the EPICS epoch")
+    epics_ts_sec = pvproperty(name="EpicsTSSec_RBV", value=0, read_only=True)
+    epics_ts_nsec = pvproperty(name="EpicsTSNsec_RBV", value=0, read_only=True)
+    array_counter = pvproperty(name="ArrayCounter", value=0, doc="frames published; write to reset")
+    array_counter_rbv = pvproperty(name="ArrayCounter_RBV", value=0, read_only=True)
+    array_rate = pvproperty(name="ArrayRate_RBV", value=0.0, precision=2, units="Hz", read_only=True)
+
+    @array_counter.putter
+    async def array_counter(self, instance: object, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"ArrayCounter: expected >= 0, got {value}")
+        await self.array_counter_rbv.write(value)
+        return value
+
+
+# --- the filter IOC -----------------------------------------------------------------------------
+
+class ResidualPVs(NDArrayPVs):
+    """``P Residual:``: raw − denoised, signed (what the filter removed)."""
+
+    array_data = _array(np.float32, 1, "raw − denoised, float32")
+
+
+class DefectMapPVs(NDArrayPVs):
+    """``P DefectMap:``: the model's defect probability, UInt8 = round(255 p)."""
+
+    array_data = _array(np.uint8, 1, "defect probability x 255")
+
+
+class FilterPVs(NDArrayPVs):
+    """The filter IOC under ``P``: the denoised image, plugin identity and controls, engine state."""
+
+    controller: FilterController | None = None
+
+    # identity (ophyd's ImagePlugin will not connect without PluginType_RBV starting NDPluginStdArrays)
+    plugin_type = _string("PluginType_RBV", "NDPluginStdArrays (cdae filter)")
+    port_name = _string("PortName_RBV", "CDAE1")
+    nd_array_port = _string("NDArrayPort", "", read_only=False, doc="the source prefix")
+    nd_array_port_rbv = _string("NDArrayPort_RBV", "")
+    nd_array_address = pvproperty(name="NDArrayAddress", value=0)
+    nd_array_address_rbv = pvproperty(name="NDArrayAddress_RBV", value=0, read_only=True)
+    ad_core_version = _string("ADCoreVersion_RBV", AD_CORE_VERSION)
+    driver_version = _string("DriverVersion_RBV", f"cdae {__version__}")
+    nd_attributes_file = _long_string("NDAttributesFile", read_only=False, doc="accepted, unused")
+
+    # plugin-style controls
+    enable_callbacks = pvproperty(name="EnableCallbacks", value="Enable", dtype=ChannelType.ENUM,
+                                  enum_strings=ENABLE_STRINGS)
+    enable_callbacks_rbv = pvproperty(name="EnableCallbacks_RBV", value="Enable", dtype=ChannelType.ENUM,
+                                      enum_strings=ENABLE_STRINGS, read_only=True)
+    blocking_callbacks = pvproperty(name="BlockingCallbacks", value="No", dtype=ChannelType.ENUM, enum_strings=YES_NO)
+    blocking_callbacks_rbv = pvproperty(name="BlockingCallbacks_RBV", value="No", dtype=ChannelType.ENUM,
+                                        enum_strings=YES_NO, read_only=True)
+    queue_size = pvproperty(name="QueueSize", value=2, lower_ctrl_limit=1, upper_ctrl_limit=64,
+                            doc="frames in flight to the engine")
+    queue_size_rbv = pvproperty(name="QueueSize_RBV", value=2, read_only=True)
+    queue_free = pvproperty(name="QueueFree", value=2, read_only=True)
+    dropped_arrays = pvproperty(name="DroppedArrays", value=0, doc="write 0 to reset")
+    dropped_arrays_rbv = pvproperty(name="DroppedArrays_RBV", value=0, read_only=True,
+                                    doc="frames replaced by a newer one before the engine took them")
+    execution_time = pvproperty(name="ExecutionTime_RBV", value=0.0, precision=3, units="ms", read_only=True,
+                                doc="time in the engine (queue + inference)")
+    latency = pvproperty(name="Latency_RBV", value=0.0, precision=3, units="ms", read_only=True,
+                         doc="raw frame timestamp → denoised frame published")
+
+    # what the filter removed
+    residual = SubGroup(ResidualPVs, prefix="Residual:")
+    defect_map = SubGroup(DefectMapPVs, prefix="DefectMap:")
+
+    # model control and engine state
+    model = _string("Model", "", read_only=False, doc="NAME:VERSION to activate")
+    model_rbv = _string("Model_RBV", "", doc="the model that produced the last published frame")
+    models = _long_string("Models_RBV", length=4096, doc="available NAME:VERSION, comma-separated")
+    backend = _string("Backend_RBV", "")
+    engine_address = _long_string("EngineAddress_RBV")
+    engine_connected = pvproperty(name="EngineConnected_RBV", value="Disconnected", dtype=ChannelType.ENUM,
+                                  enum_strings=CONNECTION_STRINGS, read_only=True, doc="MAJOR alarm when down")
+    source_connected = pvproperty(name="SourceConnected_RBV", value="Disconnected", dtype=ChannelType.ENUM,
+                                  enum_strings=CONNECTION_STRINGS, read_only=True)
+    status = _long_string("Status_RBV", "starting")
+    last_error = _long_string("LastError_RBV")
+    frames_received = pvproperty(name="FramesReceived_RBV", value=0, read_only=True, doc="source frames seen")
+    frame_errors = pvproperty(name="FrameErrors_RBV", value=0, read_only=True,
+                              doc="frames refused (size/data mismatch, unsupported type, engine error)")
+
+    @nd_array_port.putter
+    async def nd_array_port(self, instance: object, value: str) -> str:
+        raise ValueError("NDArrayPort is set by --source; restart the IOC to change the source")
+
+    @nd_array_address.putter
+    async def nd_array_address(self, instance: object, value: int) -> int:
+        if value != 0:
+            raise ValueError(f"NDArrayAddress: only address 0 exists, got {value}")
+        return value
+
+    @enable_callbacks.putter
+    async def enable_callbacks(self, instance: object, value: str) -> str:
+        if self.controller is not None:
+            await self.controller.set_enabled(value == "Enable")
+        await self.enable_callbacks_rbv.write(value)
+        return value
+
+    @blocking_callbacks.putter
+    async def blocking_callbacks(self, instance: object, value: str) -> str:
+        await self.blocking_callbacks_rbv.write(value)
+        return value
+
+    @queue_size.putter
+    async def queue_size(self, instance: object, value: int) -> int:
+        if not 1 <= value <= 64:
+            raise ValueError(f"QueueSize: expected 1..64 frames in flight, got {value}")
+        if self.controller is not None:
+            await self.controller.set_queue_size(value)
+        await self.queue_size_rbv.write(value)
+        return value
+
+    @dropped_arrays.putter
+    async def dropped_arrays(self, instance: object, value: int) -> int:
+        if value != 0:
+            raise ValueError(f"DroppedArrays: only 0 (reset) may be written, got {value}")
+        await self.dropped_arrays_rbv.write(0)
+        return value
+
+    @model.putter
+    async def model(self, instance: object, value: str) -> str:
+        if self.controller is None:
+            raise ValueError("the IOC is not running a filter")
+        await self.controller.request_model(value)  # raises (refused, WRITE alarm) when the engine says no
+        return value
+
+
+def filter_pvs(element: np.dtype | str, max_elements: int) -> type[FilterPVs]:
+    """The filter IOC's PV group with ``ArrayData`` served as ``element`` (the source's CA type), ``max_elements`` long."""
+    doc = "the denoised frame, same element type as the source"
+    residual = type("ResidualPVs", (ResidualPVs,), {"array_data": _array(np.float32, max_elements, "raw − denoised")})
+    defect = type("DefectMapPVs", (DefectMapPVs,), {"array_data": _array(np.uint8, max_elements, "defect p x 255")})
+    return type("FilterPVs", (FilterPVs,), {
+        "array_data": _array(element, max_elements, doc),
+        "residual": SubGroup(residual, prefix="Residual:"),
+        "defect_map": SubGroup(defect, prefix="DefectMap:"),
+    })
+
+
+# --- the simulated camera ----------------------------------------------------------------------
+
+class CameraController(Protocol):
+    async def set_acquire(self, on: bool) -> None: ...
+    async def set_rate(self, rate_hz: float) -> None: ...
+    async def set_size(self, width: int, height: int) -> None: ...
+    async def set_data_type(self, name: str) -> None: ...
+
+
+class CleanPVs(NDArrayPVs):
+    """``<camera prefix>Clean:``: the noiseless scene of the frame with the same UniqueId (tests only)."""
+
+    array_data = _array(np.float32, 1, "clean frame, float32 DN")
+
+
+class CameraPVs(NDArrayPVs):
+    """An areaDetector-like camera + NDStdArrays plugin under one prefix (e.g. ``13SIM1:image1:``)."""
+
+    controller: CameraController | None = None
+
+    plugin_type = _string("PluginType_RBV", "NDPluginStdArrays (cdae sim)")
+    port_name = _string("PortName_RBV", "SIM1")
+    ad_core_version = _string("ADCoreVersion_RBV", AD_CORE_VERSION)
+    driver_version = _string("DriverVersion_RBV", f"cdae {__version__}")
+    acquire = pvproperty(name="Acquire", value="Acquire", dtype=ChannelType.ENUM, enum_strings=ACQUIRE_STRINGS)
+    acquire_rbv = pvproperty(name="Acquire_RBV", value="Acquire", dtype=ChannelType.ENUM,
+                             enum_strings=ACQUIRE_STRINGS, read_only=True)
+    rate = pvproperty(name="FrameRate", value=10.0, units="Hz", precision=2, lower_ctrl_limit=0.01,
+                      upper_ctrl_limit=10000.0)
+    rate_rbv = pvproperty(name="FrameRate_RBV", value=10.0, units="Hz", precision=2, read_only=True)
+    size_x = pvproperty(name="SizeX", value=0, doc="width (frames re-simulated on change)")
+    size_y = pvproperty(name="SizeY", value=0, doc="height")
+    set_data_type = pvproperty(name="DataType", value="UInt16", dtype=ChannelType.ENUM, enum_strings=DATA_TYPE_NAMES,
+                               doc="only types that fit the served CA element type")
+    clean = SubGroup(CleanPVs, prefix="Clean:")
+
+    @acquire.putter
+    async def acquire(self, instance: object, value: str) -> str:
+        if self.controller is not None:
+            await self.controller.set_acquire(value == "Acquire")
+        await self.acquire_rbv.write(value)
+        return value
+
+    @rate.putter
+    async def rate(self, instance: object, value: float) -> float:
+        if not 0.01 <= value <= 10000.0:
+            raise ValueError(f"FrameRate: expected 0.01..10000 Hz, got {value}")
+        if self.controller is not None:
+            await self.controller.set_rate(value)
+        await self.rate_rbv.write(value)
+        return value
+
+    @size_x.putter
+    async def size_x(self, instance: object, value: int) -> int:
+        if self.controller is not None:
+            await self.controller.set_size(value, self.size_y.value)
+        return value
+
+    @size_y.putter
+    async def size_y(self, instance: object, value: int) -> int:
+        if self.controller is not None:
+            await self.controller.set_size(self.size_x.value, value)
+        return value
+
+    @set_data_type.putter
+    async def set_data_type(self, instance: object, value: str) -> str:
+        if self.controller is not None:
+            await self.controller.set_data_type(value)
+        return value
+
+
+def camera_pvs(element: np.dtype | str, max_elements: int) -> type[CameraPVs]:
+    """The camera's PV group with ``ArrayData`` served as ``element``, ``max_elements`` long."""
+    clean = type("CleanPVs", (CleanPVs,), {"array_data": _array(np.float32, max_elements, "clean frame")})
+    return type("CameraPVs", (CameraPVs,), {
+        "array_data": _array(element, max_elements, "the raw frame"),
+        "clean": SubGroup(clean, prefix="Clean:"),
+    })

@@ -1,0 +1,154 @@
+"""The camera side of the filter IOC: subscribe to a source's image PVs and assemble frames.
+
+Works with any areaDetector NDStdArrays plugin (``ArrayData`` + ``ArraySize0/1_RBV``,
+``DataType_RBV``, ``UniqueId_RBV``, ``ColorMode_RBV``) and with a plain waveform PV given an
+explicit width and height. The caproto asyncio client re-searches and re-subscribes by itself
+when the camera IOC restarts.
+
+Which UniqueId goes with which pixels: areaDetector posts the ids before the array and CA
+delivers one circuit's monitors in order, so the latest id seen when ``ArrayData`` arrives is
+the frame's. A source without a UniqueId PV gets a local counter.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from caproto import ChannelType
+from caproto.asyncio.client import PV, Context
+
+from cdae.ioc.frames import FrameError, FrameInfo, NDDataType, frame_from_ca
+
+#: The numpy element type of each native CA channel type an image can come in.
+CA_ELEMENTS: dict[ChannelType, np.dtype] = {
+    ChannelType.CHAR: np.dtype(np.uint8),
+    ChannelType.INT: np.dtype(np.int16),
+    ChannelType.LONG: np.dtype(np.int32),
+    ChannelType.FLOAT: np.dtype(np.float32),
+    ChannelType.DOUBLE: np.dtype(np.float64),
+}
+#: The data type a frame has when the source says nothing (a plain waveform, no DataType_RBV).
+DEFAULT_DATA_TYPE: dict[str, NDDataType] = {
+    "uint8": NDDataType.UInt8, "int16": NDDataType.Int16, "int32": NDDataType.Int32,
+    "float32": NDDataType.Float32, "float64": NDDataType.Float64,
+}
+
+OnFrame = Callable[[np.ndarray, FrameInfo], None]
+OnError = Callable[[str], None]
+OnConnection = Callable[[bool], None]
+
+
+@dataclass
+class SourceNames:
+    """The PV names a source is read from; None where the source has no such PV."""
+
+    array: str
+    size0: str | None = None
+    size1: str | None = None
+    data_type: str | None = None
+    unique_id: str | None = None
+    color_mode: str | None = None
+
+    @classmethod
+    def nd_std_arrays(cls, prefix: str, array: str = "ArrayData") -> SourceNames:
+        return cls(array=prefix + array, size0=prefix + "ArraySize0_RBV", size1=prefix + "ArraySize1_RBV",
+                   data_type=prefix + "DataType_RBV", unique_id=prefix + "UniqueId_RBV",
+                   color_mode=prefix + "ColorMode_RBV")
+
+
+class FrameSource:
+    """Monitors a source and calls ``on_frame(frame, info)`` for every complete frame (in the event loop)."""
+
+    def __init__(self, names: SourceNames, on_frame: OnFrame, on_error: OnError, on_connection: OnConnection, *,
+                 width: int | None = None, height: int | None = None, data_type: NDDataType | None = None) -> None:
+        self.names = names
+        self.on_frame = on_frame
+        self.on_error = on_error
+        self.on_connection = on_connection
+        self.width = width or 0
+        self.height = height or 0
+        self.fixed_size = width is not None and height is not None
+        self.data_type: NDDataType | None = data_type
+        self.fixed_type = data_type is not None
+        self.unique_id: tuple[int, float] | None = None  # (value, CA timestamp)
+        self.color_mode = 0
+        self._ids = itertools.count(1)
+        self._pvs: dict[str, PV] = {}
+        self._subs: list[object] = []
+        self.element: np.dtype | None = None
+        self.native_count = 0
+
+    async def connect(self, ctx: Context, timeout_s: float = 2.0) -> None:
+        """Wait for ``ArrayData`` to connect (learning its CA type and length), then subscribe to everything."""
+        (array,) = await ctx.get_pvs(self.names.array, connection_state_callback=self._array_connection)
+        await array.wait_for_connection(timeout=timeout_s)
+        native = ChannelType(array.channel.native_data_type)
+        if native not in CA_ELEMENTS:
+            raise FrameError(f"{self.names.array} is {native.name}; expected an image waveform "
+                             f"({', '.join(t.name for t in CA_ELEMENTS)})")
+        self.element = CA_ELEMENTS[native]
+        self.native_count = int(array.channel.native_data_count)
+        self._pvs["array"] = array
+        meta = {k: getattr(self.names, k) for k in ("size0", "size1", "data_type", "unique_id", "color_mode")}
+        for key, name in meta.items():
+            if name is None or (key in ("size0", "size1") and self.fixed_size) or (key == "data_type" and self.fixed_type):
+                continue
+            (pv,) = await ctx.get_pvs(name)
+            self._pvs[key] = pv
+            try:  # start from the current sizes and type, so the first array is not refused
+                await pv.wait_for_connection(timeout=timeout_s)
+                await getattr(self, f"_on_{key}")(None, await pv.read(data_type="time", timeout=timeout_s))
+            except TimeoutError:
+                pass  # an optional PV this source lacks; its monitor fills it in if it appears
+            sub = pv.subscribe(data_type="time")
+            sub.add_callback(getattr(self, f"_on_{key}"))
+            self._subs.append(sub)
+        # data_count=0: the server sends the current length (NORD), not the waveform's NELM
+        sub = array.subscribe(data_type="time", data_count=0)
+        sub.add_callback(self._on_array)
+        self._subs.append(sub)
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            await sub.clear()  # type: ignore[attr-defined]
+        self._subs.clear()
+
+    async def _array_connection(self, pv: PV, state: str) -> None:
+        self.on_connection(state == "connected")
+
+    # callbacks: coroutine functions, so caproto runs them in the event loop, in arrival order
+
+    async def _on_size0(self, sub: object, response: object) -> None:
+        self.width = int(response.data[0])  # type: ignore[attr-defined]
+
+    async def _on_size1(self, sub: object, response: object) -> None:
+        self.height = int(response.data[0])  # type: ignore[attr-defined]
+
+    async def _on_data_type(self, sub: object, response: object) -> None:
+        try:
+            self.data_type = NDDataType(int(response.data[0]))  # type: ignore[attr-defined]
+        except ValueError:
+            self.on_error(f"{self.names.data_type}: unknown data type index {response.data[0]}")  # type: ignore[attr-defined]
+
+    async def _on_unique_id(self, sub: object, response: object) -> None:
+        self.unique_id = (int(response.data[0]), float(response.metadata.timestamp))  # type: ignore[attr-defined]
+
+    async def _on_color_mode(self, sub: object, response: object) -> None:
+        self.color_mode = int(response.data[0])  # type: ignore[attr-defined]
+
+    async def _on_array(self, sub: object, response: object) -> None:
+        data = response.data  # type: ignore[attr-defined]
+        stamp = response.metadata.stamp  # type: ignore[attr-defined]
+        ts = (int(stamp.secondsSinceEpoch), int(stamp.nanoSeconds))
+        uid = self.unique_id[0] if self.unique_id is not None else next(self._ids)
+        assert self.element is not None
+        data_type = self.data_type or DEFAULT_DATA_TYPE[self.element.name]
+        try:
+            frame = frame_from_ca(data, self.width, self.height, data_type)
+        except FrameError as e:
+            self.on_error(f"frame {uid}: {e}")
+            return
+        self.on_frame(frame, FrameInfo(unique_id=uid, stamp=ts, data_type=data_type, color_mode=self.color_mode))
