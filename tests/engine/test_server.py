@@ -40,6 +40,14 @@ def engine_a(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[En
 
 
 @pytest.fixture(scope="module")
+def engine_b(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
+    """A second ordinary engine, for clients that spread frames over several."""
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", name="b")
+    yield eng
+    engine_launcher.stop(eng)
+
+
+@pytest.fixture(scope="module")
 def engine_tiled(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
     """Tiles anything over 32x32 and keeps one frame waiting per client: slow on purpose for big frames."""
     eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--max-pixels", "1024",
@@ -230,17 +238,17 @@ def test_overload_drops_stale_frames_and_answers_every_one(engine_tiled: EngineP
     assert max(r.header.timings.queue_ms for r in ok) <= 3 * slowest + 1000
 
 
-def test_clients_spread_frames_over_engines(engine_a: EngineProcess, engine_tiled: EngineProcess) -> None:
+def test_clients_spread_frames_over_engines(engine_a: EngineProcess, engine_b: EngineProcess) -> None:
     frame = synthetic_frame((30, 30), "uint16")
-    ctls = [ControlClient(e.control) for e in (engine_a, engine_tiled)]
+    ctls = [ControlClient(e.control) for e in (engine_a, engine_b)]
     try:
         before = [c.status().result["counters"]["received"] for c in ctls]  # type: ignore[index]
-        with EngineClient([engine_a.data, engine_tiled.data], window=2) as c:
+        with EngineClient([engine_a.data, engine_b.data], window=2) as c:
             ids = [c.submit(frame) for _ in range(6)]
             sync_replies = [c.receive() for _ in ids]
 
         async def run() -> list[FrameReply]:
-            async with AsyncEngineClient([engine_a.data, engine_tiled.data], window=2) as ac:
+            async with AsyncEngineClient([engine_a.data, engine_b.data], window=2) as ac:
                 return list(await asyncio.gather(*(ac.denoise(frame, unique_id=i) for i in range(6))))
 
         async_replies = asyncio.run(run())
@@ -248,7 +256,8 @@ def test_clients_spread_frames_over_engines(engine_a: EngineProcess, engine_tile
     finally:
         for c in ctls:
             c.close()
-    assert all(r.ok for r in sync_replies + async_replies), [r.header.error for r in sync_replies + async_replies]
+    failed = [(r.frame_id, r.header.error) for r in sync_replies + async_replies if not r.ok]
+    assert not failed
     assert sorted(r.frame_id for r in sync_replies) == ids
     assert [r.header.unique_id for r in async_replies] == list(range(6))
     assert [a - b for a, b in zip(after, before)] == [6, 6]  # round robin: 3 + 3 from each client
