@@ -24,15 +24,14 @@ import json
 import os
 import platform
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from cdae.children import ChildProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+)")
@@ -83,47 +82,20 @@ def resolve_model(models: str | None, model: str | None, tmp: Path) -> tuple[Pat
     return store, "bench:1", f"random weights, default architecture ({DEFAULT_MODEL} not found in {store})"
 
 
-class Engine:
+class Engine(ChildProcess):
+    """One ``cdae engine`` process, started and waited for by its ready line."""
+
     def __init__(self, backend: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
         cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
                "--model", ref, "--backend", backend, "--queue", str(max(2, args.window)),
                "--max-pixels", str(max(s for s in args.sizes) ** 2)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        self.err_path = log_dir / f"engine-{backend}.stderr"
-        self.err = open(self.err_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True)
-        ready = threading.Event()
-        self.data = self.control = ""
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                m = READY.match(line)
-                if m:
-                    self.data, self.control = m["data"], m["control"]
-                    ready.set()
-
-        self.reader = threading.Thread(target=read, daemon=True)
-        self.reader.start()
-        deadline = time.monotonic() + args.start_timeout
-        while not ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{backend} engine did not start:\n{self.err_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                self.proc.wait(10)
-        self.reader.join(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self.err.close()
+        super().__init__(f"engine-{backend}", cmd, {**os.environ}, READY.pattern, log_dir / f"engine-{backend}.log")
+        self.wait_ready(args.start_timeout)
+        m = READY.match(self.ready_line)
+        assert m is not None
+        self.data, self.control = m["data"], m["control"]
 
 
 def _pct(values: list[float], p: float) -> float:

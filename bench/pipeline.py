@@ -28,16 +28,14 @@ import importlib.util
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from cdae.children import ChildProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -51,20 +49,6 @@ def _engine_bench() -> object:
     return mod
 
 
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise OSError("no free port")
-
-
 CAM_PORT, IOC_PORT = free_port(), free_port()
 CA_ENV = {
     "EPICS_CA_AUTO_ADDR_LIST": "NO",
@@ -76,46 +60,19 @@ CA_ENV = {
 os.environ.update(CA_ENV)
 
 
-class Proc:
+class Proc(ChildProcess):
+    """``cdae <args>`` as a child, waited for by its ready line; ``port`` is its CA server port."""
+
     def __init__(self, name: str, args: list[str], ready: str, log_dir: Path, port: int | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if port is not None:
             env.update(EPICS_CA_SERVER_PORT=str(port), EPICS_CAS_SERVER_PORT=str(port))
-        self.log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "cdae.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
-        self.line = ""
-        ev = threading.Event()
-        pat = re.compile(ready)
+        super().__init__(name, [sys.executable, "-m", "cdae.cli", *args], env, ready, log_dir / f"{name}.log")
+        self.wait_ready(600)
 
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.log.write(line)
-                if not ev.is_set() and pat.match(line):
-                    self.line = line
-                    ev.set()
-
-        self.reader = threading.Thread(target=read, daemon=True)
-        self.reader.start()
-        deadline = time.monotonic() + 600
-        while not ev.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name} did not start; see {log_dir / (name + '.log')}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.log.close()
+    @property
+    def line(self) -> str:
+        return self.ready_line
 
 
 def _pct(v: list[float], p: float) -> float | None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from cdae.children import ChildProcess, free_port
 
 
 def run_compare(out_dir: Path | str = "demo-out", model: str | None = None, models_dir: Path | None = None,
@@ -98,68 +98,6 @@ class DemoConfig(BaseModel):
     seconds: float | None = Field(None, gt=0, description="run this long, then summarise and exit")
 
 
-def _free_port() -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise OSError("no free port on 127.0.0.1")
-
-
-class _Child:
-    """One child process: waits for its ready line, keeps its output, stops with SIGINT then terminate."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], ready: str, log: Path) -> None:
-        self.name, self.cmd, self.log_path = name, cmd, log
-        self.ready_line = ""
-        self._ready = threading.Event()
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        pattern = re.compile(ready)
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self._log.write(line)
-                self._log.flush()
-                if not self._ready.is_set() and pattern.match(line):
-                    self.ready_line = line.strip()
-                    self._ready.set()
-
-        self._reader = threading.Thread(target=read, daemon=True)
-        self._reader.start()
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
-                raise RuntimeError(f"{self.name} did not start (exit {self.proc.returncode}); its output:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
-
 def _cdae(*args: str) -> list[str]:
     return [sys.executable, "-m", "cdae.cli", *args]
 
@@ -168,7 +106,7 @@ def run_live_demo(config: DemoConfig) -> int:
     """Camera → engine → filter IOC on loopback until Ctrl-C or ``config.seconds``; returns an exit status."""
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    cam_port, ioc_port, repeater = _free_port(), _free_port(), _free_port()
+    cam_port, ioc_port, repeater = free_port(), free_port(), free_port()
     ca_env = {
         "EPICS_CA_AUTO_ADDR_LIST": "NO",
         "EPICS_CA_ADDR_LIST": f"127.0.0.1:{cam_port} 127.0.0.1:{ioc_port}",
@@ -182,7 +120,7 @@ def run_live_demo(config: DemoConfig) -> int:
     w, h = config.size.split("x")
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    children: list[_Child] = []
+    children: list[ChildProcess] = []
     try:
         engine_args = ["engine", "--bind", "tcp://127.0.0.1:0", "--backend", config.backend]
         if config.model:
@@ -190,14 +128,14 @@ def run_live_demo(config: DemoConfig) -> int:
         if config.models_dir:
             engine_args += ["--models", str(config.models_dir)]
         print("starting the engine (loading the model)...", flush=True)
-        eng = _Child("engine", _cdae(*engine_args), base, r"^cdae-engine ready ", out / "engine.log")
+        eng = ChildProcess("engine", _cdae(*engine_args), base, r"^cdae-engine ready ", out / "engine.log")
         children.append(eng)
         eng.wait_ready(600)
         m = re.search(r"data=(\S+) control=(\S+) backend=(\S+) .*model=(\S+)", eng.ready_line)
         assert m is not None
         data_ep, control_ep, backend, model = m.groups()
         print(f"engine: {model} on {backend} at {data_ep}", flush=True)
-        cam = _Child("camera", _cdae("sim-camera", "--prefix", cam_prefix, "--size", config.size, "--rate",
+        cam = ChildProcess("camera", _cdae("sim-camera", "--prefix", cam_prefix, "--size", config.size, "--rate",
                                      str(config.rate), "--data-type", config.data_type,
                                      *(["--bit-depth", str(config.bit_depth)] if config.bit_depth in (12, 16) else [])),
                      {**base, "EPICS_CA_SERVER_PORT": str(cam_port), "EPICS_CAS_SERVER_PORT": str(cam_port)},
@@ -205,7 +143,7 @@ def run_live_demo(config: DemoConfig) -> int:
         children.append(cam)
         cam.wait_ready(300)
         bit_depth = 8 if config.data_type == "UInt8" else config.bit_depth
-        ioc = _Child("ioc", _cdae("ioc", "--source", cam_prefix, "--prefix", ioc_prefix, "--engine", data_ep,
+        ioc = ChildProcess("ioc", _cdae("ioc", "--source", cam_prefix, "--prefix", ioc_prefix, "--engine", data_ep,
                                   "--control", control_ep, "--bit-depth", str(bit_depth)),
                      {**base, "EPICS_CA_SERVER_PORT": str(ioc_port), "EPICS_CAS_SERVER_PORT": str(ioc_port)},
                      r"^cdae-ioc ready ", out / "ioc.log")

@@ -42,7 +42,6 @@ from cdae.training.simulate import (
     Range,
     Scene,
     SceneConfig,
-    accumulate,
     deposit_bilinear,
     deposit_gaussians,
     generate_scene,
