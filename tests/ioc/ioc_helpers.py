@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -22,25 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
+from cdae.children import free_port
 
 
-CAMERA_PORT = _free_port()
-IOC_PORT = _free_port()
-REPEATER_PORT = _free_port()
+CAMERA_PORT = free_port()
+IOC_PORT = free_port()
+REPEATER_PORT = free_port()
 CA_ENV = {
     "EPICS_CA_AUTO_ADDR_LIST": "NO",
     "EPICS_CA_ADDR_LIST": f"127.0.0.1:{CAMERA_PORT} 127.0.0.1:{IOC_PORT}",

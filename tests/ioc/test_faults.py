@@ -7,7 +7,7 @@ import threading
 
 from caproto import AlarmSeverity, AlarmStatus
 
-from ioc_helpers import READY, Stack, _free_port, ca_read, ca_write, cdae, long_string_of, string_of, value_of, wait_for  # type: ignore[import-not-found]
+from ioc_helpers import READY, Stack, free_port, ca_read, ca_write, cdae, long_string_of, string_of, value_of, wait_for  # type: ignore[import-not-found]
 
 
 def _counter(name: str) -> int:
@@ -20,7 +20,7 @@ def _advances(name: str, by: int = 3, timeout_s: float = 60.0) -> None:
 
 
 def test_engine_killed_then_restarted(stack: Stack) -> None:
-    data, control = _free_port(), _free_port()
+    data, control = free_port(), free_port()
     args = ("--control", f"tcp://127.0.0.1:{control}")
     eng = stack.engine(*args, bind=f"tcp://127.0.0.1:{data}")
     stack.camera(size="32x24", rate=10)
