@@ -30,6 +30,22 @@ def free_port() -> int:
     raise OSError("no free port on 127.0.0.1")
 
 
+def stop_process(proc: subprocess.Popen, sigint_wait_s: float = 10.0) -> int:
+    """SIGINT (a clean stop), then terminate, then kill; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(sigint_wait_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    return proc.returncode
+
+
 class ChildProcess:
     """One child process: waits for its ready line, keeps its output, stops with SIGINT then terminate."""
 
@@ -62,17 +78,7 @@ class ChildProcess:
                 raise RuntimeError(f"{self.name} did not start (exit {self.proc.returncode}); its output:\n{tail}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        stop_process(self.proc)
         self._reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, TypeVar, Union
 
 import numpy as np
 import pydantic_core
@@ -472,12 +472,19 @@ def encode_control_request(request: ControlRequest) -> bytes:
     return request.model_dump_json(exclude_none=True).encode()
 
 
-def decode_control_request(raw: Part) -> ControlRequest:
-    data = _parse_json(_buffer(raw, "control request"), "control request")
+_Control = TypeVar("_Control", ControlRequest, ControlReply)
+
+
+def _decode_control(raw: Part, model: type[_Control], what: str) -> _Control:
+    data = _parse_json(_buffer(raw, what), what)
     try:
-        return ControlRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ProtocolError("bad_header", f"invalid control request {_first_error(e)}") from e
+        raise ProtocolError("bad_header", f"invalid {what} {_first_error(e)}") from e
+
+
+def decode_control_request(raw: Part) -> ControlRequest:
+    return _decode_control(raw, ControlRequest, "control request")
 
 
 def encode_control_reply(reply: ControlReply) -> bytes:
@@ -485,8 +492,4 @@ def encode_control_reply(reply: ControlReply) -> bytes:
 
 
 def decode_control_reply(raw: Part) -> ControlReply:
-    data = _parse_json(_buffer(raw, "control reply"), "control reply")
-    try:
-        return ControlReply.model_validate(data)
-    except ValidationError as e:
-        raise ProtocolError("bad_header", f"invalid control reply {_first_error(e)}") from e
+    return _decode_control(raw, ControlReply, "control reply")

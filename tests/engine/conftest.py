@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from cdae.engine.architecture import ArchitectureConfig, build_model
+from cdae.children import stop_process
 from cdae.engine.package import WEIGHTS_FILE, write_package
 
 TINY_ARCH = ArchitectureConfig(base_width=4, depth=1, convs_per_level=1)
@@ -65,17 +65,7 @@ class EngineProcess:
 
     def stop(self) -> int:
         """SIGINT, then terminate, then kill; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        stop_process(self.proc)
         if self.reader is not None:
             self.reader.join(5)  # it ends at EOF, once the child has exited
         if self.proc.stdout is not None:
