@@ -15,7 +15,7 @@ from cdae import __version__
 
 
 def _models_dir(arg: str | None) -> Path:
-    from cdae.engine.package import default_models_dir
+    from cdae.engine.config import default_models_dir
 
     return Path(arg) if arg else default_models_dir()
 
@@ -152,6 +152,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_live_demo(config)
 
 
+# --- site configuration ------------------------------------------------------------------------
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from cdae.deploy.site import check_site
+
+    problems = check_site(args.file, check_models=not args.no_models)
+    for problem in problems:
+        print(f"{args.file}:{problem}")
+    if problems:
+        _err(f"{len(problems)} problem(s) in {args.file}")
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_config_epics_env(args: argparse.Namespace) -> int:
+    from cdae.deploy.site import epics_env_file, load_site
+
+    sys.stdout.write(epics_env_file(load_site(args.file)))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The effective configuration each service of the site runs with, as JSON."""
+    import json
+
+    from cdae.deploy.site import load_site
+
+    site = load_site(args.file)
+    out: dict[str, object] = {
+        "epics": site.epics.environment(),
+        "engines": {n: json.loads(site.engine_config(n).model_dump_json()) for n in site.engines},
+        "cameras": {n: json.loads(site.ioc_config(n).model_dump_json()) for n in site.cameras},
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 # --- the EPICS side ----------------------------------------------------------------------------
 
 def cmd_sim_camera(args: argparse.Namespace) -> int:
@@ -178,8 +216,28 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
     return run_until_signalled(lambda stop: run_camera(config, stop))
 
 
+def _site(args: argparse.Namespace, kind: str):  # -> SiteConfig | None
+    """The site file when ``--name`` is given (``--config`` is then a site file), else None."""
+    if args.name is None:
+        return None
+    if args.config is None:
+        raise SystemExit(f"cdae {kind}: error: --name needs --config SITE_FILE")
+    from cdae.deploy.site import load_site
+
+    return load_site(args.config)
+
+
+def _apply_epics_env(site) -> None:  # site: SiteConfig
+    """The site's EPICS settings, under what the environment already says (systemd's EnvironmentFile)."""
+    import os
+
+    for key, value in site.epics.environment().items():
+        os.environ.setdefault(key, value)
+
+
 def cmd_ioc(args: argparse.Namespace) -> int:
-    from cdae.ioc.filter import load_ioc_config, run_ioc
+    from cdae.deploy.site import SiteError
+    from cdae.ioc.filter import IocConfig, load_ioc_config, run_ioc
     from cdae.ioc.frames import IocError
     from cdae.ioc.runner import run_until_signalled
 
@@ -191,9 +249,16 @@ def cmd_ioc(args: argparse.Namespace) -> int:
     if args.no_defect_map:
         overrides["defect_map"] = False
     try:
-        config = load_ioc_config(args.config, overrides)
+        site = _site(args, "ioc")
+        if site is not None:
+            _apply_epics_env(site)
+            base = site.ioc_config(args.name).model_dump(exclude_unset=True)
+            base.update({k: v for k, v in overrides.items() if v is not None})
+            config = IocConfig.model_validate(base)
+        else:
+            config = load_ioc_config(args.config, overrides)
         config.control_endpoint()
-    except (ValueError, OSError, IocError) as e:
+    except (ValueError, OSError, IocError, SiteError) as e:
         _err(f"cdae ioc: error: {e}")
         return 2
     return run_until_signalled(lambda stop: run_ioc(config, stop))
@@ -206,22 +271,31 @@ def cmd_engine(args: argparse.Namespace) -> int:
     import threading
 
     from cdae.engine.errors import EngineError
-    from cdae.engine.server import EngineConfig, run_engine
+    from cdae.engine.config import EngineConfig
+    from cdae.engine.server import run_engine
 
-    fields: dict[str, object] = {"bind": args.bind, "backend": args.backend, "models_dir": _models_dir(args.models)}
-    for key in ("control", "model", "max_pixels", "tile_margin", "max_frame_pixels", "queue", "threads"):
+    from cdae.deploy.site import SiteError
+
+    fields: dict[str, object] = {}
+    for key in ("bind", "backend", "control", "model", "max_pixels", "tile_margin", "max_frame_pixels", "queue",
+                "threads"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
+    if args.models:
+        fields["models_dir"] = Path(args.models)
     options: dict[str, object] = {}
     for key in ("device", "precision", "trt_max_side", "trt_opt_side"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
-    fields["backend_options"] = options
     try:
-        config = EngineConfig.model_validate(fields)
-    except ValueError as e:  # pydantic's ValidationError: say which flag is wrong, no traceback
+        site = _site(args, "engine")
+        base = site.engine_config(args.name).model_dump(exclude_unset=True) if site else {}
+        base.update(fields)
+        base["backend_options"] = {**dict(base.get("backend_options") or {}), **options}
+        config = EngineConfig.model_validate(base)
+    except (ValueError, SiteError) as e:  # pydantic's ValidationError: say which flag is wrong, no traceback
         _err(f"cdae engine: error: {e}")
         return 2
     stop = threading.Event()
@@ -315,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--stopped", action="store_true", help="start with Acquire = Done")
     sc.set_defaults(func=cmd_sim_camera)
     io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")
-    io.add_argument("--config", help="TOML file with IocConfig fields (flags override it)")
+    io.add_argument("--config", help="TOML file with IocConfig fields, or with --name a site file (flags override it)")
+    io.add_argument("--name", help="camera name in the site file ([cameras.NAME])")
     io.add_argument("--source", help="source prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
     io.add_argument("--prefix", help="output prefix (e.g. 13SIM1:CDAE1:)")
     io.add_argument("--engine", help="engine data endpoint(s), comma-separated (default tcp://127.0.0.1:5555)")
@@ -331,12 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-residual", action="store_true", help="do not publish Residual:ArrayData")
     io.add_argument("--no-defect-map", action="store_true", help="do not publish DefectMap:ArrayData")
     io.set_defaults(func=cmd_ioc)
+    cf = sub.add_parser("config", help="site configuration: check it, show what each service runs, EPICS env")
+    cfs = cf.add_subparsers(dest="config_command", required=True)
+    cc = cfs.add_parser("check", help="report every problem of a site file, with its line")
+    cc.add_argument("file")
+    cc.add_argument("--no-models", action="store_true", help="do not look the models up in the store")
+    cc.set_defaults(func=cmd_config_check)
+    ce = cfs.add_parser("epics-env", help="print the site's EPICS_CA_* settings as an EnvironmentFile")
+    ce.add_argument("file")
+    ce.set_defaults(func=cmd_config_epics_env)
+    cs = cfs.add_parser("show", help="print the effective config of every engine and camera as JSON")
+    cs.add_argument("file")
+    cs.set_defaults(func=cmd_config_show)
     g = sub.add_parser("engine", help="the ZeroMQ inference service (frames in, denoised frames out)")
-    g.add_argument("--bind", default="tcp://127.0.0.1:5555", help="data endpoint; port 0 or * picks a free port")
+    g.add_argument("--config", help="site file (with --name): run that engine's section; flags override it")
+    g.add_argument("--name", help="engine name in the site file ([engines.NAME])")
+    g.add_argument("--bind", help="data endpoint (default tcp://127.0.0.1:5555); port 0 or * picks a free port")
     g.add_argument("--control", help="control endpoint (default: bind port + 1)")
     g.add_argument("--models", help="model store (default: $CDAE_MODELS or the source tree's models/)")
     g.add_argument("--model", help="NAME[:VERSION] active at start (default: the shipped model)")
-    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"])
+    g.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"])
     g.add_argument("--max-pixels", type=int, help="frames larger than this are tiled (default 2048*2048)")
     g.add_argument("--tile-margin", type=int, help="tile overlap in pixels (default: the network's receptive radius)")
     g.add_argument("--max-frame-pixels", type=int, help="refuse declared frames larger than this")

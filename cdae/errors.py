@@ -18,6 +18,7 @@ _USER_ERRORS = (
     ("cdae.training.baselines", "BaselineError"),
     ("cdae.training.metrics", "MetricsError"),
     ("cdae.training.report", "ReportError"),
+    ("cdae.deploy.site", "SiteError"),
 )
 
 

@@ -32,19 +32,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cdae.engine.architecture import pad_to_multiple
+from cdae.engine.config import BackendOptions
 from cdae.engine.errors import BackendError, BackendUnavailable
 from cdae.engine.inference import Denoiser
 from cdae.engine.package import Manifest, load_model
 
-BackendKind = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"]
 BACKEND_KINDS: tuple[str, ...] = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough")
 #: ``auto`` tries these in order.
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "torch-cuda", "torch-cpu")
@@ -52,26 +51,6 @@ ONNX_EXPORT_FORMAT = 1  # bump when the exported graph changes (it is part of ev
 ONNX_OPSET = 18
 
 Log = Callable[[str], None]
-
-
-class BackendOptions(BaseModel):
-    """How a backend runs; part of the engine's configuration."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: str = Field("cuda:0", description="CUDA device for torch-cuda and tensorrt")
-    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
-        "auto", description="torch-cuda autocast type (auto: bf16 where supported, else fp16); tensorrt: fp16 or fp32"
-    )
-    cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
-    max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (tiles of one frame use up to 4)")
-    trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")
-    trt_max_side: int = Field(2048, ge=8, description="TensorRT profile: largest side; larger frames are tiled")
-    trt_workspace_mib: int = Field(4096, ge=64)
-    artefact_dir: Path | None = Field(
-        None, description="where ONNX files and TensorRT plans are cached (default: <package>/cache, "
-        "or ~/.cache/cdae when the package is read-only)"
-    )
 
 
 def cuda_available() -> bool:

@@ -25,6 +25,7 @@ from torch import nn
 
 from cdae import __version__
 from cdae.engine.architecture import ArchitectureConfig, build_model
+from cdae.engine.config import DEFAULT_MODEL, default_models_dir  # noqa: F401  (re-exported: part of the store API)
 from cdae.engine.normalise import NormalisationConfig
 
 MANIFEST_FORMAT = 1
@@ -262,12 +263,3 @@ class ModelRegistry:
 
     def load(self, ref: str) -> tuple[Manifest, nn.Module]:
         return load_model(self.resolve(ref))
-
-
-DEFAULT_MODEL = "cdae-default"
-
-
-def default_models_dir() -> Path:
-    """``$CDAE_MODELS`` if set, else the source tree's ``models/`` (where the shipped model lives)."""
-    env = os.environ.get("CDAE_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"

@@ -33,16 +33,17 @@ from typing import Generic, TypeVar
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import JsonValue
 
 from cdae import __version__
-from cdae.engine.backends import Backend, BackendKind, BackendOptions, load_backend
+from cdae.notify import Notifier
+from cdae.engine.backends import Backend, load_backend
+from cdae.engine.config import EngineConfig
 from cdae.engine.errors import EngineError
 from cdae.engine.normalise import NormalisationError
-from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, default_models_dir, read_manifest
+from cdae.engine.package import ModelRegistry, read_manifest
 from cdae.engine.pipeline import denoise_frame, warm_up
 from cdae.engine.protocol import (
-    DEFAULT_MAX_FRAME_PIXELS,
     ControlReply,
     ControlRequest,
     ErrorCode,
@@ -68,49 +69,6 @@ def _stderr(msg: str) -> None:
 
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class EngineConfig(BaseModel):
-    """Everything the engine process needs; ``cdae engine`` flags are a thin layer over it."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    bind: str = Field("tcp://127.0.0.1:5555", description="data endpoint (ROUTER); port 0 or * picks a free port")
-    control: str | None = Field(None, description="control endpoint (REP); default: bind port + 1")
-    models_dir: Path = Field(default_factory=default_models_dir, description="model store")
-    model: str = Field(DEFAULT_MODEL, description="NAME[:VERSION] active at start")
-    backend: BackendKind = "auto"
-    backend_options: BackendOptions = Field(default_factory=BackendOptions)
-    max_pixels: int = Field(2048 * 2048, ge=64, description="frames larger than this are tiled")
-    tile_margin: int | None = Field(None, ge=0, description="tile overlap; default: the network's receptive radius")
-    max_frame_pixels: int = Field(DEFAULT_MAX_FRAME_PIXELS, ge=1, description="larger declared frames are refused")
-    queue: int = Field(2, ge=1, le=256, description="frames waiting per client; beyond it the oldest is dropped")
-    max_clients: int = Field(64, ge=1, description="clients with frames waiting at once")
-    receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark on the data socket (messages)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
-    timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
-
-    @field_validator("bind", "control")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(tcp|ipc|inproc)://.+", v):
-            raise ValueError(f"expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {v!r}")
-        return v
-
-    def control_endpoint(self) -> str:
-        """The control endpoint: as configured, else the data port + 1 on the same host."""
-        if self.control:
-            return self.control
-        m = _TCP.match(self.bind)
-        if m:
-            port = m["port"]
-            if port in ("0", "*"):
-                return self.bind
-            return f"tcp://{m['host']}:{int(port) + 1}"
-        if self.bind.startswith(("ipc://", "inproc://")):
-            return self.bind + ".control"
-        raise ValueError(f"cannot derive a control endpoint from {self.bind!r}; give one")
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
@@ -300,6 +258,7 @@ class EngineServer:
         self._threads: list[threading.Thread] = []
         self._swap_lock = threading.Lock()
         self._swap_thread: threading.Thread | None = None
+        self._beats: dict[str, float] = {}  # thread → when it last went round its loop (monotonic)
         self._live: tuple[tuple[int, int], str] | None = None  # (shape, dtype) of the last frame served
         self.activation: dict[str, JsonValue] = {"state": "idle"}
         self.last_error: str | None = None
@@ -341,6 +300,8 @@ class EngineServer:
             if not _is_loopback(ep):
                 self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
                          "anyone who reaches it can send frames and swap models")
+        now = time.monotonic()
+        self._beats = {"io": now, "worker": now}
         self._threads = [
             threading.Thread(target=self._io_loop, args=(router, pull), name="cdae-io", daemon=True),
             threading.Thread(target=self._worker_loop, args=(push,), name="cdae-worker", daemon=True),
@@ -474,6 +435,7 @@ class EngineServer:
         poller.register(pull, zmq.POLLIN)
         try:
             while not self.stopping:
+                self._beats["io"] = time.monotonic()
                 events = dict(poller.poll(self.POLL_MS))
                 if pull in events:
                     for _ in range(256):  # replies first: they free the clients' windows
@@ -531,6 +493,7 @@ class EngineServer:
     def _worker_loop(self, push: zmq.Socket) -> None:
         try:
             while not self.stopping:
+                self._beats["worker"] = time.monotonic()
                 while self._retired:
                     self._retired.popleft().backend.close()
                 item = self.queue.get(timeout=self.POLL_MS / 1000)

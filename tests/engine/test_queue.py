@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from cdae.engine.server import EngineConfig, FrameQueue
+from cdae.engine.config import EngineConfig
+from cdae.engine.server import FrameQueue
 
 
 def test_newest_frame_wins_and_evictions_are_returned() -> None:

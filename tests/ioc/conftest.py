@@ -14,27 +14,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ioc_helpers import Stack  # noqa: E402
-
-
-def _write_store(root: Path) -> Path:
-    """tiny:1 and tiny:2: untrained tiny networks (different weights) — enough to test the plumbing."""
-    import torch
-
-    from cdae.engine.architecture import ArchitectureConfig, build_model
-    from cdae.engine.package import write_package
-
-    arch = ArchitectureConfig(base_width=4, depth=1, convs_per_level=1)
-    for version, seed in (("1", 0), ("2", 1)):
-        torch.manual_seed(seed)
-        write_package(root, name="tiny", version=version, state_dict=build_model(arch).state_dict(),
-                      architecture=arch, seed=seed)
-    return root
+from ioc_helpers import Stack, write_tiny_store  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def ioc_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_store(tmp_path_factory.mktemp("ioc-store") / "models")
+    return write_tiny_store(tmp_path_factory.mktemp("ioc-store") / "models")
 
 
 _FAILED = pytest.StashKey[bool]()

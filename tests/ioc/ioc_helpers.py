@@ -45,6 +45,21 @@ READY = {
 }
 
 
+def write_tiny_store(root: Path) -> Path:
+    """tiny:1 and tiny:2: untrained tiny networks (different weights) — enough to test the plumbing."""
+    import torch
+
+    from cdae.engine.architecture import ArchitectureConfig, build_model
+    from cdae.engine.package import write_package
+
+    arch = ArchitectureConfig(base_width=4, depth=1, convs_per_level=1)
+    for version, seed in (("1", 0), ("2", 1)):
+        torch.manual_seed(seed)
+        write_package(root, name="tiny", version=version, state_dict=build_model(arch).state_dict(),
+                      architecture=arch, seed=seed)
+    return root
+
+
 def random_prefix(stem: str) -> str:
     return f"T{''.join(random.choices(string.ascii_uppercase, k=6))}:{stem}:"
 
@@ -139,22 +154,22 @@ class Stack:
             env["EPICS_CAS_SERVER_PORT"] = str(server_port)
         return env
 
-    def _start(self, name: str, cmd: list[str], kind: str, server_port: int | None = None) -> Child:
+    def start(self, name: str, cmd: list[str], kind: str, server_port: int | None = None) -> Child:
         child = Child(name, cmd, self._env(server_port))
         self.children.append(child)
         return child.start(READY[kind])
 
     def engine(self, *args: str, model: str = "tiny:1", bind: str = "tcp://127.0.0.1:0") -> Child:
-        return self._start("engine", cdae("engine", "--bind", bind, "--threads", "1", "--models", str(self.store),
+        return self.start("engine", cdae("engine", "--bind", bind, "--threads", "1", "--models", str(self.store),
                                           "--model", model, *args), "engine")
 
     def camera(self, *args: str, size: str = "64x48", rate: float = 10.0) -> Child:
-        return self._start("camera", cdae("sim-camera", "--prefix", self.camera_prefix, "--size", size,
+        return self.start("camera", cdae("sim-camera", "--prefix", self.camera_prefix, "--size", size,
                                           "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT)
 
     def ioc(self, engine: Child, *args: str) -> Child:
         assert engine.match is not None
-        return self._start("ioc", cdae("ioc", "--source", self.camera_prefix, "--prefix", self.ioc_prefix,
+        return self.start("ioc", cdae("ioc", "--source", self.camera_prefix, "--prefix", self.ioc_prefix,
                                        "--engine", engine.match["data"], "--control", engine.match["control"],
                                        "--engine-timeout-s", "3", *args), "ioc", IOC_PORT)
 

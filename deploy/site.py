@@ -1,0 +1,353 @@
+"""Site configuration: one TOML file for every camera, engine and the EPICS network of a site.
+
+The file composes the models its services already validate (:class:`~cdae.engine.config.EngineConfig`,
+:class:`~cdae.ioc.filter.IocConfig`) instead of declaring their fields again; this module adds
+only what spans services: engine names that cameras refer to, one model store, the EPICS
+environment, and cross-checks (ports used twice, unknown engines, models not in the store).
+
+:func:`check_site` reports every problem at once, each with the line of the file it comes from,
+so an operator fixes a broken file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cdae.engine.config import _TCP, BackendOptions, EngineConfig, default_models_dir
+from cdae.ioc.filter import IocConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a systemd instance name (cdae-ioc@NAME)
+
+
+class SiteError(Exception):
+    """The site file cannot be read or a name in it is unknown."""
+
+
+class EpicsSettings(BaseModel):
+    """The Channel Access environment every IOC of the site runs with (``EPICS_CA_*``, ``EPICS_CAS_*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    addr_list: list[str] = Field(default_factory=list, description="EPICS_CA_ADDR_LIST: where clients search")
+    auto_addr_list: bool = Field(True, description="EPICS_CA_AUTO_ADDR_LIST: also search every broadcast address")
+    max_array_bytes: int = Field(
+        100_000_000, ge=16384, description="EPICS_CA_MAX_ARRAY_BYTES: must hold the largest frame in bytes"
+    )
+    server_port: int | None = Field(None, ge=1, le=65535, description="EPICS_CA_SERVER_PORT (default 5064)")
+    repeater_port: int | None = Field(None, ge=1, le=65535, description="EPICS_CA_REPEATER_PORT (default 5065)")
+    server_interfaces: list[str] = Field(
+        default_factory=list, description="EPICS_CAS_INTF_ADDR_LIST: interfaces the IOCs serve on (default: all)"
+    )
+    beacon_addr_list: list[str] = Field(default_factory=list, description="EPICS_CAS_BEACON_ADDR_LIST")
+
+    def environment(self) -> dict[str, str]:
+        """The variables to export, in the spelling EPICS (and caproto, pyepics) read."""
+        env = {
+            "EPICS_CA_AUTO_ADDR_LIST": "YES" if self.auto_addr_list else "NO",
+            "EPICS_CA_MAX_ARRAY_BYTES": str(self.max_array_bytes),
+        }
+        if self.addr_list:
+            env["EPICS_CA_ADDR_LIST"] = " ".join(self.addr_list)
+        if self.server_port is not None:
+            env["EPICS_CA_SERVER_PORT"] = str(self.server_port)
+        if self.repeater_port is not None:
+            env["EPICS_CA_REPEATER_PORT"] = str(self.repeater_port)
+        if self.server_interfaces:
+            env["EPICS_CAS_INTF_ADDR_LIST"] = " ".join(self.server_interfaces)
+        if self.beacon_addr_list:
+            env["EPICS_CAS_BEACON_ADDR_LIST"] = " ".join(self.beacon_addr_list)
+        return env
+
+
+class EngineSection(EngineConfig):
+    """One engine process: the engine's own config, less the site-wide store, plus its GPU."""
+
+    gpu: int | None = Field(None, ge=0, description="GPU index for torch-cuda/tensorrt (sets backend_options.device)")
+
+
+class CameraSection(IocConfig):
+    """One camera's filter IOC: the IOC's own config, with engines named instead of addressed."""
+
+    engine: list[str] = Field(min_length=1, description="engine name(s) from [engines.*]; frames are spread over them")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+
+class SiteConfig(BaseModel):
+    """A site: its model store, EPICS network, engines and cameras."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    models_dir: Path = Field(default_factory=default_models_dir, description="model store shared by all engines")
+    epics: EpicsSettings = Field(default_factory=EpicsSettings)
+    engines: dict[str, EngineSection] = Field(default_factory=dict)
+    cameras: dict[str, CameraSection] = Field(default_factory=dict)
+
+    @field_validator("engines", "cameras")
+    @classmethod
+    def _names(cls, v: dict[str, object]) -> dict[str, object]:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"name {name!r}: use letters, digits, '_', '.', '-' (it names a systemd instance)")
+        return v
+
+    def engine_config(self, name: str) -> EngineConfig:
+        """What ``cdae engine --config FILE --name NAME`` runs."""
+        section = self._get(self.engines, name, "engine")
+        data = section.model_dump(exclude={"gpu"}, exclude_unset=True)
+        data["models_dir"] = self.models_dir
+        if section.gpu is not None:
+            options = dict(data.get("backend_options") or {})
+            options["device"] = f"cuda:{section.gpu}"
+            data["backend_options"] = BackendOptions.model_validate(options).model_dump(exclude_unset=True)
+        return EngineConfig.model_validate(data)
+
+    def ioc_config(self, name: str) -> IocConfig:
+        """What ``cdae ioc --config FILE --name NAME`` runs: engine names resolved to endpoints."""
+        section = self._get(self.cameras, name, "camera")
+        engines = [self.engine_config(e) for e in section.engine]
+        data = section.model_dump(exclude_unset=True)
+        data["engine"] = [e.bind for e in engines]
+        if section.control is None:
+            data["control"] = engines[0].control_endpoint()
+        return IocConfig.model_validate(data)
+
+    @staticmethod
+    def _get(table: dict[str, BaseModel], name: str, kind: str) -> BaseModel:
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise SiteError(f"no {kind} named {name!r} in the site file (known: {known})")
+        return table[name]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a site file, and where."""
+
+    line: int | None
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        at = f"{self.line}: " if self.line else ""
+        return f"{at}{self.where}: {self.message}" if self.where else f"{at}{self.message}"
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, object]]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SiteError(f"cannot read the site file {path}: {e.strerror or e}") from e
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SiteError(f"{path}: not valid TOML: {e}") from e
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Read and validate a site file; the first problems are in the error (``check_site`` lists all)."""
+    path = Path(path)
+    text, data = _read_toml(path)
+    problems = _problems(text, data, path.parent)
+    if problems:
+        listed = "\n  ".join(str(p) for p in problems)
+        raise SiteError(f"{path}: {len(problems)} problem(s) (run `cdae config check {path}`):\n  {listed}")
+    site = SiteConfig.model_validate(data)
+    return site.model_copy(update={"models_dir": resolve_models_dir(site.models_dir, path.parent)})
+
+
+def check_site(path: str | Path, *, check_models: bool = True) -> list[Problem]:
+    """Every problem of a site file (schema, cross-references, model store), each with its line."""
+    path = Path(path)
+    try:
+        text, data = _read_toml(path)
+    except SiteError as e:
+        line = _decode_error_line(str(e))
+        return [Problem(line, "", str(e))]
+    return _problems(text, data, path.parent, check_models=check_models)
+
+
+def _decode_error_line(message: str) -> int | None:
+    m = re.search(r"at line (\d+)", message)
+    return int(m.group(1)) if m else None
+
+
+def _problems(text: str, data: dict[str, object], base: Path, *, check_models: bool = False) -> list[Problem]:
+    """Schema errors of each section, then the cross-checks between the sections that are valid."""
+    lines = KeyLines(text)
+    found: list[Problem] = []
+
+    def validate(model: type[BaseModel], value: object, loc: tuple[str, ...]) -> BaseModel | None:
+        try:
+            return model.model_validate(value)
+        except ValidationError as e:
+            for err in e.errors():
+                full = loc + tuple(str(p) for p in err["loc"])
+                found.append(Problem(lines.find(full), ".".join(full), err["msg"]))
+            return None
+
+    # Sections one by one, so that one bad camera does not hide the problems of the others.
+    top = {k: v for k, v in data.items() if k not in ("engines", "cameras", "epics")}
+    sections: dict[str, dict[str, object]] = {}
+    for table in ("engines", "cameras"):
+        value = data.get(table, {})
+        if isinstance(value, dict):
+            sections[table] = value
+        else:
+            found.append(Problem(lines.find((table,)), table, "expected tables such as [" + table + ".NAME]"))
+            sections[table] = {}
+    shell = validate(SiteConfig, top, ())
+    epics = validate(EpicsSettings, data.get("epics", {}), ("epics",))
+    engines = {n: validate(EngineSection, v, ("engines", n)) for n, v in sections["engines"].items()}
+    cameras = {n: validate(CameraSection, v, ("cameras", n)) for n, v in sections["cameras"].items()}
+    if shell is None:
+        return found
+    site = SiteConfig.model_construct(
+        models_dir=resolve_models_dir(shell.models_dir, base), epics=epics or EpicsSettings(),
+        engines={n: e for n, e in engines.items() if e is not None},
+        cameras={n: c for n, c in cameras.items() if c is not None},
+    )
+    for table, names in (("engines", sections["engines"]), ("cameras", sections["cameras"])):
+        for name in names:
+            if not _NAME.match(name):
+                found.append(Problem(lines.find((table, name)), f"{table}.{name}",
+                                     "use letters, digits, '_', '.', '-' (the name is a systemd instance name)"))
+    found.extend(_cross_checks(site, lines, check_models, broken_engines={n for n, e in engines.items() if e is None}))
+    return sorted(found, key=lambda p: (p.line or 0, p.where))
+
+
+def resolve_models_dir(models_dir: Path, base: Path) -> Path:
+    """A relative store is relative to the site file, not to wherever a service happens to start."""
+    return models_dir if models_dir.is_absolute() else (base / models_dir)
+
+
+def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
+                  broken_engines: set[str] = frozenset()) -> Iterator[Problem]:
+    binds: dict[str, str] = {}
+    for name, eng in site.engines.items():
+        if "models_dir" in eng.model_fields_set:
+            yield Problem(lines.find(("engines", name, "models_dir")), f"engines.{name}.models_dir",
+                          "the model store is site-wide: set models_dir at the top of the file")
+        for what, endpoint in (("bind", eng.bind), ("control", eng.control_endpoint())):
+            key = _endpoint_key(endpoint)
+            if key is None:
+                continue
+            if key in binds:
+                yield Problem(lines.find(("engines", name, what)), f"engines.{name}.{what}",
+                              f"{endpoint} is already used by {binds[key]}")
+            else:
+                binds[key] = f"engines.{name}.{what}"
+        if eng.backend in ("torch-cpu", "passthrough") and eng.gpu is not None:
+            yield Problem(lines.find(("engines", name, "gpu")), f"engines.{name}.gpu",
+                          f"backend {eng.backend} does not use a GPU; remove gpu or choose tensorrt/torch-cuda")
+    gpus: dict[int, str] = {}
+    for name, eng in site.engines.items():
+        if eng.gpu is not None:
+            if eng.gpu in gpus:
+                yield Problem(lines.find(("engines", name, "gpu")), f"engines.{name}.gpu",
+                              f"GPU {eng.gpu} is already used by engine {gpus[eng.gpu]} (one engine per GPU)")
+            gpus.setdefault(eng.gpu, name)
+    prefixes: dict[str, str] = {}
+    for name, cam in site.cameras.items():
+        for eng in cam.engine:
+            if eng in broken_engines:
+                continue  # already reported
+            if eng not in site.engines:
+                known = ", ".join(sorted(site.engines)) or "none defined"
+                yield Problem(lines.find(("cameras", name, "engine")), f"cameras.{name}.engine",
+                              f"no engine named {eng!r} (engines: {known})")
+            elif _endpoint_key(site.engines[eng].bind) is None:
+                yield Problem(lines.find(("engines", eng, "bind")), f"engines.{eng}.bind",
+                              f"camera {name} needs a fixed port, not {site.engines[eng].bind}")
+        if cam.prefix in prefixes:
+            yield Problem(lines.find(("cameras", name, "prefix")), f"cameras.{name}.prefix",
+                          f"{cam.prefix!r} is already the prefix of camera {prefixes[cam.prefix]}: PV names would clash")
+        prefixes.setdefault(cam.prefix, name)
+        if cam.prefix == cam.source or cam.source.startswith(cam.prefix):
+            yield Problem(lines.find(("cameras", name, "prefix")), f"cameras.{name}.prefix",
+                          f"the output prefix {cam.prefix!r} would shadow the source {cam.source!r}")
+    if check_models:
+        yield from _model_checks(site, lines)
+
+
+def _model_checks(site: SiteConfig, lines: KeyLines) -> Iterator[Problem]:
+    if not site.models_dir.is_dir():
+        yield Problem(lines.find(("models_dir",)), "models_dir", f"{site.models_dir} is not a folder")
+        return
+    from cdae.engine.package import ModelPackageError, ModelRegistry  # torch: only when models are checked
+
+    registry = ModelRegistry(site.models_dir)
+    wanted = [(("engines", n, "model"), e.model) for n, e in site.engines.items()]
+    wanted += [(("cameras", n, "model"), c.model) for n, c in site.cameras.items() if c.model]
+    for loc, ref in wanted:
+        try:
+            registry.resolve(ref)
+        except ModelPackageError as e:
+            yield Problem(lines.find(loc), ".".join(loc), str(e))
+
+
+def _endpoint_key(endpoint: str) -> str | None:
+    m = _TCP.match(endpoint)
+    if m is None:
+        return endpoint
+    if m["port"] in ("0", "*"):
+        return None  # a free port is picked at start: cannot clash
+    host = m["host"]
+    return f"{'*' if host in ('*', '0.0.0.0') else host}:{m['port']}"
+
+
+class KeyLines:
+    """Where each key of a TOML text is: pydantic error locations → line numbers.
+
+    TOML parsers keep no positions, so this scans table headers (``[cameras.cam1]``) and
+    ``key = value`` lines itself. A location that names no line of its own (a missing key, a
+    value in an inline table) falls back to the nearest enclosing table's line.
+    """
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_.\"' -]+?)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.lstrip().startswith("#"):
+                continue
+            m = self._HEADER.match(line)
+            if m:
+                table = self._split(m.group(1))
+                self.lines.setdefault(table, number)
+                continue
+            m = self._KEY.match(line)
+            if m:
+                self.lines.setdefault(table + self._split(m.group(1)), number)
+
+    @staticmethod
+    def _split(dotted: str) -> tuple[str, ...]:
+        return tuple(part.strip().strip("\"'") for part in dotted.split("."))
+
+    def find(self, loc: tuple[str, ...]) -> int | None:
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in self.lines:
+                return self.lines[loc[:n]]
+        return None
+
+
+def epics_env_file(site: SiteConfig) -> str:
+    """The site's EPICS settings as a systemd ``EnvironmentFile`` (also valid for ``sh``'s ``.``)."""
+    lines = ["# EPICS environment of the cdae services; generated by `cdae config epics-env`."]
+    lines += [f'{k}="{v}"' for k, v in site.epics.environment().items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,92 @@
+"""The engine's configuration: pydantic models only, light to import (no torch).
+
+The site configuration (``cdae.deploy.site``), the CLI and the IOC's tools validate engine
+settings against these models without pulling in torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS
+
+_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
+
+DEFAULT_MODEL = "cdae-default"
+
+
+def default_models_dir() -> Path:
+    """``$CDAE_MODELS`` if set, else the source tree's ``models/`` (where the shipped model lives)."""
+    env = os.environ.get("CDAE_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+
+
+BackendKind = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"]
+
+
+class BackendOptions(BaseModel):
+    """How a backend runs; part of the engine's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("cuda:0", description="CUDA device for torch-cuda and tensorrt")
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="torch-cuda autocast type (auto: bf16 where supported, else fp16); tensorrt: fp16 or fp32"
+    )
+    cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
+    max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (tiles of one frame use up to 4)")
+    trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")
+    trt_max_side: int = Field(2048, ge=8, description="TensorRT profile: largest side; larger frames are tiled")
+    trt_workspace_mib: int = Field(4096, ge=64)
+    artefact_dir: Path | None = Field(
+        None, description="where ONNX files and TensorRT plans are cached (default: <package>/cache, "
+        "or ~/.cache/cdae when the package is read-only)"
+    )
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine process needs; ``cdae engine`` flags are a thin layer over it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    bind: str = Field("tcp://127.0.0.1:5555", description="data endpoint (ROUTER); port 0 or * picks a free port")
+    control: str | None = Field(None, description="control endpoint (REP); default: bind port + 1")
+    models_dir: Path = Field(default_factory=default_models_dir, description="model store")
+    model: str = Field(DEFAULT_MODEL, description="NAME[:VERSION] active at start")
+    backend: BackendKind = "auto"
+    backend_options: BackendOptions = Field(default_factory=BackendOptions)
+    max_pixels: int = Field(2048 * 2048, ge=64, description="frames larger than this are tiled")
+    tile_margin: int | None = Field(None, ge=0, description="tile overlap; default: the network's receptive radius")
+    max_frame_pixels: int = Field(DEFAULT_MAX_FRAME_PIXELS, ge=1, description="larger declared frames are refused")
+    queue: int = Field(2, ge=1, le=256, description="frames waiting per client; beyond it the oldest is dropped")
+    max_clients: int = Field(64, ge=1, description="clients with frames waiting at once")
+    receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark on the data socket (messages)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
+    timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
+
+    @field_validator("bind", "control")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|ipc|inproc)://.+", v):
+            raise ValueError(f"expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {v!r}")
+        return v
+
+    def control_endpoint(self) -> str:
+        """The control endpoint: as configured, else the data port + 1 on the same host."""
+        if self.control:
+            return self.control
+        m = _TCP.match(self.bind)
+        if m:
+            port = m["port"]
+            if port in ("0", "*"):
+                return self.bind
+            return f"tcp://{m['host']}:{int(port) + 1}"
+        if self.bind.startswith(("ipc://", "inproc://")):
+            return self.bind + ".control"
+        raise ValueError(f"cannot derive a control endpoint from {self.bind!r}; give one")
