@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from cdae import __version__
@@ -22,6 +23,12 @@ def _models_dir(arg: str | None) -> Path:
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def _usage_error(msg: str) -> NoReturn:
+    """A wrong combination of flags: one line, exit status 2 (as argparse does)."""
+    _err(msg)
+    raise SystemExit(2)
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -152,6 +159,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_live_demo(config)
 
 
+# --- export and the model store ------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cdae.deploy.export import export_package
+    from cdae.engine.package import ModelRegistry
+
+    pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model)
+    record = export_package(pkg, args.to, fp16=args.fp16, frames=args.frames, device=args.device,
+                            max_side=args.max_side, opt_side=args.opt_side, log=_err)
+    print(f"wrote {pkg / record.path} (sha256 {record.sha256[:12]}, parity passed), recorded in {pkg}/manifest.json")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    import json
+
+    from cdae.deploy.models import format_rows, store_rows
+
+    rows = store_rows(_models_dir(args.models_dir))
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from cdae.engine.package import ModelRegistry, read_manifest
+
+    pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model)
+    m = read_manifest(pkg)
+    if args.json:
+        print(m.model_dump_json(indent=2))
+        return 0
+    held = (m.metrics.get("held_out") or {}) if isinstance(m.metrics, dict) else {}
+    summary = held.get("summary", {}) if isinstance(held, dict) else {}
+    print(f"{m.ref}  ({pkg})")
+    print(f"  architecture  {m.architecture.model_dump_json()}")
+    print(f"  parameters    {m.parameters}, weights {m.weights_bytes} bytes, sha256 {m.weights_sha256}")
+    print(f"  made          {m.created_utc} by code {m.code_version}, seed {m.seed}, "
+          f"generator {m.data_generator_version}, parent {m.parent or '-'}")
+    print(f"  command       {m.command or '-'}")
+    if summary:
+        print("  held-out      " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+    for a in m.artefacts:
+        par = a.parity
+        print(f"  artefact      {a.kind} {a.precision} {a.path} sha256 {a.sha256[:12]} parity "
+              f"{'passed' if par.get('passed') else 'FAILED'} (max |Δ| {par.get('max_abs_dn')} DN)")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from cdae.deploy.models import verify_package
+    from cdae.engine.package import ModelRegistry
+
+    registry = ModelRegistry(_models_dir(args.models_dir))
+    refs = args.models or registry.refs()
+    if not refs:
+        _err(f"no models in {registry.root}")
+        return 1
+    bad = 0
+    for ref in refs:
+        problems = verify_package(registry.resolve(ref))
+        bad += bool(problems)
+        print(f"{ref}: " + ("OK" if not problems else "FAILED\n  " + "\n  ".join(problems)))
+    return 1 if bad else 0
+
+
+def cmd_models_activate(args: argparse.Namespace) -> int:
+    from cdae.engine.client import ControlClient
+
+    endpoint = args.engine
+    if args.config:
+        from cdae.deploy.site import load_site
+
+        if not args.name:
+            _err("cdae models activate: error: --config needs --name ENGINE")
+            return 2
+        endpoint = load_site(args.config).engine_config(args.name).control_endpoint()
+    if not endpoint:
+        _err("cdae models activate: error: give --engine CONTROL_ENDPOINT or --config SITE --name ENGINE")
+        return 2
+    with ControlClient(endpoint, timeout_s=args.timeout) as ctl:
+        reply = ctl.activate(args.model, wait=True, timeout_s=args.timeout)
+    if not reply.ok:
+        _err(f"cdae models activate: {args.model} refused: {reply.error} (the engine keeps its current model)")
+        return 1
+    print(f"{endpoint}: now serving {reply.result.get('model', args.model)}")
+    return 0
+
+
 # --- site configuration ------------------------------------------------------------------------
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -203,11 +298,17 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
     if args.max_size:
         w, h = (int(v) for v in args.max_size.lower().split("x"))
         fields.update(max_width=w, max_height=h)
-    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank"):
+    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank", "read_noise_e", "hot_column_offset_frac"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     if args.stopped:
         fields["acquire"] = False
+    if args.static_scene:
+        fields["static_scene"] = True
+    if args.shutter_closed:
+        fields["shutter_open"] = False
+    if args.hot_columns:
+        fields["hot_columns"] = [int(x) for x in args.hot_columns.split(",")]
     try:
         config = CameraConfig.model_validate(fields)
     except ValueError as e:
@@ -221,7 +322,7 @@ def _site(args: argparse.Namespace, kind: str):  # -> SiteConfig | None
     if args.name is None:
         return None
     if args.config is None:
-        raise SystemExit(f"cdae {kind}: error: --name needs --config SITE_FILE")
+        _usage_error(f"cdae {kind}: error: --name needs --config SITE_FILE")
     from cdae.deploy.site import load_site
 
     return load_site(args.config)
@@ -262,6 +363,37 @@ def cmd_ioc(args: argparse.Namespace) -> int:
         _err(f"cdae ioc: error: {e}")
         return 2
     return run_until_signalled(lambda stop: run_ioc(config, stop))
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from cdae.ioc.record import RecordConfig, record
+    from cdae.ioc.runner import run_until_signalled
+
+    fields: dict[str, object] = {"source": args.source, "frames": args.frames, "output": args.output, "dark": args.dark,
+                                 "camera_prefix": args.camera, "note": args.note}
+    for key in ("bit_depth", "width", "height", "data_type"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if args.timeout is not None:
+        fields.update(connect_timeout_s=args.timeout, frame_timeout_s=args.timeout)
+    try:
+        config = RecordConfig.model_validate(fields)
+    except ValueError as e:
+        _err(f"cdae record: error: {e}")
+        return 2
+    result = run_until_signalled(lambda stop: record(config, stop, progress=not args.no_progress))
+    run = result.run
+    if run is None:
+        _err(f"cdae record: error: {result.error}")
+        return 1
+    kind = "dark frames" if run.dark else "frames"
+    print(f"run {run.name} of {config.output}: {run.frames} {kind} {run.width}x{run.height} {run.data_type} "
+          f"({run.bit_depth}-bit), UniqueIds skipped: {run.skipped_ids}")
+    if result.error:
+        _err(f"cdae record: stopped after {run.frames} of {config.frames} frames: {result.error}; "
+             f"the {run.frames} recorded frames are kept")
+        return 1
+    return 0
 
 
 # --- engine ------------------------------------------------------------------------------------
@@ -306,6 +438,170 @@ def cmd_engine(args: argparse.Namespace) -> int:
     except EngineError as e:
         _err(f"cdae engine: error: {e}")
         return 2
+
+
+# --- operator display and archiving ------------------------------------------------------------
+
+def _wxh(text: str) -> tuple[int, int]:
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def _camera_fields(args: argparse.Namespace, command: str) -> dict[str, object]:
+    """prefix/source/... of a site file's camera (``--config FILE --name CAMERA``), else of the flags."""
+    if args.config is None:
+        if not args.prefix or not args.source and command == "display":
+            _usage_error(f"cdae {command}: error: give --prefix and --source, or --config SITE --name CAMERA")
+        return {}
+    if not args.name:
+        _usage_error(f"cdae {command}: error: --config needs --name CAMERA")
+    from cdae.deploy.site import load_site
+
+    cam = load_site(args.config).ioc_config(args.name)
+    return {"prefix": args.prefix or cam.prefix, "source": args.source or cam.source,
+            "source_array": cam.array_suffix, "source_is_waveform": args.source_is_waveform or cam.plain_waveform}
+
+
+def cmd_display(args: argparse.Namespace) -> int:
+    from cdae.deploy.display import DisplaySpec, write_display
+
+    fields: dict[str, object] = {"prefix": args.prefix, "source": args.source,
+                                 "source_is_waveform": args.source_is_waveform}
+    fields.update(_camera_fields(args, "display"))
+    if args.title:
+        fields["title"] = args.title
+    if args.residual_limit is not None:
+        fields["residual_limit"] = args.residual_limit
+    try:
+        if args.image_size:
+            fields["image_width"], fields["image_height"] = _wxh(args.image_size)
+        spec = DisplaySpec.model_validate(fields)
+        path = write_display(spec, args.output)
+    except ModuleNotFoundError as e:
+        _err(f"cdae display: error: {e.name} is not installed; pip install 'cdae[deploy]'")
+        return 2
+    except (ValueError, OSError) as e:
+        _err(f"cdae display: error: {e}")
+        return 2
+    print(f"wrote {path} (macros P={spec.prefix} S={spec.source})")
+    return 0
+
+
+def cmd_archiver_pvs(args: argparse.Namespace) -> int:
+    import json
+
+    from cdae.deploy.archiver import ArchiverSpec, archiver_plan
+
+    fields: dict[str, object] = {"prefix": args.prefix, "source": args.source, "images": args.images,
+                                 "source_is_waveform": args.source_is_waveform}
+    fields.update(_camera_fields(args, "archiver-pvs"))
+    for key in ("frame_rate_hz", "image_period_s", "policy"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    try:
+        if args.image_size:
+            fields["image_size"] = _wxh(args.image_size)
+        plan = archiver_plan(ArchiverSpec.model_validate(fields))
+    except ValueError as e:
+        _err(f"cdae archiver-pvs: error: {e}")
+        return 2
+    for warning in plan.warnings:
+        _err(f"cdae archiver-pvs: warning: {warning}")
+    text = json.dumps(plan.requests, indent=1) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {len(plan.requests)} PVs to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# --- systemd -----------------------------------------------------------------------------------
+
+def cmd_systemd(args: argparse.Namespace) -> int:
+    from pathlib import PurePosixPath
+
+    import cdae.deploy
+    from cdae.deploy.systemd import InstallError, UnitSettings, camera_engines, install, render_units, write_units
+
+    fields = {k: getattr(args, k) for k in ("venv", "config", "user", "epics_env", "models_dir")
+              if getattr(args, k) is not None}
+    try:
+        settings = UnitSettings.model_validate(fields)
+    except ValueError as e:
+        _err(f"cdae systemd {args.systemd_command}: error: {e}")
+        return 2
+    if args.systemd_command == "units":
+        cameras = None
+        if args.site_file:
+            from cdae.deploy.site import load_site
+
+            site = load_site(args.site_file)
+            cameras = camera_engines(site)
+            if args.models_dir is None:
+                settings = settings.model_copy(update={"models_dir": site.models_dir})
+        for path in write_units(Path(args.output), render_units(settings, cameras)):
+            print(f"wrote {path}")
+        return 0
+    example = Path(args.example) if args.example else Path(cdae.deploy.__file__).parent / "site.example.toml"
+    try:
+        install(settings, unit_dir=PurePosixPath(args.unit_dir), destdir=Path(args.destdir) if args.destdir else None,
+                example=example, models_from=Path(args.models_from) if args.models_from else None,
+                enable=not args.no_enable)
+    except InstallError as e:
+        _err(f"cdae systemd install: error: {e}")
+        return 1
+    return 0
+
+
+def _add_systemd_parsers(sub: argparse._SubParsersAction) -> None:
+    sd = sub.add_parser("systemd", help="systemd units for the engines and filter IOCs; install them")
+    sds = sd.add_subparsers(dest="systemd_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--venv", help="virtual environment the units run cdae from (default /opt/cdae/venv)")
+    common.add_argument("--config", help="site file the units name (default /etc/cdae/site.toml)")
+    common.add_argument("--user", help="service user and group (default cdae)")
+    common.add_argument("--epics-env", help="the IOCs' EnvironmentFile (default /etc/cdae/epics.env)")
+    common.add_argument("--models-dir", help="model store, read-only for the services (default: the site's)")
+    su = sds.add_parser("units", parents=[common], help="write cdae.target, cdae-engine@.service, cdae-ioc@.service")
+    su.add_argument("-o", "--output", required=True, help="folder for the unit files")
+    su.add_argument("--site-file", help="read cameras and engines from this site file: per-camera ordering drop-ins")
+    su.set_defaults(func=cmd_systemd)
+    si = sds.add_parser("install", parents=[common],
+                        help="create the user, put site file, EPICS env file, model store and units in place")
+    si.add_argument("--destdir", help="stage everything below this folder; no useradd, no systemctl")
+    si.add_argument("--unit-dir", default="/etc/systemd/system")
+    si.add_argument("--example", help="site file installed when there is none (default deploy/site.example.toml)")
+    si.add_argument("--models-from", help="seed an empty model store from this folder (install.sh: the shipped models/)")
+    si.add_argument("--no-enable", action="store_true", help="do not enable the target and instances")
+    si.set_defaults(func=cmd_systemd)
+
+
+def _add_operator_parsers(sub: argparse._SubParsersAction) -> None:
+    dp = sub.add_parser("display", help="write the operator's Phoebus display (.bob) of one filter IOC")
+    dp.add_argument("--config", help="site file: take the camera's prefixes from it (with --name)")
+    dp.add_argument("--name", help="camera name in the site file")
+    dp.add_argument("--prefix", help="the filter IOC's output prefix (e.g. 13SIM1:CDAE1:)")
+    dp.add_argument("--source", help="the source's NDStdArrays prefix (e.g. 13SIM1:image1:)")
+    dp.add_argument("--source-is-waveform", action="store_true", help="--source is a plain waveform PV")
+    dp.add_argument("-o", "--output", required=True, help="the .bob file to write")
+    dp.add_argument("--title", help="window title (default: source → prefix)")
+    dp.add_argument("--image-size", help="on-screen WxH of each image (default 400x400)")
+    dp.add_argument("--residual-limit", type=float, help="fixed residual scale ±DN, white = 0 (default: autoscale)")
+    dp.set_defaults(func=cmd_display)
+    ap = sub.add_parser("archiver-pvs", help="the Archiver Appliance's archivePV JSON for one filter IOC")
+    ap.add_argument("--config", help="site file: take the camera's prefixes from it (with --name)")
+    ap.add_argument("--name", help="camera name in the site file")
+    ap.add_argument("--prefix", help="the filter IOC's output prefix")
+    ap.add_argument("--source", help="the source's NDStdArrays prefix: also archive the raw frame ids")
+    ap.add_argument("--source-is-waveform", action="store_true", help="--source is a plain waveform PV")
+    ap.add_argument("-o", "--output", help="JSON file to write (default: stdout)")
+    ap.add_argument("--rate", dest="frame_rate_hz", type=float, help="camera frames per second (default 10)")
+    ap.add_argument("--images", action="store_true", help="also archive raw/denoised/residual frames (large)")
+    ap.add_argument("--image-period-s", type=float, help="one archived frame per this many seconds (default 60)")
+    ap.add_argument("--image-size", help="WxH of the frames, for the storage estimate")
+    ap.add_argument("--policy", help="appliance policy name for every PV (default: the appliance decides)")
+    ap.set_defaults(func=cmd_archiver_pvs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--rate", type=float, help="camera frames per second (default 5)")
     dm.add_argument("--data-type", choices=["UInt8", "UInt16", "Float32"])
     dm.add_argument("--bit-depth", type=int, help="camera ADC bits for UInt16/Float32 (default 12)")
-    dm.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"])
+    dm.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough"])
     dm.add_argument("--prefix", help="PV prefix root (default 13SIM1:)")
     dm.add_argument("--seconds", type=float, help="run this long, then print a summary and exit")
     dm.set_defaults(func=cmd_demo)
@@ -387,7 +683,26 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, help="which camera (defect layout) and scenes")
     sc.add_argument("--bank", type=int, help="frames simulated once and cycled (default 4)")
     sc.add_argument("--stopped", action="store_true", help="start with Acquire = Done")
+    sc.add_argument("--static-scene", action="store_true", help="one fixed scene; only the noise changes frame to frame")
+    sc.add_argument("--read-noise-e", type=float, help="read noise (e- RMS) instead of the drawn camera's")
+    sc.add_argument("--hot-columns", help="comma-separated x of extra hot columns (damage the camera got)")
+    sc.add_argument("--hot-column-offset-frac", type=float, help="their offset, fraction of the span above bias (0.01)")
+    sc.add_argument("--shutter-closed", action="store_true", help="start with the shutter closed (dark frames)")
     sc.set_defaults(func=cmd_sim_camera)
+    rc = sub.add_parser("record", help="record raw frames (UniqueId, timestamps, camera metadata) from a live camera PV to HDF5")
+    rc.add_argument("--source", required=True, help="camera image prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
+    rc.add_argument("--frames", type=int, required=True, help="frames to record")
+    rc.add_argument("-o", "--output", required=True, help="recording file (.h5); an existing one gets a new run")
+    rc.add_argument("--dark", action="store_true", help="the shutter is closed: flag these frames as darks")
+    rc.add_argument("--camera", help="prefix of the camera's ADBase PVs for metadata (e.g. 13SIM1:cam1:; default: --source)")
+    rc.add_argument("--bit-depth", type=int, help="camera ADC bits when the data type is wider (e.g. 12 in UInt16)")
+    rc.add_argument("--width", type=int, help="plain waveform source: width")
+    rc.add_argument("--height", type=int, help="plain waveform source: height")
+    rc.add_argument("--data-type", help="plain waveform source: UInt8, Int16, UInt16, Int32, Float32, ...")
+    rc.add_argument("--timeout", type=float, help="seconds to wait for the camera and for each frame (default 5 / 10)")
+    rc.add_argument("--note", default="", help="what the camera looked at (kept with the run)")
+    rc.add_argument("--no-progress", action="store_true")
+    rc.set_defaults(func=cmd_record)
     io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")
     io.add_argument("--config", help="TOML file with IocConfig fields, or with --name a site file (flags override it)")
     io.add_argument("--name", help="camera name in the site file ([cameras.NAME])")
@@ -406,6 +721,38 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-residual", action="store_true", help="do not publish Residual:ArrayData")
     io.add_argument("--no-defect-map", action="store_true", help="do not publish DefectMap:ArrayData")
     io.set_defaults(func=cmd_ioc)
+    x = sub.add_parser("export", help="export a model to ONNX or a TensorRT plan, verified against torch")
+    x.add_argument("--model", default="cdae-default", help="NAME[:VERSION] (default: the shipped model)")
+    x.add_argument("--to", required=True, choices=["onnx", "tensorrt"])
+    x.add_argument("--fp16", action="store_true", help="TensorRT: FP16 plan (pointwise frame path kept in FP32)")
+    x.add_argument("--models-dir")
+    x.add_argument("--frames", type=int, default=8, help="simulated frames of the parity check")
+    x.add_argument("--device", default="cuda:0", help="TensorRT: GPU to build on")
+    x.add_argument("--max-side", type=int, default=2048, help="largest frame side (larger frames are tiled)")
+    x.add_argument("--opt-side", type=int, default=1024, help="TensorRT: side the plan is tuned for")
+    x.set_defaults(func=cmd_export)
+    ms = sub.add_parser("models", help="the model store: list, show, verify; activate on a running engine")
+    mss = ms.add_subparsers(dest="models_command", required=True)
+    ml = mss.add_parser("list", help="every package in the store")
+    ml.add_argument("--models-dir")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(func=cmd_models_list)
+    mw = mss.add_parser("show", help="how a model was made, its metrics and artefacts")
+    mw.add_argument("model", help="NAME[:VERSION]")
+    mw.add_argument("--models-dir")
+    mw.add_argument("--json", action="store_true", help="the whole manifest")
+    mw.set_defaults(func=cmd_models_show)
+    mv = mss.add_parser("verify", help="check sha256 of weights and artefacts (all packages by default)")
+    mv.add_argument("models", nargs="*", help="NAME[:VERSION] (default: all)")
+    mv.add_argument("--models-dir")
+    mv.set_defaults(func=cmd_models_verify)
+    ma = mss.add_parser("activate", help="switch a running engine to a model (hot swap, no frame lost)")
+    ma.add_argument("model", help="NAME[:VERSION]")
+    ma.add_argument("--engine", help="the engine's control endpoint, e.g. tcp://127.0.0.1:5556")
+    ma.add_argument("--config", help="site file (with --name ENGINE)")
+    ma.add_argument("--name", help="engine name in the site file")
+    ma.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for load + warm-up")
+    ma.set_defaults(func=cmd_models_activate)
     cf = sub.add_parser("config", help="site configuration: check it, show what each service runs, EPICS env")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     cc = cfs.add_parser("check", help="report every problem of a site file, with its line")
@@ -425,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control", help="control endpoint (default: bind port + 1)")
     g.add_argument("--models", help="model store (default: $CDAE_MODELS or the source tree's models/)")
     g.add_argument("--model", help="NAME[:VERSION] active at start (default: the shipped model)")
-    g.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"])
+    g.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough"])
     g.add_argument("--max-pixels", type=int, help="frames larger than this are tiled (default 2048*2048)")
     g.add_argument("--tile-margin", type=int, help="tile overlap in pixels (default: the network's receptive radius)")
     g.add_argument("--max-frame-pixels", type=int, help="refuse declared frames larger than this")
@@ -437,6 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trt-opt-side", type=int, help="TensorRT profile's tuned side")
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.set_defaults(func=cmd_engine)
+    _add_operator_parsers(sub)
+    _add_systemd_parsers(sub)
     return p
 
 

@@ -18,7 +18,11 @@ _USER_ERRORS = (
     ("cdae.training.baselines", "BaselineError"),
     ("cdae.training.metrics", "MetricsError"),
     ("cdae.training.report", "ReportError"),
+    ("cdae.recording", "RecordingError"),
+    ("cdae.ioc.record", "RecordError"),
     ("cdae.deploy.site", "SiteError"),
+    ("cdae.deploy.export", "ExportError"),
+    ("cdae.engine.errors", "BackendUnavailable"),
 )
 
 

@@ -44,11 +44,12 @@ from cdae.engine.errors import BackendError, BackendUnavailable
 from cdae.engine.inference import Denoiser
 from cdae.engine.package import Manifest, load_model
 
-BACKEND_KINDS: tuple[str, ...] = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough")
+BACKEND_KINDS: tuple[str, ...] = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough")
 #: ``auto`` tries these in order.
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "torch-cuda", "torch-cpu")
 ONNX_EXPORT_FORMAT = 1  # bump when the exported graph changes (it is part of every cache key)
 ONNX_OPSET = 18
+EXPORT_DIR = "artefacts"  # `cdae export` writes here, beside weights.safetensors
 
 Log = Callable[[str], None]
 
@@ -290,6 +291,54 @@ class TorchCUDABackend(Backend):
         torch.cuda.empty_cache()
 
 
+# --- onnxruntime -------------------------------------------------------------------------------
+
+def _import_onnxruntime():  # noqa: ANN202
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install 'cdae[onnx]'") from e
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    """The package's exported ONNX graph in ONNX Runtime: what `cdae export` verifies, and a CPU
+    backend for hosts where the ONNX graph runs faster than torch (see bench/)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, model: nn.Module, pkg: Path, options: BackendOptions,
+                 log: Log = lambda s: None, onnx_path: Path | None = None, threads: int | None = None) -> None:
+        ort = _import_onnxruntime()
+        super().__init__(manifest, "cpu")
+        if onnx_path is None:
+            cache = artefact_dir(pkg, manifest, options.artefact_dir)
+            onnx_path = onnx_artefact(pkg, manifest, model, cache, options.trt_max_side, log)
+        self.onnx_path = Path(onnx_path)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise BackendError(f"onnxruntime cannot load {self.onnx_path.name}: {e}") from e
+        names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
+        if names != ([ONNX_INPUT], list(ONNX_OUTPUTS)):
+            raise BackendError(f"{self.onnx_path.name}: unexpected inputs/outputs {names}")
+        self.ort_version = ort.__version__
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, h, w = x.shape
+        t, _ = pad_to_multiple(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], self.multiple)
+        restored, prob = self.session.run(None, {ONNX_INPUT: t.numpy()})
+        return (np.ascontiguousarray(restored[0, 0, :h, :w], dtype=np.float32),
+                np.ascontiguousarray(prob[0, 0, :h, :w], dtype=np.float32))
+
+    def describe(self) -> dict[str, str | int | float | bool | None]:
+        return {**super().describe(), "onnx": str(self.onnx_path), "onnxruntime": self.ort_version}
+
+
 # --- tensorrt ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -405,6 +454,23 @@ def export_onnx(model: nn.Module, manifest: Manifest, path: Path, max_side: int 
     return path
 
 
+def onnx_artefact(pkg: Path, manifest: Manifest, model: nn.Module, cache: Path, max_side: int, log: Log) -> Path:
+    """The package's ONNX file: an exported one recorded beside the package, else the cache's (exported once)."""
+    exported = Path(pkg) / EXPORT_DIR / f"{manifest.name}-{manifest.version}.onnx"
+    if exported.is_file():
+        return exported
+    path = cache / "onnx" / f"{manifest.name}-{manifest.version}-w{manifest.weights_sha256[:12]}-x{ONNX_EXPORT_FORMAT}.onnx"
+    if not path.is_file():
+        log(f"exporting {manifest.ref} to {path}")
+        try:
+            export_onnx(model, manifest, path, max_side=max_side)
+        except BackendError:
+            raise
+        except Exception as e:  # the exporter raises many types; the engine reports one
+            raise BackendError(f"ONNX export of {manifest.ref} failed: {type(e).__name__}: {e}") from e
+    return path
+
+
 def build_plan(onnx_path: Path, profile: ShapeProfile, precision: str, workspace_mib: int, log: Log) -> bytes:
     """Parse ONNX and build a serialised TensorRT plan with one optimisation profile."""
     trt = _import_tensorrt()
@@ -476,7 +542,7 @@ class TensorRTBackend(Backend):
         self.plan_path = cache / "tensorrt" / f"{key}.plan"
         with torch.cuda.device(dev):
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self._load_or_build(trt, model, cache, options, log)
+            self.engine = self._load_or_build(trt, model, pkg, cache, options, log)
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise BackendError(f"TensorRT could not create an execution context for {self.plan_path.name}")
@@ -491,23 +557,19 @@ class TensorRTBackend(Backend):
         self._pinned_out = _PinnedBuffers()
         self._device_out: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
 
-    def _load_or_build(self, trt, model: nn.Module, cache: Path, options: BackendOptions, log: Log):  # noqa: ANN001, ANN202
-        if self.plan_path.is_file():
-            engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
-            if engine is not None:
-                log(f"loaded TensorRT plan {self.plan_path}")
-                return engine
-            log(f"cached plan {self.plan_path.name} does not deserialise here; rebuilding")
+    def _load_or_build(self, trt, model: nn.Module, pkg: Path, cache: Path, options: BackendOptions,  # noqa: ANN001, ANN202
+                       log: Log):
+        # a plan made by `cdae export` beside the package (read-only store) first, then the cache
+        for candidate in (Path(pkg) / EXPORT_DIR / self.plan_path.name, self.plan_path):
+            if candidate.is_file():
+                engine = self.runtime.deserialize_cuda_engine(candidate.read_bytes())
+                if engine is not None:
+                    self.plan_path = candidate
+                    log(f"loaded TensorRT plan {candidate}")
+                    return engine
+                log(f"plan {candidate} does not deserialise here; trying the next or rebuilding")
         with self._build_lock:
-            onnx_path = cache / "onnx" / f"{self.manifest.name}-{self.manifest.version}-w{self.manifest.weights_sha256[:12]}-x{ONNX_EXPORT_FORMAT}.onnx"
-            if not onnx_path.is_file():
-                log(f"exporting {self.ref} to {onnx_path}")
-                try:
-                    export_onnx(model, self.manifest, onnx_path, max_side=self.profile.max_hw[0])
-                except BackendError:
-                    raise
-                except Exception as e:  # the exporter raises many types; the engine reports one
-                    raise BackendError(f"ONNX export of {self.ref} failed: {type(e).__name__}: {e}") from e
+            onnx_path = onnx_artefact(pkg, self.manifest, model, cache, self.profile.max_hw[0], log)
             plan = build_plan(onnx_path, self.profile, self.precision, options.trt_workspace_mib, log)
             self.plan_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.plan_path.with_name(self.plan_path.name + f".{os.getpid()}.tmp")
@@ -619,6 +681,8 @@ def _make(kind: str, manifest: Manifest, model: nn.Module, pkg: Path, options: B
         return TorchCPUBackend(manifest, model)
     if kind == "passthrough":
         return PassthroughBackend(manifest)
+    if kind == "onnxruntime":
+        return OnnxRuntimeBackend(manifest, model, pkg, options, log)
     if kind == "torch-cuda":
         return TorchCUDABackend(manifest, model, options)
     if kind == "tensorrt":

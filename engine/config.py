@@ -26,7 +26,7 @@ def default_models_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
 
 
-BackendKind = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"]
+BackendKind = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough"]
 
 
 class BackendOptions(BaseModel):

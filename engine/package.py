@@ -50,6 +50,36 @@ class EnsembleSpec(BaseModel):
     member_refs: list[str] = Field(default_factory=list, description="NAME:VERSION of each member")
 
 
+class ArtefactRecord(BaseModel):
+    """A deployable file derived from the package (``cdae export``): ONNX graph or TensorRT plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["onnx", "tensorrt"]
+    path: str = Field(description="relative to the package folder")
+    sha256: str
+    bytes: int
+    precision: str = Field(description="fp32 or fp16")
+    created_utc: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    tools: dict[str, str] = Field(default_factory=dict, description="versions (torch, onnx, tensorrt, GPU...)")
+    parity: dict[str, JsonValue] = Field(default_factory=dict, description="comparison with the torch reference")
+
+
+class DataProvenance(BaseModel):
+    """Real data a model was fitted to, identified by content: a camera recording (``cdae record``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["recording"] = "recording"
+    path: str = Field(description="where it was read from (informative: the hash identifies it)")
+    sha256: str
+    bytes: int = Field(ge=0)
+    source: str = Field("", description="the camera PV it was recorded from")
+    frames_train: int = Field(0, ge=0)
+    frames_held_out: int = Field(0, ge=0)
+    camera_profile_sha256: str | None = Field(None, description="the camera profile used (saved in the package)")
+
+
 class Manifest(BaseModel):
     """Everything needed to know how a model was made and how to run it."""
 
@@ -66,6 +96,10 @@ class Manifest(BaseModel):
     code_version: str = __version__
     command: str | None = Field(None, description="the command that made this package")
     parent: str | None = Field(None, description="NAME:VERSION this model was fine-tuned from")
+    data: list[DataProvenance] = Field(
+        default_factory=list,
+        description="real recordings the weights were fitted to (simulated data is named by seed and generator version)",
+    )
     training_config: dict[str, JsonValue] = Field(default_factory=dict)
     metrics: dict[str, JsonValue] = Field(default_factory=dict)
     weights_sha256: str
@@ -73,6 +107,7 @@ class Manifest(BaseModel):
     parameters: int
     created_utc: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     notes: str = ""
+    artefacts: list[ArtefactRecord] = Field(default_factory=list, description="exports verified against torch")
 
     @property
     def ref(self) -> str:

@@ -36,7 +36,6 @@ import zmq
 from pydantic import JsonValue
 
 from cdae import __version__
-from cdae.notify import Notifier
 from cdae.engine.backends import Backend, load_backend
 from cdae.engine.config import EngineConfig
 from cdae.engine.errors import EngineError
@@ -57,6 +56,7 @@ from cdae.engine.protocol import (
     error_reply_for,
     ok_reply,
 )
+from cdae.notify import Notifier
 
 Log = Callable[[str], None]
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -334,6 +334,23 @@ class EngineServer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def stalled(self, max_age_s: float) -> list[str]:
+        """The frame-path threads (``io``, ``worker``) dead or not round their loop within ``max_age_s``.
+
+        What the systemd watchdog is gated on. The control thread is left out: it legitimately
+        waits minutes for a model activation (a TensorRT plan build) on an operator's request.
+        """
+        now = time.monotonic()
+        alive = {t.name for t in self._threads if t.is_alive()}
+        return [name for name, beat in self._beats.items() if f"cdae-{name}" not in alive or now - beat > max_age_s]
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: what serves, where, and how much."""
+        a = self._require_active()
+        c = self.stats.counters()
+        return (f"{a.ref} on {a.backend.name} ({a.backend.device}) at {self.data_endpoint}: "
+                f"frames served {c['processed']}, dropped {c['dropped']}, errors {c['errors']}")
+
     def _require_active(self) -> ActiveModel:
         if self._active is None:
             raise EngineError("the engine has no active model (not started)")
@@ -576,20 +593,62 @@ class EngineServer:
         return ControlReply(ok=False, command=req.command, error=f"unknown command {req.command!r}")
 
 
+STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters between watchdog pings
+
+
+def supervise(server: EngineServer, stop: threading.Event, notifier: Notifier, log: Log = _stderr,
+              poll_s: float = 0.2) -> None:
+    """Until ``stop`` (or the server stops itself): watchdog pings while the frame path is alive, STATUS.
+
+    The ping is withheld while the I/O or worker thread has not gone round its loop within the
+    watchdog limit, so systemd restarts an engine wedged in, say, a hung CUDA call.
+    """
+    last_status = time.monotonic()
+    reported: list[str] = []
+    while not stop.wait(poll_s) and not server.stopping:
+        now = time.monotonic()
+        if notifier.watchdog_due(now):
+            assert notifier.watchdog_timeout_s is not None
+            stalled = server.stalled(notifier.watchdog_timeout_s)
+            if not stalled:
+                notifier.watchdog(server.status_line())
+                last_status = now
+            elif stalled != reported:
+                log(f"not pinging the systemd watchdog: thread(s) {', '.join(stalled)} stalled")
+                notifier.status(f"stalled: {', '.join(stalled)} thread(s) not responding")
+            reported = stalled
+        elif notifier.enabled and now - last_status >= STATUS_PERIOD_S:
+            notifier.status(server.status_line())
+            last_status = now
+
+
 def run_engine(config: EngineConfig, stop: threading.Event, out: Callable[[str], None] | None = None,
-               log: Log = _stderr) -> int:
-    """Start an engine, print its ready line, serve until ``stop`` is set; returns an exit status."""
+               log: Log = _stderr, notifier: Notifier | None = None) -> int:
+    """Start an engine, print its ready line, serve until ``stop`` is set; returns an exit status.
+
+    Under systemd (``Type=notify``) it sends READY=1 once the model is loaded, warmed up and both
+    sockets are bound, STATUS lines with the counters, watchdog pings (see :func:`supervise`),
+    and STOPPING=1 on the way out.
+    """
     out = out or (lambda s: print(s, flush=True))
+    notifier = notifier or Notifier(log=log)
     log("effective config: " + config.model_dump_json())
     server = EngineServer(config, log)
-    server.start()
-    out(server.ready_line())
+    notifier.status(f"loading {config.model} ({config.backend})")
     try:
-        while not stop.wait(0.2) and not server.stopping:
-            pass
+        server.start()
+    except BaseException as e:
+        notifier.status(f"failed to start: {e}")
+        raise
+    out(server.ready_line())
+    notifier.ready(server.status_line())
+    try:
+        supervise(server, stop, notifier, log)
     finally:
+        notifier.stopping("stopping")
         server.stop()
         c = server.stats.counters()
         log(f"stopped: received {c['received']}, processed {c['processed']}, dropped {c['dropped']}, "
             f"errors {c['errors']}")
+        notifier.close()
     return 0

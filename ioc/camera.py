@@ -7,6 +7,11 @@ are new in every frame. Scenes come from the training simulator. To serve high r
 simulates a bank of ``bank`` frames once (per size) and cycles through it, each sent with a new
 UniqueId and timestamp. ``<prefix>Clean:ArrayData`` carries the noiseless frame of the same
 UniqueId, so tests can check that denoised frames are closer to the truth than raw ones.
+
+A camera can be given damage and noise the shipped model never saw (``hot_columns``,
+``read_noise_e``), can look at one fixed target (``static_scene``: the same scene, new noise in
+every frame, as a diagnostic camera on a screen) and has a shutter (``ShutterControl``): closed,
+it serves dark frames (bias, read noise, hot pixels and lines, radiation hits; no light).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ class CameraConfig(BaseModel):
     seed: int = Field(7, ge=0, description="which camera (defect layout) and which scenes")
     bank: int = Field(4, ge=1, le=256, description="frames simulated once per size and cycled")
     acquire: bool = Field(True, description="start acquiring at once")
+    static_scene: bool = Field(False, description="every frame shows the same scene; only the noise changes")
+    read_noise_e: float | None = Field(None, gt=0, description="read noise (e- RMS) instead of the drawn camera's")
+    hot_columns: list[int] = Field(default_factory=list, description="extra hot columns (x indices): later damage")
+    hot_column_offset_frac: float = Field(0.01, gt=0, le=1, description="their offset, fraction of the span above bias")
+    shutter_open: bool = Field(True, description="start with the shutter open (closed: dark frames)")
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
 
     def max_elements(self) -> int:
@@ -55,18 +65,41 @@ class BankFrame:
     clean: np.ndarray  # float32 DN
 
 
-def simulate_bank(seed: int, height: int, width: int, bit_depth: int, count: int) -> list[BankFrame]:
-    """``count`` frames of one camera (fixed detector and defect layout) at (height, width)."""
-    from cdae.training.defects import apply_detector, detector_rng, sample_defect_layout, sample_defect_params
+#: Dark frames draw their noise from indices this far into the camera's detector stream.
+DARK_NOISE_INDEX = 1_000_000
+
+
+def simulate_bank(config: CameraConfig, height: int, width: int, dark: bool = False) -> list[BankFrame]:
+    """``config.bank`` frames of one camera (fixed detector and defect layout) at (height, width).
+
+    ``dark``: shutter closed, no light (and so no glints); the clean frame is the bias level.
+    """
+    from cdae.training.defects import (
+        BadLine,
+        apply_detector,
+        detector_rng,
+        sample_defect_layout,
+        sample_defect_params,
+    )
     from cdae.training.simulate import generate_scene, scene_rng
 
+    seed = config.seed
     rng = detector_rng(seed, 0)
-    params = sample_defect_params(rng, None, bit_depth)
+    params = sample_defect_params(rng, None, bit_depth_for(config.data_type, config.bit_depth))
     layout = sample_defect_layout(rng, params, height, width)
+    if config.read_noise_e is not None:
+        params = params.model_copy(update={"read_noise_e": config.read_noise_e})
+    offset = config.hot_column_offset_frac * (params.adc_max - params.bias_dn)
+    layout.bad_lines += [BadLine("column", x, 0, height, "hot", offset) for x in config.hot_columns if x < width]
+    if dark:
+        params = params.model_copy(update={"saturated_blobs": 0})
     out = []
-    for i in range(count):
-        scene = generate_scene(scene_rng(seed, i), height, width)
-        det = apply_detector(scene.signal, detector_rng(seed, 1 + i), params, layout)
+    for i in range(config.bank):
+        if dark:
+            signal = np.zeros((height, width), np.float32)
+        else:
+            signal = generate_scene(scene_rng(seed, 0 if config.static_scene else i), height, width).signal
+        det = apply_detector(signal, detector_rng(seed, 1 + i + (DARK_NOISE_INDEX if dark else 0)), params, layout)
         out.append(BankFrame(noisy=det.noisy, clean=det.clean))
     return out
 
@@ -87,6 +120,7 @@ class SimCamera:
         self.data_type = NDDataType[config.data_type]
         self.width, self.height = config.width, config.height
         self.bank: list[BankFrame] = []
+        self.shutter_open = config.shutter_open
         self.served: list[np.ndarray] = []  # bank frames flat in the CA element type
         self.acquiring = asyncio.Event()
         self.period_s = 1.0 / config.rate_hz
@@ -109,6 +143,11 @@ class SimCamera:
             raise ValueError(f"size {width}x{height}: expected >= 8x8 and at most {cap_w * cap_h} pixels")
         await self._simulate(width, height)
 
+    async def set_shutter(self, open_: bool) -> None:
+        if open_ != self.shutter_open:
+            self.shutter_open = open_
+            await self._simulate(self.width, self.height)
+
     async def set_data_type(self, name: str) -> None:
         t = NDDataType[name]
         if name not in ("UInt8", "Int16", "UInt16", "Float32") or ca_element_dtype(t) != self.element:
@@ -123,8 +162,7 @@ class SimCamera:
         async with self._resize_lock:
             c = self.config
             loop = asyncio.get_running_loop()
-            bank = await loop.run_in_executor(
-                None, simulate_bank, c.seed, height, width, bit_depth_for(c.data_type, c.bit_depth), c.bank)
+            bank = await loop.run_in_executor(None, simulate_bank, c, height, width, not self.shutter_open)
             self.bank, self.width, self.height = bank, width, height
             self._convert()
             await self.pvs.size_x.write(width, verify_value=False)
@@ -163,6 +201,11 @@ class SimCamera:
         await self.pvs.set_data_type.write(c.data_type, verify_value=False)
         await self.pvs.rate.write(c.rate_hz, verify_value=False)
         await self.pvs.rate_rbv.write(c.rate_hz)
+        await self.pvs.camera_model.write(f"simulated camera, seed {c.seed}")
+        shutter = "Open" if c.shutter_open else "Close"
+        await self.pvs.shutter_control.write(shutter, verify_value=False)
+        await self.pvs.shutter_control_rbv.write(shutter)
+        await self.pvs.shutter_status.write("Open" if c.shutter_open else "Closed")
         await self._simulate(c.width, c.height)
         if c.acquire:
             self.acquiring.set()

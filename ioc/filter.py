@@ -43,9 +43,11 @@ from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 from cdae.ioc.source import FrameSource, SourceNames
+from cdae.notify import Notifier
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+)$")
 _WHO = "cdae-ioc"
+STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters (and, at most, the watchdog period)
 
 
 class IocConfig(BaseModel):
@@ -418,15 +420,49 @@ class FilterIOC:
             except TimeoutError:
                 log(_WHO, f"waiting for the source {self.source.names.array}")
 
-    async def run(self, stop: asyncio.Event) -> int:
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: the source, the engine, the counters."""
         c = self.config
+        if self.pvs is None:
+            return f"waiting for the source {self.source.names.array}"
+        p = self.pvs
+        engine = (f"engine connected ({p.model_rbv.value or '?'} on {p.backend.value or '?'})" if self.engine_ok
+                  else "engine down")
+        return (f"{c.prefix} from {c.source}: source {str(p.source_connected.value).lower()}, {engine}; "
+                f"frames published {self.counter}, dropped {self.dropped}, errors {self.errors}")
+
+    async def keep_systemd_informed(self, notifier: Notifier, ready: asyncio.Event) -> None:
+        """Liveness and STATUS for systemd, sent from the IOC's own event loop: a wedged loop goes silent.
+
+        Before READY the IOC may wait for a camera that is off for days: it is alive, not stuck,
+        so it pushes the start timeout on instead of being killed and restarted in a loop.
+        """
+        period = min(notifier.watchdog_interval_s or STATUS_PERIOD_S, STATUS_PERIOD_S)
+        while True:
+            status = self.status_line()
+            if not ready.is_set():
+                notifier.extend_start_timeout(3 * period, status)
+            elif notifier.watchdog_interval_s is not None:
+                notifier.watchdog(status)
+            else:
+                notifier.status(status)
+            await asyncio.sleep(period)
+
+    async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> int:
+        c = self.config
+        notifier = notifier or Notifier(log=lambda msg: log(_WHO, msg))
+        ready = asyncio.Event()
+        keepalive = ([asyncio.create_task(self.keep_systemd_informed(notifier, ready), name="systemd-notify")]
+                     if notifier.enabled else [])
         ctx = ClientContext()
         waiter = asyncio.create_task(self._connect_source(ctx))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not waiter.done():
-            await cancel_all([waiter, stopper])
+            notifier.stopping("stopped while waiting for the source")
+            await cancel_all([waiter, stopper, *keepalive])
             await ctx.disconnect()
+            notifier.close()
             return 0
         waiter.result()
         assert self.source.element is not None
@@ -447,14 +483,21 @@ class FilterIOC:
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
         for group in self._image_groups():
             await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
-        tasks = [asyncio.create_task(serve_pvdb(p.pvdb, c.interfaces), name="ca-server"),
+        listening = asyncio.Event()
+        tasks = [asyncio.create_task(serve_pvdb(p.pvdb, c.interfaces, listening), name="ca-server"),
                  asyncio.create_task(self.monitor_engine(), name="engine-monitor"),
                  asyncio.create_task(self.dispatch(), name="dispatch")]
-        print(f"cdae-ioc ready prefix={c.prefix} source={c.source} element={self.element.name} "
-              f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()}", flush=True)
-        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
-        await cancel_all([stopper, *tasks, *self._tasks])
+        bound = asyncio.create_task(listening.wait())
+        await asyncio.wait([bound, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if listening.is_set():  # ready means clients can connect: the CA sockets are bound
+            print(f"cdae-ioc ready prefix={c.prefix} source={c.source} element={self.element.name} "
+                  f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()}", flush=True)
+            notifier.ready(self.status_line())
+            ready.set()
+            await asyncio.wait([stopper, *tasks, *keepalive], return_when=asyncio.FIRST_COMPLETED)
+        notifier.stopping("stopping")
+        failed = [t for t in [*tasks, *keepalive] if t.done() and not t.cancelled() and t.exception()]
+        await cancel_all([bound, stopper, *tasks, *keepalive, *self._tasks])
         if self.client is not None:
             await self.client.close()
         await self.source.close()
@@ -463,9 +506,11 @@ class FilterIOC:
             log(_WHO, f"{t.get_name()} stopped on error: {t.exception()!r}")
         log(_WHO, f"stopped: received {self.received}, published {self.counter}, dropped {self.dropped}, "
                   f"errors {self.errors}")
+        notifier.close()
         return 1 if failed else 0
 
 
-async def run_ioc(config: IocConfig, stop: asyncio.Event) -> int:
+async def run_ioc(config: IocConfig, stop: asyncio.Event, notifier: Notifier | None = None) -> int:
+    """The filter IOC until ``stop``; under systemd it notifies READY/STATUS/WATCHDOG/STOPPING."""
     log(_WHO, "effective config: " + config.model_dump_json())
-    return await FilterIOC(config).run(stop)
+    return await FilterIOC(config).run(stop, notifier)

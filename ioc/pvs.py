@@ -27,6 +27,8 @@ ENABLE_STRINGS = ("Disable", "Enable")  # exactly these: ophyd-async compares th
 YES_NO = ("No", "Yes")
 CONNECTION_STRINGS = ("Disconnected", "Connected")
 ACQUIRE_STRINGS = ("Done", "Acquire")
+SHUTTER_CONTROL_STRINGS = ("Close", "Open")  # ADBase.template's ShutterControl (bo ZNAM/ONAM)
+SHUTTER_STATUS_STRINGS = ("Closed", "Open")  # ADBase.template's ShutterStatus_RBV
 STRING_MAX = 40  # DBR_STRING holds 39 characters and a NUL
 
 _CA_TYPES: dict[str, ChannelType] = {
@@ -247,6 +249,7 @@ class CameraController(Protocol):
     async def set_rate(self, rate_hz: float) -> None: ...
     async def set_size(self, width: int, height: int) -> None: ...
     async def set_data_type(self, name: str) -> None: ...
+    async def set_shutter(self, open_: bool) -> None: ...
 
 
 class CleanPVs(NDArrayPVs):
@@ -264,6 +267,8 @@ class CameraPVs(NDArrayPVs):
     port_name = _string("PortName_RBV", "SIM1")
     ad_core_version = _string("ADCoreVersion_RBV", AD_CORE_VERSION)
     driver_version = _string("DriverVersion_RBV", f"cdae {__version__}")
+    manufacturer = _string("Manufacturer_RBV", "cdae")
+    camera_model = _string("Model_RBV", "simulated camera")
     acquire = pvproperty(name="Acquire", value="Acquire", dtype=ChannelType.ENUM, enum_strings=ACQUIRE_STRINGS)
     acquire_rbv = pvproperty(name="Acquire_RBV", value="Acquire", dtype=ChannelType.ENUM,
                              enum_strings=ACQUIRE_STRINGS, read_only=True)
@@ -274,7 +279,21 @@ class CameraPVs(NDArrayPVs):
     size_y = pvproperty(name="SizeY", value=0, doc="height")
     set_data_type = pvproperty(name="DataType", value="UInt16", dtype=ChannelType.ENUM, enum_strings=DATA_TYPE_NAMES,
                                doc="only types that fit the served CA element type")
+    shutter_control = pvproperty(name="ShutterControl", value="Open", dtype=ChannelType.ENUM,
+                                 enum_strings=SHUTTER_CONTROL_STRINGS, doc="Close: dark frames (bias, read noise, hot pixels)")
+    shutter_control_rbv = pvproperty(name="ShutterControl_RBV", value="Open", dtype=ChannelType.ENUM,
+                                     enum_strings=SHUTTER_CONTROL_STRINGS, read_only=True)
+    shutter_status = pvproperty(name="ShutterStatus_RBV", value="Open", dtype=ChannelType.ENUM,
+                                enum_strings=SHUTTER_STATUS_STRINGS, read_only=True)
     clean = SubGroup(CleanPVs, prefix="Clean:")
+
+    @shutter_control.putter
+    async def shutter_control(self, instance: object, value: str) -> str:
+        if self.controller is not None:
+            await self.controller.set_shutter(value == "Open")
+        await self.shutter_control_rbv.write(value)
+        await self.shutter_status.write("Open" if value == "Open" else "Closed")
+        return value
 
     @acquire.putter
     async def acquire(self, instance: object, value: str) -> str:

@@ -28,20 +28,29 @@ def ca_server_port() -> int:
     return 5064
 
 
-async def serve_pvdb(pvdb: Mapping[str, PVSpec], interfaces: list[str] | None) -> None:
-    """Serve ``pvdb`` over Channel Access until cancelled, on :func:`ca_server_port`."""
+async def serve_pvdb(pvdb: Mapping[str, PVSpec], interfaces: list[str] | None,
+                     listening: asyncio.Event | None = None) -> None:
+    """Serve ``pvdb`` over Channel Access until cancelled, on :func:`ca_server_port`.
+
+    ``listening`` is set once the TCP and UDP sockets are bound (clients can connect from then on).
+    """
     ctx = ServerContext(dict(pvdb), interfaces or None)
     # caproto's server takes its UDP/TCP port from EPICS_CA_SERVER_PORT; EPICS base servers honour
     # EPICS_CAS_SERVER_PORT first, and a process that is also a CA client (the filter IOC) needs
     # the two to differ, so apply the server variable here.
     ctx.ca_server_port = ca_server_port()
-    await ctx.run()
+
+    async def bound(_async_lib: object) -> None:  # caproto calls its startup hook after binding
+        if listening is not None:
+            listening.set()
+
+    await ctx.run(startup_hook=bound)
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
     """Run ``main(stop)`` in a fresh loop; SIGINT/SIGTERM set ``stop`` so it can shut down cleanly."""
 
-    async def wrapper() -> int:
+    async def wrapper() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

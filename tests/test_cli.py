@@ -15,7 +15,8 @@ def _cdae(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[st
 def test_help_lists_subcommands() -> None:
     r = _cdae("--help")
     assert r.returncode == 0
-    for sub in ("train", "evaluate", "fuse", "denoise", "simulate", "compare", "demo", "sim-camera", "ioc", "engine"):
+    for sub in ("train", "evaluate", "fuse", "denoise", "simulate", "compare", "demo", "sim-camera", "ioc", "engine",
+                "export", "models", "config", "display", "archiver-pvs"):
         assert sub in r.stdout
 
 

@@ -30,7 +30,10 @@ def _imports(path: Path) -> set[str]:
 
 
 def _files(module: str) -> list[Path]:
-    return sorted((ROOT / FOLDERS[module]).rglob("*.py"))
+    if module in FOLDERS:
+        return sorted((ROOT / FOLDERS[module]).rglob("*.py"))
+    package, _, name = module.rpartition(".")  # one module, e.g. cdae.notify → cdae/notify.py
+    return [f for f in [ROOT / FOLDERS[package] / f"{name}.py"] if f.is_file()]
 
 
 @pytest.mark.parametrize("contract", _contracts(), ids=lambda c: c["name"])

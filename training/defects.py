@@ -371,6 +371,39 @@ class DefectLayout:
         mask[self.warm_pixels[:, 0], self.warm_pixels[:, 1]] |= HOT
         return mask
 
+    def crop(self, top: int, left: int, height: int, width: int) -> DefectLayout:
+        """The same camera seen through a (height, width) window at (top, left): a training patch."""
+        if not (0 <= top and 0 <= left and top + height <= self.height and left + width <= self.width):
+            raise ValueError(f"window {height}x{width} at ({top}, {left}) is outside the {self.height}x{self.width} layout")
+
+        def inside(px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            keep = (px[:, 0] >= top) & (px[:, 0] < top + height) & (px[:, 1] >= left) & (px[:, 1] < left + width)
+            return (px[keep] - np.array([top, left], dtype=px.dtype)).reshape(-1, 2), keep
+
+        dead, k_dead = inside(self.dead_pixels)
+        stuck, k_stuck = inside(self.stuck_pixels)
+        warm, k_warm = inside(self.warm_pixels)
+        lines = []
+        for ln in self.bad_lines:
+            across, along, n_across, n_along = (left, top, width, height) if ln.axis == "column" else (top, left, height, width)
+            start, stop = max(ln.start - along, 0), min(ln.stop - along, n_along)
+            if across <= ln.index < across + n_across and start < stop:
+                lines.append(BadLine(ln.axis, ln.index - across, start, stop, ln.kind, ln.value))
+        window = (slice(top, top + height), slice(left, left + width))
+        return DefectLayout(
+            height=height,
+            width=width,
+            dead_pixels=dead,
+            dead_response=self.dead_response[k_dead],
+            stuck_pixels=stuck,
+            stuck_dn=self.stuck_dn[k_stuck],
+            warm_pixels=warm,
+            warm_offset_dn=self.warm_offset_dn[k_warm],
+            bad_lines=lines,
+            prnu_map=None if self.prnu_map is None else self.prnu_map[window].copy(),
+            dsnu_map=None if self.dsnu_map is None else self.dsnu_map[window].copy(),
+        )
+
 
 @dataclass
 class DetectorFrame:

@@ -39,6 +39,10 @@ LOSS_CSV = "loss.csv"
 LOSS_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_psnr_db", "lr", "seconds"]
 
 
+#: ``(model, first frame index of the batch) -> loss``: one optimisation step's objective.
+StepLoss = Callable[[CDAE, int], torch.Tensor]
+
+
 class TrainingError(RuntimeError):
     """Training cannot start or continue (bad init package, corrupt checkpoint, ...)."""
 
@@ -203,11 +207,16 @@ def train(
     command: str | None = None,
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] = print,
+    step_loss: StepLoss | None = None,
+    manifest_fields: dict[str, object] | None = None,
 ) -> TrainResult:
     """Train one model and write it as a package ``models_root/<name>/<version>``.
 
     ``run_dir`` holds checkpoints and logs (default ``runs/<name>-<version>``); ``resume`` continues
     from its last checkpoint. ``stop_after_epochs`` ends early (used to test resumption).
+    ``step_loss(model, first)`` replaces the simulated batch's loss (``first``: index of the batch's
+    first frame in the run; fine-tuning mixes in real frames this way); ``manifest_fields`` go into
+    the package's manifest.
     """
     models_root = Path(models_root)
     run_dir = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{cfg.version}"
@@ -244,11 +253,13 @@ def train(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
         for b in bar:
             first = (epoch * steps_per_epoch + b) * cfg.optim.batch_size
-            frames = simulated_frames(cfg.data, data_seed, first, cfg.optim.batch_size, [(cfg.data.patch_size,) * 2])
-            batch = make_batch(frames, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, cfg)
-            loss = total_loss(model, batch, cfg)
+            if step_loss is None:
+                frames = simulated_frames(cfg.data, data_seed, first, cfg.optim.batch_size, [(cfg.data.patch_size,) * 2])
+                loss = total_loss(model, make_batch(frames, cfg), cfg)
+            else:
+                loss = step_loss(model, first)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -287,6 +298,7 @@ def train(
                  "train_seconds": round(seconds, 1),
                  "epochs": cfg.optim.epochs, "steps": step},
         parent=parent,
+        **(manifest_fields or {}),
     )
     for name in (LOSS_CSV, "loss.png"):
         if (run_dir / name).is_file():

@@ -199,3 +199,16 @@ engine_timeout_s = 3
         raise
     finally:
         stack.stop_all()
+
+
+def test_display_and_archiver_list_take_the_camera_from_the_site_file(tmp_path: Path) -> None:
+    bob = tmp_path / "cam1.bob"
+    subprocess.run(cdae("display", "--config", str(EXAMPLE), "--name", "cam1", "-o", str(bob)), check=True,
+                   capture_output=True)
+    text = bob.read_text()
+    assert "13SIM1:CDAE1:" in text and "13SIM1:image1:" in text
+    out = subprocess.run(cdae("archiver-pvs", "--config", str(EXAMPLE), "--name", "cam1"), check=True,
+                         capture_output=True, text=True).stdout
+    assert '"pv": "13SIM1:CDAE1:UniqueId_RBV"' in out
+    missing = subprocess.run(cdae("display", "-o", str(bob)), capture_output=True, text=True)
+    assert missing.returncode == 2 and "--config SITE --name CAMERA" in missing.stderr

@@ -20,7 +20,7 @@ import torch
 
 from cdae.engine.architecture import ArchitectureConfig, build_model
 from cdae.engine.backends import (
-    BackendOptions,
+    OnnxRuntimeBackend,
     ShapeProfile,
     TorchCPUBackend,
     artefact_dir,
@@ -29,7 +29,8 @@ from cdae.engine.backends import (
     plan_key,
     resolve_kind,
 )
-from cdae.engine.errors import BackendUnavailable
+from cdae.engine.config import BackendOptions
+from cdae.engine.errors import BackendError, BackendUnavailable
 from cdae.engine.inference import Denoiser
 from cdae.engine.normalise import NormalisationConfig, network_input
 from cdae.engine.package import Manifest, ModelPackageError, load_model, read_manifest, write_package
@@ -147,6 +148,34 @@ def test_onnx_export_has_dynamic_size_and_matches_torch(pkg: Path, tmp_path: Pat
         ref_r, ref_p = cpu.infer(x)
         np.testing.assert_allclose(restored[0, 0, :h, :w], ref_r, atol=1e-5)
         np.testing.assert_allclose(prob[0, 0, :h, :w], ref_p, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None,
+                    reason="needs onnxruntime and onnxscript")
+def test_onnxruntime_backend_matches_torch_and_caches_its_export(pkg: Path, tmp_path: Path) -> None:
+    options = BackendOptions(artefact_dir=tmp_path / "cache", trt_max_side=256)
+    backend = load_backend("onnxruntime", pkg, options)
+    assert backend.describe()["backend"] == "onnxruntime"
+    onnx_file = backend.onnx_path
+    assert onnx_file.is_file() and str(onnx_file).startswith(str(tmp_path / "cache"))
+    cpu = TorchCPUBackend(*load_model(pkg))
+    for x in _inputs():
+        r, p = backend.infer(x)
+        ref_r, ref_p = cpu.infer(x)
+        np.testing.assert_allclose(r, ref_r, atol=1e-5)
+        np.testing.assert_allclose(p, ref_p, atol=1e-5)
+    stamp = onnx_file.stat().st_mtime_ns
+    assert load_backend("onnxruntime", pkg, options).onnx_path == onnx_file
+    assert onnx_file.stat().st_mtime_ns == stamp  # exported once, then reused
+
+
+def test_onnxruntime_backend_refuses_a_corrupt_graph(pkg: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not a graph")
+    manifest, model = load_model(pkg)
+    with pytest.raises(BackendError, match="onnxruntime cannot load bad.onnx"):
+        OnnxRuntimeBackend(manifest, model, pkg, BackendOptions(), onnx_path=bad)
 
 
 def _compare(backend, pkg: Path, max_tol: float, mean_tol: float) -> None:  # noqa: ANN001

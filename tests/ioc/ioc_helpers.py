@@ -154,8 +154,9 @@ class Stack:
             env["EPICS_CAS_SERVER_PORT"] = str(server_port)
         return env
 
-    def start(self, name: str, cmd: list[str], kind: str, server_port: int | None = None) -> Child:
-        child = Child(name, cmd, self._env(server_port))
+    def start(self, name: str, cmd: list[str], kind: str, server_port: int | None = None,
+              env: dict[str, str] | None = None) -> Child:
+        child = Child(name, cmd, {**self._env(server_port), **(env or {})})
         self.children.append(child)
         return child.start(READY[kind])
 
@@ -167,11 +168,11 @@ class Stack:
         return self.start("camera", cdae("sim-camera", "--prefix", self.camera_prefix, "--size", size,
                                           "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT)
 
-    def ioc(self, engine: Child, *args: str) -> Child:
+    def ioc(self, engine: Child, *args: str, env: dict[str, str] | None = None) -> Child:
         assert engine.match is not None
         return self.start("ioc", cdae("ioc", "--source", self.camera_prefix, "--prefix", self.ioc_prefix,
                                        "--engine", engine.match["data"], "--control", engine.match["control"],
-                                       "--engine-timeout-s", "3", *args), "ioc", IOC_PORT)
+                                       "--engine-timeout-s", "3", *args), "ioc", IOC_PORT, env=env)
 
     def stop_all(self) -> None:
         for c in reversed(self.children):

@@ -1,0 +1,70 @@
+"""``cdae models``: what a model store holds, whether it is intact, and switching a running engine.
+
+Read-only over the store (the package format belongs to :mod:`cdae.engine.package`); ``activate``
+goes through the engine's control channel, the same request the IOC's ``Model`` PV sends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import JsonValue
+
+from cdae.deploy.export import verify_artefacts
+from cdae.engine.package import DEFAULT_MODEL, Manifest, ModelPackageError, ModelRegistry, load_package, read_manifest
+
+
+def _metric(manifest: Manifest, *path: str) -> JsonValue:
+    node: JsonValue = manifest.metrics
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def store_rows(store: Path) -> list[dict[str, JsonValue]]:
+    """One row per package: identity, size, provenance, held-out PSNR where evaluated, artefacts."""
+    registry = ModelRegistry(store)
+    rows: list[dict[str, JsonValue]] = []
+    for ref in registry.refs():
+        pkg = registry.resolve(ref)
+        try:
+            m = read_manifest(pkg)
+        except ModelPackageError as e:
+            rows.append({"ref": ref, "error": str(e)})
+            continue
+        name_default = m.name == DEFAULT_MODEL and pkg == registry.resolve(DEFAULT_MODEL)
+        rows.append({
+            "ref": m.ref, "default": name_default, "parameters": m.parameters, "weights_sha256": m.weights_sha256,
+            "created_utc": m.created_utc, "parent": m.parent, "seed": m.seed,
+            "psnr_db": _metric(m, "held_out", "summary", "psnr_db"),
+            "artefacts": [f"{a.kind}:{a.precision}" for a in m.artefacts],
+        })
+    return rows
+
+
+def format_rows(rows: list[dict[str, JsonValue]]) -> str:
+    """The store as a table for a terminal."""
+    head = f"{'model':<28} {'params':>8} {'sha256':<12} {'PSNR dB':>8}  {'created (UTC)':<25} artefacts"
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['ref']:<28} BROKEN: {r['error']}")
+            continue
+        psnr = f"{r['psnr_db']:.2f}" if isinstance(r["psnr_db"], (int, float)) else "-"
+        mark = " *" if r["default"] else ""
+        arts = ", ".join(r["artefacts"]) or "-"  # type: ignore[arg-type]
+        lines.append(f"{str(r['ref']) + mark:<28} {r['parameters']:>8} {str(r['weights_sha256'])[:12]:<12} "
+                     f"{psnr:>8}  {r['created_utc']!s:<25} {arts}")
+    lines.append("* = what a bare `cdae-default` resolves to")
+    return "\n".join(lines)
+
+
+def verify_package(pkg: Path) -> list[str]:
+    """Everything wrong with one package: manifest, weights' sha256 and safetensors, artefacts."""
+    try:
+        load_package(pkg)
+    except ModelPackageError as e:
+        return [str(e)]
+    return verify_artefacts(pkg)
