@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backends = [b for b in AUTO_ORDER if b == "torch-cpu" or cuda_available()
                     and (b != "tensorrt" or tensorrt_importable())]
+        if importlib.util.find_spec("onnxruntime") is not None:
+            backends.append("onnxruntime")  # the exported graph on the CPU, beside torch-cpu
     backends.append("passthrough")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
