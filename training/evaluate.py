@@ -20,10 +20,17 @@ from cdae.engine.inference import Denoiser
 from cdae.engine.normalise import to_dtype
 from cdae.training.baselines import make_baseline, tune_baselines
 from cdae.training.config import DataConfig
-from cdae.training.metrics import EvalFrame, FrameMetrics, aggregate, frame_metrics
+from cdae.training.metrics import (
+    EvalFrame,
+    FrameMetrics,
+    aggregate,
+    bright_error_concentration,
+    frame_metrics,
+    per_class_rmse,
+)
 from cdae.training.report import save_panels, write_markdown_table
 from cdae.training.dataset import simulated_frames
-from cdae.training.defects import simulate_frame
+from cdae.training.defects import MASK_BITS, simulate_frame
 
 Method = Callable[[np.ndarray, int], np.ndarray]  # (noisy float32 DN, adc_max) -> estimate float32 DN
 
@@ -82,6 +89,8 @@ class MethodScores:
     per_kind: dict[str, dict[str, float]]
     per_frame: list[FrameMetrics]
     seconds_per_frame: float
+    per_defect_class: dict[str, dict[str, float]]
+    bright_concentration: dict[str, float]
 
 
 def score(name: str, method: Method, frames: Sequence[EvalFrame]) -> tuple[MethodScores, list[np.ndarray]]:
@@ -94,7 +103,8 @@ def score(name: str, method: Method, frames: Sequence[EvalFrame]) -> tuple[Metho
     dt = (time.perf_counter() - t0) / max(len(frames), 1)
     kinds = sorted({fr.kind for fr in frames})
     per_kind = {k: aggregate([m for m, fr in zip(metrics, frames) if fr.kind == k]) for k in kinds}
-    return MethodScores(name, aggregate(metrics), per_kind, metrics, dt), outputs
+    return MethodScores(name, aggregate(metrics), per_kind, metrics, dt, per_class_rmse(outputs, frames, MASK_BITS),
+                        bright_error_concentration(metrics)), outputs
 
 
 def time_1024_uint16(denoiser: Denoiser, repeats: int = 3) -> dict[str, float]:
@@ -167,7 +177,8 @@ def evaluate(
         "validation_for_baseline_tuning": {"seed": data.val_seed, "frames": len(val)},
         "tuned_baselines": tuned,
         "best_baseline": best_baseline,
-        "methods": {n: {"summary": r.summary, "per_kind": r.per_kind, "seconds_per_frame": r.seconds_per_frame}
+        "methods": {n: {"summary": r.summary, "per_kind": r.per_kind, "seconds_per_frame": r.seconds_per_frame,
+                        "per_defect_class": r.per_defect_class, "bright_error_concentration": r.bright_concentration}
                     for n, r in results.items()},
         "comparisons": comparisons,
         "defect_head": detection,
@@ -218,7 +229,18 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
     lines += ["## PSNR by scene kind (dB)", ""]
     kinds = report["held_out"]["kinds"]
     krows = [{"method": n, **{k: r.per_kind[k]["psnr_db"] for k in kinds if k in r.per_kind}} for n, r in results.items()]
-    lines += [write_markdown_table(krows, ["method", *kinds]), "", "![panels](panels.png)", ""]
+    lines += [write_markdown_table(krows, ["method", *kinds]), ""]
+    classes = list(MASK_BITS)
+    lines += ["## Defect RMSE by class (fraction of full scale)", "",
+              "Pixels of each class in the held-out set: " + ", ".join(
+                  f"{c} {int(next(iter(results.values())).per_defect_class[c]['pixels'])}" for c in classes) + ".", ""]
+    crows = [{"method": n, **{c: r.per_defect_class[c]["rmse"] for c in classes}} for n, r in results.items()]
+    lines += [write_markdown_table(crows, ["method", *classes]), ""]
+    lines += ["Share of each method's bright-feature squared error in its worst frame (near 1: one scene "
+              "eaten, not a general blur): " + ", ".join(
+                  f"{n} {r.bright_concentration['worst_frame_share']:.2f} (frame "
+                  f"{int(r.bright_concentration['worst_frame'])})" for n, r in results.items()) + ".", ""]
+    lines += ["![panels](panels.png)", ""]
     path.write_text("\n".join(lines))
 
 

@@ -251,3 +251,38 @@ def aggregate(metrics: Sequence[FrameMetrics]) -> dict[str, float]:
         out[f"n_{region}"] = float(n)
     out["n_frames"] = float(len(metrics))
     return out
+
+
+def per_class_rmse(
+    estimates: Sequence[np.ndarray], frames: Sequence[EvalFrame], classes: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """RMSE (fraction of full scale) pooled over frames on the pixels of each defect class.
+
+    ``classes`` maps a class name to its bit in ``defect_mask``; a pixel with several bits counts
+    in each of its classes. Tells which defects a method repairs and which it leaves (or makes).
+    """
+    if len(estimates) != len(frames):
+        raise MetricsError(f"{len(estimates)} estimates for {len(frames)} frames")
+    se = dict.fromkeys(classes, 0.0)
+    n = dict.fromkeys(classes, 0)
+    for est, fr in zip(estimates, frames):
+        bits = np.asarray(fr.defect_mask).astype(np.int64)
+        diff = (np.asarray(est, dtype=np.float64) - np.asarray(fr.clean, dtype=np.float64)) / float(fr.adc_max)
+        for name, bit in classes.items():
+            sel = (bits & bit) != 0
+            se[name] += float(np.sum(diff[sel] ** 2))
+            n[name] += int(sel.sum())
+    return {name: {"rmse": math.sqrt(se[name] / n[name]) if n[name] else math.nan, "pixels": float(n[name])}
+            for name in classes}
+
+
+def bright_error_concentration(metrics: Sequence[FrameMetrics]) -> dict[str, float]:
+    """Which frame holds the largest share of the pooled bright-feature squared error, and how much.
+
+    A method that fails badly on one scene (eats one real blob) shows a share near 1.
+    """
+    total = sum(m.se_bright for m in metrics)
+    if not metrics or total <= 0:
+        return {"worst_frame": -1.0, "worst_frame_share": 0.0}
+    worst = max(range(len(metrics)), key=lambda i: metrics[i].se_bright)
+    return {"worst_frame": float(worst), "worst_frame_share": metrics[worst].se_bright / total}

@@ -194,3 +194,33 @@ def test_eval_frame_holds_its_fields() -> None:
     f = EvalFrame(noisy=clean, clean=clean, defect_mask=np.zeros(clean.shape, np.uint8),
                   adc_max=ADC_MAX, bit_depth=12, kind="gaussian-spots")
     assert f.adc_max == 2**f.bit_depth - 1
+
+
+def test_per_class_rmse_counts_each_bit_and_pools_over_frames() -> None:
+    from cdae.training.metrics import EvalFrame, per_class_rmse
+
+    clean = np.zeros((4, 4), np.float32)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 0] = 1  # dead
+    mask[1, 1] = 2 | 8  # hot and bloom: counts in both
+    est = clean.copy()
+    est[0, 0], est[1, 1] = 10.0, 20.0
+    frame = EvalFrame(noisy=est, clean=clean, defect_mask=mask, adc_max=100, bit_depth=8, kind="t")
+    out = per_class_rmse([est, est], [frame, frame], {"dead": 1, "hot": 2, "bloom": 8, "none": 16})
+    assert out["dead"] == {"rmse": pytest.approx(0.1), "pixels": 2.0}
+    assert out["hot"]["rmse"] == pytest.approx(0.2) and out["bloom"]["rmse"] == pytest.approx(0.2)
+    assert np.isnan(out["none"]["rmse"]) and out["none"]["pixels"] == 0.0
+
+
+def test_bright_error_concentration_names_the_frame_that_holds_the_error() -> None:
+    from cdae.training.metrics import bright_error_concentration, frame_metrics
+
+    clean = np.zeros((32, 32), np.float32)
+    clean[10:14, 10:14] = 80.0
+    mask = np.zeros((32, 32), np.uint8)
+    good = frame_metrics(clean + 0.5, clean, mask, 100.0)
+    eaten = clean.copy()
+    eaten[10:14, 10:14] = 5.0  # the bright feature removed
+    bad = frame_metrics(eaten, clean, mask, 100.0)
+    c = bright_error_concentration([good, bad, good])
+    assert c["worst_frame"] == 1.0 and c["worst_frame_share"] > 0.99
