@@ -60,6 +60,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --- evaluate ----------------------------------------------------------------------------------
 
+def _evaluate_recording(args: argparse.Namespace, models: list, pkg: Path, data: object) -> int:
+    """``cdae evaluate --data run.h5``: the models on a camera recording's frames, without ground truth."""
+    from cdae.recording import read_runs
+    from cdae.training.characterise import default_profile_path, load_profile
+    from cdae.training.evaluate_real import evaluate_recording, held_out_frames
+
+    recording = Path(args.data)
+    profile = load_profile(args.profile or default_profile_path(recording))
+    last = args.held_out_frames or max(2, max(r.info.frames for r in read_runs(recording)) // 4)
+    out = Path(args.out) if args.out else pkg / f"evaluation-{recording.stem}"
+    report = evaluate_recording(models, held_out_frames(recording, profile, last), profile, out, sim_data=data,
+                                sim_frames=args.frames)
+    for name, s in report["summary"].items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, read_manifest, write_manifest
@@ -71,8 +88,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pkgs = [registry.resolve(r) for r in refs]
     denoisers = [Denoiser.from_package(p) for p in pkgs]
     names = [d.manifest.ref for d in denoisers]
+    # The standard held-out set (default scene and detector distributions, seeds disjoint from
+    # training) unless asked for the first model's own training distribution: versions trained
+    # on different distributions are only comparable on the same frames.
     td = denoisers[0].manifest.training_config.get("data")
-    data = DataConfig.model_validate(td) if isinstance(td, dict) else DataConfig()
+    data = DataConfig.model_validate(td) if args.model_distribution and isinstance(td, dict) else DataConfig()
+    if args.data:
+        return _evaluate_recording(args, list(zip(names, denoisers)), pkgs[0], data)
     out = Path(args.out) if args.out else pkgs[0] / "evaluation"
     sizes = [tuple(int(v) for v in s.lower().split("x"))[::-1] for s in args.sizes.split(",")]
     report = evaluate(list(zip(names, denoisers)), out, data, frames=args.frames, val_frames=args.val_frames,
@@ -396,6 +418,53 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_characterise(args: argparse.Namespace) -> int:
+    from cdae.training.characterise import CharacteriseConfig, characterise, default_profile_path, save_profile_png
+    from cdae.training.config import ConfigError, apply_override
+
+    settings: dict = {}
+    for item in args.set:
+        apply_override(settings, item)
+    try:
+        config = CharacteriseConfig.model_validate(settings)
+    except ValueError as e:
+        raise ConfigError(f"invalid characterisation settings: {e}") from e
+    profile = characterise(args.recording, config, bit_depth=args.bit_depth)
+    out = Path(args.output) if args.output else default_profile_path(args.recording)
+    profile.save(out)
+    png = save_profile_png(profile, args.recording, Path(args.png) if args.png else out.with_suffix(".png"))
+    gain = f"{profile.gain_e_per_dn:.3g} e-/DN" if profile.gain_e_per_dn else "unknown"
+    print(f"{profile.width}x{profile.height} {profile.bit_depth}-bit, {profile.frames_dark} dark + {profile.frames_light} "
+          f"ordinary frames: bias {profile.bias_dn:.1f} DN, read noise {profile.read_noise_dn:.2f} DN, gain {gain}; "
+          f"{len(profile.dead_pixels)} dead, {len(profile.hot_pixels)} hot, {len(profile.stuck_pixels)} stuck pixels, "
+          f"{len(profile.bad_lines)} bad lines")
+    for note in profile.notes:
+        print(f"note: {note}")
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from cdae.engine.package import ModelRegistry
+    from cdae.training.finetune import finetune, finetune_config, resolve_profile
+
+    src = Path(args.init)
+    parent = src if (src / "manifest.json").is_file() else ModelRegistry(_models_dir(args.models_dir)).resolve(args.init)
+    store = Path(args.out) if args.out else parent.parent.parent
+    cfg = finetune_config(parent, args.config, args.set, name=args.name, version=args.model_version, store=store)
+    recording = Path(args.data)
+    profile, profile_path = resolve_profile(recording, args.profile, log=print)
+    print(f"fine-tuning {cfg.name}:{cfg.version} from {parent} on {recording}", flush=True)
+    print("effective config: " + cfg.model_dump_json(), flush=True)
+    run_dir = Path(args.run_dir) / f"{cfg.name}-{cfg.version}" if args.run_dir else None
+    result = finetune(cfg, recording, profile, profile_path, store, run_dir, progress=not args.no_progress,
+                      eval_frames=args.eval_frames)
+    for name, s in result.report["summary"].items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()))
+    print(f"wrote {result.package}")
+    return 0
+
+
 # --- engine ------------------------------------------------------------------------------------
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -631,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="report folder (default: <package>/evaluation)")
     e.add_argument("--update-manifest", action="store_true", help="record the held-out metrics in the manifest")
     e.add_argument("--no-timing", action="store_true", help="skip the 1024x1024 CPU timing")
+    e.add_argument("--model-distribution", action="store_true",
+                   help="held-out frames from the first model's training distribution (default: the standard one)")
+    e.add_argument("--data", help="a camera recording (cdae record): evaluate on its frames, without ground truth")
+    e.add_argument("--profile", help="camera profile of --data (default: beside the recording, from cdae characterise)")
+    e.add_argument("--held-out-frames", type=int, help="with --data: the last N frames of each run (default: a quarter)")
     e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser("fuse", help="fuse ensemble members (weight average, greedy soup, or output average)")
@@ -703,6 +777,27 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--note", default="", help="what the camera looked at (kept with the run)")
     rc.add_argument("--no-progress", action="store_true")
     rc.set_defaults(func=cmd_record)
+    ch = sub.add_parser("characterise", help="camera profile from a recording: defect map, bias, read noise, gain (+ PNG)")
+    ch.add_argument("recording", help="a recording made by cdae record (dark runs help)")
+    ch.add_argument("-o", "--output", help="profile JSON (default: beside the recording, NAME.profile.json)")
+    ch.add_argument("--png", help="defect-map picture (default: the profile's name with .png)")
+    ch.add_argument("--bit-depth", type=int, help="ADC bits, if the recording does not know them")
+    ch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="threshold, e.g. pixel_sigma=6")
+    ch.set_defaults(func=cmd_characterise)
+    ft = sub.add_parser("finetune", help="fine-tune a model on a camera recording (self-supervised) + simulated data")
+    ft.add_argument("--init", required=True, help="parent model NAME:VERSION (or package directory)")
+    ft.add_argument("--data", required=True, help="the recording (cdae record)")
+    ft.add_argument("--profile", help="camera profile (default: beside the recording; measured there if missing)")
+    ft.add_argument("--config", help="TOML/YAML/JSON overrides of the fine-tuning config")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=4")
+    ft.add_argument("--name", help="model name (default: the parent's)")
+    ft.add_argument("--model-version", help="version (default: PARENTVERSION-ftN)")
+    ft.add_argument("--models-dir", help="store holding the parent (default: $CDAE_MODELS or the source tree's models/)")
+    ft.add_argument("--out", help="store to write the new version to (default: the parent's store)")
+    ft.add_argument("--run-dir", help="folder for checkpoints and logs (default runs/)")
+    ft.add_argument("--eval-frames", type=int, default=16, help="simulated held-out frames for the before/after check")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
     io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")
     io.add_argument("--config", help="TOML file with IocConfig fields, or with --name a site file (flags override it)")
     io.add_argument("--name", help="camera name in the site file ([cameras.NAME])")
