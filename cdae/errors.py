@@ -20,6 +20,7 @@ _USER_ERRORS = (
     ("cdae.training.report", "ReportError"),
     ("cdae.recording", "RecordingError"),
     ("cdae.ioc.record", "RecordError"),
+    ("cdae.training.characterise", "CharacteriseError"),
     ("cdae.deploy.site", "SiteError"),
     ("cdae.deploy.export", "ExportError"),
     ("cdae.engine.errors", "BackendUnavailable"),

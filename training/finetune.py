@@ -1,0 +1,422 @@
+"""Fine-tuning on a real camera's frames, which come without clean targets.
+
+Three kinds of examples in every batch, so that the model learns this camera without forgetting
+what the simulator taught it:
+
+* **real patches, self-supervised**: where the recording has consecutive frames of one static
+  scene (a diagnostic looking at a fixed target), one frame is the input and the next the target
+  (Noise2Noise, Lehtinen et al. 2018): the noises are independent, so the best prediction is the
+  scene. Otherwise blind spots (Noise2Void, Krull et al. 2019): a few pixels of each patch are
+  replaced by a random neighbour's value and the network predicts the *raw* value there. Either
+  way the camera profile's defect pixels are known corruptions: never targets, while the same
+  damage is injected into the real patches at other places, where the target is free of it;
+* **camera-matched simulated frames**: simulated scenes recorded with the profile's bias, gain,
+  read noise and bit depth and with its defect layout (hot columns, stuck pixels, ...) injected
+  at their positions: supervised inpainting of exactly this camera's damage, with clean targets;
+* **the parent's simulated frames** (its training distribution): nothing is forgotten.
+
+Same reproducibility as training (:mod:`cdae.training.train`, whose loop this reuses): same
+config, seed, recording and thread count → bit-identical weights on CPU. The manifest names the
+parent, the recording's sha256 and the profile; the package holds the profile and an evaluation
+without ground truth (:mod:`cdae.training.evaluate_real`).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from cdae.engine.architecture import CDAE
+from cdae.engine.normalise import network_input
+from cdae.engine.package import DataProvenance, ModelRegistry, read_manifest, sha256_file, write_manifest
+from cdae.recording import read_runs
+from cdae.training.characterise import (
+    CameraProfile,
+    CharacteriseError,
+    characterise,
+    default_profile_path,
+    is_static_pair,
+    load_profile,
+)
+from cdae.training.config import ConfigError, DataConfig, TrainConfig, _Strict, apply_override, read_config_file
+from cdae.training.dataset import simulated_frames
+from cdae.training.defects import DefectLayout, apply_detector, detector_rng, sample_defect_params
+from cdae.training.metrics import EvalFrame
+from cdae.training.simulate import generate_scene, scene_rng
+from cdae.training.train import TrainingError, make_batch, member_data_seed, restoration_loss, total_loss, train
+
+PROFILE_FILE = "camera_profile.json"
+#: What fine-tuning changes in the parent's training config unless told otherwise: a short run
+#: (320 steps) at a seventh of the learning rate, so the parent's weights are a starting point, not
+#: noise, and batches of many small patches: Adam's steps are as large on a noisy batch as on a
+#: clean one, and with a few patches per batch they walk the weights away from what the parent knew.
+FINETUNE_DEFAULTS: dict[str, dict[str, object]] = {
+    "optim": {"epochs": 4, "batch_size": 16, "lr": 3e-4, "min_lr": 1e-5, "warmup_steps": 10},
+    "data": {"frames_per_epoch": 1280, "patch_size": 32},
+}
+#: Camera-matched frames draw their data stream from this offset of the member's seed.
+CAMERA_STREAM = 7919
+
+
+class RealDataConfig(_Strict):
+    """How the recording's frames are used."""
+
+    held_out_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="last part of each ordinary run kept for evaluation")
+    held_out_min: int = Field(2, ge=0, description="at least this many held-out frames per run (pairs need 2)")
+    max_frames: int = Field(256, ge=1, description="training frames loaded (evenly spaced over the runs)")
+    share: float = Field(0.75, ge=0.0, le=1.0, description="share of each batch that is real patches")
+    camera_share: float = Field(0.125, ge=0.0, le=1.0, description="share that is camera-matched simulated frames; "
+                                "the rest is the parent's simulated frames (without them it forgets)")
+    objective: Literal["auto", "noise2noise", "noise2void"] = Field(
+        "auto", description="noise2noise: one frame of a static scene against the next; noise2void: blind spots "
+        "in single frames; auto: noise2noise where the recording has static frame pairs")
+    mask_fraction: float = Field(0.02, gt=0.0, le=0.2, description="noise2void: blind-spot pixels per patch")
+    mask_radius: int = Field(2, ge=1, le=5, description="a blind spot takes a random neighbour's value within this radius")
+    loss_weight: float = Field(1.0, ge=0.0, description="weight of the real frames' loss against the simulated frames'")
+    inject_defects: bool = Field(True, description="add the profile's damage to real patches at other places, "
+                                 "where the target is known to be free of it")
+
+
+class FinetuneConfig(TrainConfig):
+    """A fine-tuning run: the training config (simulated part) plus how real frames are used."""
+
+    real: RealDataConfig = Field(default_factory=RealDataConfig)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def finetune_config(parent_pkg: Path, path: Path | str | None = None, overrides: list[str] | None = None,
+                    name: str | None = None, version: str | None = None, store: Path | None = None) -> FinetuneConfig:
+    """The parent's training config + :data:`FINETUNE_DEFAULTS` + a config file + ``--set`` overrides.
+
+    The version defaults to ``<parent version>-ftN``, the first N free in ``store`` (default: the parent's).
+    """
+    parent = read_manifest(parent_pkg)
+    data: dict = {k: v for k, v in parent.training_config.items() if k in FinetuneConfig.model_fields}
+    data = _merge(data, FINETUNE_DEFAULTS)
+    data.update(architecture=parent.architecture.model_dump(), normalisation=parent.normalisation.model_dump(),
+                init_from=str(parent_pkg), name=name or parent.name)
+    data["version"] = version or _next_version(parent_pkg, (store or parent_pkg.parent.parent) / data["name"])
+    if path is not None:
+        data = _merge(data, read_config_file(path))
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return FinetuneConfig.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(f"invalid fine-tuning config: {e}") from e
+
+
+def _next_version(parent_pkg: Path, versions: Path) -> str:
+    n = 1
+    while (versions / f"{parent_pkg.name}-ft{n}").exists():
+        n += 1
+    return f"{parent_pkg.name}-ft{n}"
+
+
+# --- the recording's frames ---------------------------------------------------------------------
+
+@dataclass
+class RealFrames:
+    """A recording's ordinary frames, split into training and held-out frames."""
+
+    train: np.ndarray  # (N, H, W) float32 DN, in recording order
+    offset: np.ndarray  # (N,) per-frame normalisation, as inference computes it on the whole frame
+    scale: np.ndarray
+    pairs: np.ndarray  # (P, 2) indices into train: two frames of one static scene (Noise2Noise pairs)
+    held_out: list[np.ndarray]  # per run: (M, H, W) float32 DN, in recording order
+    adc_max: float
+    bias_dn: float
+    valid: np.ndarray  # (H, W) bool: may serve as a target (not a known defect)
+
+
+def load_real_frames(recording: Path | str, profile: CameraProfile, cfg: FinetuneConfig) -> RealFrames:
+    """Ordinary frames of the profile's size: the last part of each run held out, the rest for training."""
+    runs = [r for r in read_runs(recording) if not r.info.dark and r.info.frames
+            and (r.info.height, r.info.width) == (profile.height, profile.width)]
+    if not runs:
+        raise TrainingError(f"{recording}: no ordinary (non-dark) frames of {profile.width}x{profile.height}")
+    adc_max = float(profile.adc_max)
+    train_idx: list[tuple[int, int]] = []
+    held: list[np.ndarray] = []
+    for k, run in enumerate(runs):
+        n = run.info.frames
+        n_held = min(n - 1, max(cfg.real.held_out_min, int(round(n * cfg.real.held_out_fraction)))) if n > 1 else 0
+        train_idx += [(k, i) for i in range(n - n_held)]
+        if n_held:
+            held.append(run.frames(slice(n - n_held, n)).astype(np.float32))
+    if not train_idx:
+        raise TrainingError(f"{recording}: every frame is held out; record more frames")
+    picks = np.unique(np.linspace(0, len(train_idx) - 1, min(cfg.real.max_frames, len(train_idx))).round().astype(int))
+    chosen = [train_idx[i] for i in picks]
+    frames = np.stack([runs[k].frames([i])[0] for k, i in chosen]).astype(np.float32)
+    offsets, scales = [], []
+    for f in frames:
+        _, o, s = network_input(f, adc_max, cfg.normalisation)
+        offsets.append(o)
+        scales.append(s)
+    ratio = profile.settings.static_ratio
+    pairs = [(j, j + 1) for j in range(len(chosen) - 1)
+             if chosen[j][0] == chosen[j + 1][0] and is_static_pair(frames[j], frames[j + 1], ratio)]
+    valid = profile.defect_mask() == 0
+    return RealFrames(frames, np.array(offsets, np.float32), np.array(scales, np.float32),
+                      np.array(pairs, np.intp).reshape(-1, 2), held, adc_max, profile.bias_dn, valid)
+
+
+def real_objective(cfg: RealDataConfig, real: RealFrames) -> Literal["noise2noise", "noise2void"]:
+    """The self-supervised objective a run uses: Noise2Noise where static frame pairs exist (``auto``)."""
+    if cfg.objective == "noise2noise" and not len(real.pairs):
+        raise TrainingError("objective noise2noise needs consecutive frames of a static scene; the recording has none")
+    if cfg.objective == "auto":
+        return "noise2noise" if len(real.pairs) else "noise2void"
+    return cfg.objective
+
+
+@dataclass
+class RealBatch:
+    x: torch.Tensor  # (B, 2, P, P) network input
+    target: torch.Tensor  # (B, 1, P, P) a raw frame, normalised like the input
+    weight: torch.Tensor  # (B, 1, P, P) where the target counts (1) and where not (0)
+
+
+def _window(real: RealFrames, rng: np.random.Generator, patch: int) -> tuple[slice, slice]:
+    _, h, w = real.train.shape
+    p = min(patch, h, w)
+    top, left = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+    return slice(top, top + p), slice(left, left + p)
+
+
+def _network_pair(real: RealFrames, k: int, raw_in: np.ndarray, raw_target: np.ndarray,
+                  weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    off, sc = float(real.offset[k]), float(real.scale[k])
+    x = np.empty((2, *raw_in.shape), np.float32)
+    x[0] = (raw_in - off) / sc
+    x[1] = raw_in >= real.adc_max - 0.5
+    return x, ((raw_target - off) / sc)[None].astype(np.float32), weight[None].astype(np.float32)
+
+
+def _stack_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> RealBatch:
+    return RealBatch(*(torch.from_numpy(np.stack([it[i] for it in items])) for i in range(3)))
+
+
+def inject_defects(raw: np.ndarray, layout: DefectLayout, bias_dn: float, adc_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """``raw`` (DN) as the camera would read it with the damage of ``layout``, and where that damage is.
+
+    Real scenes with the camera's own kinds of defect at new places: their targets (the frame
+    without them) are known, so the network learns to restore exactly this camera's damage.
+    """
+    out = raw.astype(np.float32, copy=True)
+    for line in layout.bad_lines:
+        region = line.region()
+        if line.kind == "hot":
+            out[region] += np.float32(line.value)
+        else:
+            out[region] = bias_dn + (out[region] - bias_dn) * np.float32(line.value)
+    dead, warm, stuck = layout.dead_pixels, layout.warm_pixels, layout.stuck_pixels
+    out[dead[:, 0], dead[:, 1]] = bias_dn + (out[dead[:, 0], dead[:, 1]] - bias_dn) * layout.dead_response
+    out[warm[:, 0], warm[:, 1]] += layout.warm_offset_dn
+    out[stuck[:, 0], stuck[:, 1]] = layout.stuck_dn
+    np.clip(np.rint(out), 0.0, adc_max, out=out)
+    return out, layout.static_mask() != 0
+
+
+def _injected(real: RealFrames, raw: np.ndarray, layout: DefectLayout | None,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The profile's damage seen through another window of the sensor, added to this patch (if asked)."""
+    if layout is None:
+        return raw, np.zeros(raw.shape, bool)
+    h, w = raw.shape
+    top, left = int(rng.integers(layout.height - h + 1)), int(rng.integers(layout.width - w + 1))
+    return inject_defects(raw, layout.crop(top, left, h, w), real.bias_dn, real.adc_max)
+
+
+def noise2noise_batch(real: RealFrames, rng: np.random.Generator, count: int, patch: int,
+                      inject: DefectLayout | None = None, defect_weight: float = 0.0) -> RealBatch:
+    """``count`` patches of one frame of a static pair as input, the other as target (Lehtinen et al. 2018).
+
+    The target's noise is independent of the input's, so the best prediction is the scene itself.
+    Known defects, and pixels saturated in either frame, do not count. ``inject``: the camera's
+    damage added to the input at other places, where the target is clean of it (weighted
+    ``1 + defect_weight``, as defects in simulated frames).
+    """
+    items = []
+    for _ in range(count):
+        a, b = real.pairs[int(rng.integers(len(real.pairs)))]
+        if rng.random() < 0.5:
+            a, b = b, a
+        win = _window(real, rng, patch)
+        xa, xb = real.train[a][win], real.train[b][win]
+        weight = (real.valid[win] & (xa < real.adc_max - 0.5) & (xb < real.adc_max - 0.5)).astype(np.float32)
+        xa, added = _injected(real, xa, inject, rng)
+        weight[added] *= 1.0 + defect_weight
+        items.append(_network_pair(real, int(a), xa, xb, weight))
+    return _stack_batch(items)
+
+
+def blind_spot_batch(real: RealFrames, rng: np.random.Generator, count: int, patch: int,
+                     cfg: RealDataConfig, inject: DefectLayout | None = None) -> RealBatch:
+    """``count`` patches with Noise2Void blind spots (N2V's uniform neighbour replacement) as the only targets.
+
+    ``inject``: the camera's damage added at other places first; a blind spot there is still
+    judged against the raw value without it.
+    """
+    items = []
+    for _ in range(count):
+        k = int(rng.integers(len(real.train)))
+        win = _window(real, rng, patch)
+        raw = real.train[k][win]
+        p_h, p_w = raw.shape
+        candidates = np.flatnonzero(real.valid[win] & (raw < real.adc_max - 0.5))
+        seen, _ = _injected(real, raw, inject, rng)
+        m = max(1, int(round(cfg.mask_fraction * p_h * p_w)))
+        spots = rng.choice(candidates, size=min(m, candidates.size), replace=False) if candidates.size else candidates
+        r = cfg.mask_radius
+        dy, dx = rng.integers(-r, r + 1, spots.size), rng.integers(-r, r + 1, spots.size)
+        same = (dy == 0) & (dx == 0)
+        dx[same] = np.where(rng.random(int(same.sum())) < 0.5, -1, 1)  # never the pixel itself
+        ys, xs = spots // p_w, spots % p_w
+        filled = seen.copy()
+        filled[ys, xs] = seen[np.clip(ys + dy, 0, p_h - 1), np.clip(xs + dx, 0, p_w - 1)]
+        mask = np.zeros(raw.shape, np.float32)
+        mask[ys, xs] = 1.0
+        items.append(_network_pair(real, k, filled, raw, mask))
+    return _stack_batch(items)
+
+
+def real_loss(model: CDAE, batch: RealBatch, cfg: TrainConfig) -> torch.Tensor:
+    """The restoration loss of the simulated frames, against a raw frame where ``batch.weight`` says.
+
+    Charbonnier ≈ L1 estimates the conditional median, which the monotone range compression keeps:
+    for symmetric noise that is the clean value, on the same footing as the simulated frames'.
+    """
+    restored, _ = model.forward_compressed(batch.x[:, : cfg.architecture.in_channels])
+    return restoration_loss(restored, model.compress(batch.target), batch.weight, cfg)
+
+
+# --- camera-matched simulation ------------------------------------------------------------------
+
+def camera_frames(profile: CameraProfile, data: DataConfig, seed: int, start: int, count: int,
+                  size: int) -> list[EvalFrame]:
+    """Simulated frames as this camera records them: its noise, bit depth and defect layout (cropped)."""
+    layout = profile.layout()
+    size = min(size, profile.height, profile.width)
+    bits = profile.bit_depth if profile.bit_depth in (8, 12, 16) else 16
+    frames = []
+    for index in range(start, start + count):
+        scene = generate_scene(scene_rng(seed, index), size, size, data.scene)
+        rng = detector_rng(seed, index)
+        params = sample_defect_params(rng, data.defects, bits)
+        gain = profile.gain_e_per_dn or params.gain_e_per_dn
+        update: dict[str, object] = {"bias_dn": profile.bias_dn, "read_noise_e": profile.read_noise_dn * gain,
+                                     "gain_e_per_dn": gain, "full_well_e": (params.adc_max - profile.bias_dn) * gain,
+                                     "full_scale_fraction": 1.0}
+        params = params.model_copy(update=update)
+        top, left = int(rng.integers(profile.height - size + 1)), int(rng.integers(profile.width - size + 1))
+        det = apply_detector(scene.signal, rng, params, layout.crop(top, left, size, size))
+        frames.append(EvalFrame(det.noisy, det.clean, det.defect_mask, det.adc_max, bits, f"camera:{scene.kind}"))
+    return frames
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def make_step_loss(cfg: FinetuneConfig, profile: CameraProfile, real: RealFrames) -> Callable[[CDAE, int], torch.Tensor]:
+    """The fine-tuning objective of the batch starting at frame ``first`` (see the module docstring)."""
+    bs = cfg.optim.batch_size
+    n_real = int(round(bs * cfg.real.share))
+    n_cam = min(bs - n_real, int(round(bs * cfg.real.camera_share)))
+    n_sim = bs - n_real - n_cam
+    data_seed = member_data_seed(cfg)
+    size = cfg.data.patch_size
+    objective = real_objective(cfg.real, real)
+    inject = profile.layout() if cfg.real.inject_defects else None
+
+    def step_loss(model: CDAE, first: int) -> torch.Tensor:
+        frames = simulated_frames(cfg.data, data_seed, first, n_sim, [(size, size)]) if n_sim else []
+        if n_cam:
+            frames += camera_frames(profile, cfg.data, data_seed + CAMERA_STREAM, first, n_cam, size)
+        loss = torch.zeros(())
+        if frames:
+            loss = total_loss(model, make_batch(frames, cfg), cfg) * (len(frames) / bs)
+        if n_real:
+            rng = np.random.default_rng([cfg.seed, first, 23])
+            batch = (noise2noise_batch(real, rng, n_real, size, inject, cfg.loss.defect_weight)
+                     if objective == "noise2noise" else blind_spot_batch(real, rng, n_real, size, cfg.real, inject))
+            loss = loss + cfg.real.loss_weight * (n_real / bs) * real_loss(model, batch, cfg)
+        return loss
+
+    return step_loss
+
+
+@dataclass
+class FinetuneResult:
+    package: Path
+    report: dict
+
+
+def resolve_profile(recording: Path, profile_path: Path | str | None, log: Callable[[str], None]) -> tuple[CameraProfile, Path]:
+    """The given profile, else the one beside the recording, else a fresh characterisation (saved there)."""
+    path = Path(profile_path) if profile_path else default_profile_path(recording)
+    if path.is_file():
+        profile = load_profile(path)
+        digest = sha256_file(recording)
+        if profile.recording_sha256 != digest:
+            log(f"note: {path} was measured on another recording ({profile.recording_sha256[:12]}…); using it as given")
+        return profile, path
+    if profile_path:
+        raise CharacteriseError(f"{path}: no such camera profile")
+    log(f"characterising the camera from {recording} → {path}")
+    profile = characterise(recording)
+    profile.save(path)
+    return profile, path
+
+
+def finetune(cfg: FinetuneConfig, recording: Path | str, profile: CameraProfile, profile_path: Path,
+             models_root: Path | str, run_dir: Path | str | None = None, *, progress: bool = True,
+             eval_frames: int = 16, log: Callable[[str], None] = print, command: str | None = None) -> FinetuneResult:
+    """Fine-tune ``cfg.init_from`` on ``recording``; write the package and its evaluation without ground truth."""
+    from cdae.engine.inference import Denoiser
+    from cdae.training.evaluate_real import evaluate_recording
+
+    recording = Path(recording)
+    if cfg.init_from is None:
+        raise TrainingError("fine-tuning needs a parent model (--init NAME:VERSION)")
+    real = load_real_frames(recording, profile, cfg)
+    log(f"{len(real.train)} training frames ({len(real.pairs)} static pairs: {real_objective(cfg.real, real)}), "
+        f"{sum(len(h) for h in real.held_out)} held out; "
+        f"profile: {len(profile.bad_lines)} bad lines, {int((~real.valid).sum())} known defect pixels, "
+        f"read noise {profile.read_noise_dn:.2f} DN, gain {profile.gain_e_per_dn or float('nan'):.3g} e-/DN")
+    provenance = DataProvenance(path=str(recording), sha256=sha256_file(recording), bytes=recording.stat().st_size,
+                                source=profile.source, frames_train=len(real.train),
+                                frames_held_out=sum(len(h) for h in real.held_out),
+                                camera_profile_sha256=sha256_file(profile_path))
+    result = train(cfg, models_root, run_dir, progress=progress, log=log,
+                   command=command or shlex.join(["cdae", *sys.argv[1:]]),
+                   step_loss=make_step_loss(cfg, profile, real), manifest_fields={"data": [provenance]})
+    pkg = result.package
+    (pkg / PROFILE_FILE).write_text(profile.model_dump_json(indent=1) + "\n")
+    parent_pkg = Path(cfg.init_from)
+    if not (parent_pkg / "manifest.json").is_file():
+        parent_pkg = ModelRegistry(models_root).resolve(cfg.init_from)
+    parent, child = Denoiser.from_package(parent_pkg), Denoiser.from_package(pkg)
+    report = evaluate_recording([(parent.manifest.ref, parent), (child.manifest.ref, child)], real.held_out,
+                                profile, pkg / "real-evaluation", sim_data=cfg.data, sim_frames=eval_frames,
+                                sim_size=cfg.data.val_size, log=log)
+    manifest = read_manifest(pkg)
+    summary = {"real_held_out": report["summary"], "sim_held_out": report["simulated"]["summary"],
+               "real_objective": real_objective(cfg.real, real)}
+    write_manifest(pkg, manifest.model_copy(update={"metrics": {**manifest.metrics, **summary}}))
+    return FinetuneResult(pkg, report)
+
