@@ -420,15 +420,12 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_characterise(args: argparse.Namespace) -> int:
     from cdae.training.characterise import CharacteriseConfig, characterise, default_profile_path, save_profile_png
-    from cdae.training.config import ConfigError, apply_override
+    from cdae.training.config import apply_override, validate_config
 
     settings: dict = {}
     for item in args.set:
         apply_override(settings, item)
-    try:
-        config = CharacteriseConfig.model_validate(settings)
-    except ValueError as e:
-        raise ConfigError(f"invalid characterisation settings: {e}") from e
+    config = validate_config(CharacteriseConfig, settings, "characterisation")
     profile = characterise(args.recording, config, bit_depth=args.bit_depth)
     out = Path(args.output) if args.output else default_profile_path(args.recording)
     profile.save(out)

@@ -482,10 +482,14 @@ def characterise(recording: Path | str, config: CharacteriseConfig | None = None
         # the measurement of hot lines; light frames add dead ones (and hot ones without darks).
         signs = (-1,) if len(dark) >= 2 else (1, -1)
         noise_dn = max(read_dn or spatial_noise_dn(light[0]), 0.5)
-        for axis, idx, start, stop, sign, score in _lines(
-                np.median([line_excess(f, "column") for f in light], axis=0),
-                np.median([line_excess(f, "row") for f in light], axis=0), cfg, signs=signs):
-            _add_light_line(lines, axis, idx, start, stop, sign, score, light_med, bias, noise_dn, cfg)  # type: ignore[arg-type]
+        consecutive = [i for i in range(len(light) - 1) if light_runs[i] == light_runs[i + 1]]
+        static = [is_static_pair(light[i], light[i + 1], cfg.static_ratio) for i in consecutive]
+        # partial lines need one scene: the median of changing scenes leaves short ridges of its own
+        if static and np.mean(static) >= 0.5:
+            for axis, idx, start, stop, sign, score in _lines(
+                    np.median([line_excess(f, "column") for f in light], axis=0),
+                    np.median([line_excess(f, "row") for f in light], axis=0), cfg, signs=signs):
+                _add_light_line(lines, axis, idx, start, stop, sign, score, light_med, bias, noise_dn, cfg)  # type: ignore[arg-type]
         # a scene that changes from frame to frame hides a line in the median map: take each frame's
         # line medians instead (texture is not aligned with the pixel grid; a bad line is)
         for axis in ("column", "row"):

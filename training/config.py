@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -137,8 +137,16 @@ def load_train_config(path: Path | str | None = None, overrides: list[str] | Non
     data: dict = read_config_file(path) if path else {}
     for item in overrides or []:
         apply_override(data, item)
+    return validate_config(TrainConfig, data, "training")
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def validate_config(model: type[ConfigT], data: dict, what: str) -> ConfigT:
+    """Validate ``data`` as ``model``; a :class:`ConfigError` names every wrong field."""
     try:
-        return TrainConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("invalid training config:\n  " + "\n  ".join(lines)) from e
+        raise ConfigError(f"invalid {what} config:\n  " + "\n  ".join(lines)) from e

@@ -46,7 +46,14 @@ from cdae.training.characterise import (
     is_static_pair,
     load_profile,
 )
-from cdae.training.config import ConfigError, DataConfig, TrainConfig, _Strict, apply_override, read_config_file
+from cdae.training.config import (
+    DataConfig,
+    TrainConfig,
+    _Strict,
+    apply_override,
+    read_config_file,
+    validate_config,
+)
 from cdae.training.dataset import simulated_frames
 from cdae.training.defects import DefectLayout, apply_detector, detector_rng, sample_defect_params
 from cdae.training.metrics import EvalFrame
@@ -114,10 +121,7 @@ def finetune_config(parent_pkg: Path, path: Path | str | None = None, overrides:
         data = _merge(data, read_config_file(path))
     for item in overrides or []:
         apply_override(data, item)
-    try:
-        return FinetuneConfig.model_validate(data)
-    except ValueError as e:
-        raise ConfigError(f"invalid fine-tuning config: {e}") from e
+    return validate_config(FinetuneConfig, data, "fine-tuning")
 
 
 def _next_version(parent_pkg: Path, versions: Path) -> str:

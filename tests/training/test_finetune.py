@@ -24,6 +24,7 @@ from cdae.training.finetune import (
     camera_frames,
     finetune,
     finetune_config,
+    inject_defects,
     load_real_frames,
     noise2noise_batch,
     real_objective,
@@ -180,3 +181,22 @@ def test_second_frame_estimate_of_the_error_is_unbiased(recording: Path) -> None
     noisy = _score_real([list(frames)], [np.stack(frames)], profile, defect)
     assert noisy["estimated_psnr_db"] == pytest.approx(noisy["noise_psnr_db"])
     assert 10 * math.log10(4095**2 / 400) == pytest.approx(noisy["noise_psnr_db"], abs=0.3)
+
+
+def test_layout_crop_is_a_window_of_the_sensor(recording: Path) -> None:
+    from cdae.training.characterise import load_profile
+    from cdae.training.defects import detector_rng, sample_defect_layout, sample_defect_params
+
+    rng = detector_rng(2, 0)  # a camera with hot and dead columns and rows, partial ones among them
+    layout = sample_defect_layout(rng, sample_defect_params(rng, None, 12), 64, 80)
+    for top, left, h, w in ((0, 0, 64, 80), (10, 7, 32, 40), (40, 50, 24, 30)):
+        np.testing.assert_array_equal(layout.crop(top, left, h, w).static_mask(),
+                                      layout.static_mask()[top:top + h, left:left + w])
+    with pytest.raises(ValueError, match="outside"):
+        layout.crop(40, 0, 32, 32)
+    profile = load_profile(default_profile_path(recording))
+    raw = np.full((40, 48), 500.0, np.float32)
+    damaged, where = inject_defects(raw, profile.layout(), profile.bias_dn, 4095.0)
+    np.testing.assert_array_equal(where, profile.defect_mask() != 0)
+    assert np.allclose(damaged[:, 21] - raw[:, 21], round(profile.bad_lines[0].value), atol=1)
+    assert np.array_equal(damaged[~where], raw[~where])
