@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import string
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdae.children import free_port
+from cdae.children import free_port, stop_process
 
 
 CAMERA_PORT = free_port()
@@ -107,17 +106,7 @@ class Child:
         p = self.proc
         if p is None:
             return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+        stop_process(p)
         if self._reader is not None:
             self._reader.join(5)
         if p.stdout is not None:
