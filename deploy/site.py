@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a systemd instance name (cdae-ioc@NAME)
+_NAME_RULE = "use letters, digits, '_', '.', '-' (the name is a systemd instance name)"
 
 
 class SiteError(Exception):
@@ -101,7 +102,7 @@ class SiteConfig(BaseModel):
     def _names(cls, v: dict[str, object]) -> dict[str, object]:
         for name in v:
             if not _NAME.match(name):
-                raise ValueError(f"name {name!r}: use letters, digits, '_', '.', '-' (it names a systemd instance)")
+                raise ValueError(f"name {name!r}: {_NAME_RULE}")
         return v
 
     def engine_config(self, name: str) -> EngineConfig:
@@ -223,8 +224,7 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
     for table, names in (("engines", sections["engines"]), ("cameras", sections["cameras"])):
         for name in names:
             if not _NAME.match(name):
-                found.append(Problem(lines.find((table, name)), f"{table}.{name}",
-                                     "use letters, digits, '_', '.', '-' (the name is a systemd instance name)"))
+                found.append(Problem(lines.find((table, name)), f"{table}.{name}", _NAME_RULE))
     found.extend(_cross_checks(site, lines, check_models, broken_engines={n for n, e in engines.items() if e is None}))
     return sorted(found, key=lambda p: (p.line or 0, p.where))
 
