@@ -74,6 +74,11 @@ class LossConfig(_Strict):
     bright_weight: float = Field(4.0, ge=0, description="extra weight on pixels of bright real features")
     defect_weight: float = Field(1.0, ge=0, description="extra weight on defect pixels in the restoration loss")
     defect_bce_weight: float = Field(0.1, ge=0, description="weight of the defect-head cross entropy")
+    linear_weight: float = Field(
+        0.0, ge=0,
+        description="weight of a second restoration term in linear (expanded) normalised units, where PSNR and "
+        "RMSE are measured; the range compression shrinks errors on bright pixels, this term does not",
+    )
     defect_bce_pixel_weights: bool = Field(
         False,
         description="weigh the defect head's cross entropy with the same per-pixel map as the restoration loss, "
@@ -88,6 +93,12 @@ class TrainConfig(_Strict):
     version: str = "1"
     seed: int = 0
     threads: int = Field(2, ge=1, description="torch CPU threads; fixed because it can change float reductions")
+    device: str = Field(
+        "cpu",
+        description="torch device to train on: 'cpu' (bit-reproducible: same config, seed and threads give the "
+        "same weights) or 'cuda[:N]' (faster, for exploring configs; float reductions on a GPU are not "
+        "bit-reproducible, so a shipped model is trained on the CPU)",
+    )
     init_from: str | None = Field(None, description="package dir or NAME:VERSION to fine-tune from")
     architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
     normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)

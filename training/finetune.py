@@ -306,8 +306,10 @@ def real_loss(model: CDAE, batch: RealBatch, cfg: TrainConfig) -> torch.Tensor:
     Charbonnier ≈ L1 estimates the conditional median, which the monotone range compression keeps:
     for symmetric noise that is the clean value, on the same footing as the simulated frames'.
     """
-    restored, _ = model.forward_compressed(batch.x[:, : cfg.architecture.in_channels])
-    return restoration_loss(restored, model.compress(batch.target), batch.weight, cfg)
+    device = next(model.parameters()).device
+    x, target, weight = (t.to(device) for t in (batch.x, batch.target, batch.weight))
+    restored, _ = model.forward_compressed(x[:, : cfg.architecture.in_channels])
+    return restoration_loss(restored, model.compress(target), weight, cfg)
 
 
 # --- camera-matched simulation ------------------------------------------------------------------
@@ -351,9 +353,10 @@ def make_step_loss(cfg: FinetuneConfig, profile: CameraProfile, real: RealFrames
         frames = simulated_frames(cfg.data, data_seed, first, n_sim, [(size, size)]) if n_sim else []
         if n_cam:
             frames += camera_frames(profile, cfg.data, data_seed + CAMERA_STREAM, first, n_cam, size)
-        loss = torch.zeros(())
+        device = next(model.parameters()).device
+        loss = torch.zeros((), device=device)
         if frames:
-            loss = total_loss(model, make_batch(frames, cfg), cfg) * (len(frames) / bs)
+            loss = total_loss(model, make_batch(frames, cfg).to(device), cfg) * (len(frames) / bs)
         if n_real:
             rng = np.random.default_rng([cfg.seed, first, 23])
             batch = (noise2noise_batch(real, rng, n_real, size, inject, cfg.loss.defect_weight)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -59,6 +60,11 @@ class Batch:
     weight: torch.Tensor  # (B, 1, H, W) per-pixel loss weight
     defect: torch.Tensor  # (B, 1, H, W) 1 on defect pixels
 
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.target, self.weight, self.defect)))
+
 
 def make_batch(frames: Sequence[EvalFrame], cfg: TrainConfig) -> Batch:
     xs, ts, ws, ds = [], [], [], []
@@ -92,6 +98,8 @@ def total_loss(model: CDAE, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     """Restoration loss in the network's compressed space, plus the defect head's cross entropy."""
     restored, logit = model.forward_compressed(batch.x)
     loss = restoration_loss(restored, model.compress(batch.target), batch.weight, cfg)
+    if cfg.loss.linear_weight > 0:
+        loss = loss + cfg.loss.linear_weight * restoration_loss(model.expand(restored), batch.target, batch.weight, cfg)
     if cfg.architecture.defect_head and cfg.loss.defect_bce_weight > 0:
         if cfg.loss.defect_bce_pixel_weights:
             bce = F.binary_cross_entropy_with_logits(logit, batch.defect, reduction="none")
@@ -111,23 +119,43 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The configured device, or a TrainingError that says why it cannot be used."""
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as e:
+        raise TrainingError(f"device {cfg.device!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {cfg.device!r}: this torch build or machine has no CUDA GPU; use device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"device {cfg.device!r}: training runs on 'cpu' or 'cuda[:N]'")
+    return device
+
+
 def set_determinism(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
+    if torch.device(cfg.device).type == "cuda":
+        # cuBLAS needs a fixed workspace for deterministic kernels; a GPU run is still not bit-identical
+        # to a CPU run, nor across GPU models.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
 
 
 @torch.no_grad()
 def validate(model: CDAE, frames: Sequence[EvalFrame], cfg: TrainConfig) -> tuple[float, float]:
     """Mean loss (normalised units) and mean PSNR (dB against the ADC range) on the validation set."""
     model.eval()
+    device = next(model.parameters()).device
     losses, psnrs = [], []
     for i in range(0, len(frames), cfg.optim.batch_size):
         chunk = frames[i : i + cfg.optim.batch_size]
-        batch = make_batch(chunk, cfg)
+        batch = make_batch(chunk, cfg).to(device)
         losses.append(total_loss(model, batch, cfg).item() * len(chunk))
         restored, _ = model(batch.x)
-        for fr, r in zip(chunk, restored[:, 0].numpy()):
+        for fr, r in zip(chunk, restored[:, 0].float().cpu().numpy()):
             _, offset, scale = network_input(fr.noisy, float(fr.adc_max), cfg.normalisation)
             est = np.clip(r * scale + offset, 0, fr.adc_max)
             psnrs.append(psnr(est, fr.clean, fr.adc_max))
@@ -148,11 +176,11 @@ def reference_psnr(frames: Sequence[EvalFrame]) -> dict[str, float]:
 
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
         for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).contiguous()
+            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     save_file(tensors, str(path / "checkpoint.safetensors.tmp"))
     (path / "checkpoint.safetensors.tmp").replace(path / "checkpoint.safetensors")
     meta = {"epoch": epoch, "step": step, "param_groups": sd["param_groups"]}
@@ -222,12 +250,14 @@ def train(
     run_dir = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{cfg.version}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    device = training_device(cfg)
     set_determinism(cfg)
     t0 = time.perf_counter()
     code = code_version()  # the code that starts the run is the code that made the weights
 
     model = CDAE(cfg.architecture)
     parent = _init_weights(model, cfg, models_root)
+    model.to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     steps_per_epoch = cfg.data.frames_per_epoch // cfg.optim.batch_size
@@ -257,7 +287,7 @@ def train(
                 g["lr"] = lr_at(step, total_steps, cfg)
             if step_loss is None:
                 frames = simulated_frames(cfg.data, data_seed, first, cfg.optim.batch_size, [(cfg.data.patch_size,) * 2])
-                loss = total_loss(model, make_batch(frames, cfg), cfg)
+                loss = total_loss(model, make_batch(frames, cfg).to(device), cfg)
             else:
                 loss = step_loss(model, first)
             opt.zero_grad(set_to_none=True)
@@ -285,7 +315,7 @@ def train(
         models_root,
         name=cfg.name,
         version=cfg.version,
-        state_dict=model.state_dict(),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
         architecture=cfg.architecture,
         normalisation=cfg.normalisation,
         overwrite=True,

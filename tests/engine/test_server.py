@@ -32,9 +32,12 @@ if TYPE_CHECKING:  # fixtures' types; conftest is not importable under --import-
 DTYPES = ["uint8", "uint16", "int16", "int32", "float32"]
 
 
+# The ordinary engines run torch-cpu on every machine: these tests compare replies with the CPU
+# reference to one DN. What `auto` picks on a GPU machine is tested at the end of this file.
 @pytest.fixture(scope="module")
 def engine_a(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
-    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", name="a")
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
+                                name="a")
     yield eng
     engine_launcher.stop(eng)
 
@@ -42,7 +45,8 @@ def engine_a(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[En
 @pytest.fixture(scope="module")
 def engine_b(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
     """A second ordinary engine, for clients that spread frames over several."""
-    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", name="b")
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
+                                name="b")
     yield eng
     engine_launcher.stop(eng)
 
@@ -50,7 +54,8 @@ def engine_b(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[En
 @pytest.fixture(scope="module")
 def engine_tiled(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
     """Tiles anything over 32x32 and keeps one frame waiting per client: slow on purpose for big frames."""
-    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--max-pixels", "1024",
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
+                                "--max-pixels", "1024",
                                 "--queue", "1", name="tiled")
     yield eng
     engine_launcher.stop(eng)
@@ -307,3 +312,34 @@ def test_tampered_package_at_startup_is_a_clear_error(engine_store: Path) -> Non
     assert out.returncode == 2, out.stderr
     assert "cdae engine: error:" in out.stderr and "sha256" in out.stderr and "refusing to load" in out.stderr
     assert "ready" not in out.stdout and "Traceback" not in out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_picks_the_gpu_and_serves_what_the_cpu_serves(engine_launcher: EngineLauncher, engine_store: Path,
+                                                           reference: Denoiser) -> None:
+    untiled = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", name="gpu")  # --backend auto
+    tiled = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cuda",
+                                  "--max-pixels", "1024", name="gpu-tiled")
+    try:
+        with ControlClient(untiled.control) as ctl:
+            s = ctl.status().result
+        assert s["backend"] == "torch-cuda" and str(s["device"]).startswith("cuda")
+        frame = synthetic_frame((96, 80), "uint16", seed=9)
+        want = reference(frame).denoised.astype(np.int64)
+        with EngineClient(untiled.data, timeout_s=60) as c:
+            replies = [c.denoise(frame, unique_id=i) for i in range(3)]  # eager, then the captured CUDA graph
+        with EngineClient(tiled.data, timeout_s=60) as c:
+            t = c.denoise(frame)
+        assert t.ok and t.header.tiles > 4 and t.denoised is not None
+        for r in replies:
+            assert r.ok and r.header.backend == "torch-cuda" and r.denoised is not None
+            d = np.abs(r.denoised.astype(np.int64) - want)
+            # mixed precision on the GPU: within 0.5 % of full scale anywhere, 0.05 % on average
+            assert d.max() <= 0.005 * 65535 and d.mean() <= 0.0005 * 65535, (d.max(), d.mean())
+        # tiling on the GPU gives what the whole frame gives on the GPU
+        d = np.abs(t.denoised.astype(np.int64) - replies[-1].denoised.astype(np.int64))
+        assert d.max() <= 0.005 * 65535, d.max()
+    finally:
+        engine_launcher.stop(untiled)
+        engine_launcher.stop(tiled)

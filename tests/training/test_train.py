@@ -94,3 +94,44 @@ def test_bad_config_file(tmp_path: Path) -> None:
         load_train_config(p)
     with pytest.raises(ConfigError, match="unknown config format"):
         load_train_config(tmp_path / "c.ini") if (tmp_path / "c.ini").write_text("x") else None
+
+
+HAS_CUDA = __import__("torch").cuda.is_available()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU: the refusal is for machines without one")
+def test_training_on_a_missing_gpu_is_refused_with_the_reason(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    from cdae.training.train import TrainingError
+
+    cfg = load_train_config(None, [*tiny_overrides, "device=cuda"])
+    with pytest.raises(TrainingError, match="no CUDA GPU; use device=cpu"):
+        train(cfg, tmp_path / "m", tmp_path / "r", progress=False, log=_quiet)
+    with pytest.raises(TrainingError, match="'cpu' or 'cuda"):
+        train(load_train_config(None, [*tiny_overrides, "device=meta"]), tmp_path / "m", tmp_path / "r",
+              progress=False, log=_quiet)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_training_on_a_gpu_writes_a_package_that_loads_on_the_cpu(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    import torch
+
+    from cdae.engine.inference import Denoiser
+    from cdae.engine.pipeline import synthetic_frame
+
+    cpu_cfg = load_train_config(None, [*tiny_overrides, "name=t", "version=cpu"])
+    gpu_cfg = load_train_config(None, [*tiny_overrides, "name=t", "version=gpu", "device=cuda"])
+    cpu = train(cpu_cfg, tmp_path / "m", tmp_path / "rc", progress=False, log=_quiet)
+    gpu = train(gpu_cfg, tmp_path / "m", tmp_path / "rg", progress=False, log=_quiet)
+    _, state = load_package(gpu.package)
+    assert all(t.device.type == "cpu" for t in state.values())
+    # the same optimisation: the GPU's float reductions differ, the result does not by much
+    assert abs(gpu.val_psnr_db - cpu.val_psnr_db) < 0.5, (gpu.val_psnr_db, cpu.val_psnr_db)
+    frame = synthetic_frame((64, 48), "uint16")
+    a = Denoiser.from_package(cpu.package)(frame).denoised.astype(float)
+    b = Denoiser.from_package(gpu.package)(frame).denoised.astype(float)
+    assert a.shape == b.shape == frame.shape and torch.isfinite(torch.as_tensor(b)).all()
+    # resuming a GPU run from its checkpoint continues on the GPU
+    train(gpu_cfg, tmp_path / "m2", tmp_path / "rr", progress=False, log=_quiet, stop_after_epochs=1)
+    again = train(gpu_cfg, tmp_path / "m2", tmp_path / "rr", resume=True, progress=False, log=_quiet)
+    assert abs(again.val_psnr_db - gpu.val_psnr_db) < 0.5

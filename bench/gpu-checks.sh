@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one script for a lent GPU machine (no network there).
+#
+#   bash bench/gpu-checks.sh            # writes logs and results under $OUT (default /tmp/cdae-gpu)
+#
+# 1. the gpu-marked tests and the engine tests (where `auto` now picks torch-cuda), in the
+#    background a config sweep on the GPU (experiments/bright_sweep.py);
+# 2. then, alone on the machine, the engine benchmark torch-cuda vs passthrough.
+# Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
+set -u
+OUT=${OUT:-/tmp/cdae-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 EPICS_CA_AUTO_ADDR_LIST=NO MPLBACKEND=Agg
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+# cdae itself travels as a wheel built from this tree (pip wheel --no-deps -w .whl .): no build tools needed there
+export PATH=/tmp/site/bin:$PATH CDAE_MODELS=${CDAE_MODELS:-$PWD/models}
+$PY -c "import cdae" 2>/dev/null || $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  $PY -c "import torch, cdae; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-270}; BENCH_S=${BENCH_S:-150}
+( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 \
+      --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
+sweep=$!
+# from outside the tree: the source's cdae/ folder must not shadow the installed package
+ROOT=$PWD
+( cd /tmp && timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider -m "not slow" -W "ignore::DeprecationWarning" \
+    ${TESTS:-"$ROOT/tests/engine" "$ROOT/tests/training/test_train.py" "$ROOT/tests/deploy/test_export.py"} ) >"$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -15 "$OUT/tests.log"
+wait $sweep
+tail -12 "$OUT/sweep.log"
+[ "${BENCH:-1}" = 0 ] && exit 0
+( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends torch-cuda --sizes 256,512,1024,2048 --frames "${BENCH_FRAMES:-60}" \
+    --out "$OUT" ) >"$OUT/bench.log" 2>&1
+echo "bench rc=$?"; tail -8 "$OUT/bench.log"
