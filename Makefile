@@ -27,11 +27,12 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cdae demo
 
-# Re-runs the command recorded in the shipped default model's manifest (cdae-default:3, fine-tuned
-# from cdae-default:2, whose own recipe is training/configs/default.toml) into a scratch store.
+# Re-runs the command recorded in the shipped default model's manifest (cdae-default:4, fine-tuned
+# from cdae-default:3, itself from :2, whose own recipe is training/configs/default.toml) into a
+# scratch store; compare the sha256 with `cdae models show cdae-default:4`.
 train-default: $(STAMP)
-	mkdir -p runs/store/cdae-default && cp -r models/cdae-default/2 runs/store/cdae-default/
-	$(VENV)/bin/cdae train --config training/configs/cdae-default-3.toml --out runs/store
+	mkdir -p runs/store/cdae-default && cp -r models/cdae-default/3 runs/store/cdae-default/
+	$(VENV)/bin/cdae train --config training/configs/cdae-default-4.toml --out runs/store
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -142,26 +142,42 @@ def baseline_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "fine-tunes of cdae-default:3") -> None:
+    """PSNR against bright-feature RMSE (as a multiple of the noisy input's), validation and held-out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = [r["variant"] for r in rows]
-    for ax, key, label in zip(axes, ("psnr_db", "rmse_defect", "rmse_bright"),
-                              ("PSNR (dB)", "defect RMSE (of full scale)", "bright-feature RMSE (of full scale)")):
-        ax.barh(names, [r["val"][key] for r in rows], color="tab:blue", alpha=0.8, label="validation")
-        ax.set_xlabel(label)
-        if key == "rmse_bright":
-            noisy = rows[0]["val"].get("noisy_rmse_bright")
-            if noisy:
-                ax.axvline(noisy, color="k", ls="--", label="noisy input")
+    ref = next(r for r in rows if "noisy_rmse_bright" in r.get("val", {}))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, which in zip(axes, ("val", "test")):
+        noisy = ref[which]["noisy_rmse_bright"]
+        for r in rows:
+            v = r[which]
+            x, y = v["rmse_bright"] / noisy, v["psnr_db"]
+            is_ref = r is ref
+            ax.scatter([x], [y], s=60 if is_ref else 30, c="tab:red" if is_ref else "tab:blue", zorder=3)
+            ax.annotate(r["variant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(1.0, color="k", ls="--", lw=1, label="bright RMSE of the noisy input (target: at or left of it)")
+        ax.set_xlabel("bright-feature RMSE / noisy input's")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title({"val": "validation frames (seed 2): the choice is made here",
+                      "test": "held-out frames (seed 3): for the record"}[which], fontsize=10)
+        ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("Bright-feature sweep: fine-tunes of cdae-default:3, scored on the validation frames")
+    fig.suptitle(f"Bright-feature sweep: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One figure from several sweep.json files (the reference row once)."""
+    rows: list[dict] = []
+    for i, p in enumerate(paths):
+        doc = json.loads(p.read_text())
+        rows += [r for j, r in enumerate(doc["rows"]) if "val" in r and (i == 0 or j > 0)]
+    plot(rows, out, f"{len(rows) - 1} fine-tunes of cdae-default:3 ({len(paths)} rounds)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-frames", type=int, default=48)
     p.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--out", default=str(ROOT / "runs" / "sweep"))
+    p.add_argument("--merge", nargs="+", type=Path, metavar="SWEEP_JSON",
+                   help="only draw one figure from these sweep.json files, to --out (a .png path)")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        print(f"wrote {args.out}")
+        return 0
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

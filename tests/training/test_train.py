@@ -135,3 +135,23 @@ def test_training_on_a_gpu_writes_a_package_that_loads_on_the_cpu(tmp_path: Path
     train(gpu_cfg, tmp_path / "m2", tmp_path / "rr", progress=False, log=_quiet, stop_after_epochs=1)
     again = train(gpu_cfg, tmp_path / "m2", tmp_path / "rr", resume=True, progress=False, log=_quiet)
     assert abs(again.val_psnr_db - gpu.val_psnr_db) < 0.5
+
+
+def test_linear_weight_adds_the_restoration_loss_in_linear_units(tiny_config) -> None:
+    import torch
+
+    from cdae.engine.architecture import CDAE
+    from cdae.training.dataset import simulated_frames
+    from cdae.training.train import make_batch, restoration_loss, total_loss
+
+    torch.manual_seed(0)
+    model = CDAE(tiny_config.architecture)
+    frames = simulated_frames(tiny_config.data, 7, 0, 2, [(32, 32)])
+    batch = make_batch(frames, tiny_config)
+    plain = total_loss(model, batch, tiny_config)
+    cfg = tiny_config.model_copy(update={"loss": tiny_config.loss.model_copy(update={"linear_weight": 2.0})})
+    with_linear = total_loss(model, batch, cfg)
+    restored, _ = model.forward_compressed(batch.x)
+    linear = restoration_loss(model.expand(restored), batch.target, batch.weight, cfg)
+    assert linear > 0
+    torch.testing.assert_close(with_linear - plain, 2.0 * linear)
