@@ -10,7 +10,7 @@ recorded in each model's manifest.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +35,12 @@ class NormalisationConfig(BaseModel):
     )
     max_samples: int = Field(
         65536, ge=1024, description="percentiles use a regular pixel grid of at most about this many pixels"
+    )
+    full_well: Literal["off", "detect"] = Field(
+        "off",
+        description="'detect': pixels clipped at the sensor's full well, below the ADC maximum (a pile-up at "
+        "the top of the frame's histogram as narrow as the dark noise), are treated like ADC-saturated "
+        "pixels: flagged, and read as the pile-up's level",
     )
 
 
@@ -76,6 +82,98 @@ def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationC
     return lo, max(span, floor, 1e-6)
 
 
+class FullWell(NamedTuple):
+    """A full-well pile-up found in a frame: its level and half-width (DN) and how many pixels it holds."""
+
+    level: float
+    half_width: float
+    pixels: int
+
+
+# A pile-up must hold at least this share of the (unsaturated) pixels, have at most this share of
+# its count above it (only hot pixels and hits lie above a full well), and its neighbouring pixels
+# must differ by at most this fraction of the variance of neighbours just below it (shot noise).
+FULL_WELL_MIN_SHARE = 1e-3
+FULL_WELL_MAX_ABOVE = 0.25
+FULL_WELL_MAX_VARIANCE_RATIO = 0.05
+
+
+def _mad_sigma(a: np.ndarray) -> float:
+    return 1.4826 * float(np.median(np.abs(a - np.median(a)))) if a.size else 0.0
+
+
+def _pairs(frame: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontally adjacent pixel pairs on every ``step``-th row (the scene nearly cancels in a - b)."""
+    rows = np.asarray(frame[::step], dtype=np.float32)
+    return rows[:, :-1].ravel(), rows[:, 1:].ravel()
+
+
+def _pair_variance(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> tuple[float, int]:
+    """Mean squared difference of pairs with both pixels in [lo, hi], the largest 10 % clipped (edges, hits)."""
+    d = np.abs(a - b)[(a >= lo) & (a <= hi) & (b >= lo) & (b <= hi)]
+    if d.size < 32:
+        return math.nan, int(d.size)
+    return float(np.mean(np.minimum(d, np.percentile(d, 90)) ** 2)), int(d.size)
+
+
+def dark_noise(frame: np.ndarray, step: int = 1) -> float:
+    """Pixel-to-pixel noise (DN RMS) in the darkest tenth of the frame: read noise, offset pattern, a little shot noise."""
+    a, b = _pairs(frame, step)
+    if a.size < 16:
+        return 0.0
+    dark = np.maximum(a, b) <= np.percentile(a, 10)
+    d = (a - b)[dark]
+    return _mad_sigma(d) / math.sqrt(2.0) if d.size >= 16 else 0.0
+
+
+def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) -> FullWell | None:
+    """The level at which a sensor's full well clipped this frame's brightest real features, if it did.
+
+    Every pixel at full well holds the same charge, so clipped pixels pile up at the top of the
+    histogram and differ from their clipped neighbours by the read noise only, while unclipped
+    pixels a little darker differ by their shot noise as well. Found when the densest band near the
+    top holds at least ``FULL_WELL_MIN_SHARE`` of the pixels, little lies above it, and neighbouring
+    pixels inside it vary at most ``FULL_WELL_MAX_VARIANCE_RATIO`` times as much as neighbouring
+    pixels at 50-85 % of its height. A sensor whose full well varies from pixel to pixel more than
+    that gives no such spike, and nothing is found. ADC-saturated pixels are left out (they are
+    flagged anyway).
+    """
+    f = np.asarray(frame, dtype=np.float32)
+    h, w = f.shape[-2:]
+    step = max(1, int(math.sqrt(h * w / max_samples)))
+    sample = f[::step, ::step].ravel()
+    if math.isfinite(adc_max):
+        sample = sample[sample < adc_max - 0.5]
+    if sample.size < 1024:
+        return None
+    noise = max(dark_noise(f, step), 0.5)  # 0.5 DN: quantisation
+    lo, p80, top = (float(v) for v in np.percentile(sample, [10, 80, 100]))
+    band = sample[sample >= p80]
+    nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
+    counts, edges = np.histogram(band, bins=nbins, range=(p80, top + 1e-3))
+    k = int(np.argmax(counts))
+    centre = 0.5 * (edges[k] + edges[k + 1])
+    near = band[np.abs(band - centre) <= 4.0 * noise]
+    if near.size < 16:
+        return None
+    level = float(np.median(near))
+    half = 4.0 * max(_mad_sigma(near), noise)
+    pixels = int(np.count_nonzero(np.abs(sample - level) <= half))
+    above = int(np.count_nonzero(sample > level + half))
+    if pixels < max(16, FULL_WELL_MIN_SHARE * sample.size) or above > FULL_WELL_MAX_ABOVE * pixels:
+        return None
+    a, b = _pairs(f, step)
+    inside, _ = _pair_variance(a, b, level - half, level + half)
+    below, _ = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
+    if not (inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # also False for NaN: too few pairs to tell
+        return None
+    # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
+    half = max(4.0 * math.sqrt(inside / 2.0), 1.0)
+    core = sample[np.abs(sample - level) <= half]
+    level = float(np.median(core))
+    return FullWell(level, half, int(np.count_nonzero(np.abs(sample - level) <= half)) * step * step)
+
+
 def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[np.ndarray, float, float]:
     """Build the (2, H, W) float32 network input: normalised frame and saturation mask.
 
@@ -95,6 +193,13 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
         np.greater_equal(f, np.float32(adc_max - 0.5), out=x[1], casting="unsafe")
     else:
         x[1] = 0.0
+    if config.full_well == "detect":
+        fw = find_full_well(f, adc_max, config.max_samples)
+        if fw is not None:
+            # clipped at the full well: flagged like ADC saturation, and read as the level they all share
+            at = np.abs(f - np.float32(fw.level)) <= np.float32(fw.half_width)
+            x[1][at] = 1.0
+            x[0][at] = np.float32((fw.level - offset) / scale)
     return x, offset, scale
 
 
