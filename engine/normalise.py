@@ -153,11 +153,16 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
     counts, edges = np.histogram(band, bins=nbins, range=(p80, top + 1e-3))
     k = int(np.argmax(counts))
     centre = 0.5 * (edges[k] + edges[k + 1])
-    near = band[np.abs(band - centre) <= 4.0 * noise]
-    if near.size < 16:
+    # narrow the window onto the spike: the dark noise only bounds it (textured dark regions inflate it)
+    level, half = centre, 4.0 * noise
+    for _ in range(6):
+        near = band[np.abs(band - level) <= half]
+        if near.size < 16:
+            return None
+        level = float(np.median(near))
+        half = 4.0 * max(_mad_sigma(near), 0.5)
+    if level - lo < 10.0 * half:  # a full well lies far above the frame's dark tenth
         return None
-    level = float(np.median(near))
-    half = 4.0 * max(_mad_sigma(near), noise)
     pixels = int(np.count_nonzero(np.abs(sample - level) <= half))
     above = int(np.count_nonzero(sample > level + half))
     if pixels < max(16, FULL_WELL_MIN_SHARE * sample.size) or above > FULL_WELL_MAX_ABOVE * pixels:
@@ -165,7 +170,7 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
     a, b = _pairs(f, step)
     inside, _ = _pair_variance(a, b, level - half, level + half)
     below, _ = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
-    if not (inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # also False for NaN: too few pairs to tell
+    if not (0.0 < below and inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # False for NaN: too few pairs
         return None
     # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
     half = max(4.0 * math.sqrt(inside / 2.0), 1.0)
@@ -194,13 +199,17 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
     else:
         x[1] = 0.0
     if config.full_well == "detect":
-        fw = find_full_well(f, adc_max, config.max_samples)
-        if fw is not None:
-            # clipped at the full well: flagged like ADC saturation, and read as the level they all share
-            at = np.abs(f - np.float32(fw.level)) <= np.float32(fw.half_width)
-            x[1][at] = 1.0
-            x[0][at] = np.float32((fw.level - offset) / scale)
+        mark_full_well(x, f, find_full_well(f, adc_max, config.max_samples), offset, scale)
     return x, offset, scale
+
+
+def mark_full_well(x: np.ndarray, frame: np.ndarray, fw: FullWell | None, offset: float, scale: float) -> None:
+    """In a (2, H, W) network input: pixels at the full well flagged like ADC saturation, read as its level."""
+    if fw is None:
+        return
+    at = np.abs(np.asarray(frame, dtype=np.float32) - np.float32(fw.level)) <= np.float32(fw.half_width)
+    x[1][at] = 1.0
+    x[0][at] = np.float32((fw.level - offset) / scale)
 
 
 def denormalise(y: np.ndarray, offset: float, scale: float) -> np.ndarray:

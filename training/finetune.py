@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 
 from cdae.engine.architecture import CDAE
-from cdae.engine.normalise import network_input
+from cdae.engine.normalise import FullWell, find_full_well, mark_full_well, network_input
 from cdae.engine.package import DataProvenance, ModelRegistry, read_manifest, sha256_file, write_manifest
 from cdae.recording import read_runs
 from cdae.training.characterise import (
@@ -145,6 +145,7 @@ class RealFrames:
     adc_max: float
     bias_dn: float
     valid: np.ndarray  # (H, W) bool: may serve as a target (not a known defect)
+    full_wells: list[FullWell | None] | None = None  # per training frame, where normalisation.full_well = detect
 
 
 def load_real_frames(recording: Path | str, profile: CameraProfile, cfg: FinetuneConfig) -> RealFrames:
@@ -172,12 +173,14 @@ def load_real_frames(recording: Path | str, profile: CameraProfile, cfg: Finetun
         _, o, s = network_input(f, adc_max, cfg.normalisation)
         offsets.append(o)
         scales.append(s)
+    full_wells = ([find_full_well(f, adc_max, cfg.normalisation.max_samples) for f in frames]
+                  if cfg.normalisation.full_well == "detect" else None)
     ratio = profile.settings.static_ratio
     pairs = [(j, j + 1) for j in range(len(chosen) - 1)
              if chosen[j][0] == chosen[j + 1][0] and is_static_pair(frames[j], frames[j + 1], ratio)]
     valid = profile.defect_mask() == 0
     return RealFrames(frames, np.array(offsets, np.float32), np.array(scales, np.float32),
-                      np.array(pairs, np.intp).reshape(-1, 2), held, adc_max, profile.bias_dn, valid)
+                      np.array(pairs, np.intp).reshape(-1, 2), held, adc_max, profile.bias_dn, valid, full_wells)
 
 
 def real_objective(cfg: RealDataConfig, real: RealFrames) -> Literal["noise2noise", "noise2void"]:
@@ -209,6 +212,8 @@ def _network_pair(real: RealFrames, k: int, raw_in: np.ndarray, raw_target: np.n
     x = np.empty((2, *raw_in.shape), np.float32)
     x[0] = (raw_in - off) / sc
     x[1] = raw_in >= real.adc_max - 0.5
+    if real.full_wells is not None:  # as inference marks them (found on the whole frame)
+        mark_full_well(x, raw_in, real.full_wells[k], off, sc)
     return x, ((raw_target - off) / sc)[None].astype(np.float32), weight[None].astype(np.float32)
 
 

@@ -1,0 +1,87 @@
+"""Full-well detection: pixels clipped by the sensor's well, below the ADC maximum, are found and read as saturated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cdae.engine.normalise import NormalisationConfig, find_full_well, network_input
+
+ADC = 65535.0
+BIAS = 1000.0
+GAIN = 2.0  # e- per DN
+READ_E = 8.0
+FULL_WELL_E = 100_000.0
+LEVEL = BIAS + FULL_WELL_E / GAIN  # 51000 DN: the well fills before the ADC does
+
+
+def _camera(electrons: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A camera reading: shot noise, the well clips, read noise, gain and bias; and the clean reading."""
+    rng = np.random.default_rng(seed)
+    e = np.minimum(rng.poisson(electrons).astype(np.float64), FULL_WELL_E)
+    raw = np.clip(np.rint(BIAS + (e + rng.normal(0.0, READ_E, e.shape)) / GAIN), 0, ADC)
+    clean = BIAS + np.minimum(electrons, FULL_WELL_E) / GAIN
+    return raw.astype(np.float32), clean
+
+
+def _scene(peak_e: float, shape: tuple[int, int] = (256, 320)) -> np.ndarray:
+    """Turbulent-looking texture plus a broad blob, scaled so that its brightest part reaches ``peak_e``."""
+    rng = np.random.default_rng(1)
+    h, w = shape
+    k = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2
+    k[0, 0] = 1.0
+    tex = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=shape)) * k ** -0.75))
+    tex = (tex - tex.min()) / np.ptp(tex)
+    yy, xx = np.mgrid[:h, :w]
+    blob = np.exp(-((yy - h / 2) ** 2 + (xx - w / 3) ** 2) / (2 * 30.0**2))
+    s = 0.05 + 0.4 * tex + 0.8 * blob
+    return peak_e * s / s.max()
+
+
+def test_a_clipped_well_is_found_at_its_level() -> None:
+    raw, clean = _camera(_scene(3.0 * FULL_WELL_E))
+    fw = find_full_well(raw, ADC)
+    assert fw is not None
+    assert abs(fw.level - LEVEL) <= 2.0 and fw.half_width <= 4 * 2 * READ_E / GAIN + 1
+    clipped = clean >= LEVEL
+    found = np.abs(raw - fw.level) <= fw.half_width
+    assert (found & clipped).sum() >= 0.99 * clipped.sum()
+    assert (found & ~clipped).sum() <= 0.01 * clipped.sum()  # unclipped pixels near the well: a few at most
+
+
+@pytest.mark.parametrize("peak_fraction", [0.6, 0.98])
+def test_nothing_is_found_where_nothing_clipped(peak_fraction: float) -> None:
+    raw, _ = _camera(_scene(peak_fraction * FULL_WELL_E))  # brightest real feature just below the well
+    assert find_full_well(raw, ADC) is None
+
+
+def test_a_flat_bright_field_is_not_a_full_well() -> None:
+    # an evenly lit aperture at 80 % of the well: a pile-up at the top, but as wide as its shot noise
+    e = np.full((256, 256), 0.8 * FULL_WELL_E)
+    e[:, :64] = 0.05 * FULL_WELL_E  # a shadow
+    raw, _ = _camera(e)
+    assert find_full_well(raw, ADC) is None
+
+
+def test_dark_and_eight_bit_frames_find_nothing() -> None:
+    rng = np.random.default_rng(3)
+    assert find_full_well(rng.normal(100, 3, (128, 128)).astype(np.float32), ADC) is None
+    eight = np.clip(np.rint(rng.normal(60, 4, (128, 128)) + 100 * np.linspace(0, 1, 128)[None]), 0, 255)
+    assert find_full_well(eight.astype(np.float32), 255.0) is None
+    assert find_full_well(np.zeros((64, 64), np.float32), 255.0) is None  # too small and flat
+
+
+def test_network_input_reads_clipped_pixels_as_saturated_only_when_asked() -> None:
+    raw, clean = _camera(_scene(3.0 * FULL_WELL_E))
+    off = NormalisationConfig()
+    on = NormalisationConfig(full_well="detect")
+    x_off, o, s = network_input(raw, ADC, off)
+    x_on, o2, s2 = network_input(raw, ADC, on)
+    assert (o, s) == (o2, s2)
+    clipped = clean >= LEVEL
+    assert x_off[1].sum() == 0  # nothing reaches the ADC maximum
+    assert x_on[1][clipped].mean() > 0.99 and x_on[1][~clipped].mean() < 0.01
+    # flagged pixels all read the well's level: the read noise on them is gone
+    assert np.ptp(x_on[0][x_on[1] == 1]) == 0.0
+    assert abs(float(x_on[0][clipped][0]) * s + o - LEVEL) <= 2.0
+    np.testing.assert_array_equal(x_on[0][~clipped & (x_on[1] == 0)], x_off[0][~clipped & (x_on[1] == 0)])
