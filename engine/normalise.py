@@ -98,8 +98,10 @@ FULL_WELL_MAX_ABOVE = 0.25
 FULL_WELL_MAX_VARIANCE_RATIO = 0.05
 
 
-def _mad_sigma(a: np.ndarray) -> float:
-    return 1.4826 * float(np.median(np.abs(a - np.median(a)))) if a.size else 0.0
+def _mad_sigma(a: np.ndarray, median: float | None = None) -> float:
+    if not a.size:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(a - (np.median(a) if median is None else median))))
 
 
 def _pairs(frame: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +161,11 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
         near = band[np.abs(band - level) <= half]
         if near.size < 16:
             return None
-        level = float(np.median(near))
-        half = 4.0 * max(_mad_sigma(near), 0.5)
+        median = np.median(near)
+        new_level, new_half = float(median), 4.0 * max(_mad_sigma(near, median), 0.5)
+        if (new_level, new_half) == (level, half):
+            break  # converged: the same window again
+        level, half = new_level, new_half
     if level - lo < 10.0 * half:  # a full well lies far above the frame's dark tenth
         return None
     pixels = int(np.count_nonzero(np.abs(sample - level) <= half))
