@@ -105,9 +105,10 @@ def _mad_sigma(a: np.ndarray, median: float | None = None) -> float:
 
 
 def _pairs(frame: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Horizontally adjacent pixel pairs on every ``step``-th row (the scene nearly cancels in a - b)."""
+    """Horizontally adjacent pixel pairs on a ``step`` grid (the scene nearly cancels in a - b)."""
     rows = np.asarray(frame[::step], dtype=np.float32)
-    return rows[:, :-1].ravel(), rows[:, 1:].ravel()
+    w = rows.shape[-1]
+    return rows[:, 0 : w - 1 : step].ravel(), rows[:, 1:w:step].ravel()
 
 
 def _pair_variance(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> tuple[float, int]:

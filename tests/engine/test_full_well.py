@@ -38,15 +38,19 @@ def _scene(peak_e: float, shape: tuple[int, int] = (256, 320)) -> np.ndarray:
     return peak_e * s / s.max()
 
 
-def test_a_clipped_well_is_found_at_its_level() -> None:
-    raw, clean = _camera(_scene(3.0 * FULL_WELL_E))
+@pytest.mark.parametrize("shape", [(256, 320), (1024, 1024)])  # the second on a sampling grid
+def test_a_clipped_well_is_found_at_its_level(shape: tuple[int, int]) -> None:
+    raw, clean = _camera(_scene(3.0 * FULL_WELL_E, shape))
     fw = find_full_well(raw, ADC)
     assert fw is not None
     assert abs(fw.level - LEVEL) <= 2.0 and fw.half_width <= 4 * 2 * READ_E / GAIN + 1
     clipped = clean >= LEVEL
     found = np.abs(raw - fw.level) <= fw.half_width
-    assert (found & clipped).sum() >= 0.99 * clipped.sum()
-    assert (found & ~clipped).sum() <= 0.01 * clipped.sum()  # unclipped pixels near the well: a few at most
+    # clipped in `clean` but not always in the raw frame: just above the well, shot noise can fall below it
+    assert (found & clipped).sum() >= 0.98 * clipped.sum()
+    # unclipped pixels that their shot noise put within the read noise of the well: a few (reading them
+    # as the well moves them by at most the half-width, less than the noise that put them there)
+    assert (found & ~clipped).sum() <= 0.02 * clipped.sum()
 
 
 @pytest.mark.parametrize("peak_fraction", [0.6, 0.98])
