@@ -39,8 +39,9 @@ class NormalisationConfig(BaseModel):
     full_well: Literal["off", "detect"] = Field(
         "off",
         description="'detect': pixels clipped at the sensor's full well, below the ADC maximum (a pile-up at "
-        "the top of the frame's histogram as narrow as the dark noise), are treated like ADC-saturated "
-        "pixels: flagged, and read as the pile-up's level",
+        "the top of the frame's histogram whose neighbouring pixels differ far less than the shot noise just "
+        "below it: see find_full_well), are treated like ADC-saturated pixels: flagged, and read as the "
+        "pile-up's level",
     )
 
 
@@ -111,17 +112,20 @@ def _pairs(frame: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[:, 0 : w - 1 : step].ravel(), rows[:, 1:w:step].ravel()
 
 
-def _pair_variance(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> tuple[float, int]:
-    """Mean squared difference of pairs with both pixels in [lo, hi], the largest 10 % clipped (edges, hits)."""
+def _pair_variance(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> float:
+    """Mean squared difference of pairs with both pixels in [lo, hi], the largest 10 % clipped (edges, hits).
+
+    NaN where fewer than 32 pairs qualify.
+    """
     d = np.abs(a - b)[(a >= lo) & (a <= hi) & (b >= lo) & (b <= hi)]
     if d.size < 32:
-        return math.nan, int(d.size)
-    return float(np.mean(np.minimum(d, np.percentile(d, 90)) ** 2)), int(d.size)
+        return math.nan
+    return float(np.mean(np.minimum(d, np.percentile(d, 90)) ** 2))
 
 
-def dark_noise(frame: np.ndarray, step: int = 1) -> float:
-    """Pixel-to-pixel noise (DN RMS) in the darkest tenth of the frame: read noise, offset pattern, a little shot noise."""
-    a, b = _pairs(frame, step)
+def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
+    """Pixel-to-pixel noise (DN RMS) in the darkest tenth of the frame, from its neighbour pairs (``_pairs``):
+    read noise, offset pattern, a little shot noise."""
     if a.size < 16:
         return 0.0
     dark = np.maximum(a, b) <= np.percentile(a, 10)
@@ -149,7 +153,8 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
         sample = sample[sample < adc_max - 0.5]
     if sample.size < 1024:
         return None
-    noise = max(dark_noise(f, step), 0.5)  # 0.5 DN: quantisation
+    a, b = _pairs(f, step)
+    noise = max(dark_noise(a, b), 0.5)  # 0.5 DN: quantisation
     lo, p80, top = (float(v) for v in np.percentile(sample, [10, 80, 100]))
     band = sample[sample >= p80]
     nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
@@ -173,9 +178,8 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
     above = int(np.count_nonzero(sample > level + half))
     if pixels < max(16, FULL_WELL_MIN_SHARE * sample.size) or above > FULL_WELL_MAX_ABOVE * pixels:
         return None
-    a, b = _pairs(f, step)
-    inside, _ = _pair_variance(a, b, level - half, level + half)
-    below, _ = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
+    inside = _pair_variance(a, b, level - half, level + half)
+    below = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
     if not (0.0 < below and inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # False for NaN: too few pairs
         return None
     # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
@@ -186,7 +190,8 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
 
 
 def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[np.ndarray, float, float]:
-    """Build the (2, H, W) float32 network input: normalised frame and saturation mask.
+    """Build the (2, H, W) float32 network input: normalised frame and saturation mask (with
+    ``config.full_well == "detect"`` also pixels at the full well, read as its level).
 
     Returns the input and the (offset, scale) needed to denormalise the network's output.
     """

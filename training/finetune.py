@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 
 from cdae.engine.architecture import CDAE
-from cdae.engine.normalise import FullWell, find_full_well, mark_full_well, network_input
+from cdae.engine.normalise import FullWell, find_full_well, frame_offset_scale, mark_full_well
 from cdae.engine.package import DataProvenance, ModelRegistry, read_manifest, sha256_file, write_manifest
 from cdae.recording import read_runs
 from cdae.training.characterise import (
@@ -169,8 +169,8 @@ def load_real_frames(recording: Path | str, profile: CameraProfile, cfg: Finetun
     chosen = [train_idx[i] for i in picks]
     frames = np.stack([runs[k].frames([i])[0] for k, i in chosen]).astype(np.float32)
     offsets, scales = [], []
-    for f in frames:
-        _, o, s = network_input(f, adc_max, cfg.normalisation)
+    for f in frames:  # what network_input computes on the whole frame
+        o, s = frame_offset_scale(f, adc_max, cfg.normalisation)
         offsets.append(o)
         scales.append(s)
     full_wells = ([find_full_well(f, adc_max, cfg.normalisation.max_samples) for f in frames]

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cdae.engine.architecture import CDAE
-from cdae.engine.normalise import network_input
+from cdae.engine.normalise import frame_offset_scale, network_input
 from cdae.engine.package import ModelRegistry, code_version, load_package, write_package
 from cdae.training.baselines import make_baseline
 from cdae.training.config import TrainConfig
@@ -156,7 +156,7 @@ def validate(model: CDAE, frames: Sequence[EvalFrame], cfg: TrainConfig) -> tupl
         losses.append(total_loss(model, batch, cfg).item() * len(chunk))
         restored, _ = model(batch.x)
         for fr, r in zip(chunk, restored[:, 0].float().cpu().numpy()):
-            _, offset, scale = network_input(fr.noisy, float(fr.adc_max), cfg.normalisation)
+            offset, scale = frame_offset_scale(fr.noisy, float(fr.adc_max), cfg.normalisation)  # as make_batch's
             est = np.clip(r * scale + offset, 0, fr.adc_max)
             psnrs.append(psnr(est, fr.clean, fr.adc_max))
     model.train()
