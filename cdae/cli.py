@@ -80,7 +80,7 @@ def _evaluate_recording(args: argparse.Namespace, models: list, pkg: Path, data:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, read_manifest, write_manifest
-    from cdae.training.config import DataConfig
+    from cdae.training.config import DataConfig, recorded_data_config
     from cdae.training.evaluate import evaluate
 
     registry = ModelRegistry(_models_dir(args.models_dir))
@@ -91,8 +91,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The standard held-out set (default scene and detector distributions, seeds disjoint from
     # training) unless asked for the first model's own training distribution: versions trained
     # on different distributions are only comparable on the same frames.
-    td = denoisers[0].manifest.training_config.get("data")
-    data = DataConfig.model_validate(td) if args.model_distribution and isinstance(td, dict) else DataConfig()
+    own = recorded_data_config(denoisers[0].manifest) if args.model_distribution else None
+    data = own or DataConfig()
     if args.data:
         return _evaluate_recording(args, list(zip(names, denoisers)), pkgs[0], data)
     out = Path(args.out) if args.out else pkgs[0] / "evaluation"

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.normalise import NormalisationConfig
+from cdae.engine.package import Manifest
 from cdae.training.defects import DefectConfig
 from cdae.training.simulate import SceneConfig
 
@@ -105,6 +106,28 @@ class TrainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+
+
+def recorded_training_config(manifest: Manifest) -> dict:
+    """A package's recorded training config, as the distribution it was really trained on.
+
+    Fields added to the generator since then take their new defaults when the record is
+    validated; where those defaults changed the frames, the old behaviour is filled in here:
+    generator 1.1 drew plasma without an optical PSF (``plasma_psf_sigma_px = (0, 0)``).
+    """
+    cfg = json.loads(json.dumps(manifest.training_config))
+    data = cfg.get("data")
+    if manifest.data_generator_version == "1.1" and isinstance(data, dict):
+        scene = data.setdefault("scene", {})
+        if isinstance(scene, dict):
+            scene.setdefault("plasma_psf_sigma_px", [0.0, 0.0])
+    return cfg
+
+
+def recorded_data_config(manifest: Manifest) -> DataConfig | None:
+    """The data distribution a package was trained on (``recorded_training_config``), None if unrecorded."""
+    data = recorded_training_config(manifest).get("data")
+    return DataConfig.model_validate(data) if isinstance(data, dict) else None
 
 
 def read_config_file(path: Path | str) -> dict:

@@ -31,6 +31,7 @@ from cdae.training.metrics import (
 from cdae.training.report import save_panels, write_markdown_table
 from cdae.training.dataset import simulated_frames
 from cdae.training.defects import MASK_BITS, simulate_frame
+from cdae.training.simulate import GENERATOR_VERSION
 
 Method = Callable[[np.ndarray, int], np.ndarray]  # (noisy float32 DN, adc_max) -> estimate float32 DN
 
@@ -172,7 +173,8 @@ def evaluate(
     detection = {name: r.detection(test) for name, r in runners.items()}
 
     report = {
-        "held_out": {"seed": data.test_seed, "frames": len(test), "sizes": [list(s) for s in sizes],
+        "held_out": {"generator": GENERATOR_VERSION, "seed": data.test_seed, "frames": len(test),
+                     "sizes": [list(s) for s in sizes],
                      "bit_depths": data.bit_depths, "kinds": sorted({f.kind for f in test})},
         "validation_for_baseline_tuning": {"seed": data.val_seed, "frames": len(val)},
         "tuned_baselines": tuned,
@@ -197,7 +199,8 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
     lines = [
         "# Evaluation on held-out simulated frames",
         "",
-        f"Held-out set: {report['held_out']['frames']} frames, seed {report['held_out']['seed']}, sizes "
+        f"Held-out set (scene generator {report['held_out'].get('generator', '?')}): "
+        f"{report['held_out']['frames']} frames, seed {report['held_out']['seed']}, sizes "
         f"{report['held_out']['sizes']}, bit depths {report['held_out']['bit_depths']}. Baselines tuned on "
         f"{report['validation_for_baseline_tuning']['frames']} validation frames (seed "
         f"{report['validation_for_baseline_tuning']['seed']}): {report['tuned_baselines']}; best: "

@@ -52,6 +52,7 @@ from cdae.training.config import (
     _Strict,
     apply_override,
     read_config_file,
+    recorded_training_config,
     validate_config,
 )
 from cdae.training.dataset import simulated_frames
@@ -112,7 +113,7 @@ def finetune_config(parent_pkg: Path, path: Path | str | None = None, overrides:
     The version defaults to ``<parent version>-ftN``, the first N free in ``store`` (default: the parent's).
     """
     parent = read_manifest(parent_pkg)
-    data: dict = {k: v for k, v in parent.training_config.items() if k in FinetuneConfig.model_fields}
+    data: dict = {k: v for k, v in recorded_training_config(parent).items() if k in FinetuneConfig.model_fields}
     data = _merge(data, FINETUNE_DEFAULTS)
     data.update(architecture=parent.architecture.model_dump(), normalisation=parent.normalisation.model_dump(),
                 init_from=str(parent_pkg), name=name or parent.name)

@@ -25,7 +25,7 @@ import torch
 
 from cdae.engine.inference import Denoiser
 from cdae.engine.package import EnsembleSpec, Manifest, code_version, instantiate, load_package, write_package
-from cdae.training.config import DataConfig
+from cdae.training.config import DataConfig, recorded_data_config
 from cdae.training.dataset import simulated_frames
 from cdae.training.metrics import EvalFrame, psnr
 from cdae.training.report import write_markdown_table
@@ -87,8 +87,7 @@ def fuse(
             "Use --mode outputs, or --force to average anyway."
         )
 
-    td = manifests[0].training_config.get("data")
-    data = DataConfig.model_validate(td) if isinstance(td, dict) else DataConfig()
+    data = recorded_data_config(manifests[0]) or DataConfig()
     frames = simulated_frames(data, data.val_seed, 10_000, val_frames, [(val_size, val_size)])
     member_scores = {m.ref: val_psnr(m, s, frames) for m, s in zip(manifests, states)}
     for ref, sc in member_scores.items():

@@ -46,7 +46,9 @@ __all__ = [
 
 #: Version of the data generator (scenes and detector model). Bump it whenever the arrays
 #: produced for a given (seed, index, shape, config) change.
-GENERATOR_VERSION: str = "1.1"
+GENERATOR_VERSION: str = "1.2"
+# 1.2: plasma emission is imaged through an optical PSF (``plasma_psf_sigma_px``) like point
+#      sources; ``plasma_psf_sigma_px = (0, 0)`` gives 1.1's frames bit for bit.
 
 SceneKind = Literal["plasma", "filaments", "spots", "points", "edges", "background", "mixed"]
 SCENE_KINDS: tuple[str, ...] = get_args(SceneKind)
@@ -133,6 +135,12 @@ class SceneConfig(BaseModel):
     plasma_contrast_range: Range = Field(
         (0.25, 0.8), description="Log-normal contrast: emission = exp(contrast * gaussian field)."
     )
+    plasma_psf_sigma_px: Range = Field(
+        (0.5, 1.2),
+        description="Gaussian sigma, pixels, of the optics' point-spread function through which the "
+        "plasma emission is imaged (the same optics as point sources, ``point_sigma_px``): no "
+        "camera passes the field's pixel-scale power. (0, 0): unblurred (generator 1.1).",
+    )
     filament_width_px: PositiveRange = Field(
         (1.0, 6.0), description="Full width at half maximum of filaments and jets, pixels."
     )
@@ -165,6 +173,13 @@ class SceneConfig(BaseModel):
     shadow_polygons_per_mpx: Range = Field(
         (0.0, 40.0), description="Density of polygonal target shadows, per megapixel."
     )
+
+    @field_validator("plasma_psf_sigma_px")
+    @classmethod
+    def _psf_not_negative(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] < 0:
+            raise ValueError(f"plasma_psf_sigma_px must be >= 0, got {value!r}")
+        return value
 
     @field_validator("kind_weights")
     @classmethod
@@ -362,7 +377,13 @@ def _render_plasma(
         threshold = _F32(rng.uniform(-0.5, 1.5))
         layer = np.maximum(g - threshold, 0.0) ** _F32(rng.uniform(0.7, 1.5))
         style = "clipped"
-    return _normalise_max(layer.astype(_F32, copy=False)), f"plasma:{style}"
+    layer = layer.astype(_F32, copy=False)
+    if cfg.plasma_psf_sigma_px[1] > 0:  # (0, 0) draws nothing: generator 1.1's stream
+        psf = float(rng.uniform(*cfg.plasma_psf_sigma_px))
+        if psf > 0:
+            # the field is periodic (drawn in Fourier space): wrap, no edge darkening
+            layer = ndimage.gaussian_filter(layer, psf, mode="wrap", truncate=3.0)
+    return _normalise_max(layer), f"plasma:{style}"
 
 
 def _render_filaments(

@@ -163,3 +163,47 @@ def test_gallery_cli_writes_png(tmp_path: Path) -> None:
     data = (tmp_path / "gallery.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
+
+
+def _laplacian_share(s: np.ndarray) -> float:
+    """Energy of the scene's Laplacian over its variance: how much of it lives at the pixel scale."""
+    s = s.astype(np.float64)
+    return float(np.mean(ndimage.laplace(s) ** 2) / np.var(s))
+
+
+def test_plasma_is_seen_through_the_optics() -> None:
+    # Generator 1.2: plasma emission is blurred by the optics' PSF like point sources, so it holds
+    # little power at the pixel scale and no texture pixel towers over all its neighbours (which a
+    # camera cannot tell from a radiation hit).
+    sharp_cfg, optics_cfg = SceneConfig(plasma_psf_sigma_px=(0.0, 0.0)), SceneConfig()
+    for i in range(8):
+        sharp = generate_scene(scene_rng(11, i), 128, 128, sharp_cfg, "plasma").signal
+        seen = generate_scene(scene_rng(11, i), 128, 128, optics_cfg, "plasma").signal
+        assert _laplacian_share(seen) < 0.5 * _laplacian_share(sharp)
+        c = seen.astype(np.float64)
+        neighbours = (ndimage.uniform_filter(c, 3, mode="reflect") * 9 - c) / 8
+        assert float(np.max(c / np.maximum(neighbours, 1e-9))) < 3.0
+
+
+@pytest.mark.parametrize(("index", "total"), [(0, 554.9508948905859), (5, 1330.397471478209)])
+def test_unblurred_plasma_gives_generator_1_1_scenes(index: int, total: float) -> None:
+    # Shipped models up to cdae-default:5 were trained on generator 1.1; their recipes set
+    # plasma_psf_sigma_px = (0, 0), which must give 1.1's scenes bit for bit, the components drawn
+    # after the plasma included (sums recorded with generator 1.1's code).
+    s = generate_scene(scene_rng(7, index), 64, 80, SceneConfig(plasma_psf_sigma_px=(0.0, 0.0)), "mixed")
+    assert any(f.startswith("plasma") for f in s.features)
+    assert float(s.signal.astype(np.float64).sum()) == pytest.approx(total, rel=1e-6)
+
+
+def test_plasma_psf_must_not_be_negative() -> None:
+    with pytest.raises(ValidationError, match="plasma_psf_sigma_px"):
+        SceneConfig(plasma_psf_sigma_px=(-0.5, 1.0))
+
+
+@pytest.mark.parametrize("version", ["1", "3", "4", "5"])
+def test_shipped_recipes_keep_the_scenes_they_were_trained_on(version: str) -> None:
+    from cdae.training.config import load_train_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_train_config(root / "training" / "configs" / f"cdae-default-{version}.toml")
+    assert cfg.data.scene.plasma_psf_sigma_px == (0.0, 0.0)

@@ -96,6 +96,28 @@ def test_bad_config_file(tmp_path: Path) -> None:
         load_train_config(tmp_path / "c.ini") if (tmp_path / "c.ini").write_text("x") else None
 
 
+def test_recorded_distribution_of_an_older_generator(tiny_package: Path) -> None:
+    # A package records its training config; fields the generator gained later would take their new
+    # defaults on reading, so a generator-1.1 package is read back with 1.1's unblurred plasma
+    # (what evaluate --model-distribution, fuse and finetune replay), a 1.2 one with the PSF.
+    from cdae.engine.package import read_manifest
+    from cdae.training.config import recorded_data_config
+    from cdae.training.simulate import GENERATOR_VERSION, SceneConfig
+
+    m = read_manifest(tiny_package)
+    assert m.data_generator_version == GENERATOR_VERSION
+    assert recorded_data_config(m).scene.plasma_psf_sigma_px == SceneConfig().plasma_psf_sigma_px != (0.0, 0.0)
+    scene = dict(m.training_config["data"]["scene"])
+    del scene["plasma_psf_sigma_px"]
+    old = m.model_copy(update={"data_generator_version": "1.1",
+                               "training_config": {**m.training_config, "data": {**m.training_config["data"],
+                                                                                 "scene": scene}}})
+    assert recorded_data_config(old).scene.plasma_psf_sigma_px == (0.0, 0.0)
+    assert "plasma_psf_sigma_px" not in old.training_config["data"]["scene"]  # the record itself untouched
+    shipped = read_manifest(Path(__file__).resolve().parents[2] / "models" / "cdae-default" / "5")
+    assert recorded_data_config(shipped).scene.plasma_psf_sigma_px == (0.0, 0.0)
+
+
 HAS_CUDA = __import__("torch").cuda.is_available()
 
 
