@@ -26,7 +26,7 @@ $PY -c "import cdae" 2>/dev/null || $PY -m pip install -q --no-index --no-deps -
 cat "$OUT/machine.txt"
 
 SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-270}; BENCH_S=${BENCH_S:-150}
-( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 \
+( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 ${SWEEP_ARGS:-} \
       --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
 sweep=$!
 # from outside the tree: the source's cdae/ folder must not shadow the installed package
@@ -37,6 +37,6 @@ echo "tests rc=$?"; tail -15 "$OUT/tests.log"
 wait $sweep
 tail -12 "$OUT/sweep.log"
 [ "${BENCH:-1}" = 0 ] && exit 0
-( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends torch-cuda --sizes 256,512,1024,2048 --frames "${BENCH_FRAMES:-60}" \
+( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends torch-cuda --sizes 256,512,1024,2048 --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} \
     --out "$OUT" ) >"$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -8 "$OUT/bench.log"
