@@ -80,7 +80,7 @@ def _evaluate_recording(args: argparse.Namespace, models: list, pkg: Path, data:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, read_manifest, write_manifest
-    from cdae.training.config import DataConfig, recorded_data_config
+    from cdae.training.config import DataConfig, apply_override, recorded_data_config, validate_config
     from cdae.training.evaluate import evaluate
 
     registry = ModelRegistry(_models_dir(args.models_dir))
@@ -93,19 +93,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # on different distributions are only comparable on the same frames.
     own = recorded_data_config(denoisers[0].manifest) if args.model_distribution else None
     data = own or DataConfig()
+    if args.set:  # e.g. scene.plasma_psf_sigma_px=[0,0]: the held-out frames of generator 1.1
+        raw = data.model_dump(mode="json")
+        for item in args.set:
+            apply_override(raw, item)
+        data = validate_config(DataConfig, raw, "held-out data")
     if args.data:
         return _evaluate_recording(args, list(zip(names, denoisers)), pkgs[0], data)
     out = Path(args.out) if args.out else pkgs[0] / "evaluation"
     sizes = [tuple(int(v) for v in s.lower().split("x"))[::-1] for s in args.sizes.split(",")]
     report = evaluate(list(zip(names, denoisers)), out, data, frames=args.frames, val_frames=args.val_frames,
-                      sizes=sizes, timing=not args.no_timing)
+                      sizes=sizes, timing=not args.no_timing, overrides=args.set)
     for name, c in report["comparisons"].items():
         s = report["methods"][name]["summary"]
         print(f"{name}: PSNR {s['psnr_db']:.2f} dB ({c['psnr_gain_over_best_baseline_db']:+.2f} dB vs "
               f"{report['best_baseline']}), defect RMSE {c['defect_rmse_ratio_best_baseline_over_model']:.2f}x better, "
               f"bright RMSE {c['bright_rmse_model_over_noisy']:.3f} of noisy; targets met: {c['meets_targets']}")
-    if args.update_manifest:
-        for pkg, name in zip(pkgs, names):
+    if args.update_manifest:  # the model under evaluation only: the others are its comparisons
+        for pkg, name in zip(pkgs[:1], names[:1]):
             m = read_manifest(pkg)
             held_out = {"summary": report["methods"][name]["summary"], "comparison": report["comparisons"][name],
                         "best_baseline": report["best_baseline"],
@@ -695,10 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--val-frames", type=int, default=24)
     e.add_argument("--sizes", default="256x256,320x192", help="WxH list the held-out frames cycle through")
     e.add_argument("--out", help="report folder (default: <package>/evaluation)")
-    e.add_argument("--update-manifest", action="store_true", help="record the held-out metrics in the manifest")
+    e.add_argument("--update-manifest", action="store_true",
+                   help="record the held-out metrics in the (first) model's manifest")
     e.add_argument("--no-timing", action="store_true", help="skip the 1024x1024 CPU timing")
     e.add_argument("--model-distribution", action="store_true",
                    help="held-out frames from the first model's training distribution (default: the standard one)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the held-out distribution, e.g. scene.plasma_psf_sigma_px=[0,0] (generator 1.1 scenes)")
     e.add_argument("--data", help="a camera recording (cdae record): evaluate on its frames, without ground truth")
     e.add_argument("--profile", help="camera profile of --data (default: beside the recording, from cdae characterise)")
     e.add_argument("--held-out-frames", type=int, help="with --data: the last N frames of each run (default: a quarter)")

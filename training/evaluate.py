@@ -130,8 +130,12 @@ def evaluate(
     sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
     timing: bool = True,
     log: Callable[[str], None] = print,
+    overrides: Sequence[str] = (),
 ) -> dict:
-    """Score models and tuned baselines on held-out frames; write report.md/json and panels.png."""
+    """Score models and tuned baselines on held-out frames; write report.md/json and panels.png.
+
+    ``overrides`` only names, in the report, how ``data`` differs from the standard distribution.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = data or DataConfig()
@@ -173,8 +177,8 @@ def evaluate(
     detection = {name: r.detection(test) for name, r in runners.items()}
 
     report = {
-        "held_out": {"generator": GENERATOR_VERSION, "seed": data.test_seed, "frames": len(test),
-                     "sizes": [list(s) for s in sizes],
+        "held_out": {"generator": GENERATOR_VERSION, "overrides": list(overrides), "seed": data.test_seed,
+                     "frames": len(test), "sizes": [list(s) for s in sizes],
                      "bit_depths": data.bit_depths, "kinds": sorted({f.kind for f in test})},
         "validation_for_baseline_tuning": {"seed": data.val_seed, "frames": len(val)},
         "tuned_baselines": tuned,
@@ -199,7 +203,8 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
     lines = [
         "# Evaluation on held-out simulated frames",
         "",
-        f"Held-out set (scene generator {report['held_out'].get('generator', '?')}): "
+        f"Held-out set (scene generator {report['held_out'].get('generator', '?')}"
+        + "".join(f", {o}" for o in report["held_out"].get("overrides", [])) + "): "
         f"{report['held_out']['frames']} frames, seed {report['held_out']['seed']}, sizes "
         f"{report['held_out']['sizes']}, bit depths {report['held_out']['bit_depths']}. Baselines tuned on "
         f"{report['validation_for_baseline_tuning']['frames']} validation frames (seed "

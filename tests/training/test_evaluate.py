@@ -46,3 +46,36 @@ def test_identity_scores_match_the_noisy_input() -> None:
     frames = simulated_frames(DataConfig(), 3, 0, 4, [(64, 64)])
     s, outputs = score("noisy", identity, frames)
     assert s.summary["n_frames"] == 4 and all(o is f.noisy for o, f in zip(outputs, frames))
+
+
+def test_evaluate_cli_changed_distribution_records_the_first_model_only(tmp_path: Path, tiny_package: Path) -> None:
+    # `cdae evaluate --set` draws the held-out frames from a changed distribution (here generator
+    # 1.1's unblurred plasma) and says so in the report; --update-manifest writes the metrics into
+    # the model under evaluation, not into the ones it is compared with.
+    import shutil
+    import subprocess
+    import sys
+
+    from cdae.engine.package import read_manifest, write_manifest
+
+    store = tiny_package.parent.parent
+    second = tiny_package.parent / "2"
+    shutil.copytree(tiny_package, second)
+    write_manifest(second, read_manifest(second).model_copy(update={"version": "2"}))
+    before = (second / "manifest.json").read_text()
+    exe = Path(sys.executable).with_name("cdae")
+    r = subprocess.run([str(exe), "evaluate", "--models-dir", str(store), "--model", "tiny:1", "--model", "tiny:2",
+                        "--frames", "3", "--val-frames", "2", "--sizes", "64x64", "--no-timing", "--update-manifest",
+                        "--set", "scene.plasma_psf_sigma_px=[0,0]", "--out", str(tmp_path / "eval")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["held_out"]["overrides"] == ["scene.plasma_psf_sigma_px=[0,0]"]
+    assert "scene.plasma_psf_sigma_px=[0,0]" in (tmp_path / "eval" / "report.md").read_text()
+    assert read_manifest(tiny_package).metrics["held_out"]["held_out"]["overrides"] == report["held_out"]["overrides"]
+    assert (second / "manifest.json").read_text() == before
+    bad = subprocess.run([str(exe), "evaluate", "--models-dir", str(store), "--model", "tiny:1", "--no-timing",
+                          "--set", "scene.plasma_psf_sigma_px=[-1,0]", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "plasma_psf_sigma_px" in bad.stderr + bad.stdout
+    assert not (tmp_path / "bad").exists()
