@@ -1,0 +1,93 @@
+"""Where does a model's error on bright real features come from? Per pixel class, scene kind and frame.
+
+``cdae evaluate`` reports one number for the brightest real (non-defect) pixels, the top 1 % of
+each clean frame. This splits the model's squared error on them, beside the noisy input's, into:
+pixels at saturation or the detected full well (``sat``), pixels the defect head calls defects
+(``called``, p > 0.5: a real feature painted over), isolated peaks of the clean scene (``peak``,
+brighter than all 8 neighbours and twice their mean) and the rest; then by scene kind; then the
+frames holding the most of it. ``oracle-min`` is the ratio if each pixel took the better of model
+and raw: how much a per-pixel rule could win at most.
+
+    python experiments/bright_errors.py cdae-default:6 --which val --frames 96
+    python experiments/bright_errors.py cdae-default:5 --which test --set scene.plasma_psf_sigma_px=[0,0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+_RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=bool)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="NAME[:VERSION]")
+    p.add_argument("--which", choices=["val", "test"], default="val", help="validation (seed 2) or held-out (seed 3)")
+    p.add_argument("--frames", type=int, help="default: 24 validation, 48 held-out frames")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data distribution override")
+    p.add_argument("--models", default=str(ROOT / "models"))
+    p.add_argument("--worst", type=int, default=8, help="frames listed")
+    args = p.parse_args(argv)
+
+    from cdae.engine.inference import Denoiser
+    from cdae.engine.normalise import find_full_well, to_dtype
+    from cdae.engine.package import ModelRegistry
+    from cdae.training.config import DataConfig, apply_override, validate_config
+    from cdae.training.dataset import simulated_frames
+    from cdae.training.evaluate import DEFAULT_SIZES
+    from cdae.training.metrics import bright_feature_mask
+
+    raw = DataConfig().model_dump(mode="json")
+    for item in args.set:
+        apply_override(raw, item)
+    data = validate_config(DataConfig, raw, "data")
+    n = args.frames or (24 if args.which == "val" else 48)
+    frames = simulated_frames(data, data.val_seed if args.which == "val" else data.test_seed, 0, n, DEFAULT_SIZES)
+    den = Denoiser.from_package(ModelRegistry(Path(args.models)).resolve(args.model))
+
+    sums: dict[str, list[float]] = {}  # key -> [pixels, model SE, noisy SE, min SE]
+    per_frame = []
+    for i, fr in enumerate(frames):
+        out, prob = den.denoise_dn(fr.noisy, float(fr.adc_max))
+        cam = to_dtype(out, np.uint16 if fr.adc_max > 255 else np.uint8, float(fr.adc_max)).astype(np.float32)
+        bright = bright_feature_mask(fr.clean, fr.defect_mask != 0)
+        em = ((cam - fr.clean) / fr.adc_max).astype(np.float64) ** 2
+        en = ((fr.noisy - fr.clean) / fr.adc_max).astype(np.float64) ** 2
+        sat = fr.noisy >= fr.adc_max - 0.5
+        fw = find_full_well(fr.noisy, float(fr.adc_max))
+        if fw is not None:
+            sat |= np.abs(fr.noisy - fw.level) <= fw.half_width
+        c = fr.clean.astype(np.float64)
+        ring_max = ndimage.maximum_filter(c, footprint=_RING, mode="nearest")
+        ring_mean = (ndimage.uniform_filter(c, 3, mode="nearest") * 9 - c) / 8
+        peak = (c > ring_max) & (c > 2 * ring_mean)
+        cls = np.where(sat, 0, np.where(prob > 0.5, 1, np.where(peak, 2, 3)))
+        for key, m in [*((name, bright & (cls == k)) for k, name in enumerate(("sat", "called", "peak", "rest"))),
+                       (f"kind:{fr.kind}", bright)]:
+            acc = sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+            acc[0] += int(m.sum())
+            acc[1] += float(em[m].sum())
+            acc[2] += float(en[m].sum())
+            acc[3] += float(np.minimum(em, en)[m].sum())
+        per_frame.append((float(em[bright].sum()), float(en[bright].sum()), i, fr.kind, fr.bit_depth))
+    total_m = sum(f[0] for f in per_frame)
+    total_n = sum(f[1] for f in per_frame)
+    print(f"{args.model} on {n} {'validation' if args.which == 'val' else 'held-out'} frames {args.set or ''}: "
+          f"bright RMSE / noisy input's = {np.sqrt(total_m / total_n):.3f}")
+    print(f"{'class':18s} {'pixels':>7s} {'model SE':>9s} {'noisy SE':>9s} {'ratio':>6s} {'oracle-min':>10s}")
+    for key, (cnt, sm, sn, smin) in sums.items():
+        print(f"{key:18s} {int(cnt):7d} {sm / total_m:9.3f} {sn / total_n:9.3f} {np.sqrt(sm / max(sn, 1e-30)):6.2f} "
+              f"{np.sqrt(smin / max(sn, 1e-30)):10.2f}")
+    print("(SE columns: share of the model's / the noisy input's total squared error on bright pixels)")
+    for sm, sn, i, kind, bits in sorted(per_frame, reverse=True)[: args.worst]:
+        print(f"frame {i:3d} {kind:10s} {bits:2d}-bit: {sm / total_m:.3f} of the model's error, {sn / total_n:.3f} of the noisy's")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
