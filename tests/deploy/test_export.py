@@ -149,12 +149,20 @@ def test_tensorrt_plan_reproduces_torch_and_is_found_read_only(shipped: Path, fp
 
 
 def test_models_list_and_show(store: Path) -> None:
+    from cdae.engine.package import read_manifest, write_manifest
+
+    pkg = store / "tiny" / "2"  # as if evaluated: PSNRs say which scene generator's held-out set they are on
+    m = read_manifest(pkg)
+    write_manifest(pkg, m.model_copy(update={"metrics": {**m.metrics, "held_out": {
+        "summary": {"psnr_db": 40.5}, "held_out": {"generator": "9.9"}}}}))
     out = subprocess.run(cdae("models", "list", "--models-dir", str(store)), capture_output=True, text=True,
                          check=True).stdout
     assert "tiny:1" in out and "tiny:2" in out
     rows = json.loads(subprocess.run(cdae("models", "list", "--json", "--models-dir", str(store)),
                                      capture_output=True, text=True, check=True).stdout)
     assert [r["ref"] for r in rows] == ["tiny:1", "tiny:2"]
+    assert rows[1]["psnr_db"] == 40.5 and rows[1]["held_out_generator"] == "9.9"
+    assert "40.50 (9.9)" in out
     show = subprocess.run(cdae("models", "show", "tiny:2", "--models-dir", str(store)), capture_output=True,
                           text=True, check=True).stdout
     assert show.startswith("tiny:2") and "sha256" in show
