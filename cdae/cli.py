@@ -80,7 +80,7 @@ def _evaluate_recording(args: argparse.Namespace, models: list, pkg: Path, data:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, read_manifest, write_manifest
-    from cdae.training.config import DataConfig, apply_override, recorded_data_config, validate_config
+    from cdae.training.config import DataConfig, recorded_data_config, with_overrides
     from cdae.training.evaluate import evaluate
 
     registry = ModelRegistry(_models_dir(args.models_dir))
@@ -93,11 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # on different distributions are only comparable on the same frames.
     own = recorded_data_config(denoisers[0].manifest) if args.model_distribution else None
     data = own or DataConfig()
-    if args.set:  # e.g. scene.plasma_psf_sigma_px=[0,0]: the held-out frames of generator 1.1
-        raw = data.model_dump(mode="json")
-        for item in args.set:
-            apply_override(raw, item)
-        data = validate_config(DataConfig, raw, "held-out data")
+    # --set, e.g. scene.plasma_psf_sigma_px=[0,0]: the held-out frames of generator 1.1
+    data = with_overrides(data, args.set, "held-out data")
     if args.data:
         return _evaluate_recording(args, list(zip(names, denoisers)), pkgs[0], data)
     out = Path(args.out) if args.out else pkgs[0] / "evaluation"

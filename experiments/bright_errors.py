@@ -37,15 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.normalise import find_full_well, to_dtype
     from cdae.engine.package import ModelRegistry
-    from cdae.training.config import DataConfig, apply_override, validate_config
+    from cdae.training.config import DataConfig, with_overrides
     from cdae.training.dataset import simulated_frames
     from cdae.training.evaluate import DEFAULT_SIZES
     from cdae.training.metrics import bright_feature_mask
 
-    raw = DataConfig().model_dump(mode="json")
-    for item in args.set:
-        apply_override(raw, item)
-    data = validate_config(DataConfig, raw, "data")
+    data = with_overrides(DataConfig(), args.set, "data")
     n = args.frames or (24 if args.which == "val" else 48)
     frames = simulated_frames(data, data.val_seed if args.which == "val" else data.test_seed, 0, n, DEFAULT_SIZES)
     den = Denoiser.from_package(ModelRegistry(Path(args.models)).resolve(args.model))

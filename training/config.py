@@ -184,3 +184,11 @@ def validate_config(model: type[ConfigT], data: dict, what: str) -> ConfigT:
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"invalid {what} config:\n  " + "\n  ".join(lines)) from e
+
+
+def with_overrides(config: ConfigT, overrides: list[str], what: str) -> ConfigT:
+    """``config`` with dotted ``KEY=VALUE`` overrides applied (as ``--set`` does), validated again."""
+    data = config.model_dump(mode="json")
+    for item in overrides:
+        apply_override(data, item)
+    return validate_config(type(config), data, what)

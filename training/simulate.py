@@ -380,9 +380,8 @@ def _render_plasma(
     layer = layer.astype(_F32, copy=False)
     if cfg.plasma_psf_sigma_px[1] > 0:  # (0, 0) draws nothing: generator 1.1's stream
         psf = float(rng.uniform(*cfg.plasma_psf_sigma_px))
-        if psf > 0:
-            # the field is periodic (drawn in Fourier space): wrap, no edge darkening
-            layer = ndimage.gaussian_filter(layer, psf, mode="wrap", truncate=3.0)
+        # the field is periodic (drawn in Fourier space): wrap, no edge darkening
+        layer = ndimage.gaussian_filter(layer, psf, mode="wrap", truncate=3.0)
     return _normalise_max(layer), f"plasma:{style}"
 
 
