@@ -21,9 +21,13 @@ from cdae.engine.normalise import to_dtype
 from cdae.training.baselines import make_baseline, tune_baselines
 from cdae.training.config import DataConfig
 from cdae.training.metrics import (
+    TARGET_BRIGHT_RATIO,
+    TARGET_DEFECT_RATIO,
+    TARGET_PSNR_GAIN_DB,
     EvalFrame,
     FrameMetrics,
     aggregate,
+    bootstrap_targets,
     bright_error_concentration,
     frame_metrics,
     per_class_rmse,
@@ -125,8 +129,8 @@ def evaluate(
     models: Sequence[tuple[str, Denoiser]],
     out_dir: Path | str,
     data: DataConfig | None = None,
-    frames: int = 48,
-    val_frames: int = 24,
+    frames: int = 192,
+    val_frames: int = 48,
     sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
     timing: bool = True,
     log: Callable[[str], None] = print,
@@ -169,10 +173,12 @@ def evaluate(
             "bright_rmse_best_baseline_over_noisy": b["rmse_bright"] / noisy["rmse_bright"],
         }
         comparisons[name]["meets_targets"] = bool(
-            comparisons[name]["psnr_gain_over_best_baseline_db"] >= 4.0
-            and comparisons[name]["defect_rmse_ratio_best_baseline_over_model"] >= 3.0
-            and comparisons[name]["bright_rmse_model_over_noisy"] <= 1.0
+            comparisons[name]["psnr_gain_over_best_baseline_db"] >= TARGET_PSNR_GAIN_DB
+            and comparisons[name]["defect_rmse_ratio_best_baseline_over_model"] >= TARGET_DEFECT_RATIO
+            and comparisons[name]["bright_rmse_model_over_noisy"] <= TARGET_BRIGHT_RATIO
         )
+        comparisons[name]["bootstrap"] = bootstrap_targets(
+            results[name].per_frame, results[best_baseline].per_frame, results["noisy input"].per_frame)
     timings = {name: time_1024_uint16(d) for name, d in models} if timing else {}
     detection = {name: r.detection(test) for name, r in runners.items()}
 
@@ -227,6 +233,17 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
             f"Targets met: **{'yes' if c['meets_targets'] else 'no'}**.",
             "",
         ]
+        if "bootstrap" in c:
+            b = c["bootstrap"]
+            lines += [
+                f"How far to trust that on {b['frames']} frames ({b['resamples']} paired bootstrap resamples of "
+                f"them; 5th / 50th / 95th percentile): PSNR gain {_pcts(b['psnr_gain_db'], '{:+.2f}')} dB, defect "
+                f"ratio {_pcts(b['defect_ratio'], '{:.2f}')}x, bright ratio {_pcts(b['bright_ratio'], '{:.3f}')}; "
+                f"targets met in {b['share_meeting_psnr_gain_db']:.0%} / {b['share_meeting_defect_ratio']:.0%} / "
+                f"{b['share_meeting_bright_ratio']:.0%} of the resamples, all three in "
+                f"**{b['share_meeting_all']:.0%}**.",
+                "",
+            ]
     for name, d in report["defect_head"].items():
         lines += [f"Defect head of {name} (p > {d['threshold']}): precision {d['precision']:.3f}, recall "
                   f"{d['recall']:.3f}, F1 {d['f1']:.3f}. The `(defect-gated)` row blends restored and raw "
@@ -250,6 +267,10 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
                   f"{int(r.bright_concentration['worst_frame'])})" for n, r in results.items()) + ".", ""]
     lines += ["![panels](panels.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def _pcts(values: Sequence[float], fmt: str) -> str:
+    return " / ".join(fmt.format(v) for v in values)
 
 
 def _write_panels(path: Path, frames: Sequence[EvalFrame], outputs: dict[str, list[np.ndarray]],

@@ -286,3 +286,51 @@ def bright_error_concentration(metrics: Sequence[FrameMetrics]) -> dict[str, flo
         return {"worst_frame": -1.0, "worst_frame_share": 0.0}
     worst = max(range(len(metrics)), key=lambda i: metrics[i].se_bright)
     return {"worst_frame": float(worst), "worst_frame_share": metrics[worst].se_bright / total}
+
+
+#: Issue 2's targets: PSNR gain over the best tuned baseline (dB, at least), defect-pixel RMSE
+#: ratio baseline / model (at least), bright-feature RMSE model / noisy input (at most).
+TARGET_PSNR_GAIN_DB = 4.0
+TARGET_DEFECT_RATIO = 3.0
+TARGET_BRIGHT_RATIO = 1.0
+
+
+def target_quantities(model: Sequence[FrameMetrics], baseline: Sequence[FrameMetrics],
+                      noisy: Sequence[FrameMetrics]) -> dict[str, float]:
+    """The three target quantities on one set of frames (the same frames for all three methods)."""
+    m, b, n = aggregate(model), aggregate(baseline), aggregate(noisy)
+    return {"psnr_gain_db": m["psnr_db"] - b["psnr_db"],
+            "defect_ratio": b["rmse_defect"] / m["rmse_defect"],
+            "bright_ratio": m["rmse_bright"] / n["rmse_bright"]}
+
+
+def bootstrap_targets(model: Sequence[FrameMetrics], baseline: Sequence[FrameMetrics],
+                      noisy: Sequence[FrameMetrics], resamples: int = 2000, seed: int = 0) -> dict:
+    """How far to trust the targets measured on a finite set of frames: a paired bootstrap.
+
+    Frames are drawn with replacement (the same draw for model, baseline and noisy input) and the
+    three quantities are recomputed as :func:`aggregate` pools them (mean PSNR, pooled RMSEs).
+    Returns their 5/50/95th percentiles and the share of resamples meeting each target and all
+    three. A pooled RMSE is dominated by its worst frames, so a rare scene the model gets badly
+    wrong shows here as a wide interval long before it shows in the point estimate.
+    """
+    k = len(model)
+    if k == 0 or not (len(baseline) == len(noisy) == k):
+        raise MetricsError(f"bootstrap needs the same non-empty frames for all methods, got {k}/{len(baseline)}/{len(noisy)}")
+
+    def arr(ms: Sequence[FrameMetrics], field: str) -> np.ndarray:
+        return np.array([getattr(x, field) for x in ms], dtype=np.float64)
+
+    idx = np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+    gain = arr(model, "psnr_db")[idx].mean(axis=1) - arr(baseline, "psnr_db")[idx].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        defect = np.sqrt(arr(baseline, "se_defect")[idx].sum(axis=1) / arr(model, "se_defect")[idx].sum(axis=1))
+        bright = np.sqrt(arr(model, "se_bright")[idx].sum(axis=1) / arr(noisy, "se_bright")[idx].sum(axis=1))
+    meets = {"psnr_gain_db": gain >= TARGET_PSNR_GAIN_DB, "defect_ratio": defect >= TARGET_DEFECT_RATIO,
+             "bright_ratio": bright <= TARGET_BRIGHT_RATIO}
+    out: dict = {"resamples": resamples, "seed": seed, "frames": k}
+    for name, v in (("psnr_gain_db", gain), ("defect_ratio", defect), ("bright_ratio", bright)):
+        out[name] = [float(q) for q in np.nanpercentile(v, [5, 50, 95])]
+        out[f"share_meeting_{name}"] = float(np.mean(meets[name]))
+    out["share_meeting_all"] = float(np.mean(meets["psnr_gain_db"] & meets["defect_ratio"] & meets["bright_ratio"]))
+    return out

@@ -224,3 +224,33 @@ def test_bright_error_concentration_names_the_frame_that_holds_the_error() -> No
     bad = frame_metrics(eaten, clean, mask, 100.0)
     c = bright_error_concentration([good, bad, good])
     assert c["worst_frame"] == 1.0 and c["worst_frame_share"] > 0.99
+
+
+def _fm(psnr_db: float, se_defect: float, se_bright: float) -> "FrameMetrics":
+    from cdae.training.metrics import FrameMetrics
+
+    return FrameMetrics(psnr_db=psnr_db, ssim=0.9, rmse_defect=math.sqrt(se_defect / 10), rmse_bright=math.sqrt(se_bright / 10),
+                        rmse_all=0.0, se_defect=se_defect, n_defect=10, se_bright=se_bright, n_bright=10, se_all=0.0, n_all=100)
+
+
+def test_bootstrap_of_the_targets_sees_a_rare_bad_frame() -> None:
+    from cdae.training.metrics import MetricsError, bootstrap_targets, target_quantities
+
+    noisy = [_fm(30.0, 1.0, 1.0) for _ in range(48)]
+    baseline = [_fm(35.0, 1.0, 4.0) for _ in range(48)]
+    good = [_fm(40.0, 0.04, 0.64) for _ in range(48)]  # +5 dB, 5x, 0.8x on every frame
+    b = bootstrap_targets(good, baseline, noisy, resamples=500)
+    assert b["psnr_gain_db"] == pytest.approx([5.0, 5.0, 5.0])
+    assert b["defect_ratio"] == pytest.approx([5.0, 5.0, 5.0]) and b["bright_ratio"] == pytest.approx([0.8] * 3)
+    assert b["share_meeting_all"] == 1.0 and b["frames"] == 48
+    # one frame where the model paints over a real feature: the point estimate still passes,
+    # but many resamples that draw it twice or more do not
+    rare = [*good[:-1], _fm(40.0, 0.04, 12.0)]
+    point = target_quantities(rare, baseline, noisy)
+    assert point["bright_ratio"] < 1.0
+    b = bootstrap_targets(rare, baseline, noisy, resamples=2000)
+    assert b["bright_ratio"][2] > 1.0 and 0.0 < b["share_meeting_bright_ratio"] < 1.0
+    assert b["share_meeting_all"] == b["share_meeting_bright_ratio"]
+    assert bootstrap_targets(rare, baseline, noisy, resamples=2000) == b  # seeded: the same report twice
+    with pytest.raises(MetricsError, match="same non-empty frames"):
+        bootstrap_targets(rare, baseline[:3], noisy)
