@@ -10,6 +10,7 @@ and raw: how much a per-pixel rule could win at most.
 
     python experiments/bright_errors.py cdae-default:6 --which val --frames 96
     python experiments/bright_errors.py cdae-default:5 --which test --set scene.plasma_psf_sigma_px=[0,0]
+    python experiments/bright_errors.py cdae-default:6 --which test --frames 192 --png worst.png  # + pictures
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data distribution override")
     p.add_argument("--models", default=str(ROOT / "models"))
     p.add_argument("--worst", type=int, default=8, help="frames listed")
+    p.add_argument("--png", help="draw the worst frames (--png-frames of them) to this PNG")
+    p.add_argument("--png-frames", type=int, default=2)
     args = p.parse_args(argv)
 
     from cdae.engine.inference import Denoiser
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     den = Denoiser.from_package(ModelRegistry(Path(args.models)).resolve(args.model))
 
     sums: dict[str, list[float]] = {}  # key -> [pixels, model SE, noisy SE, min SE]
+    pictures: dict[int, tuple] = {}
     per_frame = []
     for i, fr in enumerate(frames):
         out, prob = den.denoise_dn(fr.noisy, float(fr.adc_max))
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             acc[2] += float(en[m].sum())
             acc[3] += float(np.minimum(em, en)[m].sum())
         per_frame.append((float(em[bright].sum()), float(en[bright].sum()), i, fr.kind, fr.bit_depth))
+        if args.png:
+            pictures[i] = (fr, cam, prob)
     total_m = sum(f[0] for f in per_frame)
     total_n = sum(f[1] for f in per_frame)
     print(f"{args.model} on {n} {'validation' if args.which == 'val' else 'held-out'} frames {args.set or ''}: "
@@ -83,7 +89,33 @@ def main(argv: list[str] | None = None) -> int:
     print("(SE columns: share of the model's / the noisy input's total squared error on bright pixels)")
     for sm, sn, i, kind, bits in sorted(per_frame, reverse=True)[: args.worst]:
         print(f"frame {i:3d} {kind:10s} {bits:2d}-bit: {sm / total_m:.3f} of the model's error, {sn / total_n:.3f} of the noisy's")
+    if args.png:
+        worst = [(i, sm / total_m) for sm, _, i, _, _ in sorted(per_frame, reverse=True)[: args.png_frames]]
+        _draw(Path(args.png), args.model, [(i, share, *pictures[i]) for i, share in worst])
+        print(f"wrote {args.png}")
     return 0
+
+
+def _draw(path: Path, model: str, rows: list[tuple]) -> None:
+    """Per frame: noisy, model, clean (one colour scale), defect probability, true defects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 5, figsize=(20, 3.6 * len(rows)), squeeze=False)
+    for ax, (i, share, fr, cam, prob) in zip(axes, rows):
+        vmax = float(max(fr.clean.max(), 1.0))
+        panels = [("noisy", fr.noisy, vmax), (model, cam, vmax), ("clean", fr.clean, vmax),
+                  ("defect probability", prob, 1.0), ("true defects", (fr.defect_mask != 0).astype(np.float32), 1.0)]
+        for a, (title, im, top) in zip(ax, panels):
+            a.imshow(im, cmap="magma", vmin=0.0, vmax=top, interpolation="nearest")
+            a.set_xticks([])
+            a.set_yticks([])
+            a.set_title(title, fontsize=9)
+        ax[0].set_ylabel(f"frame {i}, {fr.kind}, {fr.bit_depth}-bit\n{share:.0%} of the bright error", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == "__main__":
