@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:18s} {int(cnt):7d} {sm / total_m:9.3f} {sn / total_n:9.3f} {np.sqrt(sm / max(sn, 1e-30)):6.2f} "
               f"{np.sqrt(smin / max(sn, 1e-30)):10.2f}")
     print("(SE columns: share of the model's / the noisy input's total squared error on bright pixels)")
+    # a real feature painted over: far above the raw frame's error, and a visible part of the whole
+    eaten = [i for sm, sn, i, _, _ in per_frame if sm > 4.0 * sn and sm > 0.01 * total_m]
+    print(f"frames whose bright error is over 4x the noisy input's and over 1 % of the total: {len(eaten)} of "
+          f"{len(per_frame)} {eaten}")
     for sm, sn, i, kind, bits in sorted(per_frame, reverse=True)[: args.worst]:
         print(f"frame {i:3d} {kind:10s} {bits:2d}-bit: {sm / total_m:.3f} of the model's error, {sn / total_n:.3f} of the noisy's")
     if args.png:
