@@ -31,6 +31,7 @@ from cdae.training.metrics import (
     bright_error_concentration,
     frame_metrics,
     per_class_rmse,
+    target_quantities,
 )
 from cdae.training.report import save_panels, write_markdown_table
 from cdae.training.dataset import simulated_frames
@@ -164,12 +165,13 @@ def evaluate(
     noisy = results["noisy input"].summary
     comparisons = {}
     for name, _ in models:
-        s = results[name].summary
         b = results[best_baseline].summary
+        frames_of = (results[name].per_frame, results[best_baseline].per_frame, results["noisy input"].per_frame)
+        q = target_quantities(*frames_of)
         comparisons[name] = {
-            "psnr_gain_over_best_baseline_db": s["psnr_db"] - b["psnr_db"],
-            "defect_rmse_ratio_best_baseline_over_model": b["rmse_defect"] / s["rmse_defect"],
-            "bright_rmse_model_over_noisy": s["rmse_bright"] / noisy["rmse_bright"],
+            "psnr_gain_over_best_baseline_db": q["psnr_gain_db"],
+            "defect_rmse_ratio_best_baseline_over_model": q["defect_ratio"],
+            "bright_rmse_model_over_noisy": q["bright_ratio"],
             "bright_rmse_best_baseline_over_noisy": b["rmse_bright"] / noisy["rmse_bright"],
         }
         comparisons[name]["meets_targets"] = bool(
@@ -177,8 +179,7 @@ def evaluate(
             and comparisons[name]["defect_rmse_ratio_best_baseline_over_model"] >= TARGET_DEFECT_RATIO
             and comparisons[name]["bright_rmse_model_over_noisy"] <= TARGET_BRIGHT_RATIO
         )
-        comparisons[name]["bootstrap"] = bootstrap_targets(
-            results[name].per_frame, results[best_baseline].per_frame, results["noisy input"].per_frame)
+        comparisons[name]["bootstrap"] = bootstrap_targets(*frames_of)
     timings = {name: time_1024_uint16(d) for name, d in models} if timing else {}
     detection = {name: r.detection(test) for name, r in runners.items()}
 
