@@ -214,11 +214,16 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
     return x, offset, scale
 
 
+def full_well_mask(frame: np.ndarray, fw: FullWell) -> np.ndarray:
+    """The pixels of ``frame`` at the full well ``fw`` (within its half-width of the level)."""
+    return np.abs(np.asarray(frame, dtype=np.float32) - np.float32(fw.level)) <= np.float32(fw.half_width)
+
+
 def mark_full_well(x: np.ndarray, frame: np.ndarray, fw: FullWell | None, offset: float, scale: float) -> None:
     """In a (2, H, W) network input: pixels at the full well flagged like ADC saturation, read as its level."""
     if fw is None:
         return
-    at = np.abs(np.asarray(frame, dtype=np.float32) - np.float32(fw.level)) <= np.float32(fw.half_width)
+    at = full_well_mask(frame, fw)
     x[1][at] = 1.0
     x[0][at] = np.float32((fw.level - offset) / scale)
 

@@ -38,31 +38,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from cdae.engine.inference import Denoiser
-    from cdae.engine.normalise import find_full_well, to_dtype
+    from cdae.engine.normalise import find_full_well, full_well_mask
     from cdae.engine.package import ModelRegistry
     from cdae.training.config import DataConfig, with_overrides
     from cdae.training.dataset import simulated_frames
-    from cdae.training.evaluate import DEFAULT_SIZES
+    from cdae.training.evaluate import DEFAULT_SIZES, ModelRunner
     from cdae.training.metrics import bright_feature_mask
 
     data = with_overrides(DataConfig(), args.set, "data")
     n = args.frames or (24 if args.which == "val" else 48)
     frames = simulated_frames(data, data.val_seed if args.which == "val" else data.test_seed, 0, n, DEFAULT_SIZES)
-    den = Denoiser.from_package(ModelRegistry(Path(args.models)).resolve(args.model))
+    runner = ModelRunner(Denoiser.from_package(ModelRegistry(Path(args.models)).resolve(args.model)))
 
     sums: dict[str, list[float]] = {}  # key -> [pixels, model SE, noisy SE, min SE]
     pictures: dict[int, tuple] = {}
     per_frame = []
     for i, fr in enumerate(frames):
-        out, prob = den.denoise_dn(fr.noisy, float(fr.adc_max))
-        cam = to_dtype(out, np.uint16 if fr.adc_max > 255 else np.uint8, float(fr.adc_max)).astype(np.float32)
+        cam, prob = runner.full(fr.noisy, fr.adc_max), runner.outputs(fr.noisy, fr.adc_max)[1]
         bright = bright_feature_mask(fr.clean, fr.defect_mask != 0)
         em = ((cam - fr.clean) / fr.adc_max).astype(np.float64) ** 2
         en = ((fr.noisy - fr.clean) / fr.adc_max).astype(np.float64) ** 2
         sat = fr.noisy >= fr.adc_max - 0.5
         fw = find_full_well(fr.noisy, float(fr.adc_max))
         if fw is not None:
-            sat |= np.abs(fr.noisy - fw.level) <= fw.half_width
+            sat |= full_well_mask(fr.noisy, fw)
         c = fr.clean.astype(np.float64)
         ring_max = ndimage.maximum_filter(c, footprint=_RING, mode="nearest")
         ring_mean = (ndimage.uniform_filter(c, 3, mode="nearest") * 9 - c) / 8

@@ -86,34 +86,29 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def variant_config(name: str, args: argparse.Namespace):  # noqa: ANN201
-    from cdae.training.config import TrainConfig, apply_override, read_config_file
+    from cdae.training.config import load_train_config
 
-    raw = read_config_file(args.base)
     common = [f"version=sweep-{name}", f"init_from={args.init}", f"device={args.device}", "threads=2",
               f"data.train_seed={args.train_seed}", f"data.frames_per_epoch={args.frames}",
               f"optim.epochs={args.epochs}", f"optim.lr={args.lr}", "optim.min_lr=2e-5", "optim.warmup_steps=20"]
-    for item in common + VARIANTS[name]:
-        apply_override(raw, item)
-    return TrainConfig.model_validate(raw)
+    return load_train_config(args.base, common + VARIANTS[name])
 
 
 def score(pkg: Path, device: str, which: str, n: int) -> dict[str, float]:
     import numpy as np
     from cdae.engine.inference import Denoiser
-    from cdae.engine.normalise import to_dtype
     from cdae.training.config import DataConfig
     from cdae.training.dataset import simulated_frames
-    from cdae.training.evaluate import DEFAULT_SIZES
+    from cdae.training.evaluate import DEFAULT_SIZES, ModelRunner
     from cdae.training.metrics import aggregate, bright_feature_mask, frame_metrics
 
     data = DataConfig()
     seed = data.val_seed if which == "val" else data.test_seed
     frames = simulated_frames(data, seed, 0, n, DEFAULT_SIZES)
-    den = Denoiser.from_package(pkg, device=device)
+    runner = ModelRunner(Denoiser.from_package(pkg, device=device))
     ms, se = [], {"called": [0.0, 0, 0.0], "rest": [0.0, 0, 0.0]}
     for fr in frames:
-        out, prob = den.denoise_dn(fr.noisy, float(fr.adc_max))
-        cam = to_dtype(out, np.uint16 if fr.adc_max > 255 else np.uint8, float(fr.adc_max)).astype(np.float32)
+        cam, prob = runner.full(fr.noisy, fr.adc_max), runner.outputs(fr.noisy, fr.adc_max)[1]
         ms.append(frame_metrics(cam, fr.clean, fr.defect_mask, float(fr.adc_max)))
         b = bright_feature_mask(fr.clean, fr.defect_mask != 0)
         em = ((cam - fr.clean) / fr.adc_max) ** 2
