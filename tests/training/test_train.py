@@ -177,3 +177,29 @@ def test_linear_weight_adds_the_restoration_loss_in_linear_units(tiny_config) ->
     linear = restoration_loss(model.expand(restored), batch.target, batch.weight, cfg)
     assert linear > 0
     torch.testing.assert_close(with_linear - plain, 2.0 * linear)
+
+
+def test_class_weights_add_weight_on_the_named_defect_class_only(tiny_config) -> None:
+    import numpy as np
+
+    from cdae.training.dataset import simulated_frames
+    from cdae.training.defects import RADIATION
+    from cdae.training.train import make_batch
+
+    data = tiny_config.data.model_copy(update={"defects": tiny_config.data.defects.model_copy(
+        update={"radiation_probability": 1.0, "radiation_hits_per_mpx": (3000.0, 4000.0)})})
+    cfg = tiny_config.model_copy(update={"data": data})
+    frames = simulated_frames(cfg.data, 7, 0, 2, [(64, 64)])
+    radiation = np.stack([(fr.defect_mask & RADIATION) != 0 for fr in frames])[:, None]
+    assert radiation.any()
+    plain = make_batch(frames, cfg).weight.numpy()
+    weighted_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_weights": {"radiation": 16.0}})})
+    weighted = make_batch(frames, weighted_cfg).weight.numpy()
+    np.testing.assert_allclose(weighted - plain, 16.0 * radiation)
+
+
+def test_unknown_defect_class_in_class_weights_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown defect classes"):
+        load_train_config(None, ["loss.class_weights={cosmic: 2}"])
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_train_config(None, ["loss.class_weights={radiation: -1}"])
