@@ -36,12 +36,14 @@ class NormalisationConfig(BaseModel):
     max_samples: int = Field(
         65536, ge=1024, description="percentiles use a regular pixel grid of at most about this many pixels"
     )
-    full_well: Literal["off", "detect"] = Field(
+    full_well: Literal["off", "detect", "detect+dark"] = Field(
         "off",
         description="'detect': pixels clipped at the sensor's full well, below the ADC maximum (a pile-up at "
         "the top of the frame's histogram whose neighbouring pixels differ far less than the shot noise just "
         "below it: see find_full_well), are treated like ADC-saturated pixels: flagged, and read as the "
-        "pile-up's level",
+        "pile-up's level. 'detect+dark': also when nothing in the frame lies just below the pile-up to compare "
+        "with (a field-wide region at the full well over a dark scene), by comparing with the darkest tenth: "
+        "clipped pixels are no noisier than the dark, real light at that level carries its shot noise",
     )
 
 
@@ -97,6 +99,9 @@ class FullWell(NamedTuple):
 FULL_WELL_MIN_SHARE = 1e-3
 FULL_WELL_MAX_ABOVE = 0.25
 FULL_WELL_MAX_VARIANCE_RATIO = 0.05
+#: With nothing just below the pile-up (``dark_reference``): its neighbouring pixels may vary at most
+#: this many times as much as those of the frame's darkest tenth (read noise, no shot noise).
+FULL_WELL_MAX_DARK_RATIO = 2.0
 
 
 def _mad_sigma(a: np.ndarray, median: float | None = None) -> float:
@@ -133,7 +138,9 @@ def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
     return _mad_sigma(d) / math.sqrt(2.0) if d.size >= 16 else 0.0
 
 
-def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) -> FullWell | None:
+def find_full_well(
+    frame: np.ndarray, adc_max: float, max_samples: int = 65536, dark_reference: bool = False
+) -> FullWell | None:
     """The level at which a sensor's full well clipped this frame's brightest real features, if it did.
 
     Every pixel at full well holds the same charge, so clipped pixels pile up at the top of the
@@ -143,7 +150,10 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
     pixels inside it vary at most ``FULL_WELL_MAX_VARIANCE_RATIO`` times as much as neighbouring
     pixels at 50-85 % of its height. A sensor whose full well varies from pixel to pixel more than
     that gives no such spike, and nothing is found. ADC-saturated pixels are left out (they are
-    flagged anyway).
+    flagged anyway). With ``dark_reference``, a frame with too few pixels at 50-85 % (a field-wide
+    region at the full well over a dark scene: a small well, read noise of hundreds of DN) is
+    judged against its darkest tenth instead: at most ``FULL_WELL_MAX_DARK_RATIO`` times its
+    neighbour variance, so no shot noise at all.
     """
     f = np.asarray(frame, dtype=np.float32)
     h, w = f.shape[-2:]
@@ -180,6 +190,8 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
         return None
     inside = _pair_variance(a, b, level - half, level + half)
     below = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
+    if math.isnan(below) and dark_reference:
+        below = 2.0 * noise * noise * FULL_WELL_MAX_DARK_RATIO / FULL_WELL_MAX_VARIANCE_RATIO
     if not (0.0 < below and inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # False for NaN: too few pairs
         return None
     # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
@@ -189,9 +201,16 @@ def find_full_well(frame: np.ndarray, adc_max: float, max_samples: int = 65536) 
     return FullWell(level, half, int(np.count_nonzero(np.abs(sample - level) <= half)) * step * step)
 
 
+def detect_full_well(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> FullWell | None:
+    """The full well as ``config.full_well`` asks for it (None when 'off' or not found)."""
+    if config.full_well == "off":
+        return None
+    return find_full_well(frame, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark")
+
+
 def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[np.ndarray, float, float]:
     """Build the (2, H, W) float32 network input: normalised frame and saturation mask (with
-    ``config.full_well == "detect"`` also pixels at the full well, read as its level).
+    ``config.full_well`` set, also pixels at the full well, read as its level).
 
     Returns the input and the (offset, scale) needed to denormalise the network's output.
     """
@@ -209,8 +228,7 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
         np.greater_equal(f, np.float32(adc_max - 0.5), out=x[1], casting="unsafe")
     else:
         x[1] = 0.0
-    if config.full_well == "detect":
-        mark_full_well(x, f, find_full_well(f, adc_max, config.max_samples), offset, scale)
+    mark_full_well(x, f, detect_full_well(f, adc_max, config), offset, scale)
     return x, offset, scale
 
 

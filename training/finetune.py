@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 
 from cdae.engine.architecture import CDAE
-from cdae.engine.normalise import FullWell, find_full_well, frame_offset_scale, mark_full_well
+from cdae.engine.normalise import FullWell, detect_full_well, frame_offset_scale, mark_full_well
 from cdae.engine.package import DataProvenance, ModelRegistry, read_manifest, sha256_file, write_manifest
 from cdae.recording import read_runs
 from cdae.training.characterise import (
@@ -174,8 +174,8 @@ def load_real_frames(recording: Path | str, profile: CameraProfile, cfg: Finetun
         o, s = frame_offset_scale(f, adc_max, cfg.normalisation)
         offsets.append(o)
         scales.append(s)
-    full_wells = ([find_full_well(f, adc_max, cfg.normalisation.max_samples) for f in frames]
-                  if cfg.normalisation.full_well == "detect" else None)
+    full_wells = ([detect_full_well(f, adc_max, cfg.normalisation) for f in frames]
+                  if cfg.normalisation.full_well != "off" else None)
     ratio = profile.settings.static_ratio
     pairs = [(j, j + 1) for j in range(len(chosen) - 1)
              if chosen[j][0] == chosen[j + 1][0] and is_static_pair(frames[j], frames[j + 1], ratio)]

@@ -89,3 +89,32 @@ def test_network_input_reads_clipped_pixels_as_saturated_only_when_asked() -> No
     assert np.ptp(x_on[0][x_on[1] == 1]) == 0.0
     assert abs(float(x_on[0][clipped][0]) * s + o - LEVEL) <= 2.0
     np.testing.assert_array_equal(x_on[0][~clipped & (x_on[1] == 0)], x_off[0][~clipped & (x_on[1] == 0)])
+
+
+def _small_well_camera(bright_e: float, seed: int = 0) -> tuple[np.ndarray, float]:
+    """A 16-bit camera with a 2000 e- well over 59000 DN (read noise of ~240 DN): a dark shadow on the
+    left, a field lit at ``bright_e`` on the right, nothing in between. Returns the frame and the well's DN."""
+    well_e, dn_per_e, read_e = 2000.0, 29.5, 8.0
+    e = np.full((192, 320), bright_e)
+    e[:, :128] = 0.05 * well_e
+    rng = np.random.default_rng(seed)
+    e = np.minimum(rng.poisson(e).astype(np.float64), well_e)
+    raw = np.clip(np.rint(BIAS + (e + rng.normal(0.0, read_e, e.shape)) * dn_per_e), 0, ADC)
+    return raw.astype(np.float32), BIAS + well_e * dn_per_e
+
+
+def test_a_field_wide_full_well_is_judged_against_the_dark_when_asked() -> None:
+    # nothing at 50-85 % of the pile-up to compare with: 'detect' cannot tell, 'detect+dark' can
+    raw, level = _small_well_camera(3.0 * 2000.0)
+    assert find_full_well(raw, ADC) is None
+    fw = find_full_well(raw, ADC, dark_reference=True)
+    assert fw is not None and abs(fw.level - level) <= 30.0
+    x, _, _ = network_input(raw, ADC, NormalisationConfig(full_well="detect+dark"))
+    assert x[1][:, 128:].mean() > 0.99 and x[1][:, :128].mean() < 0.01
+    assert network_input(raw, ADC, NormalisationConfig(full_well="detect"))[0][1].sum() == 0
+
+
+def test_a_bright_field_below_a_small_well_is_not_a_full_well_even_against_the_dark() -> None:
+    # real light at 80 % of the well carries its shot noise (40 e- against 8 e- of read noise)
+    raw, _ = _small_well_camera(0.8 * 2000.0)
+    assert find_full_well(raw, ADC, dark_reference=True) is None
