@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.normalise import NormalisationConfig
 from cdae.engine.package import Manifest
-from cdae.training.defects import MASK_BITS, DefectConfig
+from cdae.training.defects import MASK_BITS, MASK_SUBCLASSES, DefectConfig
 from cdae.training.simulate import SceneConfig
 
 if sys.version_info >= (3, 11):
@@ -88,16 +88,18 @@ class LossConfig(_Strict):
     class_weights: dict[str, float] = Field(
         default_factory=dict,
         description="extra weight on the pixels of named defect classes (dead, hot, bad_line, bloom, radiation, "
-        "saturated_blob), on top of defect_weight: with bright_weight high, the loss keeps anything that might "
-        "be real unless it is nearly sure; a class the network can tell by shape (radiation tracks: straight, "
-        "uniform, hard-ended, unlike tapered curved filaments) may be worth removing at lower certainty",
+        "saturated_blob, or radiation_track: the radiation hits shaped as streaks), on top of defect_weight: "
+        "with bright_weight high the loss keeps anything that might be real unless it is nearly sure; a class "
+        "the network can tell by shape (tracks: straight, uniform, hard-ended, unlike tapered curved "
+        "filaments) is worth removing at lower certainty",
     )
 
     @model_validator(mode="after")
     def _known_classes(self) -> LossConfig:
-        unknown = sorted(set(self.class_weights) - set(MASK_BITS))
+        known = [*MASK_BITS, *MASK_SUBCLASSES]
+        unknown = sorted(set(self.class_weights) - set(known))
         if unknown:
-            raise ValueError(f"class_weights: unknown defect classes {unknown}; known: {sorted(MASK_BITS)}")
+            raise ValueError(f"class_weights: unknown defect classes {unknown}; known: {known}")
         if any(v < 0 for v in self.class_weights.values()):
             raise ValueError("class_weights: weights must be >= 0")
         return self

@@ -32,7 +32,7 @@ from cdae.engine.package import ModelRegistry, code_version, load_package, write
 from cdae.training.baselines import make_baseline
 from cdae.training.config import TrainConfig
 from cdae.training.dataset import simulated_frames
-from cdae.training.defects import MASK_BITS
+from cdae.training.defects import mask_subclass
 from cdae.training.metrics import EvalFrame, bright_feature_mask, psnr
 from cdae.training.report import save_loss_curves
 from cdae.training.simulate import GENERATOR_VERSION
@@ -77,7 +77,7 @@ def make_batch(frames: Sequence[EvalFrame], cfg: TrainConfig) -> Batch:
         w = 1.0 + cfg.loss.bright_weight * bright_feature_mask(fr.clean, fr.defect_mask, 0.98)
         w = w + cfg.loss.defect_weight * defect
         for name, extra in cfg.loss.class_weights.items():
-            w = w + extra * ((fr.defect_mask & MASK_BITS[name]) != 0)
+            w = w + extra * mask_subclass(fr.defect_mask, name)
         ws.append(w.astype(np.float32)[None])
         ds.append(defect.astype(np.float32)[None])
     x = torch.from_numpy(np.stack(xs))

@@ -317,3 +317,18 @@ def test_inputs_are_validated() -> None:
         apply_detector(np.zeros(10, np.float32), np.random.default_rng(0), params)
     with pytest.raises(ValueError, match=">= 0"):
         apply_detector(np.full((8, 8), -1.0, np.float32), np.random.default_rng(0), params)
+
+
+@pytest.mark.parametrize("share,lo,hi", [(0.0, 0.0, 0.02), (1.0, 0.9, 1.0)])
+def test_radiation_tracks_are_told_from_spots_by_shape(share: float, lo: float, hi: float) -> None:
+    from cdae.training.defects import radiation_tracks
+
+    cfg = DefectConfig(radiation_probability=1.0, radiation_track_share=share, radiation_hits_per_mpx=(300.0, 600.0))
+    rad = tracks = 0
+    for index in range(24):
+        _, frame = simulate_frame(11, index, 128, 128, 12, defect_config=cfg)
+        found = radiation_tracks(frame.defect_mask)
+        assert not (found & ((frame.defect_mask & RADIATION) == 0)).any()  # only radiation pixels
+        rad += int(((frame.defect_mask & RADIATION) != 0).sum())
+        tracks += int(found.sum())
+    assert rad > 200 and lo <= tracks / rad <= hi

@@ -196,6 +196,11 @@ def test_class_weights_add_weight_on_the_named_defect_class_only(tiny_config) ->
     weighted_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_weights": {"radiation": 16.0}})})
     weighted = make_batch(frames, weighted_cfg).weight.numpy()
     np.testing.assert_allclose(weighted - plain, 16.0 * radiation)
+    # the track sub-class: part of the radiation pixels, found by shape
+    tracks_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_weights": {"radiation_track": 8.0}})})
+    extra = make_batch(frames, tracks_cfg).weight.numpy() - plain
+    assert set(np.unique(extra)) <= {0.0, 8.0} and 0 < (extra > 0).sum() < radiation.sum()
+    assert not (extra[~radiation] > 0).any()
 
 
 def test_unknown_defect_class_in_class_weights_is_refused() -> None:
