@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from cdae.engine.inference import Denoiser
-    from cdae.engine.normalise import find_full_well, full_well_mask
+    from cdae.engine.normalise import NormalisationConfig, detect_full_well, full_well_mask
     from cdae.engine.package import ModelRegistry
     from cdae.training.config import DataConfig, with_overrides
     from cdae.training.dataset import simulated_frames
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     n = args.frames or (24 if args.which == "val" else 48)
     frames = simulated_frames(data, data.val_seed if args.which == "val" else data.test_seed, 0, n, DEFAULT_SIZES)
     runner = ModelRunner(Denoiser.from_package(ModelRegistry(Path(args.models)).resolve(args.model)))
+    # the model's own full-well detection; models without one are judged by the plain rule
+    detection = runner.denoiser.manifest.normalisation
+    if detection.full_well == "off":
+        detection = NormalisationConfig(full_well="detect")
 
     sums: dict[str, list[float]] = {}  # key -> [pixels, model SE, noisy SE, min SE]
     pictures: dict[int, tuple] = {}
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         em = ((cam - fr.clean) / fr.adc_max).astype(np.float64) ** 2
         en = ((fr.noisy - fr.clean) / fr.adc_max).astype(np.float64) ** 2
         sat = fr.noisy >= fr.adc_max - 0.5
-        fw = find_full_well(fr.noisy, float(fr.adc_max))
+        fw = detect_full_well(fr.noisy, float(fr.adc_max), detection)
         if fw is not None:
             sat |= full_well_mask(fr.noisy, fw)
         c = fr.clean.astype(np.float64)
