@@ -27,12 +27,12 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cdae demo
 
-# Re-runs the command recorded in the shipped default model's manifest (cdae-default:6, fine-tuned
-# from cdae-default:5, itself from :4, :3 and :2, whose own recipe is training/configs/default.toml)
-# into a scratch store; compare the sha256 with `cdae models show cdae-default:6`.
+# Re-runs the command recorded in the shipped default model's manifest (cdae-default:7, fine-tuned
+# from cdae-default:6, itself from :5, :4, :3 and :2, whose own recipe is training/configs/default.toml)
+# into a scratch store; compare the sha256 with `cdae models show cdae-default:7`.
 train-default: $(STAMP)
-	rm -rf runs/store/cdae-default/6 && mkdir -p runs/store/cdae-default && cp -r models/cdae-default/5 runs/store/cdae-default/
-	$(VENV)/bin/cdae train --config training/configs/cdae-default-6.toml --out runs/store
+	rm -rf runs/store/cdae-default/7 && mkdir -p runs/store/cdae-default && cp -r models/cdae-default/6 runs/store/cdae-default/
+	$(VENV)/bin/cdae train --config training/configs/cdae-default-7.toml --out runs/store
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
