@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     from cdae.training.config import DataConfig, with_overrides
     from cdae.training.dataset import simulated_frames
     from cdae.training.evaluate import DEFAULT_SIZES, ModelRunner
-    from cdae.training.metrics import bright_feature_mask
+    from cdae.training.metrics import (
+        PAINTED_OVER_FACTOR,
+        PAINTED_OVER_SHARE,
+        bright_feature_mask,
+        painted_over_frames,
+    )
 
     data = with_overrides(DataConfig(), args.set, "data")
     n = args.frames or (24 if args.which == "val" else 48)
@@ -91,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.sqrt(smin / max(sn, 1e-30)):10.2f}")
     print("(SE columns: share of the model's / the noisy input's total squared error on bright pixels)")
     # a real feature painted over: far above the raw frame's error, and a visible part of the whole
-    eaten = [i for sm, sn, i, _, _ in per_frame if sm > 4.0 * sn and sm > 0.01 * total_m]
-    print(f"frames whose bright error is over 4x the noisy input's and over 1 % of the total: {len(eaten)} of "
-          f"{len(per_frame)} {eaten}")
+    eaten = [per_frame[k][2] for k in painted_over_frames([f[0] for f in per_frame], [f[1] for f in per_frame])]
+    print(f"frames whose bright error is over {PAINTED_OVER_FACTOR:g}x the noisy input's and over "
+          f"{PAINTED_OVER_SHARE:.0%} of the total: {len(eaten)} of {len(per_frame)} {eaten}")
     for sm, sn, i, kind, bits in sorted(per_frame, reverse=True)[: args.worst]:
         print(f"frame {i:3d} {kind:10s} {bits:2d}-bit: {sm / total_m:.3f} of the model's error, {sn / total_n:.3f} of the noisy's")
     if args.png:

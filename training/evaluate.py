@@ -21,6 +21,8 @@ from cdae.engine.normalise import to_dtype
 from cdae.training.baselines import make_baseline, tune_baselines
 from cdae.training.config import DataConfig
 from cdae.training.metrics import (
+    PAINTED_OVER_FACTOR,
+    PAINTED_OVER_SHARE,
     TARGET_BRIGHT_RATIO,
     TARGET_DEFECT_RATIO,
     TARGET_PSNR_GAIN_DB,
@@ -30,6 +32,7 @@ from cdae.training.metrics import (
     bootstrap_targets,
     bright_error_concentration,
     frame_metrics,
+    painted_over_frames,
     per_class_rmse,
     target_quantities,
 )
@@ -191,7 +194,9 @@ def evaluate(
         "tuned_baselines": tuned,
         "best_baseline": best_baseline,
         "methods": {n: {"summary": r.summary, "per_kind": r.per_kind, "seconds_per_frame": r.seconds_per_frame,
-                        "per_defect_class": r.per_defect_class, "bright_error_concentration": r.bright_concentration}
+                        "per_defect_class": r.per_defect_class, "bright_error_concentration": r.bright_concentration,
+                        "painted_over_frames": painted_over_frames([m.se_bright for m in r.per_frame],
+                                                                   [m.se_bright for m in results["noisy input"].per_frame])}
                     for n, r in results.items()},
         "comparisons": comparisons,
         "defect_head": detection,
@@ -266,6 +271,12 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
               "eaten, not a general blur): " + ", ".join(
                   f"{n} {r.bright_concentration['worst_frame_share']:.2f} (frame "
                   f"{int(r.bright_concentration['worst_frame'])})" for n, r in results.items()) + ".", ""]
+    lines += ["Frames where a real bright feature was painted over (bright-feature squared error over "
+              f"{PAINTED_OVER_FACTOR:g}x the noisy input's in that frame and over {PAINTED_OVER_SHARE:.0%} of the method's "
+              "total; the pooled RMSE says how badly at worst, this says how often): " + ", ".join(
+                  f"{n} {len(m['painted_over_frames'])} of {report['held_out']['frames']}"
+                  + (f" {m['painted_over_frames'][:8]}" if m["painted_over_frames"] else "")
+                  for n, m in report["methods"].items() if n != "noisy input") + ".", ""]
     lines += ["![panels](panels.png)", ""]
     path.write_text("\n".join(lines))
 

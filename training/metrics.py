@@ -288,6 +288,25 @@ def bright_error_concentration(metrics: Sequence[FrameMetrics]) -> dict[str, flo
     return {"worst_frame": float(worst), "worst_frame_share": metrics[worst].se_bright / total}
 
 
+#: A frame where a method painted a real bright feature over: its bright-feature squared error is
+#: over this many times the noisy input's in the same frame ...
+PAINTED_OVER_FACTOR = 4.0
+#: ... and over this share of the method's pooled bright-feature squared error.
+PAINTED_OVER_SHARE = 0.01
+
+
+def painted_over_frames(method_se: Sequence[float], noisy_se: Sequence[float]) -> list[int]:
+    """Indices of the frames where a method painted a real bright feature over (per-frame bright squared
+    errors of the method and of the noisy input, same frames).
+
+    The pooled bright RMSE is decided by the worst scene of a set; this counts scenes, so it says
+    "how often" where the pooled number says "how badly at worst".
+    """
+    total = float(sum(method_se))
+    return [i for i, (m, n) in enumerate(zip(method_se, noisy_se, strict=True))
+            if m > PAINTED_OVER_FACTOR * n and m > PAINTED_OVER_SHARE * total]
+
+
 #: Issue 2's targets: PSNR gain over the best tuned baseline (dB, at least), defect-pixel RMSE
 #: ratio baseline / model (at least), bright-feature RMSE model / noisy input (at most).
 TARGET_PSNR_GAIN_DB = 4.0

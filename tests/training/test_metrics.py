@@ -254,3 +254,16 @@ def test_bootstrap_of_the_targets_sees_a_rare_bad_frame() -> None:
     assert bootstrap_targets(rare, baseline, noisy, resamples=2000) == b  # seeded: the same report twice
     with pytest.raises(MetricsError, match="same non-empty frames"):
         bootstrap_targets(rare, baseline[:3], noisy)
+
+
+def test_painted_over_frames_counts_scenes_not_pooled_error() -> None:
+    from cdae.training.metrics import painted_over_frames
+
+    noisy = [1.0, 1.0, 1.0, 0.001, 1.0]
+    # frame 1: 5x the noisy input's error (painted over); frame 3: 50x, but a negligible part of the
+    # total (a speck on a dim frame); frame 4: 3x, within the factor
+    method = [0.5, 5.0, 0.2, 0.05, 3.0]
+    assert painted_over_frames(method, noisy) == [1]
+    assert painted_over_frames([0.0] * 5, noisy) == []
+    with pytest.raises(ValueError):
+        painted_over_frames(method, noisy[:3])
