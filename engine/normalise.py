@@ -191,6 +191,7 @@ def find_full_well(
     inside = _pair_variance(a, b, level - half, level + half)
     below = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
     if math.isnan(below) and dark_reference:
+        # the test below then reads: inside <= FULL_WELL_MAX_DARK_RATIO x the dark tenth's pair variance (2 noise²)
         below = 2.0 * noise * noise * FULL_WELL_MAX_DARK_RATIO / FULL_WELL_MAX_VARIANCE_RATIO
     if not (0.0 < below and inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # False for NaN: too few pairs
         return None
