@@ -186,6 +186,7 @@ def evaluate(
     timings = {name: time_1024_uint16(d) for name, d in models} if timing else {}
     detection = {name: r.detection(test) for name, r in runners.items()}
 
+    noisy_bright_se = [m.se_bright for m in results["noisy input"].per_frame]
     report = {
         "held_out": {"generator": GENERATOR_VERSION, "overrides": list(overrides), "seed": data.test_seed,
                      "frames": len(test), "sizes": [list(s) for s in sizes],
@@ -195,8 +196,7 @@ def evaluate(
         "best_baseline": best_baseline,
         "methods": {n: {"summary": r.summary, "per_kind": r.per_kind, "seconds_per_frame": r.seconds_per_frame,
                         "per_defect_class": r.per_defect_class, "bright_error_concentration": r.bright_concentration,
-                        "painted_over_frames": painted_over_frames([m.se_bright for m in r.per_frame],
-                                                                   [m.se_bright for m in results["noisy input"].per_frame])}
+                        "painted_over_frames": painted_over_frames([m.se_bright for m in r.per_frame], noisy_bright_se)}
                     for n, r in results.items()},
         "comparisons": comparisons,
         "defect_head": detection,
