@@ -27,8 +27,13 @@ def test_evaluate_writes_report(tmp_path: Path, tiny_package: Path) -> None:
     gain = methods["tiny:1"]["summary"]["psnr_db"] - methods[saved["best_baseline"]]["summary"]["psnr_db"]
     assert abs(c["psnr_gain_over_best_baseline_db"] - gain) < 1e-9
     assert isinstance(c["meets_targets"], bool)
+    f = c["defects_frame_by_frame"]
+    assert f["frames_with_saturation_artefacts"] + f["frames_without"] == f["frames_with_defects"] <= 6
+    assert 0 <= f["frames_model_better"] <= f["frames_with_defects"]
+    assert set(methods["tiny:1"]["per_defect_class_without_saturation_artefacts"]) == set(
+        methods["tiny:1"]["per_defect_class"])
     md = (tmp_path / "eval" / "report.md").read_text()
-    assert "tiny:1" in md and "Targets met" in md
+    assert "tiny:1" in md and "Targets met" in md and "Defect pixels frame by frame" in md
     assert (tmp_path / "eval" / "panels.png").stat().st_size > 5000
 
 

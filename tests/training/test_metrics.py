@@ -267,3 +267,22 @@ def test_painted_over_frames_counts_scenes_not_pooled_error() -> None:
     assert painted_over_frames([0.0] * 5, noisy) == []
     with pytest.raises(ValueError):
         painted_over_frames(method, noisy[:3])
+
+
+def test_defects_frame_by_frame_shows_what_the_pooled_ratio_hides() -> None:
+    from cdae.training.metrics import MetricsError, defects_frame_by_frame, target_quantities
+
+    # two frames of glints (huge defect error, the model repairs them 10x better) and four plain
+    # frames where the model is 2x worse than the baseline: pooled, the model looks far better
+    baseline = [_fm(35.0, 100.0, 1.0), _fm(35.0, 100.0, 1.0)] + [_fm(35.0, 1.0, 1.0) for _ in range(4)]
+    model = [_fm(40.0, 1.0, 1.0), _fm(40.0, 1.0, 1.0)] + [_fm(40.0, 4.0, 1.0) for _ in range(4)]
+    sat = [True, True, False, False, False, False]
+    assert target_quantities(model, baseline, baseline)["defect_ratio"] > 3.0
+    f = defects_frame_by_frame(model, baseline, sat)
+    assert f["pooled_ratio_with_saturation_artefacts"] == pytest.approx(10.0)
+    assert f["pooled_ratio_without"] == pytest.approx(0.5)
+    assert f["median_frame_ratio"] == pytest.approx(0.5)
+    assert (f["frames_model_better"], f["frames_with_defects"]) == (2, 6)
+    assert (f["frames_with_saturation_artefacts"], f["frames_without"]) == (2, 4)
+    with pytest.raises(MetricsError, match="same frames"):
+        defects_frame_by_frame(model, baseline[:3], sat)
