@@ -52,13 +52,16 @@ class ModelRunner:
 
     def __init__(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # id -> (the frame itself, its outputs): holding the frame keeps its id from being reused
+        # by another array while the entry lives
+        self._cache: dict[int, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
 
     def outputs(self, noisy: np.ndarray, adc_max: int) -> tuple[np.ndarray, np.ndarray]:
-        key = id(noisy)
-        if key not in self._cache:
-            self._cache[key] = self.denoiser.denoise_dn(noisy, float(adc_max))
-        return self._cache[key]
+        hit = self._cache.get(id(noisy))
+        if hit is None or hit[0] is not noisy:
+            hit = (noisy, self.denoiser.denoise_dn(noisy, float(adc_max)))
+            self._cache[id(noisy)] = hit
+        return hit[1]
 
     @staticmethod
     def _as_camera(frame: np.ndarray, adc_max: int) -> np.ndarray:

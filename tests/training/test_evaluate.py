@@ -84,3 +84,16 @@ def test_evaluate_cli_changed_distribution_records_the_first_model_only(tmp_path
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "plasma_psf_sigma_px" in bad.stderr + bad.stdout
     assert not (tmp_path / "bad").exists()
+
+
+def test_model_runner_never_serves_another_frames_output(tiny_package: Path) -> None:
+    """Frames made on the fly (a transformed input) may get the id of a freed one: not its output."""
+    from cdae.training.evaluate import ModelRunner
+
+    den = Denoiser.from_package(tiny_package)
+    runner = ModelRunner(den)
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        frame = rng.uniform(0, 4095, size=(48, 64)).astype(np.float32) * (k + 1) / 6
+        expected = den.denoise_dn(frame, 4095.0)[0]
+        assert np.array_equal(runner.outputs(frame * 1.0, 4095)[0], expected)
