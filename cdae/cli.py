@@ -141,14 +141,58 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry
 
+    from cdae.engine.badpixels import BadPixelError, BadPixelMap
+
+    bad_pixels = None
+    if args.bad_pixels:
+        try:
+            bad_pixels = BadPixelMap.load(args.bad_pixels)
+        except BadPixelError as e:
+            _err(f"cdae denoise: error: {e}")
+            return 2
     registry = ModelRegistry(_models_dir(args.models_dir))
     denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL))
-    print(f"model {denoiser.manifest.ref}", file=sys.stderr)
+    print(f"model {denoiser.manifest.ref}" + (f", {len(bad_pixels)} listed bad pixels" if bad_pixels else ""),
+          file=sys.stderr)
     from cdae.training.denoise import denoise_files
 
-    written, errors = denoise_files(args.inputs, args.output, denoiser, args.bit_depth, error=_err)
+    written, errors = denoise_files(args.inputs, args.output, denoiser, args.bit_depth, error=_err,
+                                    bad_pixels=bad_pixels)
     print(f"{len(written)} written, {len(errors)} failed", file=sys.stderr)
     return 1 if errors else 0
+
+
+# --- badpixels ---------------------------------------------------------------------------------
+
+def cmd_badpixels(args: argparse.Namespace) -> int:
+    """Find a camera's bad pixels from dark frames and/or flat fields; write an NDPluginBadPixel file."""
+    import numpy as np
+
+    from cdae.engine.badpixels import BadPixelError, BadPixelMap, find_bad_pixels
+    from cdae.training.fileio import FileFormatError, read_image
+
+    def stack(specs: list[str] | None) -> np.ndarray | None:
+        if not specs:
+            return None
+        frames = []
+        for spec in specs:
+            a = read_image(spec)
+            frames.extend(a if a.ndim == 3 else [a])
+        return np.stack([np.asarray(f, dtype=np.float32) for f in frames])
+
+    try:
+        darks, flats = stack(args.darks), stack(args.flats)
+        mask, counts = find_bad_pixels(darks, flats, k=args.sigma, dead_fraction=args.dead_fraction)
+    except (BadPixelError, FileFormatError, OSError, ValueError) as e:
+        _err(f"cdae badpixels: error: {e}")
+        return 2
+    bp = BadPixelMap.from_mask(mask, half=args.median_half_width)
+    bp.save(args.output)
+    n = sum(len(x) for x in (darks, flats) if x is not None)
+    print(f"{args.output}: {len(bp)} bad pixels of {mask.size} ({counts['hot']} hot from "
+          f"{0 if darks is None else len(darks)} darks, {counts['dead']} dead from {0 if flats is None else len(flats)} "
+          f"flats; {n} frames)")
+    return 0
 
 
 # --- simulate ----------------------------------------------------------------------------------
@@ -726,7 +770,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help="NAME[:VERSION] (default: the shipped model)")
     d.add_argument("--models-dir")
     d.add_argument("--bit-depth", type=int, help="camera bit depth when the container is wider (e.g. 12 in uint16)")
+    d.add_argument("--bad-pixels", help="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from "
+                   "cdae badpixels): listed pixels are filled in the denoised frames")
     d.set_defaults(func=cmd_denoise)
+
+    bpx = sub.add_parser("badpixels", help="find a camera's hot and dead pixels from darks/flats; write an "
+                         "NDPluginBadPixel file")
+    bpx.add_argument("--darks", nargs="+", help="dark frames (no light, the exposure used): files or stacks")
+    bpx.add_argument("--flats", nargs="+", help="flat fields (even light, well below saturation): files or stacks")
+    bpx.add_argument("-o", "--output", required=True, help="bad-pixel JSON file to write")
+    bpx.add_argument("--sigma", type=float, default=8.0,
+                     help="hot: mean dark above the median by this many robust sigmas (default 8)")
+    bpx.add_argument("--dead-fraction", type=float, default=0.5,
+                     help="dead: flat response below this fraction of the local median (default 0.5)")
+    bpx.add_argument("--median-half-width", type=int, default=1,
+                     help="each pixel is filled with the median of its (2n+1)^2 box (default 1: 3x3)")
+    bpx.set_defaults(func=cmd_badpixels)
 
     s = sub.add_parser("simulate", help="write a PNG gallery of simulated scenes and detector defects")
     s.add_argument("-o", "--output", default="simulated.png")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cdae.engine.architecture import pad_to_multiple
+from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.normalise import adc_max_for, denormalise, network_input, to_dtype
 from cdae.engine.package import Manifest, load_model
 
@@ -68,10 +69,16 @@ class Denoiser:
         prob = torch.sigmoid(logit[0, 0, :h, :w]).float().cpu().numpy()
         return restored_np, prob
 
-    def __call__(self, frame: np.ndarray, bit_depth: int | None = None) -> DenoiseResult:
-        """Denoise one 2-D frame of any supported dtype; output keeps its dtype and shape."""
+    def __call__(self, frame: np.ndarray, bit_depth: int | None = None,
+                 bad_pixels: BadPixelMap | None = None) -> DenoiseResult:
+        """Denoise one 2-D frame of any supported dtype; output keeps its dtype and shape.
+
+        ``bad_pixels``: the camera's bad-pixel map, filled in the denoised frame (defect probability 1 there).
+        """
         adc_max = adc_max_for(frame.dtype, bit_depth)
         out_dn, prob = self.denoise_dn(frame, adc_max)
         denoised = to_dtype(out_dn, frame.dtype, adc_max)
         residual = frame.astype(np.float32) - denoised.astype(np.float32)
+        if bad_pixels is not None:
+            denoised, residual, prob = bad_pixels.fill_output(denoised, residual, prob)
         return DenoiseResult(denoised=denoised, residual=residual, defect_probability=prob)

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.inference import Denoiser
 from cdae.engine.normalise import NormalisationError
 from cdae.training.fileio import FileFormatError, output_spec_for, read_image, write_image
 
 
-def denoise_array(denoiser: Denoiser, array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
-    """A 2-D frame, or a (N, H, W) stack frame by frame, in its own dtype."""
+def denoise_array(denoiser: Denoiser, array: np.ndarray, bit_depth: int | None = None,
+                  bad_pixels: BadPixelMap | None = None) -> np.ndarray:
+    """A 2-D frame, or a (N, H, W) stack frame by frame, in its own dtype (``bad_pixels`` filled)."""
     if array.ndim == 2:
-        return denoiser(array, bit_depth).denoised
+        return denoiser(array, bit_depth, bad_pixels).denoised
     if array.ndim == 3:
-        return np.stack([denoiser(f, bit_depth).denoised for f in array])
+        return np.stack([denoiser(f, bit_depth, bad_pixels).denoised for f in array])
     raise FileFormatError(f"expected a 2-D frame or a 3-D stack, got shape {array.shape}")
 
 
@@ -31,15 +33,19 @@ def denoise_files(
     bit_depth: int | None = None,
     log: Callable[[str], None] = print,
     error: Callable[[str], None] = print,
+    bad_pixels: BadPixelMap | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Denoise each input into ``outdir``; returns (written output specs, error messages)."""
+    """Denoise each input into ``outdir``; returns (written output specs, error messages).
+
+    ``bad_pixels``: the camera's bad-pixel map (all inputs from that camera), filled after the model.
+    """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written, errors = [], []
     for spec in inputs:
         try:
             array = read_image(spec)
-            out = denoise_array(denoiser, array, bit_depth)
+            out = denoise_array(denoiser, array, bit_depth, bad_pixels)
             target = output_spec_for(spec, outdir)
             write_image(target, out)
         except (FileFormatError, NormalisationError, OSError) as e:

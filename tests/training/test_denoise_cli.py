@@ -61,3 +61,52 @@ def test_unknown_model_is_one_line_error(tmp_path: Path, tiny_package: Path) -> 
     assert r.returncode == 2
     assert r.stderr.strip().startswith("cdae denoise: error: no model named 'nope'")
     assert "Traceback" not in r.stderr
+
+
+def test_badpixels_from_darks_and_flats_then_denoise_fills_them(tmp_path: Path, tiny_package: Path) -> None:
+    """The site's routine: darks and flats -> `cdae badpixels` -> an NDPluginBadPixel file -> `cdae denoise
+    --bad-pixels`: each listed pixel of the output is the median of its unlisted 3x3 neighbours."""
+    import json
+
+    rng = np.random.default_rng(3)
+    n, h, w = 8, 40, 48
+    darks = rng.normal(100, 3, (n, h, w))
+    darks[:, 7, 9] = 4095  # stuck
+    darks[:, :, 30] += 80  # hot column
+    flats = 100 + rng.normal(2000, 20, (n, h, w))
+    flats[:, 20, 5] = 100 + rng.normal(0, 3, n)  # dead
+    np.save(tmp_path / "darks.npy", darks.round().astype(np.uint16))
+    with h5py.File(tmp_path / "flats.h5", "w") as f:
+        f.create_dataset("entry/data", data=flats.round().astype(np.uint16))
+    bad_file = tmp_path / "cam1-badpixels.json"
+    r = _cdae("badpixels", "--darks", str(tmp_path / "darks.npy"), "--flats", f"{tmp_path / 'flats.h5'}:/entry/data",
+              "-o", str(bad_file))
+    assert r.returncode == 0, r.stderr
+    listed = {tuple(e["Pixel"]) for e in json.loads(bad_file.read_text())["Bad pixels"]}
+    assert listed == {(9, 7), (5, 20)} | {(30, y) for y in range(h)}, sorted(listed)[:5]
+    assert f"{len(listed)} bad pixels" in r.stdout
+
+    frame = rng.normal(1000, 10, (h, w)).round().astype(np.uint16)
+    frame[7, 9] = 4095
+    frame[:, 30] += 80
+    np.save(tmp_path / "f.npy", frame)
+    store = str(tiny_package.parent.parent)
+    r = _cdae("denoise", str(tmp_path / "f.npy"), "-o", str(tmp_path / "out"), "--model", "tiny:1",
+              "--models-dir", store, "--bad-pixels", str(bad_file), "--bit-depth", "12")
+    assert r.returncode == 0, r.stderr
+    assert f"{len(listed)} listed bad pixels" in r.stderr
+    out = np.load(tmp_path / "out" / "f.npy").astype(np.float64)
+    box = out[6:9, 8:11].ravel().tolist()
+    box.pop(4)  # the stuck pixel itself
+    assert out[7, 9] == np.rint(np.median(box))
+    for y in range(1, h - 1):  # the hot column: from the columns beside it, never from itself
+        assert out[y, 30] == np.rint(np.median(np.concatenate([out[y - 1:y + 2, 29], out[y - 1:y + 2, 31]]))), y
+
+    # a broken map is refused before any file is touched; no darks or flats is an error too
+    (tmp_path / "bad.json").write_text('{"Bad pixels": [{"Pixel": [1]}]}')
+    r = _cdae("denoise", str(tmp_path / "f.npy"), "-o", str(tmp_path / "out2"), "--model", "tiny:1",
+              "--models-dir", store, "--bad-pixels", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "entry 0: Pixel" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out2").exists()
+    r = _cdae("badpixels", "-o", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "cdae badpixels: error:" in r.stderr

@@ -1,0 +1,288 @@
+"""A camera's bad-pixel map: the pixels that are bad in every frame, and how to fill them.
+
+Hot, stuck, dead pixels and bad columns belong to the sensor, not to the scene: sites measure
+them once (dark frames for hot ones, flat fields for dead ones) and list them. One frame alone
+cannot tell a stuck pixel from a sharp point source, and the CDAE, which must not eat point
+sources, keeps some; the list removes that doubt. The map is applied to the *denoised* frame
+(the network sees the raw frame it was trained on; measured on 192 validation frames, filling
+the listed pixels in the raw frame first cost a glint frame dearly, filling them afterwards did
+not: ``experiments/bad_pixel_map.py``).
+
+The file format is areaDetector's (ADCore ``NDPluginBadPixel``), so a site's existing lists work::
+
+    {"Bad pixels": [
+        {"Pixel": [x, y], "Median": [mx, my]},   # median of the (2mx+1) x (2my+1) box around it
+        {"Pixel": [x, y], "Set": value},         # a fixed value (DN)
+        {"Pixel": [x, y], "Replace": [dx, dy]}   # the value of the pixel at offset (dx, dy)
+    ]}
+
+``x`` is the column, ``y`` the row, from the frame's top-left pixel. As in ADCore, an entry with
+several keys takes the last of Median, Set, Replace, and one with none is set to 0. Medians leave
+out the other listed pixels (a bad column is filled from its neighbours, not from itself); a box
+with no good pixel grows until it has one. Listed pixels outside a frame (a region of interest)
+are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cdae.engine.errors import EngineError
+
+__all__ = ["BadPixelError", "BadPixelMap", "find_bad_pixels"]
+
+MODES = ("median", "set", "replace")
+#: ADCore's key precedence: a later key overrides an earlier one.
+_KEYS = (("Median", "median"), ("Set", "set"), ("Replace", "replace"))
+MAX_PIXELS = 4_000_000  # a listed pixel per pixel of a 2048 x 2048 sensor: anything larger is not a map
+
+
+class BadPixelError(EngineError):
+    """A bad-pixel file that cannot be read or used; the message says which entry and why."""
+
+
+@dataclass(frozen=True)
+class BadPixelMap:
+    """Listed pixels (columns ``x``, rows ``y``), each with its fill mode and two parameters.
+
+    ``a``/``b``: Median -> half-widths (mx, my); Set -> (value, 0); Replace -> offset (dx, dy).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    mode: np.ndarray  #: index into MODES
+    a: np.ndarray
+    b: np.ndarray
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+    # --- reading and writing -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path | str) -> BadPixelMap:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadPixelError(f"cannot read bad-pixel file {path}: {exc}") from exc
+        return cls.from_json(text, source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<string>") -> BadPixelMap:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadPixelError(f"{source}: not JSON ({exc})") from exc
+        entries = doc.get("Bad pixels") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise BadPixelError(f'{source}: expected {{"Bad pixels": [...]}} (areaDetector NDPluginBadPixel format)')
+        if len(entries) > MAX_PIXELS:
+            raise BadPixelError(f"{source}: {len(entries)} entries, more than {MAX_PIXELS}")
+        x, y, mode, a, b = (np.zeros(len(entries), t) for t in (np.int64, np.int64, np.int8, np.float64, np.float64))
+        for i, e in enumerate(entries):
+            where = f"{source}: entry {i}"
+            if not isinstance(e, dict):
+                raise BadPixelError(f"{where}: expected an object, got {e!r}")
+            x[i], y[i] = _pair(e.get("Pixel"), f"{where}: Pixel", integer=True, minimum=0)
+            mode[i], a[i], b[i] = MODES.index("set"), 0.0, 0.0  # ADCore: no key -> set to 0
+            for key, name in _KEYS:
+                if key in e:
+                    mode[i] = MODES.index(name)
+                    if name == "set":
+                        a[i], b[i] = _number(e[key], f"{where}: Set"), 0.0
+                    else:
+                        a[i], b[i] = _pair(e[key], f"{where}: {key}", integer=True,
+                                           minimum=0 if name == "median" else None)
+        return cls(x, y, mode, a, b, source)
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, half: int = 1, source: str = "<mask>") -> BadPixelMap:
+        """Every True pixel of a 2-D mask, filled with the median of its (2 half + 1)² box."""
+        m = np.asarray(mask, dtype=bool)
+        if m.ndim != 2:
+            raise BadPixelError(f"a bad-pixel mask must be 2-D, got shape {m.shape}")
+        y, x = np.nonzero(m)
+        n = x.size
+        return cls(x.astype(np.int64), y.astype(np.int64), np.zeros(n, np.int8), np.full(n, float(half)),
+                   np.full(n, float(half)), source)
+
+    def to_json(self) -> str:
+        out = []
+        for x, y, mode, a, b in zip(self.x.tolist(), self.y.tolist(), self.mode.tolist(), self.a.tolist(),
+                                    self.b.tolist()):
+            name = MODES[mode]
+            if name == "set":
+                out.append({"Pixel": [x, y], "Set": a})
+            else:
+                out.append({"Pixel": [x, y], name.capitalize(): [int(a), int(b)]})
+        # one entry a line: diffable, and readable by ADCore's reader
+        return '{"Bad pixels": [\n' + ",\n".join("  " + json.dumps(e) for e in out) + "\n]}\n"
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(self.to_json())
+
+    # --- use -----------------------------------------------------------------------------------
+    def mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """Boolean (H, W) map of the listed pixels inside a frame of ``shape``."""
+        h, w = shape
+        m = np.zeros((h, w), dtype=bool)
+        inside = (self.x < w) & (self.y < h)
+        m[self.y[inside], self.x[inside]] = True
+        return m
+
+    def outside(self, shape: tuple[int, int]) -> int:
+        """How many listed pixels a frame of ``shape`` does not contain."""
+        h, w = shape
+        return int(np.count_nonzero((self.x >= w) | (self.y >= h)))
+
+    def apply(self, frame: np.ndarray) -> np.ndarray:
+        """A float32 copy of the 2-D ``frame`` with every listed pixel filled; the rest unchanged.
+
+        All fills read the frame as it came (a listed pixel never fills another).
+        """
+        src = np.asarray(frame)
+        if src.ndim != 2:
+            raise BadPixelError(f"bad pixels apply to 2-D frames, got shape {src.shape}")
+        src = src.astype(np.float32, copy=False)
+        out = src.copy()
+        h, w = src.shape
+        inside = (self.x < w) & (self.y < h)
+        bad = self.mask((h, w))
+        for k, name in enumerate(MODES):
+            sel = inside & (self.mode == k)
+            if not sel.any():
+                continue
+            xs, ys, a, b = self.x[sel], self.y[sel], self.a[sel], self.b[sel]
+            if name == "set":
+                out[ys, xs] = a.astype(np.float32)
+            elif name == "replace":
+                sx, sy = xs + a.astype(np.int64), ys + b.astype(np.int64)
+                ok = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+                out[ys[ok], xs[ok]] = src[sy[ok], sx[ok]]
+            else:
+                for (mx, my), idx in _groups(a, b):
+                    out[ys[idx], xs[idx]] = _box_median(src, bad, ys[idx], xs[idx], int(mx), int(my))
+        return out
+
+    def fill_output(self, denoised: np.ndarray, residual: np.ndarray | None = None,
+                    defect_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """A filter's outputs with the listed pixels filled: the denoised frame (its dtype kept, integers
+        rounded and clipped), the residual (raw - denoised) moved by the same amount, and the defect map
+        at certainty there (1.0, or 255 for a uint8 map). Inputs are not modified."""
+        d = np.asarray(denoised)
+        filled = self.apply(d)
+        if d.dtype.kind in "iu":
+            info = np.iinfo(d.dtype)
+            filled = np.clip(np.rint(filled), info.min, info.max)
+        filled = filled.astype(d.dtype, copy=False)
+        m = self.mask(d.shape)
+        if residual is not None:
+            residual = np.array(residual, dtype=np.float32, copy=True)
+            residual[m] += d[m].astype(np.float32) - filled[m].astype(np.float32)
+        if defect_map is not None:
+            defect_map = np.array(defect_map, copy=True)
+            defect_map[m] = 255 if defect_map.dtype == np.uint8 else 1.0
+        return filled, residual, defect_map
+
+
+def find_bad_pixels(darks: np.ndarray | None = None, flats: np.ndarray | None = None, k: float = 8.0,
+                    dead_fraction: float = 0.5) -> tuple[np.ndarray, dict[str, int]]:
+    """The bad-pixel mask of a camera from a stack of dark frames and/or a stack of flat fields.
+
+    Dark frames (no light, same exposure as in use): a pixel whose mean dark exceeds the frame's
+    median dark by more than ``k`` robust standard deviations of the per-pixel means is hot
+    (stuck, warm, or part of a hot column). Flat fields (even illumination, well below
+    saturation): a pixel whose mean response is below ``dead_fraction`` of its neighbourhood's
+    median (a 15 px box, so vignetting does not count) is dead. Averaging over frames beats the
+    shot and read noise down, so a radiation hit in one frame does not make a pixel bad.
+    Returns the mask and the counts found by each test.
+    """
+    from scipy import ndimage
+
+    stacks = [s for s in (darks, flats) if s is not None]
+    if not stacks:
+        raise BadPixelError("need dark frames, flat fields or both")
+    shape = None
+    for s in stacks:
+        if s.ndim != 3 or s.shape[0] < 1:
+            raise BadPixelError(f"expected a stack of frames (N, H, W), got shape {s.shape}")
+        if shape is not None and s.shape[1:] != shape:
+            raise BadPixelError(f"darks and flats differ in size: {shape} and {s.shape[1:]}")
+        shape = s.shape[1:]
+    mask = np.zeros(shape, dtype=bool)
+    counts = {"hot": 0, "dead": 0}
+    if darks is not None:
+        # the median, not the mean, over frames: a radiation hit in one dark does not count
+        level = np.median(np.asarray(darks, dtype=np.float64), axis=0)
+        med = float(np.median(level))
+        sigma = 1.4826 * float(np.median(np.abs(level - med)))
+        sigma = max(sigma, 0.5)  # integer DN: a perfectly flat dark still has half a DN of rounding
+        hot = level > med + k * sigma
+        counts["hot"] = int(hot.sum())
+        mask |= hot
+    if flats is not None:
+        resp = np.median(np.asarray(flats, dtype=np.float64), axis=0)
+        if darks is not None:
+            resp = resp - level
+        local = ndimage.median_filter(resp, size=15, mode="reflect")
+        dead = resp < dead_fraction * np.maximum(local, 1e-9)
+        dead &= local > 0
+        counts["dead"] = int(dead.sum())
+        mask |= dead
+    return mask, counts
+
+
+def _pair(v: object, where: str, integer: bool, minimum: int | None) -> tuple[int, int]:
+    if not (isinstance(v, (list, tuple)) and len(v) == 2):
+        raise BadPixelError(f"{where}: expected [x, y], got {v!r}")
+    out = []
+    for c in v:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or (integer and c != int(c)):
+            raise BadPixelError(f"{where}: expected integers, got {v!r}")
+        if minimum is not None and c < minimum:
+            raise BadPixelError(f"{where}: expected values >= {minimum}, got {v!r}")
+        out.append(int(c))
+    return out[0], out[1]
+
+
+def _number(v: object, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadPixelError(f"{where}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _groups(a: np.ndarray, b: np.ndarray) -> list[tuple[tuple[float, float], np.ndarray]]:
+    keys = np.stack([a, b], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    return [((float(u[0]), float(u[1])), np.nonzero(inverse.ravel() == i)[0]) for i, u in enumerate(uniq)]
+
+
+def _box_median(src: np.ndarray, bad: np.ndarray, ys: np.ndarray, xs: np.ndarray, mx: int, my: int) -> np.ndarray:
+    """Median of the good pixels in the (2mx+1) x (2my+1) box around each (y, x); boxes with none
+    grow by one pixel each way until they have one."""
+    h, w = src.shape
+    vals = np.full(ys.size, np.nan, dtype=np.float32)
+    todo = np.arange(ys.size)
+    while todo.size:
+        dy, dx = np.mgrid[-my:my + 1, -mx:mx + 1]
+        py = ys[todo, None] + dy.ravel()[None, :]
+        px = xs[todo, None] + dx.ravel()[None, :]
+        valid = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        pyc, pxc = np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)
+        valid &= ~bad[pyc, pxc]
+        window = np.where(valid, src[pyc, pxc], np.nan)
+        has = valid.any(axis=1)
+        if has.any():
+            vals[todo[has]] = np.nanmedian(window[has], axis=1)
+        todo = todo[~has]
+        if mx > h + w:  # nothing good anywhere: leave the pixel as it was
+            vals[todo] = src[ys[todo], xs[todo]]
+            break
+        mx, my = mx + 1, my + 1
+    return vals

@@ -1,0 +1,119 @@
+"""Bad-pixel maps: areaDetector's file format, the three fill modes, and finding them from darks/flats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdae.engine.badpixels import BadPixelError, BadPixelMap, find_bad_pixels
+
+# as a site writes it for NDPluginBadPixel (ADCore), one entry of each mode
+ADCORE_FILE = """{"Bad pixels": [
+  {"Pixel": [3, 2], "Median": [1, 1]},
+  {"Pixel": [7, 5], "Set": 123},
+  {"Pixel": [0, 0], "Replace": [1, 0]}
+]}"""
+
+
+def test_adcore_file_fills_each_pixel_by_its_mode(tmp_path: Path) -> None:
+    f = tmp_path / "cam1-badpixels.json"
+    f.write_text(ADCORE_FILE)
+    bp = BadPixelMap.load(f)
+    assert len(bp) == 3
+    frame = np.arange(80, dtype=np.uint16).reshape(8, 10) * 10
+    frame[2, 3] = 60000  # stuck
+    out = bp.apply(frame)
+    assert out.dtype == np.float32 and out.shape == frame.shape
+    box = frame[1:4, 2:5].astype(np.float32).ravel().tolist()
+    box.remove(60000.0)
+    assert out[2, 3] == pytest.approx(np.median(box))
+    assert out[5, 7] == 123.0
+    assert out[0, 0] == frame[0, 1]
+    untouched = ~bp.mask(frame.shape)
+    assert np.array_equal(out[untouched], frame[untouched].astype(np.float32))
+    assert bp.mask(frame.shape).sum() == 3
+
+
+def test_a_bad_column_is_filled_from_its_neighbours_not_from_itself() -> None:
+    frame = np.tile(np.array([100, 200, 300, 60000, 500, 600], np.float32), (6, 1))
+    mask = np.zeros(frame.shape, bool)
+    mask[:, 3] = True
+    out = BadPixelMap.from_mask(mask).apply(frame)
+    # box 3x3 without the column: 300 and 500 in each row -> 400, never 60000
+    assert np.all(out[:, 3] == 400.0)
+    # a box that holds nothing good grows until it does
+    wide = np.zeros(frame.shape, bool)
+    wide[:, 2:5] = True
+    out = BadPixelMap.from_mask(wide).apply(frame)
+    assert np.all(out[:, 3] == 400.0) and np.all(out[:, 2] == 200.0) and np.all(out[:, 4] == 600.0)  # 5x5: 200s and 600s
+
+
+def test_save_load_round_trip_and_adcore_key_rules(tmp_path: Path) -> None:
+    mask = np.zeros((16, 20), bool)
+    mask[[1, 5, 9], [2, 17, 0]] = True
+    bp = BadPixelMap.from_mask(mask)
+    bp.save(tmp_path / "m.json")
+    again = BadPixelMap.load(tmp_path / "m.json")
+    assert np.array_equal(again.mask((16, 20)), mask)
+    assert json.loads((tmp_path / "m.json").read_text())["Bad pixels"][0] == {"Pixel": [2, 1], "Median": [1, 1]}
+    # ADCore: no key -> set to 0; several keys -> the last of Median, Set, Replace
+    odd = BadPixelMap.from_json('{"Bad pixels": [{"Pixel": [1, 1]}, {"Pixel": [2, 2], "Median": [1, 1], "Set": 7}]}')
+    out = odd.apply(np.full((4, 4), 50.0))
+    assert out[1, 1] == 0.0 and out[2, 2] == 7.0
+
+
+def test_pixels_outside_a_region_of_interest_are_skipped_and_counted() -> None:
+    bp = BadPixelMap.from_json('{"Bad pixels": [{"Pixel": [100, 2], "Set": 0}, {"Pixel": [1, 1], "Set": 9}]}')
+    assert bp.outside((8, 8)) == 1
+    out = bp.apply(np.ones((8, 8), np.uint8))
+    assert out[1, 1] == 9.0 and out.sum() == 63 + 9
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("not json", "not JSON"),
+    ('{"pixels": []}', "Bad pixels"),
+    ('{"Bad pixels": [{"Pixel": [1]}]}', r"entry 0: Pixel"),
+    ('{"Bad pixels": [{"Pixel": [1, 1]}, {"Pixel": [-1, 2]}]}', r"entry 1: Pixel: expected values >= 0"),
+    ('{"Bad pixels": [{"Pixel": [1.5, 2]}]}', "integers"),
+    ('{"Bad pixels": [{"Pixel": [1, 2], "Set": "hot"}]}', "finite number"),
+    ('{"Bad pixels": [{"Pixel": [1, 2], "Median": [-1, 1]}]}', "Median"),
+    ('{"Bad pixels": [3]}', "expected an object"),
+])
+def test_malformed_files_say_which_entry_and_why(text: str, match: str) -> None:
+    with pytest.raises(BadPixelError, match=match):
+        BadPixelMap.from_json(text)
+
+
+def test_unreadable_file_and_wrong_frames_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(BadPixelError, match="cannot read"):
+        BadPixelMap.load(tmp_path / "missing.json")
+    with pytest.raises(BadPixelError, match="2-D"):
+        BadPixelMap.from_json(ADCORE_FILE).apply(np.zeros((2, 8, 8)))
+
+
+def test_darks_and_flats_find_hot_and_dead_pixels_not_radiation_hits_or_vignetting() -> None:
+    rng = np.random.default_rng(1)
+    n, h, w = 16, 64, 80
+    bias, read = 100.0, 3.0
+    darks = rng.normal(bias, read, (n, h, w))
+    darks[:, 10, 20] += 400  # stuck
+    darks[:, 30, 40] += 40  # warm: a faint hot pixel, still > 8 sigma of the per-pixel medians
+    darks[:, :, 70] += 60  # hot column
+    darks[3, 50, 50] += 3000  # a radiation hit in one dark only
+    yy, xx = np.mgrid[0:h, 0:w]
+    vignette = 1.0 - 0.5 * ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (h * h / 4 + w * w / 4)
+    flats = bias + 5000 * vignette + rng.normal(0, 30, (n, h, w))
+    flats[:, 5, 5] = bias + rng.normal(0, read, n)  # dead
+    flats[:, 40:, 12] *= 0.3  # a column dead from a charge trap down
+    mask, counts = find_bad_pixels(darks.round(), flats.round())
+    assert mask[10, 20] and mask[30, 40] and mask[:, 70].all() and mask[5, 5] and mask[40:, 12].all()
+    assert not mask[50, 50]
+    assert counts["hot"] == 2 + h and counts["dead"] == 1 + (h - 40)
+    assert mask.sum() == counts["hot"] + counts["dead"]
+    with pytest.raises(BadPixelError, match="darks, flat|dark frames"):
+        find_bad_pixels()
+    with pytest.raises(BadPixelError, match="differ in size"):
+        find_bad_pixels(darks, flats[:, :10])
