@@ -413,7 +413,7 @@ def cmd_ioc(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("source", "prefix", "engine", "control", "model", "width", "height",
                                                "data_type", "bit_depth", "queue_size", "max_elements",
-                                               "engine_timeout_s")}
+                                               "engine_timeout_s", "bad_pixel_file")}
     if args.no_residual:
         overrides["residual"] = False
     if args.no_defect_map:
@@ -876,6 +876,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--queue-size", type=int, help="frames in flight to the engine (default 2)")
     io.add_argument("--max-elements", type=int, help="ArrayData length (default: the source's)")
     io.add_argument("--engine-timeout-s", type=float, help="no reply within this: the engine counts as down")
+    io.add_argument("--bad-pixel-file", help="the camera's bad-pixel file (NDPluginBadPixel JSON, e.g. from cdae "
+                    "badpixels): filled in the denoised frame; the BadPixelFile PV changes it at run time")
     io.add_argument("--no-residual", action="store_true", help="do not publish Residual:ArrayData")
     io.add_argument("--no-defect-map", action="store_true", help="do not publish DefectMap:ArrayData")
     io.set_defaults(func=cmd_ioc)

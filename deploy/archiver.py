@@ -41,7 +41,8 @@ PER_FRAME: tuple[pvproperty, ...] = (FilterPVs.unique_id, FilterPVs.array_rate, 
 EVENTS: tuple[pvproperty, ...] = (FilterPVs.model_rbv, FilterPVs.backend, FilterPVs.engine_connected,
                                   FilterPVs.source_connected, FilterPVs.last_error, FilterPVs.status,
                                   FilterPVs.dropped_arrays_rbv, FilterPVs.frame_errors,
-                                  FilterPVs.enable_callbacks_rbv, FilterPVs.queue_size_rbv)
+                                  FilterPVs.enable_callbacks_rbv, FilterPVs.queue_size_rbv,
+                                  FilterPVs.bad_pixel_file, FilterPVs.bad_pixel_count)
 #: What a client needs to decode an archived image (CA carries no shape).
 IMAGE_META: tuple[pvproperty, ...] = (NDArrayPVs.array_size0, NDArrayPVs.array_size1, NDArrayPVs.data_type)
 

@@ -229,6 +229,15 @@ class _Builder:
         y += ROW
         self.row("Source", p + pv_suffix(FilterPVs.nd_array_port_rbv), x, y, w)
         y += ROW
+        self.label("Bad-pixel file", x, y)
+        bad = self.w.TextEntry("bad pixel file", _ca(p + pv_suffix(FilterPVs.bad_pixel_file) + ".VAL$"), x + LABEL_W,
+                               y, w - LABEL_W, ROW - 3)
+        bad.format("string")  # a path: a CHAR array written whole through NAME.VAL$
+        bad.alarm_border(True)  # a refused file shows as a WRITE alarm
+        self.screen.add_widget(bad)
+        y += ROW
+        self.row("Bad pixels listed", p + pv_suffix(FilterPVs.bad_pixel_count), x, y, w)
+        y += ROW
         self.row("Status", p + pv_suffix(FilterPVs.status) + ".VAL$", x, y, w, string=True)
         y += ROW
         self.label("Last error", x, y)

@@ -24,6 +24,7 @@ from caproto import AlarmSeverity, AlarmStatus
 from caproto.asyncio.client import Context as ClientContext
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cdae.engine.badpixels import BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.errors import EngineError
 from cdae.engine.protocol import FrameReply
@@ -72,6 +73,9 @@ class IocConfig(BaseModel):
     status_period_s: float = Field(0.5, gt=0, description="engine control-channel poll period")
     residual: bool = Field(True, description="publish Residual:ArrayData")
     defect_map: bool = Field(True, description="publish DefectMap:ArrayData")
+    bad_pixel_file: Path | None = Field(
+        None, description="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from cdae badpixels): "
+        "listed pixels are filled in the denoised frame and marked certain in DefectMap; BadPixelFile changes it")
     max_elements: int | None = Field(None, ge=1, description="ArrayData length (default: the source's)")
     port_name: str = Field("CDAE1", max_length=STRING_MAX - 1)
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
@@ -148,6 +152,7 @@ class FilterIOC:
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._initial_model_done = config.model is None
+        self.bad_pixels: BadPixelMap | None = None
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
 
@@ -239,6 +244,34 @@ class FilterIOC:
         async with self._permits:
             self.queue_size = size
             self._permits.notify_all()
+
+    async def set_bad_pixel_file(self, path: str) -> None:
+        """Load (or, with an empty path, drop) the camera's bad-pixel map; an unusable file is refused
+        with its reason on LastError_RBV and the map in use is kept."""
+        p = self._require_pvs()
+        path = path.strip()
+        if not path:
+            self.bad_pixels = None
+            await p.bad_pixel_count.write(0)
+            await p.status.write("bad-pixel map: none")
+            return
+        try:
+            bad = await asyncio.get_running_loop().run_in_executor(None, BadPixelMap.load, path)
+        except BadPixelError as e:
+            log(_WHO, f"BadPixelFile: {e}")
+            await p.last_error.write(f"BadPixelFile: {e}"[:255])
+            raise ValueError(str(e)) from e
+        self.bad_pixels = bad
+        await p.bad_pixel_count.write(len(bad))
+        await p.status.write(f"bad-pixel map: {len(bad)} pixels from {path}"[:255])
+        log(_WHO, f"bad-pixel map: {len(bad)} pixels from {path}")
+
+    async def _initial_bad_pixels(self, path: Path) -> None:
+        try:
+            await self.set_bad_pixel_file(str(path))
+            await self._require_pvs().bad_pixel_file.write(str(path)[:255], verify_value=False)
+        except ValueError as e:  # serve without it, loudly: LastError_RBV and the log say why
+            log(_WHO, f"could not use the bad-pixel file {path}: {e}")
 
     # --- the engine side ----------------------------------------------------------------------
 
@@ -386,20 +419,23 @@ class FilterIOC:
         p = self._require_pvs()
         assert reply.denoised is not None and self.element is not None
         h, w = reply.denoised.shape
+        denoised, residual, defect_map = reply.denoised, reply.residual, reply.defect_map
+        if self.bad_pixels is not None:
+            denoised, residual, defect_map = self.bad_pixels.fill_output(denoised, residual, defect_map)
         self.counter += 1
         self.rate.tick()
         rate = self.rate.rate_hz()
-        if reply.residual is not None:
-            await write_image(p.residual, reply.residual.reshape(-1), h, w, NDDataType.Float32, info,  # type: ignore[arg-type]
+        if residual is not None:
+            await write_image(p.residual, residual.reshape(-1), h, w, NDDataType.Float32, info,  # type: ignore[arg-type]
                               self.counter, rate)
-        if reply.defect_map is not None:
-            await write_image(p.defect_map, reply.defect_map.reshape(-1), h, w, NDDataType.UInt8, info,  # type: ignore[arg-type]
+        if defect_map is not None:
+            await write_image(p.defect_map, defect_map.reshape(-1), h, w, NDDataType.UInt8, info,  # type: ignore[arg-type]
                               self.counter, rate)
         model = (reply.model or "")[: STRING_MAX - 1]
         if p.model_rbv.value != model:
             await p.model_rbv.write(model, timestamp=info.stamp)
         await p.execution_time.write(round(reply.header.timings.total_ms, 3), timestamp=info.stamp)
-        pixels = to_ca(reply.denoised, self.element)
+        pixels = to_ca(denoised, self.element)
         await write_image(p, pixels, h, w, info.data_type, info, self.counter, rate,
                           itemsize=numpy_dtype(info.data_type).itemsize)
         await p.latency.write(round((time.time() - info.timestamp) * 1e3, 3), timestamp=info.stamp)
@@ -480,6 +516,8 @@ class FilterIOC:
         await p.queue_free.write(c.queue_size)
         await p.source_connected.write("Connected")
         await p.status.write("waiting for the engine")
+        if c.bad_pixel_file is not None:
+            await self._initial_bad_pixels(c.bad_pixel_file)
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
         for group in self._image_groups():
             await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)

@@ -75,6 +75,7 @@ class FilterController(Protocol):
     async def request_model(self, ref: str) -> None: ...
     async def set_enabled(self, enabled: bool) -> None: ...
     async def set_queue_size(self, size: int) -> None: ...
+    async def set_bad_pixel_file(self, path: str) -> None: ...
 
 
 # --- NDArrayBase: one image ---------------------------------------------------------------------
@@ -178,6 +179,12 @@ class FilterPVs(NDArrayPVs):
                                   enum_strings=CONNECTION_STRINGS, read_only=True, doc="MAJOR alarm when down")
     source_connected = pvproperty(name="SourceConnected_RBV", value="Disconnected", dtype=ChannelType.ENUM,
                                   enum_strings=CONNECTION_STRINGS, read_only=True)
+    # the camera's bad-pixel map (areaDetector NDPluginBadPixel file), filled in the denoised frame
+    bad_pixel_file = _long_string("BadPixelFile", read_only=False,
+                                  doc="path of the camera's bad-pixel JSON file; empty: none. A file that "
+                                  "cannot be used is refused and the map in use is kept")
+    bad_pixel_count = pvproperty(name="BadPixelCount_RBV", value=0, read_only=True,
+                                 doc="pixels listed in the bad-pixel map in use")
     status = _long_string("Status_RBV", "starting")
     last_error = _long_string("LastError_RBV")
     frames_received = pvproperty(name="FramesReceived_RBV", value=0, read_only=True, doc="source frames seen")
@@ -220,6 +227,13 @@ class FilterPVs(NDArrayPVs):
         if value != 0:
             raise ValueError(f"DroppedArrays: only 0 (reset) may be written, got {value}")
         await self.dropped_arrays_rbv.write(0)
+        return value
+
+    @bad_pixel_file.putter
+    async def bad_pixel_file(self, instance: object, value: str) -> str:
+        if self.controller is None:
+            raise ValueError("the IOC is not running a filter")
+        await self.controller.set_bad_pixel_file(value)  # raises (refused, WRITE alarm) when unusable
         return value
 
     @model.putter

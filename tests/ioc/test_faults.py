@@ -195,3 +195,53 @@ def test_model_given_at_start_is_activated(stack: Stack) -> None:
     out = stack.ioc_prefix
     wait_for(lambda: string_of(out + "Model_RBV") == "tiny:2", 60, "frames from the model asked for at start")
     assert string_of(out + "Model") == "tiny:2"
+
+
+def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_path) -> None:  # noqa: ANN001
+    """The camera's NDPluginBadPixel file at start; BadPixelFile swaps or drops it while frames stream;
+    a broken file is refused with an alarm and the map in use is kept."""
+    w = 32
+    first = tmp_path / "cam-badpixels.json"
+    first.write_text('{"Bad pixels": [{"Pixel": [3, 2], "Set": 7}, {"Pixel": [10, 5], "Set": 9}]}')
+    second = tmp_path / "cam-badpixels-2.json"
+    second.write_text('{"Bad pixels": [{"Pixel": [4, 4], "Set": 11}]}')
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"Bad pixels": [{"Pixel": [4]}]}')
+    eng = stack.engine()
+    stack.camera(size="32x24", rate=5)
+    stack.ioc(eng, "--bad-pixel-file", str(first))
+    out = stack.ioc_prefix
+
+    def pixel(pv: str, x: int, y: int) -> int:
+        return int(value_of(out + pv)[y * w + x])  # type: ignore[index]
+
+    def put_path(text: str, wait: bool = True) -> None:
+        """A path longer than DBR_STRING's 40 characters goes whole as CHAR through ``.VAL$``."""
+        from caproto import ChannelType
+        from ioc_helpers import _pv  # type: ignore[import-not-found]
+
+        _pv(out + "BadPixelFile.VAL$").write(list(text.encode()) + [0], wait=wait, timeout=10,  # type: ignore[attr-defined]
+                                             data_type=ChannelType.CHAR)
+
+    wait_for(lambda: value_of(out + "BadPixelCount_RBV") == 2, 60, "the map loaded at start")
+    assert long_string_of(out + "BadPixelFile") == str(first)
+    _advances(out + "ArrayCounter_RBV")
+    assert pixel("ArrayData", 3, 2) == 7 and pixel("ArrayData", 10, 5) == 9
+    assert pixel("DefectMap:ArrayData", 3, 2) == 255
+
+    put_path(str(broken), wait=False)  # refused: caproto's client does not hand a refused put-notify back
+    wait_for(lambda: ca_read(out + "BadPixelFile").metadata.status == AlarmStatus.WRITE, 30, "a WRITE alarm")  # type: ignore[attr-defined]
+    assert long_string_of(out + "BadPixelFile") == str(first)
+    assert "entry 0: Pixel" in long_string_of(out + "LastError_RBV")
+    assert value_of(out + "BadPixelCount_RBV") == 2
+    _advances(out + "ArrayCounter_RBV")
+    assert pixel("ArrayData", 3, 2) == 7  # the map in use is kept
+
+    put_path(str(second))
+    assert value_of(out + "BadPixelCount_RBV") == 1
+    _advances(out + "ArrayCounter_RBV")
+    assert pixel("ArrayData", 4, 4) == 11
+    put_path("")
+    assert value_of(out + "BadPixelCount_RBV") == 0
+    _advances(out + "ArrayCounter_RBV")
+    assert pixel("ArrayData", 4, 4) != 11 or pixel("DefectMap:ArrayData", 4, 4) != 255
