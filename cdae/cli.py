@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else pkgs[0] / "evaluation"
     sizes = [tuple(int(v) for v in s.lower().split("x"))[::-1] for s in args.sizes.split(",")]
     report = evaluate(list(zip(names, denoisers)), out, data, frames=args.frames, val_frames=args.val_frames,
-                      sizes=sizes, timing=not args.no_timing, overrides=args.set)
+                      sizes=sizes, timing=not args.no_timing, overrides=args.set, bad_pixel_maps=args.bad_pixel_maps)
     for name, c in report["comparisons"].items():
         s = report["methods"][name]["summary"]
         print(f"{name}: PSNR {s['psnr_db']:.2f} dB ({c['psnr_gain_over_best_baseline_db']:+.2f} dB vs "
@@ -746,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--update-manifest", action="store_true",
                    help="record the held-out metrics in the (first) model's manifest")
     e.add_argument("--no-timing", action="store_true", help="skip the 1024x1024 CPU timing")
+    e.add_argument("--bad-pixel-maps", action="store_true",
+                   help="also score each model with its camera's bad-pixel map, found from simulated darks and flats")
     e.add_argument("--model-distribution", action="store_true",
                    help="held-out frames from the first model's training distribution (default: the standard one)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -26,24 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATION_FRAMES = 16
-
-
-def camera_calibration(data, seed: int, index: int, height: int, width: int, bit_depth: int):
-    """Dark frames and flat fields of frame ``index``'s simulated camera (its layout of damage)."""
-    from cdae.training.defects import apply_detector, detector_rng, sample_defect_layout, sample_defect_params
-
-    rng = detector_rng(seed, index)  # as simulate_frame draws them: params, then the layout
-    params = sample_defect_params(rng, data.defects, bit_depth)
-    layout = sample_defect_layout(rng, params, height, width)
-    # no light: no glints; flats well below the full well
-    calib = params.model_copy(update={"saturated_blobs": 0, "exposure_scale": 1.0})
-    cal_rng = np.random.default_rng([seed, index, 7])
-    dark = np.zeros((height, width), np.float32)
-    flat = np.full((height, width), 0.3, np.float32)
-    darks = np.stack([apply_detector(dark, cal_rng, calib, layout).noisy for _ in range(CALIBRATION_FRAMES)])
-    flats = np.stack([apply_detector(flat, cal_rng, calib, layout).noisy for _ in range(CALIBRATION_FRAMES)])
-    return darks, flats, layout.static_mask()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdae.engine.package import ModelRegistry
     from cdae.training.baselines import make_baseline
     from cdae.training.config import DataConfig
-    from cdae.training.dataset import simulated_frames
+    from cdae.training.dataset import calibration_frames, simulated_frames
     from cdae.training.defects import BAD_LINE, BLOOM, DEAD, HOT, MASK_BITS, SATURATED_BLOB
     from cdae.training.evaluate import DEFAULT_SIZES, ModelRunner
     from cdae.training.metrics import defects_frame_by_frame, frame_metrics, per_class_rmse, target_quantities
@@ -73,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     found_stats = np.zeros(3)  # listed pixels that are bad, listed that are not, bad not listed
     for i, fr in enumerate(frames):
         true = (fr.defect_mask & (DEAD | HOT | BAD_LINE)) != 0
-        darks, flats, static = camera_calibration(data, seed, i, *fr.noisy.shape, fr.bit_depth)
+        darks, flats, static = calibration_frames(data, seed, i, *fr.noisy.shape, fr.bit_depth)
         assert np.array_equal(static != 0, true), f"frame {i}: calibration camera differs from the frame's"
         found, _ = find_bad_pixels(darks, flats)
         found_stats += [np.sum(found & true), np.sum(found & ~true), np.sum(~found & true)]

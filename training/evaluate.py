@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cdae.engine.inference import Denoiser
+from cdae.engine.badpixels import BadPixelMap, find_bad_pixels
 from cdae.engine.normalise import to_dtype
 from cdae.training.baselines import make_baseline, tune_baselines
 from cdae.training.config import DataConfig
@@ -38,7 +39,7 @@ from cdae.training.metrics import (
     target_quantities,
 )
 from cdae.training.report import save_panels, write_markdown_table
-from cdae.training.dataset import simulated_frames
+from cdae.training.dataset import CALIBRATION_FRAMES, calibration_frames, simulated_frames
 from cdae.training.defects import BLOOM, MASK_BITS, SATURATED_BLOB, simulate_frame
 from cdae.training.simulate import GENERATOR_VERSION
 
@@ -143,10 +144,14 @@ def evaluate(
     timing: bool = True,
     log: Callable[[str], None] = print,
     overrides: Sequence[str] = (),
+    bad_pixel_maps: bool = False,
 ) -> dict:
     """Score models and tuned baselines on held-out frames; write report.md/json and panels.png.
 
     ``overrides`` only names, in the report, how ``data`` differs from the standard distribution.
+    ``bad_pixel_maps``: also score each model with its camera's bad-pixel map, as a site deploys it:
+    found (``find_bad_pixels``) from the dark frames and flat fields of each held-out frame's
+    simulated camera, and filled in the model's output.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,14 @@ def evaluate(
     runners = {name: ModelRunner(d) for name, d in models}
     methods += [(name, r.full) for name, r in runners.items()]
     methods += [(f"{name} (defect-gated)", r.gated) for name, r in runners.items()]
+    mapped: list[str] = []
+    bad_pixels_found: dict[str, int] = {}
+    if bad_pixel_maps:
+        log(f"finding bad pixels from {CALIBRATION_FRAMES} darks and {CALIBRATION_FRAMES} flats per held-out camera ...")
+        maps, bad_pixels_found = _calibrated_maps(data, test)
+        for name, r in runners.items():
+            mapped.append(f"{name} + bad-pixel map")
+            methods.append((mapped[-1], _with_map(r, maps)))
     methods += [(tuned[f], make_baseline(tuned[f])) for f in ("median", "gaussian")]
 
     results: dict[str, MethodScores] = {}
@@ -172,7 +185,7 @@ def evaluate(
     noisy = results["noisy input"].summary
     comparisons = {}
     saturation_artefacts = [bool(np.any(fr.defect_mask & (BLOOM | SATURATED_BLOB))) for fr in test]
-    for name, _ in models:
+    for name in [n for n, _ in models] + mapped:
         b = results[best_baseline].summary
         frames_of = (results[name].per_frame, results[best_baseline].per_frame, results["noisy input"].per_frame)
         q = target_quantities(*frames_of)
@@ -201,6 +214,8 @@ def evaluate(
                      "frames": len(test), "sizes": [list(s) for s in sizes],
                      "bit_depths": data.bit_depths, "kinds": sorted({f.kind for f in test})},
         "validation_for_baseline_tuning": {"seed": data.val_seed, "frames": len(val)},
+        **({"bad_pixel_maps": {"darks": CALIBRATION_FRAMES, "flats": CALIBRATION_FRAMES, **bad_pixels_found}}
+           if bad_pixel_maps else {}),
         "tuned_baselines": tuned,
         "best_baseline": best_baseline,
         "methods": {n: {"summary": r.summary, "per_kind": r.per_kind, "seconds_per_frame": r.seconds_per_frame,
@@ -217,6 +232,30 @@ def evaluate(
     _write_panels(out_dir / "panels.png", test, outputs, [n for n, _ in models], best_baseline)
     log(f"wrote {out_dir / 'report.md'}")
     return report
+
+
+def _calibrated_maps(data: DataConfig, frames: Sequence[EvalFrame]) -> tuple[dict[int, BadPixelMap], dict[str, int]]:
+    """Each held-out frame's bad-pixel map as a site finds it (darks and flats of its camera), keyed by
+    the id of the frame's noisy array (the frames live as long as the evaluation), and how well the
+    maps found match the true permanent defects."""
+    maps: dict[int, BadPixelMap] = {}
+    listed = listed_good = missed = 0
+    for i, fr in enumerate(frames):
+        darks, flats, static = calibration_frames(data, data.test_seed, i, *fr.noisy.shape, fr.bit_depth)
+        found, _ = find_bad_pixels(darks, flats)
+        true = static != 0
+        listed += int(found.sum())
+        listed_good += int((found & ~true).sum())
+        missed += int((true & ~found).sum())
+        maps[id(fr.noisy)] = BadPixelMap.from_mask(found)
+    return maps, {"listed": listed, "listed_but_good": listed_good, "bad_not_listed": missed}
+
+
+def _with_map(runner: ModelRunner, maps: dict[int, BadPixelMap]) -> Method:
+    def run(noisy: np.ndarray, adc_max: int) -> np.ndarray:
+        return ModelRunner._as_camera(maps[id(noisy)].apply(runner.full(noisy, adc_max)), adc_max)
+
+    return run
 
 
 def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) -> None:
@@ -236,6 +275,11 @@ def _write_markdown(path: Path, report: dict, results: dict[str, MethodScores]) 
         "RMSEs are fractions of the ADC full scale; `rmse_defect` is on defect pixels, `rmse_bright` on the",
         "brightest real (non-defect) features (top 1 % of the clean frame), PSNR against the ADC range.",
         "",
+        *([f"`+ bad-pixel map` rows: the model's output with its camera's bad pixels filled (median of the unlisted "
+           f"3x3 neighbours), the map found by `cdae badpixels` from {b['darks']} dark frames and {b['flats']} flat "
+           f"fields of each held-out frame's simulated camera: {b['listed']} pixels listed, {b['listed_but_good']} "
+           f"of them good, {b['bad_not_listed']} bad pixels not listed.", ""]
+          if (b := report.get("bad_pixel_maps")) else []),
         write_markdown_table(rows, ["method", "psnr_db", "ssim", "rmse_defect", "rmse_bright", "rmse_all", "ms_per_frame"]),
         "## Against the targets",
         "",

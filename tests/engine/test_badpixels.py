@@ -117,3 +117,15 @@ def test_darks_and_flats_find_hot_and_dead_pixels_not_radiation_hits_or_vignetti
         find_bad_pixels()
     with pytest.raises(BadPixelError, match="differ in size"):
         find_bad_pixels(darks, flats[:, :10])
+
+
+def test_a_dark_clipped_at_zero_does_not_make_the_offset_pattern_hot() -> None:
+    """Bias near 0 DN: half the dark is clipped, a two-sided spread estimate shrinks and the upper
+    tail of the fixed offset pattern would all look hot (2000 of 49152 pixels on a held-out camera)."""
+    rng = np.random.default_rng(2)
+    n, h, w = 16, 96, 128
+    dsnu = rng.normal(0, 6.0, (h, w))  # fixed per-pixel offsets, DN
+    darks = np.clip(np.rint(1.0 + dsnu + rng.normal(0, 5.0, (n, h, w))), 0, None)
+    darks[:, 40, 60] = 900  # stuck
+    mask, counts = find_bad_pixels(darks)
+    assert mask[40, 60] and counts["hot"] <= 3

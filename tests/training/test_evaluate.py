@@ -97,3 +97,37 @@ def test_model_runner_never_serves_another_frames_output(tiny_package: Path) -> 
         frame = rng.uniform(0, 4095, size=(48, 64)).astype(np.float32) * (k + 1) / 6
         expected = den.denoise_dn(frame, 4095.0)[0]
         assert np.array_equal(runner.outputs(frame * 1.0, 4095)[0], expected)
+
+
+def test_calibration_frames_record_the_held_out_frames_own_camera() -> None:
+    """Darks and flats of frame i's camera show the same dead, hot and bad-line pixels as frame i, and
+    `find_bad_pixels` finds them there."""
+    from cdae.engine.badpixels import find_bad_pixels
+    from cdae.training.dataset import calibration_frames
+    from cdae.training.defects import BAD_LINE, DEAD, HOT
+
+    data = DataConfig()
+    frames = simulated_frames(data, data.test_seed, 0, 6, [(64, 64), (48, 80)])
+    seen = 0
+    for i, fr in enumerate(frames):
+        darks, flats, static = calibration_frames(data, data.test_seed, i, *fr.noisy.shape, fr.bit_depth, count=8)
+        assert darks.shape == flats.shape == (8, *fr.noisy.shape)
+        true = (fr.defect_mask & (DEAD | HOT | BAD_LINE)) != 0
+        assert np.array_equal(static != 0, true)
+        found, _ = find_bad_pixels(darks, flats)
+        seen += int(true.sum())
+        assert (found & true).sum() >= 0.9 * true.sum()
+        assert (found & ~true).sum() <= 0.01 * found.size
+    assert seen > 0
+
+
+def test_evaluate_with_bad_pixel_maps(tmp_path: Path, tiny_package: Path) -> None:
+    den = Denoiser.from_package(tiny_package)
+    report = evaluate([("tiny:1", den)], tmp_path / "eval", frames=6, val_frames=4, sizes=[(64, 64), (48, 80)],
+                      timing=False, log=lambda s: None, bad_pixel_maps=True)
+    assert "tiny:1 + bad-pixel map" in report["methods"] and "tiny:1 + bad-pixel map" in report["comparisons"]
+    assert report["bad_pixel_maps"]["listed"] > 0
+    mapped = report["methods"]["tiny:1 + bad-pixel map"]["per_defect_class"]
+    plain = report["methods"]["tiny:1"]["per_defect_class"]
+    assert mapped["hot"]["rmse"] < plain["hot"]["rmse"] or plain["hot"]["pixels"] == 0
+    assert "bad-pixel map` rows" in (tmp_path / "eval" / "report.md").read_text()
