@@ -180,18 +180,26 @@ def cmd_badpixels(args: argparse.Namespace) -> int:
             frames.extend(a if a.ndim == 3 else [a])
         return np.stack([np.asarray(f, dtype=np.float32) for f in frames])
 
+    if args.profile and (args.darks or args.flats):
+        _err("cdae badpixels: error: give a camera profile or darks/flats, not both")
+        return 2
     try:
-        darks, flats = stack(args.darks), stack(args.flats)
-        mask, counts = find_bad_pixels(darks, flats, k=args.sigma, dead_fraction=args.dead_fraction)
+        if args.profile:  # the defect map `cdae characterise` measured from a `cdae record` recording
+            from cdae.training.characterise import load_profile
+
+            mask = load_profile(args.profile).defect_mask() != 0
+            how = f"from the camera profile {args.profile}"
+        else:
+            darks, flats = stack(args.darks), stack(args.flats)
+            mask, counts = find_bad_pixels(darks, flats, k=args.sigma, dead_fraction=args.dead_fraction)
+            how = (f"{counts['hot']} hot from {0 if darks is None else len(darks)} darks, {counts['dead']} dead from "
+                   f"{0 if flats is None else len(flats)} flats")
     except (BadPixelError, FileFormatError, OSError, ValueError) as e:
         _err(f"cdae badpixels: error: {e}")
         return 2
     bp = BadPixelMap.from_mask(mask, half=args.median_half_width)
     bp.save(args.output)
-    n = sum(len(x) for x in (darks, flats) if x is not None)
-    print(f"{args.output}: {len(bp)} bad pixels of {mask.size} ({counts['hot']} hot from "
-          f"{0 if darks is None else len(darks)} darks, {counts['dead']} dead from {0 if flats is None else len(flats)} "
-          f"flats; {n} frames)")
+    print(f"{args.output}: {len(bp)} bad pixels of {mask.size} ({how})")
     return 0
 
 
@@ -780,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "NDPluginBadPixel file")
     bpx.add_argument("--darks", nargs="+", help="dark frames (no light, the exposure used): files or stacks")
     bpx.add_argument("--flats", nargs="+", help="flat fields (even light, well below saturation): files or stacks")
+    bpx.add_argument("--profile", help="instead: the camera profile `cdae characterise` wrote for a recording")
     bpx.add_argument("-o", "--output", required=True, help="bad-pixel JSON file to write")
     bpx.add_argument("--sigma", type=float, default=8.0,
                      help="hot: mean dark above the median by this many robust sigmas (default 8)")

@@ -113,5 +113,13 @@ def test_cli_characterise(tmp_path: Path, write_recording: WriteRecording) -> No
     assert "1 bad lines" in r.stdout and "bias" in r.stdout
     profile = CameraProfile.model_validate_json((tmp_path / "cam.profile.json").read_text())
     assert profile.recording == "cam.h5" and (tmp_path / "cam.profile.png").stat().st_size > 10_000
+    # the profile's defect map as the camera's bad-pixel file, for the IOC and `cdae denoise`
+    r = subprocess.run([str(exe), "badpixels", "--profile", str(tmp_path / "cam.profile.json"), "-o",
+                        str(tmp_path / "cam-badpixels.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from cdae.engine.badpixels import BadPixelMap
+
+    listed = BadPixelMap.load(tmp_path / "cam-badpixels.json").mask((SIZE, SIZE))
+    assert np.array_equal(listed, profile.defect_mask() != 0) and listed[:, 37].all()
     bad = subprocess.run([str(exe), "characterise", str(tmp_path / "none.h5")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such recording" in bad.stderr and "Traceback" not in bad.stderr
