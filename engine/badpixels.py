@@ -198,9 +198,9 @@ def find_bad_pixels(darks: np.ndarray | None = None, flats: np.ndarray | None = 
     Dark frames (no light, same exposure as in use): a pixel whose median dark exceeds the frame's
     median dark by more than ``k`` robust standard deviations of the per-pixel medians is hot
     (stuck, warm, or part of a hot column). Flat fields (even illumination, well below
-    saturation): a pixel whose mean response is below ``dead_fraction`` of its neighbourhood's
-    median (a 15 px box, so vignetting does not count) is dead. Averaging over frames beats the
-    shot and read noise down, so a radiation hit in one frame does not make a pixel bad.
+    saturation): a pixel whose median response is below ``dead_fraction`` of its neighbourhood's
+    median (a 15 px box, so vignetting does not count) is dead. The median over frames beats the
+    shot and read noise down, and a radiation hit in one frame does not make a pixel bad.
     Returns the mask and the counts found by each test.
     """
     from scipy import ndimage

@@ -153,6 +153,7 @@ class FilterIOC:
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._initial_model_done = config.model is None
         self.bad_pixels: BadPixelMap | None = None
+        self._bad_pixels_seen: tuple[BadPixelMap, int, int] | None = None
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
 
@@ -422,6 +423,13 @@ class FilterIOC:
         denoised, residual, defect_map = reply.denoised, reply.residual, reply.defect_map
         if self.bad_pixels is not None:
             denoised, residual, defect_map = self.bad_pixels.fill_output(denoised, residual, defect_map)
+            seen = self._bad_pixels_seen
+            if seen is None or seen[0] is not self.bad_pixels or seen[1:] != (h, w):  # once per map and frame size
+                self._bad_pixels_seen = (self.bad_pixels, h, w)
+                outside = self.bad_pixels.outside((h, w))
+                if outside:  # a map of the full sensor on a region of interest or binned frames
+                    await self._report_error(f"BadPixelFile: {outside} of {len(self.bad_pixels)} listed pixels lie "
+                                             f"outside the {w}x{h} frame (region of interest or binning?)")
         self.counter += 1
         self.rate.tick()
         rate = self.rate.rate_hz()

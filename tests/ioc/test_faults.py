@@ -204,7 +204,7 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     first = tmp_path / "cam-badpixels.json"
     first.write_text('{"Bad pixels": [{"Pixel": [3, 2], "Set": 7}, {"Pixel": [10, 5], "Set": 9}]}')
     second = tmp_path / "cam-badpixels-2.json"
-    second.write_text('{"Bad pixels": [{"Pixel": [4, 4], "Set": 11}]}')
+    second.write_text('{"Bad pixels": [{"Pixel": [4, 4], "Set": 11}, {"Pixel": [500, 4], "Set": 11}]}')  # one off-frame
     broken = tmp_path / "broken.json"
     broken.write_text('{"Bad pixels": [{"Pixel": [4]}]}')
     eng = stack.engine()
@@ -238,9 +238,11 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     assert pixel("ArrayData", 3, 2) == 7  # the map in use is kept
 
     put_path(str(second))
-    assert value_of(out + "BadPixelCount_RBV") == 1
+    assert value_of(out + "BadPixelCount_RBV") == 2
     _advances(out + "ArrayCounter_RBV")
     assert pixel("ArrayData", 4, 4) == 11
+    wait_for(lambda: "1 of 2 listed pixels lie outside the 32x24 frame" in long_string_of(out + "LastError_RBV"),
+             30, "the off-frame pixel reported")
     put_path("")
     assert value_of(out + "BadPixelCount_RBV") == 0
     _advances(out + "ArrayCounter_RBV")
