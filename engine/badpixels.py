@@ -146,29 +146,38 @@ class BadPixelMap:
 
         All fills read the frame as it came (a listed pixel never fills another).
         """
+        ys, xs, vals = self.fills(frame)
+        out = np.asarray(frame).astype(np.float32)
+        out[ys, xs] = vals
+        return out
+
+    def fills(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, columns and float32 fill values of the listed pixels inside the 2-D ``frame``.
+
+        Only the listed pixels and their boxes are read, and which pixels those are is worked out once
+        per frame size: a 2048 x 2048 frame with thousands of listed pixels costs a few milliseconds.
+        """
         src = np.asarray(frame)
         if src.ndim != 2:
             raise BadPixelError(f"bad pixels apply to 2-D frames, got shape {src.shape}")
-        src = src.astype(np.float32, copy=False)
-        out = src.copy()
         h, w = src.shape
-        inside = (self.x < w) & (self.y < h)
-        bad = self.mask((h, w))
-        for k, name in enumerate(MODES):
-            sel = inside & (self.mode == k)
-            if not sel.any():
-                continue
-            xs, ys, a, b = self.x[sel], self.y[sel], self.a[sel], self.b[sel]
+        bad, plan = self._plan((h, w))
+        ys_all, xs_all, vals_all = [], [], []
+        for name, ys, xs, a, b, groups in plan:
             if name == "set":
-                out[ys, xs] = a.astype(np.float32)
+                vals = a.astype(np.float32)
             elif name == "replace":
-                sx, sy = xs + a.astype(np.int64), ys + b.astype(np.int64)
-                ok = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-                out[ys[ok], xs[ok]] = src[sy[ok], sx[ok]]
+                vals = src[ys + b.astype(np.int64), xs + a.astype(np.int64)].astype(np.float32)
             else:
-                for (mx, my), idx in _groups(a, b):
-                    out[ys[idx], xs[idx]] = _box_median(src, bad, ys[idx], xs[idx], int(mx), int(my))
-        return out
+                vals = np.empty(xs.size, np.float32)
+                for (mx, my), idx in groups:
+                    vals[idx] = _box_median(src, bad, ys[idx], xs[idx], int(mx), int(my))
+            ys_all.append(ys)
+            xs_all.append(xs)
+            vals_all.append(vals)
+        if not ys_all:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(ys_all), np.concatenate(xs_all), np.concatenate(vals_all)
 
     def fill_output(self, denoised: np.ndarray, residual: np.ndarray | None = None,
                     defect_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -176,19 +185,41 @@ class BadPixelMap:
         rounded and clipped), the residual (raw - denoised) moved by the same amount, and the defect map
         at certainty there (1.0, or 255 for a uint8 map). Inputs are not modified."""
         d = np.asarray(denoised)
-        filled = self.apply(d)
+        ys, xs, vals = self.fills(d)
         if d.dtype.kind in "iu":
             info = np.iinfo(d.dtype)
-            filled = np.clip(np.rint(filled), info.min, info.max)
-        filled = filled.astype(d.dtype, copy=False)
-        m = self.mask(d.shape)
+            vals = np.clip(np.rint(vals), info.min, info.max)
+        filled = d.copy()
+        filled[ys, xs] = vals.astype(d.dtype)
         if residual is not None:
             residual = np.array(residual, dtype=np.float32, copy=True)
-            residual[m] += d[m].astype(np.float32) - filled[m].astype(np.float32)
+            residual[ys, xs] += d[ys, xs].astype(np.float32) - filled[ys, xs].astype(np.float32)
         if defect_map is not None:
             defect_map = np.array(defect_map, copy=True)
-            defect_map[m] = 255 if defect_map.dtype == np.uint8 else 1.0
+            defect_map[ys, xs] = 255 if defect_map.dtype == np.uint8 else 1.0
         return filled, residual, defect_map
+
+    def _plan(self, shape: tuple[int, int]) -> tuple[np.ndarray, list[tuple]]:
+        """For a frame size: the mask of listed pixels and, per fill mode, the pixels inside the frame
+        with their parameters (Replace sources inside it too) and Median's groups by box size. Cached:
+        frames come one size at a time."""
+        cache = self.__dict__.setdefault("_plans", {})  # frozen dataclass: a per-instance cache by hand
+        if shape in cache:
+            return cache[shape]
+        h, w = shape
+        inside = (self.x < w) & (self.y < h)
+        plan = []
+        for k, name in enumerate(MODES):
+            sel = inside & (self.mode == k)
+            if name == "replace":
+                sx, sy = self.x + self.a.astype(np.int64), self.y + self.b.astype(np.int64)
+                sel &= (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+            if sel.any():
+                a, b = self.a[sel], self.b[sel]
+                plan.append((name, self.y[sel], self.x[sel], a, b, _groups(a, b) if name == "median" else []))
+        cache.clear()
+        cache[shape] = (self.mask(shape), plan)
+        return cache[shape]
 
 
 def find_bad_pixels(darks: np.ndarray | None = None, flats: np.ndarray | None = None, k: float = 8.0,
@@ -279,10 +310,14 @@ def _box_median(src: np.ndarray, bad: np.ndarray, ys: np.ndarray, xs: np.ndarray
         valid = (py >= 0) & (py < h) & (px >= 0) & (px < w)
         pyc, pxc = np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)
         valid &= ~bad[pyc, pxc]
-        window = np.where(valid, src[pyc, pxc], np.nan)
+        window = np.where(valid, src[pyc, pxc].astype(np.float32), np.nan)
         has = valid.any(axis=1)
         if has.any():
-            vals[todo[has]] = np.nanmedian(window[has], axis=1)
+            # median of the good values per row: sorted, NaNs go last (np.nanmedian is several times slower)
+            rows = np.sort(window[has], axis=1)
+            k = valid[has].sum(axis=1)
+            r = np.arange(rows.shape[0])
+            vals[todo[has]] = 0.5 * (rows[r, (k - 1) // 2] + rows[r, k // 2])
         todo = todo[~has]
         if mx > h + w:  # nothing good anywhere: leave the pixel as it was
             vals[todo] = src[ys[todo], xs[todo]]

@@ -70,6 +70,14 @@ def test_pixels_outside_a_region_of_interest_are_skipped_and_counted() -> None:
     assert bp.outside((8, 8)) == 1
     out = bp.apply(np.ones((8, 8), np.uint8))
     assert out[1, 1] == 9.0 and out.sum() == 63 + 9
+    # the frame size changes mid-stream (a new region of interest): the fills follow it
+    big = bp.apply(np.ones((8, 128), np.uint8))
+    assert big[2, 100] == 0.0 and big[1, 1] == 9.0
+    # a Replace whose source lies outside the frame leaves the pixel as it is
+    edge = BadPixelMap.from_json('{"Bad pixels": [{"Pixel": [0, 0], "Replace": [-1, 0]}, {"Pixel": [2, 0], "Replace": [0, 1]}]}')
+    frame = np.arange(16, dtype=np.float32).reshape(4, 4)
+    out = edge.apply(frame)
+    assert out[0, 0] == 0.0 and out[0, 2] == frame[1, 2]
 
 
 @pytest.mark.parametrize(("text", "match"), [
