@@ -138,10 +138,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 # --- denoise -----------------------------------------------------------------------------------
 
 def cmd_denoise(args: argparse.Namespace) -> int:
+    from cdae.engine.badpixels import BadPixelError, BadPixelMap
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry
-
-    from cdae.engine.badpixels import BadPixelError, BadPixelMap
 
     bad_pixels = None
     if args.bad_pixels:
@@ -791,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpx.add_argument("--profile", help="instead: the camera profile `cdae characterise` wrote for a recording")
     bpx.add_argument("-o", "--output", required=True, help="bad-pixel JSON file to write")
     bpx.add_argument("--sigma", type=float, default=8.0,
-                     help="hot: mean dark above the median by this many robust sigmas (default 8)")
+                     help="hot: a pixel's median dark above the frame's by this many robust sigmas (default 8)")
     bpx.add_argument("--dead-fraction", type=float, default=0.5,
                      help="dead: flat response below this fraction of the local median (default 0.5)")
     bpx.add_argument("--median-half-width", type=int, default=1,
