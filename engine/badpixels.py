@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,8 @@ class BadPixelMap:
     a: np.ndarray
     b: np.ndarray
     source: str = ""
+    #: frame size -> (mask, fill plan): which pixels to fill and from where, worked out once per size
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -203,7 +205,7 @@ class BadPixelMap:
         """For a frame size: the mask of listed pixels and, per fill mode, the pixels inside the frame
         with their parameters (Replace sources inside it too) and Median's groups by box size. Cached:
         frames come one size at a time."""
-        cache = self.__dict__.setdefault("_plans", {})  # frozen dataclass: a per-instance cache by hand
+        cache = self._plans
         if shape in cache:
             return cache[shape]
         h, w = shape

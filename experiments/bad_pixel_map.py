@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=192)
     args = p.parse_args(argv)
 
-    from cdae.engine.badpixels import BadPixelMap, find_bad_pixels
+    from cdae.engine.badpixels import BadPixelMap
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import ModelRegistry
     from cdae.training.baselines import make_baseline
     from cdae.training.config import DataConfig
-    from cdae.training.dataset import calibration_frames, simulated_frames
-    from cdae.training.defects import BAD_LINE, BLOOM, DEAD, HOT, MASK_BITS, SATURATED_BLOB
-    from cdae.training.evaluate import DEFAULT_SIZES, ModelRunner
+    from cdae.training.dataset import simulated_frames
+    from cdae.training.defects import BAD_LINE, DEAD, HOT, MASK_BITS, has_saturation_artefacts
+    from cdae.training.evaluate import DEFAULT_SIZES, ModelRunner, calibrated_bad_pixel_masks
     from cdae.training.metrics import defects_frame_by_frame, frame_metrics, per_class_rmse, target_quantities
 
     data = DataConfig()
@@ -52,13 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     median = make_baseline("median3")
     names = ["median3", args.model, "true map before", "true map after", "found map before", "found map after"]
     outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    found_stats = np.zeros(3)  # listed pixels that are bad, listed that are not, bad not listed
-    for i, fr in enumerate(frames):
+    found_masks, stats = calibrated_bad_pixel_masks(data, seed, frames)
+    for fr, found in zip(frames, found_masks):
         true = (fr.defect_mask & (DEAD | HOT | BAD_LINE)) != 0
-        darks, flats, static = calibration_frames(data, seed, i, *fr.noisy.shape, fr.bit_depth)
-        assert np.array_equal(static != 0, true), f"frame {i}: calibration camera differs from the frame's"
-        found, _ = find_bad_pixels(darks, flats)
-        found_stats += [np.sum(found & true), np.sum(found & ~true), np.sum(~found & true)]
         model_out = runner.full(fr.noisy, fr.adc_max)
         outs["median3"].append(median(fr.noisy, fr.adc_max))
         outs[args.model].append(model_out)
@@ -69,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {n: [frame_metrics(o, fr.clean, fr.defect_mask, fr.adc_max) for o, fr in zip(v, frames)]
                for n, v in outs.items()}
     noisy = [frame_metrics(fr.noisy, fr.clean, fr.defect_mask, fr.adc_max) for fr in frames]
-    sat = [bool(np.any(fr.defect_mask & (BLOOM | SATURATED_BLOB))) for fr in frames]
+    sat = [has_saturation_artefacts(fr.defect_mask) for fr in frames]
     plain = [i for i, s in enumerate(sat) if not s]
     classes = {c: MASK_BITS[c] for c in ("dead", "hot", "bad_line", "radiation")}
-    tp, fp, fn = found_stats
+    fp, fn = stats["listed_but_good"], stats["bad_not_listed"]
+    tp = stats["listed"] - fp
     print(f"{args.frames} {'validation' if args.which == 'val' else 'held-out'} frames (seed {seed}), "
           f"{len(plain)} without glints/bloom. Found maps: {tp:.0f} listed pixels bad, {fp:.0f} listed but good, "
           f"{fn:.0f} bad but not listed ({tp / max(tp + fn, 1):.1%} of the bad pixels)")

@@ -49,11 +49,9 @@ def calibration_frames(data: DataConfig, seed: int, index: int, height: int, wid
     (ghost reflections need light from the scene). Returns (darks, flats) as (count, H, W) float32
     DN and the uint8 mask of DEAD | HOT | BAD_LINE pixels.
     """
-    from cdae.training.defects import apply_detector, detector_rng, sample_defect_layout, sample_defect_params
+    from cdae.training.defects import apply_detector, frame_camera
 
-    rng = detector_rng(seed, index)  # drawn as simulate_frame draws them: the parameters, then the layout
-    params = sample_defect_params(rng, data.defects, bit_depth)
-    layout = sample_defect_layout(rng, params, height, width)
+    _, params, layout = frame_camera(seed, index, height, width, bit_depth, data.defects)
     calib = params.model_copy(update={"saturated_blobs": 0, "exposure_scale": 1.0})
     cal_rng = np.random.default_rng([seed, index, 7])
     dark = np.zeros((height, width), np.float32)

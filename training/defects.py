@@ -71,6 +71,8 @@ __all__ = [
     "mask_subclass",
     "radiation_tracks",
     "detector_rng",
+    "frame_camera",
+    "has_saturation_artefacts",
     "sample_defect_layout",
     "sample_defect_params",
     "simulate_frame",
@@ -821,9 +823,25 @@ def simulate_frame(
     ``detector_rng(seed, index)``, so a different ``defect_config`` keeps the same scene.
     """
     scene = generate_scene(scene_rng(seed, index), height, width, scene_config, kind)
+    rng, params, layout = frame_camera(seed, index, height, width, bit_depth, defect_config)
+    return scene, apply_detector(scene.signal, rng, params, layout)
+
+
+def frame_camera(
+    seed: int, index: int, height: int, width: int, bit_depth: int, defect_config: DefectConfig | None = None
+) -> tuple[np.random.Generator, DefectParams, DefectLayout]:
+    """The camera that records frame ``index`` of dataset ``seed``: its detector generator (with the
+    parameters and the layout of permanent damage drawn from it, in that order) for
+    :func:`apply_detector` to go on with, as :func:`simulate_frame` does; the same camera again
+    for its dark frames and flat fields (``training.dataset.calibration_frames``)."""
     rng = detector_rng(seed, index)
     params = sample_defect_params(rng, defect_config, bit_depth)
-    return scene, apply_detector(scene.signal, rng, params)
+    return rng, params, sample_defect_layout(rng, params, height, width)
+
+
+def has_saturation_artefacts(mask: np.ndarray) -> bool:
+    """Whether a frame's defect mask holds glint or bloom pixels: the defects saturation leaves."""
+    return bool(np.any(np.asarray(mask) & (BLOOM | SATURATED_BLOB)))
 
 
 def radiation_tracks(mask: np.ndarray) -> np.ndarray:

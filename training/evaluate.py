@@ -40,7 +40,7 @@ from cdae.training.metrics import (
 )
 from cdae.training.report import save_panels, write_markdown_table
 from cdae.training.dataset import CALIBRATION_FRAMES, calibration_frames, simulated_frames
-from cdae.training.defects import BLOOM, MASK_BITS, SATURATED_BLOB, simulate_frame
+from cdae.training.defects import MASK_BITS, has_saturation_artefacts, simulate_frame
 from cdae.training.simulate import GENERATOR_VERSION
 
 Method = Callable[[np.ndarray, int], np.ndarray]  # (noisy float32 DN, adc_max) -> estimate float32 DN
@@ -168,7 +168,9 @@ def evaluate(
     bad_pixels_found: dict[str, int] = {}
     if bad_pixel_maps:
         log(f"finding bad pixels from {CALIBRATION_FRAMES} darks and {CALIBRATION_FRAMES} flats per held-out camera ...")
-        maps, bad_pixels_found = _calibrated_maps(data, test)
+        found, bad_pixels_found = calibrated_bad_pixel_masks(data, data.test_seed, test)
+        # keyed by the id of each frame's noisy array: the frames live as long as the evaluation
+        maps = {id(fr.noisy): BadPixelMap.from_mask(m) for fr, m in zip(test, found)}
         for name, r in runners.items():
             mapped.append(f"{name} + bad-pixel map")
             methods.append((mapped[-1], _with_map(r, maps)))
@@ -184,7 +186,7 @@ def evaluate(
     best_baseline = max(baseline_names, key=lambda n: results[n].summary["psnr_db"])
     noisy = results["noisy input"].summary
     comparisons = {}
-    saturation_artefacts = [bool(np.any(fr.defect_mask & (BLOOM | SATURATED_BLOB))) for fr in test]
+    saturation_artefacts = [has_saturation_artefacts(fr.defect_mask) for fr in test]
     for name in [n for n, _ in models] + mapped:
         b = results[best_baseline].summary
         frames_of = (results[name].per_frame, results[best_baseline].per_frame, results["noisy input"].per_frame)
@@ -234,21 +236,22 @@ def evaluate(
     return report
 
 
-def _calibrated_maps(data: DataConfig, frames: Sequence[EvalFrame]) -> tuple[dict[int, BadPixelMap], dict[str, int]]:
-    """Each held-out frame's bad-pixel map as a site finds it (darks and flats of its camera), keyed by
-    the id of the frame's noisy array (the frames live as long as the evaluation), and how well the
-    maps found match the true permanent defects."""
-    maps: dict[int, BadPixelMap] = {}
+def calibrated_bad_pixel_masks(data: DataConfig, seed: int,
+                               frames: Sequence[EvalFrame]) -> tuple[list[np.ndarray], dict[str, int]]:
+    """Each frame's bad-pixel mask as a site finds it (``find_bad_pixels`` on the darks and flats of
+    its simulated camera, ``calibration_frames``; ``frames`` = frames 0.. of stream ``seed``), and
+    how well the masks found match the true permanent defects."""
+    found_masks = []
     listed = listed_good = missed = 0
     for i, fr in enumerate(frames):
-        darks, flats, static = calibration_frames(data, data.test_seed, i, *fr.noisy.shape, fr.bit_depth)
+        darks, flats, static = calibration_frames(data, seed, i, *fr.noisy.shape, fr.bit_depth)
         found, _ = find_bad_pixels(darks, flats)
         true = static != 0
         listed += int(found.sum())
         listed_good += int((found & ~true).sum())
         missed += int((true & ~found).sum())
-        maps[id(fr.noisy)] = BadPixelMap.from_mask(found)
-    return maps, {"listed": listed, "listed_but_good": listed_good, "bad_not_listed": missed}
+        found_masks.append(found)
+    return found_masks, {"listed": listed, "listed_but_good": listed_good, "bad_not_listed": missed}
 
 
 def _with_map(runner: ModelRunner, maps: dict[int, BadPixelMap]) -> Method:
