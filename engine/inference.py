@@ -1,30 +1,23 @@
-"""Run a model package on frames: normalise → network → denormalise, in the frame's own dtype.
+"""Offline use of a model package: a thin caller of the one frame path (``cdae.engine.pipeline``).
 
-This is the torch path shared by offline denoising, evaluation and the engine's torch backends.
+``cdae denoise``, ``cdae evaluate``, fine-tuning and fusion run frames through
+:func:`~cdae.engine.pipeline.denoise_frame` on the package's torch network
+(:class:`~cdae.engine.backends.TorchBackend`), exactly as the engine's ``torch-cpu`` backend serves
+them: an evaluated number is a number of the live filter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from cdae.engine.architecture import pad_to_multiple
+from cdae.engine.backends import TorchBackend
 from cdae.engine.badpixels import BadPixelMap
-from cdae.engine.normalise import adc_max_for, denormalise, network_input, to_dtype
 from cdae.engine.package import Manifest, load_model
-
-
-@dataclass(frozen=True)
-class DenoiseResult:
-    """One denoised frame and what was removed from it."""
-
-    denoised: np.ndarray  # same dtype and shape as the raw frame
-    residual: np.ndarray  # float32, raw − denoised (signed)
-    defect_probability: np.ndarray  # float32 in [0, 1]
+from cdae.engine.pipeline import FrameResult, denoise_frame
 
 
 class Denoiser:
@@ -32,53 +25,24 @@ class Denoiser:
 
     def __init__(self, manifest: Manifest, model: nn.Module, device: str | torch.device = "cpu") -> None:
         self.manifest = manifest
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cpu":
-            # channels-last halves CPU convolution time with oneDNN (measured on AVX2)
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.multiple = manifest.architecture.multiple
+        self.backend = TorchBackend(manifest, model, device)
 
     @classmethod
     def from_package(cls, pkg: Path | str, device: str | torch.device = "cpu") -> Denoiser:
         manifest, model = load_model(pkg)
         return cls(manifest, model, device)
 
-    def denoise_dn(self, frame: np.ndarray, adc_max: float) -> tuple[np.ndarray, np.ndarray]:
-        """Float DN in, float32 DN out (unclipped) plus the defect probability map."""
-        x, offset, scale = network_input(frame, adc_max, self.manifest.normalisation)
-        restored, prob = self.infer_normalised(x)
-        return denormalise(restored, offset, scale), prob
-
-    @torch.inference_mode()
-    def infer_normalised(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The network alone on a precomputed ``network_input`` (2, H, W) (or a tile of one).
-
-        Returns the restored frame, still normalised, and the defect probability, both (H, W)
-        float32. Per-frame normalisation is computed once by the caller, so that tiles of a frame
-        share one offset and scale.
-        """
-        if self.manifest.architecture.in_channels == 1:
-            x = x[:1]
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
-        t, (h, w) = pad_to_multiple(t, self.multiple)
-        if self.device.type == "cpu":
-            t = t.contiguous(memory_format=torch.channels_last)
-        restored, logit = self.model(t)
-        restored_np = restored[0, 0, :h, :w].float().cpu().numpy()
-        prob = torch.sigmoid(logit[0, 0, :h, :w]).float().cpu().numpy()
-        return restored_np, prob
-
     def __call__(self, frame: np.ndarray, bit_depth: int | None = None,
-                 bad_pixels: BadPixelMap | None = None) -> DenoiseResult:
+                 bad_pixels: BadPixelMap | None = None) -> FrameResult:
         """Denoise one 2-D frame of any supported dtype; output keeps its dtype and shape.
 
         ``bad_pixels``: the camera's bad-pixel map, filled in the denoised frame (defect probability 1 there).
         """
-        adc_max = adc_max_for(frame.dtype, bit_depth)
-        out_dn, prob = self.denoise_dn(frame, adc_max)
-        denoised = to_dtype(out_dn, frame.dtype, adc_max)
-        residual = frame.astype(np.float32) - denoised.astype(np.float32)
-        if bad_pixels is not None:
-            denoised, residual, prob = bad_pixels.fill_output(denoised, residual, prob)
-        return DenoiseResult(denoised=denoised, residual=residual, defect_probability=prob)
+        return denoise_frame(frame, self.backend, bit_depth=bit_depth, bad_pixels=bad_pixels)
+
+    def denoise_dn(self, frame: np.ndarray, adc_max: float) -> tuple[np.ndarray, np.ndarray]:
+        """Float DN in, float32 DN out (not rounded or clipped: scores round like the camera) plus the
+        defect probability: the same path, for evaluation on simulated float frames."""
+        r = denoise_frame(np.asarray(frame, dtype=np.float32), self.backend, adc_max=float(adc_max),
+                          want_residual=False)
+        return r.denoised, r.defect_probability

@@ -1,7 +1,10 @@
-"""One frame through the engine: normalise once → tiles → backend → stitch → denormalise → camera dtype.
+"""One frame through cdae: normalise once → tiles → backend → stitch → denormalise → camera dtype
+→ the camera's bad-pixel map filled.
 
-Pure functions over a backend (anything with ``infer``, ``multiple`` and ``max_side``): the server
-calls :func:`denoise_frame` per request, the hot swap calls :func:`warm_up` on the live shape.
+This is the only frame path: the engine server calls :func:`denoise_frame` per request, the hot
+swap calls :func:`warm_up` on the live shape, and offline use (``cdae denoise``, ``cdae evaluate``,
+:class:`cdae.engine.inference.Denoiser`) calls the same function, so evaluated numbers are the live
+filter's. Pure functions over a backend (anything with ``infer``, ``multiple`` and ``max_side``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from cdae.engine.architecture import ArchitectureConfig
+from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.normalise import NormalisationConfig, adc_max_for, denormalise, network_input, to_dtype
 from cdae.engine.tiling import plan_tiles, run_tiled
 
@@ -36,7 +40,7 @@ class FrameResult:
     residual: np.ndarray | None  # float32 raw − denoised, when asked for
     defect_probability: np.ndarray  # float32 in [0, 1]
     tiles: int
-    inference_ms: float
+    inference_ms: float  # the whole path, bad-pixel fill included
 
 
 def receptive_radius(arch: ArchitectureConfig) -> int:
@@ -65,14 +69,21 @@ def denoise_frame(
     max_pixels: int = 4096 * 4096,
     margin: int | None = None,
     want_residual: bool = True,
+    bad_pixels: BadPixelMap | None = None,
+    adc_max: float | None = None,
 ) -> FrameResult:
     """Denoise one 2-D frame of any supported dtype; tiles when larger than ``max_pixels``.
 
     The network input (offset, scale, saturation mask) is computed once on the whole frame and
-    the tiles are cut from it, so tiled and untiled frames see identical inputs.
+    the tiles are cut from it, so tiled and untiled frames see identical inputs. ``bad_pixels``:
+    the camera's map, filled in the denoised frame after the network (which sees the raw frame it
+    was trained on); the residual moves with the fill and the defect probability is 1 there.
+    ``adc_max`` (full scale in DN) overrides what ``bit_depth`` and the dtype say, for float frames
+    whose camera is known.
     """
     t0 = time.perf_counter()
-    adc_max = adc_max_for(frame.dtype, bit_depth)
+    if adc_max is None:
+        adc_max = adc_max_for(frame.dtype, bit_depth)
     x, offset, scale = network_input(frame, adc_max, runner.normalisation)
     tiles = plan_tiles(
         frame.shape, max_pixels=max_pixels, margin=tile_margin(runner.architecture, margin),
@@ -83,8 +94,11 @@ def denoise_frame(
     residual = None
     if want_residual:
         residual = np.subtract(frame, denoised, dtype=np.float32)
+    prob = np.asarray(prob, dtype=np.float32)
+    if bad_pixels is not None:
+        denoised, residual, prob = bad_pixels.fill_output(denoised, residual, prob)
     return FrameResult(
-        denoised=denoised, residual=residual, defect_probability=np.asarray(prob, dtype=np.float32),
+        denoised=denoised, residual=residual, defect_probability=prob,
         tiles=len(tiles), inference_ms=(time.perf_counter() - t0) * 1e3,
     )
 
