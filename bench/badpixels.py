@@ -1,7 +1,7 @@
-"""Bad-pixel fill benchmark: what the camera's bad-pixel map costs the filter IOC per frame.
+"""Bad-pixel fill benchmark: what the camera's bad-pixel map costs the frame path per frame.
 
-The IOC fills the listed pixels of every denoised frame (``BadPixelMap.fill_output``: the
-denoised frame, the residual and the defect map), in its event loop. Per frame size (uint16) and
+The engine's pipeline fills the listed pixels of every denoised frame (``BadPixelMap.fill_output``:
+the denoised frame, the residual and the defect map), in its worker thread. Per frame size (uint16) and
 map, the fill is timed beside the reference measured in the same run: copying the three outputs
 (which the fill must do anyway, since it leaves its inputs alone). Maps like a damaged camera's:
 hot/dead pixels at ``--fraction`` of the frame, two whole bad columns and one from a charge trap

@@ -25,8 +25,11 @@ are skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import numpy as np
 
 from cdae.engine.errors import EngineError
 
-__all__ = ["BadPixelError", "BadPixelMap", "find_bad_pixels"]
+__all__ = ["BadPixelError", "BadPixelMap", "BadPixelMaps", "find_bad_pixels"]
 
 MODES = ("median", "set", "replace")
 #: ADCore's key precedence: a later key overrides an earlier one.
@@ -222,6 +225,41 @@ class BadPixelMap:
         cache.clear()
         cache[shape] = (self.mask(shape), plan)
         return cache[shape]
+
+
+class BadPixelMaps:
+    """The maps an engine holds for its clients, by id (the first 16 hex digits of the sha256 of the map's
+    canonical JSON): a client sends its camera's map once over the control channel and names it in
+    each frame request. Bounded: the least recently used map goes first. Thread-safe."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._maps: OrderedDict[str, BadPixelMap] = OrderedDict()
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def id_of(bad: BadPixelMap) -> str:
+        return hashlib.sha256(bad.to_json().encode()).hexdigest()[:16]
+
+    def add(self, bad: BadPixelMap) -> str:
+        key = self.id_of(bad)
+        with self._lock:
+            self._maps[key] = bad
+            self._maps.move_to_end(key)
+            while len(self._maps) > self._keep:
+                self._maps.popitem(last=False)
+        return key
+
+    def get(self, key: str) -> BadPixelMap | None:
+        with self._lock:
+            bad = self._maps.get(key)
+            if bad is not None:
+                self._maps.move_to_end(key)
+            return bad
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._maps)
 
 
 def find_bad_pixels(darks: np.ndarray | None = None, flats: np.ndarray | None = None, k: float = 8.0,

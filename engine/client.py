@@ -80,13 +80,13 @@ class EngineClient:
     def submit(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
                timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
                want_residual: bool = False, want_defect_map: bool = False,
-               defect_map_dtype: Literal["float32", "uint8"] = "float32") -> int:
+               defect_map_dtype: Literal["float32", "uint8"] = "float32", bad_pixels: str | None = None) -> int:
         """Send one frame (waiting for a reply first if the window is full); returns its frame_id."""
         while len(self._in_flight) >= self.window:
             self._ready.append(self._receive_one(self.timeout_s))
         fid = next(self._ids) if frame_id is None else frame_id
         parts = _request_parts(frame, fid, dict(
-            unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth,
+            unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth, bad_pixels=bad_pixels,
             want_residual=want_residual, want_defect_map=want_defect_map, defect_map_dtype=defect_map_dtype,
         ))
         i = next(self._next)
@@ -198,13 +198,14 @@ class AsyncEngineClient:
     async def denoise(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
                       timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
                       want_residual: bool = False, want_defect_map: bool = False,
-                      defect_map_dtype: Literal["float32", "uint8"] = "float32") -> FrameReply:
+                      defect_map_dtype: Literal["float32", "uint8"] = "float32",
+                      bad_pixels: str | None = None) -> FrameReply:
         """Send one frame and wait for its reply (an error reply, e.g. "dropped", is returned, not raised)."""
         slots = self._start()
         async with slots:
             fid = next(self._ids) if frame_id is None else frame_id
             parts = _request_parts(frame, fid, dict(
-                unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth,
+                unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth, bad_pixels=bad_pixels,
                 want_residual=want_residual, want_defect_map=want_defect_map, defect_map_dtype=defect_map_dtype,
             ))
             fut: asyncio.Future[FrameReply] = asyncio.get_running_loop().create_future()
@@ -269,6 +270,10 @@ class ControlClient:
 
     def list_models(self) -> ControlReply:
         return self.request("list_models")
+
+    def set_bad_pixels(self, bad_pixels: str) -> ControlReply:
+        """Send a camera's bad-pixel map (NDPluginBadPixel JSON); ``result["id"]`` names it in frame requests."""
+        return self.request("set_bad_pixels", bad_pixels=bad_pixels)
 
     def activate(self, model: str, *, wait: bool = True, timeout_s: float = 600.0) -> ControlReply:
         return self.request("activate", model=model, wait=wait, timeout_s=timeout_s)

@@ -32,6 +32,9 @@ from cdae.engine.errors import EngineError
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 65536
+#: A control request may carry a bad-pixel map (NDPluginBadPixel JSON, ~35 bytes an entry).
+MAX_CONTROL_BYTES = 32 * 1024 * 1024
+BAD_PIXEL_MAP_ID = r"^[0-9a-f]{16}$"
 #: Declared frames larger than this are refused unless the decoder is given another limit.
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
 
@@ -45,6 +48,7 @@ ErrorCode = Literal[
     "too_large",  # declared frame larger than the engine's limit
     "dropped",  # a newer frame from the same client replaced this one before it was processed
     "model_mismatch",  # the request asked for a model that is not the active one
+    "unknown_bad_pixels",  # the request names a bad-pixel map this engine does not hold (restarted?)
     "inference_failed",
     "shutting_down",
 ]
@@ -95,6 +99,8 @@ class FrameRequestHeader(BaseModel):
     timestamp: float | None = Field(None, allow_inf_nan=False, description="source timestamp, s since the epoch")
     model: str | None = Field(None, max_length=200, description="NAME or NAME:VERSION the client requires")
     bit_depth: int | None = Field(None, ge=1, le=32, description="camera bit depth when the container is wider")
+    bad_pixels: str | None = Field(None, pattern=BAD_PIXEL_MAP_ID,
+                                   description="id of a bad-pixel map sent with set_bad_pixels: filled in the output")
     flags: RequestFlags = Field(default_factory=RequestFlags)
 
 
@@ -214,9 +220,9 @@ def _first_error(e: ValidationError) -> str:
     return f"'{where}': {err['msg']} (got {got_s})" if err["type"] not in ("missing",) else f"'{where}': missing"
 
 
-def _parse_json(raw: memoryview, what: str) -> object:
-    if raw.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("bad_message", f"{what}: expected at most {MAX_HEADER_BYTES} bytes of JSON, got {raw.nbytes}")
+def _parse_json(raw: memoryview, what: str, limit: int = MAX_HEADER_BYTES) -> object:
+    if raw.nbytes > limit:
+        raise ProtocolError("bad_message", f"{what}: expected at most {limit} bytes of JSON, got {raw.nbytes}")
     try:
         return pydantic_core.from_json(bytes(raw), allow_inf_nan=False)
     except (ValueError, RecursionError) as e:
@@ -437,7 +443,7 @@ def decode_reply(parts: Sequence[Part]) -> FrameReply:
 
 # --- control channel ---------------------------------------------------------------------------
 
-ControlCommand = Literal["status", "list_models", "activate", "metrics"]
+ControlCommand = Literal["status", "list_models", "activate", "metrics", "set_bad_pixels"]
 
 
 class ControlRequest(BaseModel):
@@ -449,11 +455,15 @@ class ControlRequest(BaseModel):
     model: str | None = Field(None, max_length=200, description="activate: NAME[:VERSION]")
     wait: bool = Field(True, description="activate: reply when the swap is done (else at once; poll status)")
     timeout_s: float = Field(600.0, gt=0, le=86400, description="activate with wait: longest wait")
+    bad_pixels: str | None = Field(None, description="set_bad_pixels: the camera's map as NDPluginBadPixel JSON; "
+                                                     "the reply's result holds its id for frame requests")
 
     @model_validator(mode="after")
-    def _activate_needs_model(self) -> ControlRequest:
+    def _command_needs_its_field(self) -> ControlRequest:
         if self.command == "activate" and not self.model:
             raise ValueError("'activate' needs 'model': NAME:VERSION")
+        if self.command == "set_bad_pixels" and self.bad_pixels is None:
+            raise ValueError("'set_bad_pixels' needs 'bad_pixels': the map as NDPluginBadPixel JSON")
         return self
 
 
@@ -476,7 +486,7 @@ _Control = TypeVar("_Control", ControlRequest, ControlReply)
 
 
 def _decode_control(raw: Part, model: type[_Control], what: str) -> _Control:
-    data = _parse_json(_buffer(raw, what), what)
+    data = _parse_json(_buffer(raw, what), what, MAX_CONTROL_BYTES)
     try:
         return model.model_validate(data)
     except ValidationError as e:

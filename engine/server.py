@@ -37,6 +37,7 @@ from pydantic import JsonValue
 
 from cdae import __version__
 from cdae.engine.backends import Backend, load_backend
+from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
 from cdae.engine.errors import EngineError
 from cdae.engine.normalise import NormalisationError
@@ -266,6 +267,7 @@ class EngineServer:
         self.data_endpoint = ""
         self.control_endpoint = ""
         self._ctx: zmq.Context | None = None
+        self.bad_pixel_maps = BadPixelMaps()
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -436,7 +438,7 @@ class EngineServer:
             "last_error": self.last_error, "last_request_error": self.last_request_error,
             "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
             "data": self.data_endpoint, "control": self.control_endpoint,
-            "max_pixels": self.config.max_pixels,
+            "max_pixels": self.config.max_pixels, "bad_pixel_maps": len(self.bad_pixel_maps),
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 
@@ -544,10 +546,16 @@ class EngineServer:
 
         if h.model and not _model_matches(h.model, active.ref):
             return fail("model_mismatch", f"frame asks for model {h.model}, the engine serves {active.ref}")
+        bad_pixels = None
+        if h.bad_pixels is not None:
+            bad_pixels = self.bad_pixel_maps.get(h.bad_pixels)
+            if bad_pixels is None:
+                return fail("unknown_bad_pixels", f"this engine holds no bad-pixel map {h.bad_pixels} (restarted, or "
+                                                  "the map was evicted): send it again with set_bad_pixels")
         try:
             result = denoise_frame(
                 item.request.frame, active.backend, bit_depth=h.bit_depth, max_pixels=self.config.max_pixels,
-                margin=self.config.tile_margin, want_residual=h.flags.want_residual,
+                margin=self.config.tile_margin, want_residual=h.flags.want_residual, bad_pixels=bad_pixels,
             )
         except NormalisationError as e:
             return fail("bad_frame", str(e))
@@ -588,6 +596,12 @@ class EngineServer:
             if req.command == "activate":
                 assert req.model is not None
                 return self.activate(req.model, req.wait, req.timeout_s)
+            if req.command == "set_bad_pixels":
+                assert req.bad_pixels is not None
+                bad = BadPixelMap.from_json(req.bad_pixels, source="set_bad_pixels")
+                key = self.bad_pixel_maps.add(bad)
+                self.log(f"bad-pixel map {key}: {len(bad)} pixels")
+                return ControlReply(ok=True, command=req.command, result={"id": key, "pixels": len(bad)})
         except Exception as e:  # a control request never takes the engine down
             return ControlReply(ok=False, command=req.command, error=f"{type(e).__name__}: {e}")
         return ControlReply(ok=False, command=req.command, error=f"unknown command {req.command!r}")

@@ -7,7 +7,8 @@ at most ``QueueSize`` frames in flight to the engine (:class:`cdae.engine.client
 timestamps. The engine's control channel is polled for connection state, backend and the list
 of models; when it stops answering the image PVs go to an INVALID/COMM alarm and frames are
 dropped until it answers again (ZeroMQ reconnects by itself; the data client is rebuilt so no
-stale frame is replayed).
+stale frame is replayed). The camera's bad-pixel map is read here and handed to the engine, which
+fills it in its pipeline (the same code as offline use); frames name it by the id the engine gave.
 """
 
 from __future__ import annotations
@@ -152,7 +153,10 @@ class FilterIOC:
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._initial_model_done = config.model is None
+        # the camera's bad-pixel map: held here, filled by the engine (sent over the control channel once,
+        # named by its id in every frame request); None until the engine holds it
         self.bad_pixels: BadPixelMap | None = None
+        self._bad_pixels_id: str | None = None
         self._bad_pixels_seen: tuple[BadPixelMap, int, int] | None = None
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
@@ -252,7 +256,7 @@ class FilterIOC:
         p = self._require_pvs()
         path = path.strip()
         if not path:
-            self.bad_pixels = None
+            self.bad_pixels, self._bad_pixels_id = None, None
             await p.bad_pixel_count.write(0)
             await p.status.write("bad-pixel map: none")
             return
@@ -262,7 +266,9 @@ class FilterIOC:
             log(_WHO, f"BadPixelFile: {e}")
             await p.last_error.write(f"BadPixelFile: {e}"[:255])
             raise ValueError(str(e)) from e
-        self.bad_pixels = bad
+        self.bad_pixels, self._bad_pixels_id = bad, None
+        if self.engine_ok:
+            await self._send_bad_pixels()
         await p.bad_pixel_count.write(len(bad))
         await p.status.write(f"bad-pixel map: {len(bad)} pixels from {path}"[:255])
         log(_WHO, f"bad-pixel map: {len(bad)} pixels from {path}")
@@ -275,6 +281,28 @@ class FilterIOC:
             log(_WHO, f"could not use the bad-pixel file {path}: {e}")
 
     # --- the engine side ----------------------------------------------------------------------
+
+    async def _send_bad_pixels(self) -> bool:
+        """Give the engine the camera's bad-pixel map; frames name it from then on. False (and
+        LastError_RBV says why) when the engine does not take it: frames then go unfilled."""
+        bad = self.bad_pixels
+        if bad is None:
+            return True
+        ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s)
+        try:
+            reply = await ctl.request("set_bad_pixels", bad_pixels=bad.to_json())
+        except _ENGINE_TROUBLE as e:
+            reply = None
+            why = f"{type(e).__name__}: {e}"
+        finally:
+            ctl.close()
+        if reply is not None and reply.ok and self.bad_pixels is bad:
+            self._bad_pixels_id = str(reply.result["id"])
+            return True
+        if reply is not None:
+            why = reply.error or "refused"
+        await self._report_error(f"BadPixelFile: the engine did not take the map: {why}")
+        return False
 
     def _new_client(self) -> AsyncEngineClient:
         # the client's own window never binds: QueueSize permits bound what is in flight
@@ -305,6 +333,8 @@ class FilterIOC:
         if self.client is not None:
             await self.client.close()
         self.client = self._new_client()
+        self._bad_pixels_id = None  # a (re)started engine holds no map until it is sent
+        await self._send_bad_pixels()
         self.engine_ok = True
         log(_WHO, f"engine connected: {status.get('model')} on {status.get('backend')}")
         await p.engine_connected.write("Connected", status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
@@ -390,7 +420,7 @@ class FilterIOC:
                 reply = await asyncio.wait_for(client.denoise(
                     wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
                     want_residual=self.config.residual, want_defect_map=self.config.defect_map,
-                    defect_map_dtype="uint8"), self.config.engine_timeout_s)
+                    defect_map_dtype="uint8", bad_pixels=self._bad_pixels_id), self.config.engine_timeout_s)
             except _ENGINE_TROUBLE as e:
                 await self._engine_lost(f"frame {info.unique_id}: {type(e).__name__}: {e}")
                 return
@@ -413,6 +443,10 @@ class FilterIOC:
             await self._write_counters()
         elif code == "shutting_down":
             await self._engine_lost(msg)
+        elif code == "unknown_bad_pixels":  # the engine restarted between two status polls
+            self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
+            self._bad_pixels_id = None
+            await self._send_bad_pixels()
         else:
             self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
 
@@ -422,7 +456,6 @@ class FilterIOC:
         h, w = reply.denoised.shape
         denoised, residual, defect_map = reply.denoised, reply.residual, reply.defect_map
         if self.bad_pixels is not None:
-            denoised, residual, defect_map = self.bad_pixels.fill_output(denoised, residual, defect_map)
             seen = self._bad_pixels_seen
             if seen is None or seen[0] is not self.bad_pixels or seen[1:] != (h, w):  # once per map and frame size
                 self._bad_pixels_seen = (self.bad_pixels, h, w)

@@ -50,3 +50,76 @@ def test_bad_pixel_fill_and_float_path_unchanged(default_model: Denoiser, ref: d
     d, p = default_model.denoise_dn(ref["f32_raw"], 4095.0)
     np.testing.assert_array_equal(d, ref["dn_denoised"])
     np.testing.assert_array_equal(p, ref["dn_prob"])
+
+
+# --- the live filter and `cdae denoise` are one path -----------------------------------------------
+
+def _cdae_denoise(tmp: Path, frame: np.ndarray, store: Path, *extra: str) -> np.ndarray:
+    import os
+    import subprocess
+    import sys
+
+    import tifffile
+
+    src, out = tmp / "frame.tif", tmp / "out"
+    tifffile.imwrite(src, frame)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the engine under test runs (--threads 1)
+    r = subprocess.run([sys.executable, "-m", "cdae.cli", "denoise", str(src), "-o", str(out), "--model", "tiny:1",
+                        "--models-dir", str(store), *extra], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return tifffile.imread(out / "frame.tif")
+
+
+def test_cdae_denoise_and_the_live_engine_give_identical_bits(engine_launcher, engine_store: Path,
+                                                             tmp_path: Path) -> None:
+    """Same frame, same model, same bad-pixel map: the file `cdae denoise` writes equals, bit for bit,
+    the frame a real engine (torch-cpu) sends back, with the map's pixels filled in both."""
+    from cdae.engine.client import ControlClient, EngineClient
+    from cdae.engine.pipeline import synthetic_frame
+
+    frame = synthetic_frame((72, 88), "uint16", seed=11)
+    frame[20, 30] = 65535
+    frame[:, 40] = 0
+    mask = np.zeros(frame.shape, bool)
+    mask[:, 40] = True
+    mask[20, 30] = True
+    bad = BadPixelMap.from_mask(mask)
+    (tmp_path / "map.json").write_text(bad.to_json())
+    offline = _cdae_denoise(tmp_path, frame, engine_store, "--bad-pixels", str(tmp_path / "map.json"))
+    plain = _cdae_denoise(tmp_path, frame, engine_store)
+
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
+                                name="one-path")
+    try:
+        with ControlClient(eng.control, timeout_s=30) as ctl:
+            reg = ctl.set_bad_pixels(bad.to_json())
+            assert reg.ok, reg.error
+            assert reg.result["pixels"] == int(mask.sum())
+            assert ctl.status().result["bad_pixel_maps"] == 1
+        with EngineClient(eng.data, timeout_s=60) as c:
+            live = c.denoise(frame, bad_pixels=str(reg.result["id"]), want_residual=True, want_defect_map=True)
+            live_plain = c.denoise(frame)
+            unknown = c.denoise(frame, bad_pixels="0123456789abcdef")
+    finally:
+        engine_launcher.stop(eng)
+    assert live.ok, live.header.error
+    np.testing.assert_array_equal(live.denoised, offline)
+    np.testing.assert_array_equal(live_plain.denoised, plain)
+    assert not np.array_equal(offline, plain)  # the map did something, in both
+    assert (live.defect_map[mask] == 1.0).all()
+    np.testing.assert_array_equal(live.residual, frame.astype(np.float32) - live.denoised.astype(np.float32))
+    assert not unknown.ok and unknown.error_code == "unknown_bad_pixels"
+
+
+def test_engine_refuses_a_broken_map_and_keeps_serving(engine_launcher, engine_store: Path) -> None:
+    from cdae.engine.client import ControlClient
+
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "passthrough",
+                                name="bad-map")
+    try:
+        with ControlClient(eng.control, timeout_s=30) as ctl:
+            r = ctl.set_bad_pixels('{"Bad pixels": [{"Pixel": [4]}]}')
+            assert not r.ok and "entry 0" in (r.error or "")
+            assert ctl.status().ok
+    finally:
+        engine_launcher.stop(eng)

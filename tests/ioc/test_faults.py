@@ -247,3 +247,30 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     assert value_of(out + "BadPixelCount_RBV") == 0
     _advances(out + "ArrayCounter_RBV")
     assert pixel("ArrayData", 4, 4) != 11 or pixel("DefectMap:ArrayData", 4, 4) != 255
+
+
+def test_bad_pixel_map_survives_an_engine_restart(stack: Stack, tmp_path) -> None:  # noqa: ANN001
+    """The engine fills the map (ExecutionTime_RBV includes it); a restarted engine holds no map, and
+    the IOC sends it again before frames flow, so the fill never silently stops."""
+    w = 32
+    path = tmp_path / "cam-badpixels.json"
+    path.write_text('{"Bad pixels": [{"Pixel": [3, 2], "Set": 7}, {"Pixel": [10, 5], "Set": 9}]}')
+    data, control = free_port(), free_port()
+    eng = stack.engine("--control", f"tcp://127.0.0.1:{control}", bind=f"tcp://127.0.0.1:{data}")
+    stack.camera(size="32x24", rate=10)
+    stack.ioc(eng, "--bad-pixel-file", str(path))
+    out = stack.ioc_prefix
+
+    def pixel(x: int, y: int) -> int:
+        return int(value_of(out + "ArrayData")[y * w + x])  # type: ignore[index]
+
+    wait_for(lambda: value_of(out + "BadPixelCount_RBV") == 2, 60, "the map loaded at start")
+    _advances(out + "ArrayCounter_RBV")
+    assert pixel(3, 2) == 7 and pixel(10, 5) == 9
+    eng.kill()
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 0, 30, "EngineConnected_RBV = Disconnected")
+    eng.start(READY["engine"])
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1, 60, "EngineConnected_RBV = Connected again")
+    _advances(out + "ArrayCounter_RBV")
+    assert pixel(3, 2) == 7 and pixel(10, 5) == 9
+    assert "bad-pixel map" in eng.output()  # the engine logged the map it was given
