@@ -167,7 +167,8 @@ def cmd_badpixels(args: argparse.Namespace) -> int:
     """Find a camera's bad pixels from dark frames and/or flat fields; write an NDPluginBadPixel file."""
     import numpy as np
 
-    from cdae.engine.badpixels import BadPixelError, BadPixelMap, find_bad_pixels
+    from cdae.engine.badpixels import BadPixelError, BadPixelMap
+    from cdae.training.characterise import find_bad_pixels
     from cdae.training.fileio import FileFormatError, read_image
 
     def stack(specs: list[str] | None) -> np.ndarray | None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from cdae.engine.errors import EngineError
 
-__all__ = ["BadPixelError", "BadPixelMap", "BadPixelMaps", "find_bad_pixels"]
+__all__ = ["BadPixelError", "BadPixelMap", "BadPixelMaps"]
 
 MODES = ("median", "set", "replace")
 #: ADCore's key precedence: a later key overrides an earlier one.
@@ -260,56 +260,6 @@ class BadPixelMaps:
     def __len__(self) -> int:
         with self._lock:
             return len(self._maps)
-
-
-def find_bad_pixels(darks: np.ndarray | None = None, flats: np.ndarray | None = None, k: float = 8.0,
-                    dead_fraction: float = 0.5) -> tuple[np.ndarray, dict[str, int]]:
-    """The bad-pixel mask of a camera from a stack of dark frames and/or a stack of flat fields.
-
-    Dark frames (no light, same exposure as in use): a pixel whose median dark exceeds the frame's
-    median dark by more than ``k`` robust standard deviations of the per-pixel medians is hot
-    (stuck, warm, or part of a hot column). Flat fields (even illumination, well below
-    saturation): a pixel whose median response is below ``dead_fraction`` of its neighbourhood's
-    median (a 15 px box, so vignetting does not count) is dead. The median over frames beats the
-    shot and read noise down, and a radiation hit in one frame does not make a pixel bad.
-    Returns the mask and the counts found by each test.
-    """
-    from scipy import ndimage
-
-    stacks = [s for s in (darks, flats) if s is not None]
-    if not stacks:
-        raise BadPixelError("need dark frames, flat fields or both")
-    shape = None
-    for s in stacks:
-        if s.ndim != 3 or s.shape[0] < 1:
-            raise BadPixelError(f"expected a stack of frames (N, H, W), got shape {s.shape}")
-        if shape is not None and s.shape[1:] != shape:
-            raise BadPixelError(f"darks and flats differ in size: {shape} and {s.shape[1:]}")
-        shape = s.shape[1:]
-    mask = np.zeros(shape, dtype=bool)
-    counts = {"hot": 0, "dead": 0}
-    if darks is not None:
-        # the median, not the mean, over frames: a radiation hit in one dark does not count
-        level = np.median(np.asarray(darks, dtype=np.float64), axis=0)
-        med = float(np.median(level))
-        # the spread from the upper side only (84th percentile - median: one sigma of a normal): a dark
-        # whose bias sits near 0 DN is clipped below, which shrinks a two-sided MAD and made every
-        # pixel a little above the offset pattern's 2 sigma "hot"
-        sigma = float(np.percentile(level, 84.134)) - med
-        sigma = max(sigma, 0.5)  # integer DN: a perfectly flat dark still has half a DN of rounding
-        hot = level > med + k * sigma
-        counts["hot"] = int(hot.sum())
-        mask |= hot
-    if flats is not None:
-        resp = np.median(np.asarray(flats, dtype=np.float64), axis=0)
-        if darks is not None:
-            resp = resp - level
-        local = ndimage.median_filter(resp, size=15, mode="reflect")
-        dead = resp < dead_fraction * np.maximum(local, 1e-9)
-        dead &= local > 0
-        counts["dead"] = int(dead.sum())
-        mask |= dead
-    return mask, counts
 
 
 def _pair(v: object, where: str, integer: bool, minimum: int | None) -> tuple[int, int]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cdae.engine.inference import Denoiser
-from cdae.engine.badpixels import BadPixelMap, find_bad_pixels
+from cdae.engine.badpixels import BadPixelMap
+from cdae.training.characterise import find_bad_pixels
 from cdae.engine.normalise import to_dtype
 from cdae.training.baselines import make_baseline, tune_baselines
 from cdae.training.config import DataConfig

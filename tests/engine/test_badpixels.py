@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdae.engine.badpixels import BadPixelError, BadPixelMap, find_bad_pixels
+from cdae.engine.badpixels import BadPixelError, BadPixelMap
 
 # as a site writes it for NDPluginBadPixel (ADCore), one entry of each mode
 ADCORE_FILE = """{"Bad pixels": [
@@ -100,40 +100,3 @@ def test_unreadable_file_and_wrong_frames_are_clear_errors(tmp_path: Path) -> No
         BadPixelMap.load(tmp_path / "missing.json")
     with pytest.raises(BadPixelError, match="2-D"):
         BadPixelMap.from_json(ADCORE_FILE).apply(np.zeros((2, 8, 8)))
-
-
-def test_darks_and_flats_find_hot_and_dead_pixels_not_radiation_hits_or_vignetting() -> None:
-    rng = np.random.default_rng(1)
-    n, h, w = 16, 64, 80
-    bias, read = 100.0, 3.0
-    darks = rng.normal(bias, read, (n, h, w))
-    darks[:, 10, 20] += 400  # stuck
-    darks[:, 30, 40] += 40  # warm: a faint hot pixel, still > 8 sigma of the per-pixel medians
-    darks[:, :, 70] += 60  # hot column
-    darks[3, 50, 50] += 3000  # a radiation hit in one dark only
-    yy, xx = np.mgrid[0:h, 0:w]
-    vignette = 1.0 - 0.5 * ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (h * h / 4 + w * w / 4)
-    flats = bias + 5000 * vignette + rng.normal(0, 30, (n, h, w))
-    flats[:, 5, 5] = bias + rng.normal(0, read, n)  # dead
-    flats[:, 40:, 12] *= 0.3  # a column dead from a charge trap down
-    mask, counts = find_bad_pixels(darks.round(), flats.round())
-    assert mask[10, 20] and mask[30, 40] and mask[:, 70].all() and mask[5, 5] and mask[40:, 12].all()
-    assert not mask[50, 50]
-    assert counts["hot"] == 2 + h and counts["dead"] == 1 + (h - 40)
-    assert mask.sum() == counts["hot"] + counts["dead"]
-    with pytest.raises(BadPixelError, match="darks, flat|dark frames"):
-        find_bad_pixels()
-    with pytest.raises(BadPixelError, match="differ in size"):
-        find_bad_pixels(darks, flats[:, :10])
-
-
-def test_a_dark_clipped_at_zero_does_not_make_the_offset_pattern_hot() -> None:
-    """Bias near 0 DN: half the dark is clipped, a two-sided spread estimate shrinks and the upper
-    tail of the fixed offset pattern would all look hot (2000 of 49152 pixels on a held-out camera)."""
-    rng = np.random.default_rng(2)
-    n, h, w = 16, 96, 128
-    dsnu = rng.normal(0, 6.0, (h, w))  # fixed per-pixel offsets, DN
-    darks = np.clip(np.rint(1.0 + dsnu + rng.normal(0, 5.0, (n, h, w))), 0, None)
-    darks[:, 40, 60] = 900  # stuck
-    mask, counts = find_bad_pixels(darks)
-    assert mask[40, 60] and counts["hot"] <= 3

@@ -102,7 +102,7 @@ def test_model_runner_never_serves_another_frames_output(tiny_package: Path) -> 
 def test_calibration_frames_record_the_held_out_frames_own_camera() -> None:
     """Darks and flats of frame i's camera show the same dead, hot and bad-line pixels as frame i, and
     `find_bad_pixels` finds them there."""
-    from cdae.engine.badpixels import find_bad_pixels
+    from cdae.training.characterise import find_bad_pixels
     from cdae.training.dataset import calibration_frames
     from cdae.training.defects import BAD_LINE, DEAD, HOT
 
