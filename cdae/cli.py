@@ -365,7 +365,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 # --- the EPICS side ----------------------------------------------------------------------------
 
 def cmd_sim_camera(args: argparse.Namespace) -> int:
-    from cdae.ioc.camera import CameraConfig, run_camera
+    from cdae.simcamera import CameraConfig, run_camera
     from cdae.ioc.runner import run_until_signalled
 
     fields: dict[str, object] = {"prefix": args.prefix}

@@ -20,7 +20,7 @@ import pytest
 
 from cdae.engine.inference import Denoiser
 from cdae.engine.package import read_manifest
-from cdae.ioc.camera import CameraConfig, simulate_bank
+from cdae.simcamera import CameraConfig, simulate_bank
 from cdae.recording import read_runs
 from cdae.training.characterise import load_profile
 from cdae.training.metrics import psnr, rmse

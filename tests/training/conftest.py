@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdae.ioc.camera import CameraConfig, simulate_bank
+from cdae.simcamera import CameraConfig, simulate_bank
 from cdae.recording import RunInfo, RunWriter
 
 WriteRecording = Callable[[Path, CameraConfig, int, int], None]

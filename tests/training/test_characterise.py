@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cdae.engine.badpixels import BadPixelError
-from cdae.ioc.camera import CameraConfig
+from cdae.simcamera import CameraConfig
 from cdae.training.characterise import (
     CameraProfile,
     CharacteriseError,

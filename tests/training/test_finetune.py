@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cdae.engine.package import ModelRegistry, read_manifest, sha256_file
-from cdae.ioc.camera import CameraConfig
+from cdae.simcamera import CameraConfig
 from cdae.training.characterise import characterise, default_profile_path
 from cdae.training.defects import BAD_LINE
 from cdae.training.evaluate_real import _score_real
