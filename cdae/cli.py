@@ -747,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", action="append", help="NAME[:VERSION]; repeat to compare (default: the shipped model)")
     e.add_argument("--models-dir")
     e.add_argument("--frames", type=int, default=192,
-                   help="held-out frames (48 until generator 1.2: too few, one rare scene decided the bright target)")
+                   help="held-out frames (a pooled RMSE is decided by rare scenes: too few frames and it jumps)")
     e.add_argument("--val-frames", type=int, default=48, help="validation frames the baselines are tuned on")
     e.add_argument("--sizes", default="256x256,320x192", help="WxH list the held-out frames cycle through")
     e.add_argument("--out", help="report folder (default: <package>/evaluation)")

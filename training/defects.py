@@ -849,8 +849,7 @@ def radiation_tracks(mask: np.ndarray) -> np.ndarray:
 
     A hit (8-connected RADIATION pixels) is a track when it has at least :data:`TRACK_MIN_PIXELS`
     pixels and its second moments make it at least :data:`TRACK_MIN_ELONGATION` times longer than
-    wide. On frames with only spots or only tracks this calls 0.6 % of spot pixels and 97.7 % of
-    track pixels tracks (64 frames of 128x128 each). Tracks are the hits a network can tell from
+    wide (how well that separates them: docs/results.md). Tracks are the hits a network can tell from
     real light by shape (straight, uniform, hard-ended; filaments curve and taper); spots look like
     point sources.
     """
