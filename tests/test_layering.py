@@ -1,4 +1,4 @@
-"""Dependency direction (DESIGN.md) and a light IOC: checked on the source, not by convention."""
+"""Dependency direction (docs/design.md) and a light IOC: checked on the source, not by convention."""
 
 from __future__ import annotations
 
