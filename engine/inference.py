@@ -16,6 +16,7 @@ from torch import nn
 
 from cdae.engine.backends import TorchBackend
 from cdae.engine.badpixels import BadPixelMap
+from cdae.engine.guard import GuardConfig
 from cdae.engine.package import Manifest, load_model
 from cdae.engine.pipeline import FrameResult, denoise_frame
 
@@ -23,14 +24,17 @@ from cdae.engine.pipeline import FrameResult, denoise_frame
 class Denoiser:
     """A loaded model package, ready to denoise 2-D frames on a torch device."""
 
-    def __init__(self, manifest: Manifest, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, manifest: Manifest, model: nn.Module, device: str | torch.device = "cpu",
+                 guard: GuardConfig | None = None) -> None:
         self.manifest = manifest
         self.backend = TorchBackend(manifest, model, device)
+        self.guard = guard  # None: the network's output as it is
 
     @classmethod
-    def from_package(cls, pkg: Path | str, device: str | torch.device = "cpu") -> Denoiser:
+    def from_package(cls, pkg: Path | str, device: str | torch.device = "cpu",
+                     guard: GuardConfig | None = None) -> Denoiser:
         manifest, model = load_model(pkg)
-        return cls(manifest, model, device)
+        return cls(manifest, model, device, guard)
 
     def __call__(self, frame: np.ndarray, bit_depth: int | None = None,
                  bad_pixels: BadPixelMap | None = None) -> FrameResult:
@@ -38,11 +42,11 @@ class Denoiser:
 
         ``bad_pixels``: the camera's bad-pixel map, filled in the denoised frame (defect probability 1 there).
         """
-        return denoise_frame(frame, self.backend, bit_depth=bit_depth, bad_pixels=bad_pixels)
+        return denoise_frame(frame, self.backend, bit_depth=bit_depth, bad_pixels=bad_pixels, guard_config=self.guard)
 
     def denoise_dn(self, frame: np.ndarray, adc_max: float) -> tuple[np.ndarray, np.ndarray]:
         """Float DN in, float32 DN out (not rounded or clipped: scores round like the camera) plus the
         defect probability: the same path, for evaluation on simulated float frames."""
         r = denoise_frame(np.asarray(frame, dtype=np.float32), self.backend, adc_max=float(adc_max),
-                          want_residual=False)
+                          want_residual=False, guard_config=self.guard)
         return r.denoised, r.defect_probability

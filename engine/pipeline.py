@@ -18,6 +18,7 @@ import numpy as np
 
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.badpixels import BadPixelMap
+from cdae.engine.guard import BAD_PIXEL_MAP, FLAG_NAMES, GuardConfig, guard
 from cdae.engine.normalise import NormalisationConfig, adc_max_for, denormalise, network_input, to_dtype
 from cdae.engine.tiling import plan_tiles, run_tiled
 
@@ -40,7 +41,9 @@ class FrameResult:
     residual: np.ndarray | None  # float32 raw − denoised, when asked for
     defect_probability: np.ndarray  # float32 in [0, 1]
     tiles: int
-    inference_ms: float  # the whole path, bad-pixel fill included
+    inference_ms: float  # the whole path, guard and bad-pixel fill included
+    flags: np.ndarray | None = None  # uint8 flag class per pixel (``guard.FLAG_NAMES``), when guarded
+    flag_counts: dict[str, int] | None = None  # pixels per flag class, when guarded
 
 
 def receptive_radius(arch: ArchitectureConfig) -> int:
@@ -71,6 +74,7 @@ def denoise_frame(
     want_residual: bool = True,
     bad_pixels: BadPixelMap | None = None,
     adc_max: float | None = None,
+    guard_config: GuardConfig | None = None,
 ) -> FrameResult:
     """Denoise one 2-D frame of any supported dtype; tiles when larger than ``max_pixels``.
 
@@ -79,7 +83,8 @@ def denoise_frame(
     the camera's map, filled in the denoised frame after the network (which sees the raw frame it
     was trained on); the residual moves with the fill and the defect probability is 1 there.
     ``adc_max`` (full scale in DN) overrides what ``bit_depth`` and the dtype say, for float frames
-    whose camera is known.
+    whose camera is known. ``guard_config``: hold the output to the camera's noise and flag every
+    pixel that moves further, with its class (``cdae.engine.guard``); None: the network's output.
     """
     t0 = time.perf_counter()
     if adc_max is None:
@@ -90,16 +95,25 @@ def denoise_frame(
         multiple=runner.multiple, max_side=runner.max_side,
     )
     restored, prob = run_tiled(x, runner.infer, tiles)
-    denoised = to_dtype(denormalise(restored, offset, scale), frame.dtype, adc_max)
+    out_dn = denormalise(restored, offset, scale)
+    flags = counts = None
+    if guard_config is not None:
+        g = guard(frame, out_dn, x[1] > 0.5, guard_config, prob)
+        out_dn, flags, counts = g.output, g.flags, g.counts
+    denoised = to_dtype(out_dn, frame.dtype, adc_max)
     residual = None
     if want_residual:
         residual = np.subtract(frame, denoised, dtype=np.float32)
     prob = np.asarray(prob, dtype=np.float32)
     if bad_pixels is not None:
         denoised, residual, prob = bad_pixels.fill_output(denoised, residual, prob)
+        if flags is not None and counts is not None:
+            listed = bad_pixels.mask(frame.shape)
+            flags[listed] = BAD_PIXEL_MAP
+            counts = {FLAG_NAMES[c]: int(np.count_nonzero(flags == c)) for c in FLAG_NAMES if c}
     return FrameResult(
         denoised=denoised, residual=residual, defect_probability=prob,
-        tiles=len(tiles), inference_ms=(time.perf_counter() - t0) * 1e3,
+        tiles=len(tiles), inference_ms=(time.perf_counter() - t0) * 1e3, flags=flags, flag_counts=counts,
     )
 
 

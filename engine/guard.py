@@ -1,0 +1,311 @@
+"""The output contract: no real pixel moves beyond the camera's noise; every pixel that moves more
+is flagged, with its reason.
+
+A camera's noise is Poisson-Gaussian (``sigma^2 = read^2 + (level - offset) / gain`` in DN) and its
+optics blur every real feature by at least a minimum PSF. Both bound what real light can look
+like, and so what a filter may do to it:
+
+1. **Noise-bounded change.** On every unflagged pixel, ``|out - raw| <= k * sigma(raw)``. The
+   network may remove noise, never real structure (a ring, an edge, a point source it doubts).
+2. **Flags, each with a class** (:data:`FLAG_NAMES`): the camera's bad-pixel map (filled by the
+   map, see ``badpixels``); saturated at the ADC or the full well (information lost: kept raw,
+   never "restored"); an impulse (an excursion sharper than the optics allow, at ``n_sigma``
+   against the noise model, as L.A.Cosmic tests cosmic rays: replaced by the local background);
+   the network's defect head above a threshold calibrated on held-out frames to a stated rate of
+   false flags on real bright structure (conformal risk control): takes the network's output.
+
+The noise model is measured on the frame itself when the camera's is not given (local variance
+against local level on pixel pairs, robust per level bin, a straight-line fit of variance on
+level), so the bound holds for cameras nobody characterised. Everything here is numpy on the
+whole frame; the cost is benchmarked beside the network's (``bench/guard.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.ndimage import uniform_filter1d
+
+#: Per-pixel flag classes (uint8 codes of the flag map); 0 = not flagged, bounded by the noise.
+NONE, BAD_PIXEL_MAP, SATURATED, IMPULSE, LEARNED = 0, 1, 2, 3, 4
+FLAG_NAMES: dict[int, str] = {NONE: "none", BAD_PIXEL_MAP: "bad_pixel_map", SATURATED: "saturated",
+                              IMPULSE: "impulse", LEARNED: "learned"}
+
+
+class GuardConfig(BaseModel):
+    """How far the filter may move a pixel, and when a pixel counts as a defect instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k_sigma: float = Field(1.0, gt=0, le=10, description="unflagged pixels move at most k sigma of the noise")
+    impulse_sigma: float = Field(5.0, gt=0, description="significance of an impulse against the noise model")
+    psf_sigma_px: float = Field(0.45, gt=0.2, le=10, description="the optics' narrowest PSF (Gaussian sigma, pixels): "
+                                                               "a real feature is never sharper")
+    gain_e_per_dn: float | None = Field(None, gt=0, description="the camera's conversion gain; None: measured per frame")
+    read_noise_dn: float | None = Field(None, ge=0, description="the camera's read noise, DN RMS; None: measured")
+    offset_dn: float | None = Field(None, description="the camera's bias level, DN; None: measured")
+    defect_threshold: float | None = Field(
+        None, gt=0, lt=1, description="the defect head's probability above which a pixel is flagged 'learned' and "
+        "takes the network's output; calibrated per model (``cdae calibrate``); None: the head flags nothing")
+    line_length: int = Field(9, ge=1, le=64, description="pixels along a column or row over which a bad line's "
+                                                         "sharpness is averaged (1: single pixels only)")
+    impulse_passes: int = Field(2, ge=1, le=4, description="passes of the impulse test; later ones look again "
+                                                           "beside what earlier ones found (wider hits)")
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """``sigma(level)^2 = read_dn^2 + max(level - offset_dn, 0) * dn_per_e`` (1 / gain)."""
+
+    read_dn: float
+    dn_per_e: float
+    offset_dn: float
+    measured: bool
+
+    def sigma(self, level: np.ndarray) -> np.ndarray:
+        var = np.maximum(np.asarray(level, dtype=np.float32) - np.float32(self.offset_dn), 0)
+        var *= np.float32(self.dn_per_e)
+        var += np.float32(self.read_dn**2)
+        return np.sqrt(var, out=var)
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    output: np.ndarray  # float32 DN
+    flags: np.ndarray  # uint8 class codes
+    counts: dict[str, int]  # pixels per flag class
+    noise: NoiseModel
+
+
+def centre_to_neighbour_ratio(psf_sigma_px: float) -> float:
+    """Light in a pixel over light in a side neighbour for a Gaussian PSF centred on the pixel and
+    sampled at pixel centres: the sharpest a real feature can be (pixel integration and an
+    off-centre feature only soften it). ``exp(1 / (2 sigma^2))``: 11.8 at sigma 0.45 px."""
+    return math.exp(min(1.0 / (2.0 * psf_sigma_px**2), 50.0))
+
+
+def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int = 16,
+                  max_pairs: int = 1 << 16) -> NoiseModel:
+    """The frame's own Poisson-Gaussian noise model, from horizontal pixel pairs.
+
+    A pair's difference carries twice the noise variance and, where the scene is smooth, little
+    else. Smoothness is judged on the rows above and below (their own pairs' differences), whose
+    noise is independent of the pair's, so choosing the smoother half does not bias the noise
+    estimate; per equal-count level bin the robust (MAD) variance of the chosen pairs keeps edges and
+    defects out. Variance against level is fitted by a line with non-negative slope (shot noise)
+    and intercept (read noise); the offset is the frame's 0.1th percentile level.
+    """
+    f = np.asarray(raw, dtype=np.float32)
+    h, w = f.shape
+    if h < 3 or w < 2:
+        return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.size else 0.0, measured=True)
+    pairs_per_row = w // 2
+    stride = max(1, math.ceil((h - 2) * pairs_per_row / max_pairs))
+    rows = np.arange(1, h - 1, stride)
+    left, right = f[:, 0:2 * pairs_per_row:2], f[:, 1:2 * pairs_per_row:2]
+    d_all = left - right
+    diff = d_all[rows] * np.float32(1 / math.sqrt(2))
+    level = 0.5 * (left[rows] + right[rows])
+    structure = np.abs(d_all[rows - 1]) + np.abs(d_all[rows + 1])
+    if exclude is not None:
+        ex = exclude[:, 0:2 * pairs_per_row:2] | exclude[:, 1:2 * pairs_per_row:2]
+        keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
+        level, diff, structure = level[keep], diff[keep], structure[keep]
+    level, diff, structure = level.ravel(), diff.ravel(), structure.ravel()
+    if level.size < 64:
+        return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(level.min()) if level.size else 0.0,
+                          measured=True)
+    order = np.argsort(level, kind="stable")
+    level, diff, structure = level[order], diff[order], structure[order]
+    offset = float(level[int(0.001 * (level.size - 1))])
+    xs, vs, ns = [], [], []
+    for lv, d, st in zip(np.array_split(level, bins), np.array_split(diff, bins), np.array_split(structure, bins)):
+        smooth = st <= np.median(st)  # equal-count level bins, the smoother half of each
+        d = d[smooth]
+        if d.size < 16:
+            continue
+        mad = float(np.median(np.abs(d - np.median(d))))
+        xs.append(float(np.median(lv[smooth])))
+        vs.append((1.4826 * mad) ** 2)
+        ns.append(d.size)
+    x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
+    if x.size >= 2 and np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x - offset, v, 1, w=np.sqrt(n))
+    else:
+        slope, intercept = 0.0, float(v.mean()) if v.size else 1.0
+    if slope < 0:  # no shot noise visible: read noise alone
+        slope, intercept = 0.0, float(np.average(v, weights=n))
+    floor = 1.0 / 12.0  # integer frames: the rounding's own variance
+    intercept = max(float(intercept), floor)
+    return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
+
+
+def noise_model(raw: np.ndarray, config: GuardConfig, exclude: np.ndarray | None = None) -> NoiseModel:
+    """The camera's noise model where the site gave it, else the frame's own."""
+    if config.gain_e_per_dn is not None and config.read_noise_dn is not None:
+        offset = config.offset_dn if config.offset_dn is not None else float(np.percentile(raw[::4, ::4], 0.1))
+        return NoiseModel(read_dn=config.read_noise_dn, dn_per_e=1.0 / config.gain_e_per_dn, offset_dn=offset,
+                          measured=False)
+    return measure_noise(raw, exclude)
+
+
+def _median4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Median (mean of the middle two) of four arrays, elementwise, without sorting."""
+    lo = np.maximum(np.minimum(a, b), np.minimum(c, d))
+    hi = np.minimum(np.maximum(a, b), np.maximum(c, d))
+    return 0.5 * (lo + hi)
+
+
+def _sharpness(f: np.ndarray, bg: np.ndarray, neighbours: tuple[np.ndarray, ...], ratio: float) -> np.ndarray:
+    """How far ``f`` stands out from ``bg`` beyond what ``ratio`` times its neighbours' light allows, in
+    DN, signed: above (each neighbour's excess counted only if it is one) or below (each neighbour's
+    deficit likewise), so a pixel beside a hot or dead one is not itself called one.
+
+    With ``S`` the neighbours' summed excess and ``A`` their summed absolute excess, the excesses
+    alone sum to ``(A + S) / 2`` and the deficits to ``(A - S) / 2``: a few whole-frame operations.
+    """
+    half = np.float32(ratio / 2)
+    total = np.zeros_like(f)
+    absolute = np.zeros_like(f)
+    for n in neighbours:
+        e = np.subtract(n, bg)
+        total += e
+        np.abs(e, out=e)
+        absolute += e
+    d = np.subtract(f, bg)
+    up = d - half * (absolute + total)
+    down = np.subtract(absolute, total, out=absolute)
+    down *= -half
+    down -= d
+    np.maximum(up, 0, out=up)
+    np.maximum(down, 0, out=down)
+    return np.where(up >= down, up, -down)
+
+
+def find_impulses(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
+                  exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Impulses (:func:`impulse_pass`) over ``config.impulse_passes`` passes, as L.A.Cosmic iterates: each
+    later pass looks again at the neighbours of the hits so far, on the frame with those hits
+    replaced, so a two-pixel radiation spot or a double column is found from its edge in. Later
+    passes test only those neighbours (a few pixels), not the frame. Returns (mask, background)."""
+    f = np.asarray(raw, dtype=np.float32)
+    h, w = f.shape
+    mask, background = impulse_pass(f, noise, config)
+    if exclude is not None:
+        mask &= ~exclude
+    for _ in range(config.impulse_passes - 1):
+        ys, xs = np.nonzero(mask)
+        if ys.size == 0:
+            break
+        dy, dx = np.mgrid[-1:2, -1:2]
+        cy = np.clip(ys[:, None] + dy.ravel(), 0, h - 1).ravel()
+        cx = np.clip(xs[:, None] + dx.ravel(), 0, w - 1).ravel()
+        flat = np.unique(cy * w + cx)
+        flat = flat[~mask.ravel()[flat]]
+        if exclude is not None:
+            flat = flat[~exclude.ravel()[flat]]
+        if flat.size == 0:
+            break
+        cy, cx = flat // w, flat % w
+        work = np.pad(np.where(mask, background, f), 2, mode="edge")
+        hit, bg = _tests(work[cy + 2, cx + 2], lambda oy, ox: work[cy + 2 + oy, cx + 2 + ox], noise, config,
+                         line_axes=None)
+        if not hit.any():
+            break
+        mask[cy[hit], cx[hit]] = True
+        background[cy[hit], cx[hit]] = bg[hit]
+    return mask, background
+
+
+def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
+                 block_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of the impulse test (:func:`_tests`) over the whole frame, lines included, in blocks
+    of rows (with the halo the line test needs) so that its temporaries stay in the CPU's cache."""
+    f = np.asarray(raw, dtype=np.float32)
+    h, w = f.shape
+    halo = config.line_length // 2
+    pad = np.pad(f, 2, mode="edge")
+    mask = np.empty((h, w), dtype=bool)
+    background = np.empty((h, w), dtype=np.float32)
+    for y0 in range(0, h, block_rows):
+        y1 = min(h, y0 + block_rows)
+        a, b = max(0, y0 - halo), min(h, y1 + halo)  # rows computed; [y0, y1) kept
+
+        def at(dy: int, dx: int, a: int = a, b: int = b) -> np.ndarray:  # the rows moved by (dy, dx): a view
+            return pad[2 + a + dy: 2 + b + dy, 2 + dx: 2 + dx + w]
+
+        m, bg = _tests(f[a:b], at, noise, config, line_axes=(0, 1))
+        mask[y0:y1], background[y0:y1] = m[y0 - a: y1 - a], bg[y0 - a: y1 - a]
+    return mask, background
+
+
+def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: ANN001 - at: (dy, dx) -> array
+           line_axes: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels sharper than the optics allow, and the background to replace them with.
+
+    ``at(dy, dx)`` gives the pixels at that offset from each of ``f``'s (the whole frame moved, or
+    the neighbours of a list of pixels). ``R`` is the sharpest ratio of a pixel's light to a side
+    neighbour's that a real feature of the narrowest PSF can have (a Gaussian centred on the pixel;
+    off-centre features are less sharp). Along each axis the background is the median of the two
+    pixels either side (distance 1 and 2); a pixel's excess ``E`` over it is tested against its two
+    side neighbours' excesses ``e1 + e2``: a real feature has ``E <= (R / 2) (e1 + e2)``, so
+    ``T = E - (R / 2)(e1 + e2)``, whose noise is about ``sigma sqrt(1 + R^2 / 2)``, stays below
+    ``impulse_sigma`` of that (above: hot, radiation; below: dead). Both axes' four neighbours
+    together test points (``R / 4``, noise ``sqrt(1 + R^2 / 4)``); one axis alone tests lines: a
+    bad column is sharp across, a point source is blurred both ways, and averaged along
+    ``line_length`` pixels of the column (row) the test sees a faint bad line no single pixel gives
+    away (a real line that thin, straight and on the pixel grid is the one thing it could take for
+    a defect). ``line_axes``: the array axes along columns and rows (None: no line test).
+    """
+    r = centre_to_neighbour_ratio(config.psf_sigma_px)
+    z_axis = np.float32(config.impulse_sigma * math.sqrt(1.0 + r * r / 2.0))
+    z_point = np.float32(config.impulse_sigma * math.sqrt(1.0 + r * r / 4.0))
+    z_line = z_axis / np.float32(math.sqrt(config.line_length))
+    backgrounds, sides, axis_hits = [], [], []
+    for k, (dy, dx) in enumerate(((0, 1), (1, 0))):
+        n1, p1, n2, p2 = at(-dy, -dx), at(dy, dx), at(-2 * dy, -2 * dx), at(2 * dy, 2 * dx)
+        bg = _median4(n1, p1, n2, p2)
+        sigma = noise.sigma(bg)
+        t = _sharpness(f, bg, (n1, p1), r / 2) / sigma
+        hit = np.abs(t) > z_axis
+        if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
+            along = uniform_filter1d(t, config.line_length, axis=line_axes[k], mode="nearest")
+            hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > config.impulse_sigma * sigma)
+        backgrounds.append(bg)
+        sides.append((n1, p1))
+        axis_hits.append(hit)
+    bg = 0.5 * (backgrounds[0] + backgrounds[1])
+    point = np.abs(_sharpness(f, bg, (*sides[0], *sides[1]), r / 4)) > z_point * noise.sigma(bg)
+    mask = point | axis_hits[0] | axis_hits[1]
+    # a line pixel is replaced from across the line, a point from both axes
+    background = np.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
+                          np.where(axis_hits[1] & ~axis_hits[0], backgrounds[1], bg))
+    return mask, background
+
+
+def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,
+          defect_probability: np.ndarray | None = None) -> GuardResult:
+    """The network's float DN output held to the noise bound, impulses replaced, saturation kept raw,
+    and where the calibrated defect head is sure, the network's output unbounded."""
+    f = np.asarray(raw, dtype=np.float32)
+    noise = noise_model(f, config, exclude=saturated)
+    # a lone pixel at the ADC maximum is a defect, not saturated light: the impulse test decides first
+    impulses, background = find_impulses(f, noise, config)
+    saturated = saturated & ~impulses
+    bound = noise.sigma(f)
+    bound *= np.float32(config.k_sigma)
+    out = np.clip(np.asarray(denoised_dn, dtype=np.float32), f - bound, f + bound)
+    flags = np.zeros(f.shape, dtype=np.uint8)
+    if config.defect_threshold is not None and defect_probability is not None:
+        learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
+        out[learned] = np.asarray(denoised_dn, dtype=np.float32)[learned]
+        flags[learned] = LEARNED
+    out[impulses] = background[impulses]
+    out[saturated] = f[saturated]
+    flags[impulses] = IMPULSE
+    flags[saturated] = SATURATED
+    counts = {FLAG_NAMES[c]: int(np.count_nonzero(flags == c)) for c in FLAG_NAMES if c}
+    return GuardResult(output=out, flags=flags, counts=counts, noise=noise)

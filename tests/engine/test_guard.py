@@ -1,0 +1,95 @@
+"""The output contract (engine/guard.py): no unflagged pixel moves beyond k sigma of the camera's noise;
+lone hot pixels and dead columns are flagged and restored; large bright real structure is kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdae.engine.guard import IMPULSE, SATURATED, GuardConfig, guard, measure_noise
+
+
+def _camera(rng: np.random.Generator, clean: np.ndarray, gain: float = 2.0, read: float = 4.0,
+            bias: float = 100.0, adc_max: float = 4095.0) -> np.ndarray:
+    e = rng.poisson(np.maximum(clean - bias, 0) * gain) / gain
+    return np.clip(np.rint(bias + e + rng.normal(0, read, clean.shape)), 0, adc_max).astype(np.float32)
+
+
+def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Real-looking light: a gradient, blurred spots of several sizes, a sharp-edged (blurred 1 px) disc."""
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    s = 100.0 + 300.0 * yy / h + 200.0 * xx / w
+    for _ in range(6):
+        cy, cx, sig, amp = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.8, 6), rng.uniform(100, 2500)
+        s += amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sig**2))
+    disc = ((yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 6) ** 2).astype(float)
+    s += rng.uniform(500, 1500) * ndimage.gaussian_filter(disc, 1.0)
+    return s
+
+
+def test_noise_model_measured_from_one_frame() -> None:
+    rng = np.random.default_rng(0)
+    clean = _scene(rng, 256, 256)
+    raw = _camera(rng, clean, gain=2.0, read=4.0)
+    nm = measure_noise(raw)
+    for level in (200.0, 800.0, 2000.0):
+        true = np.sqrt(16 + (level - 100) / 2.0)
+        assert 0.75 * true < float(nm.sigma(np.array([level]))[0]) < 1.3 * true
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.sampled_from([0.5, 1.0, 2.0]))
+def test_no_unflagged_pixel_moves_more_than_k_sigma(seed: int, k: float) -> None:
+    """Whatever the network says (here: anything, even the frame turned upside down), an unflagged
+    pixel's output stays within k sigma of its raw value."""
+    rng = np.random.default_rng(seed)
+    raw = _camera(rng, _scene(rng, 96, 128))
+    wild = raw[::-1].copy() + rng.normal(0, 500, raw.shape).astype(np.float32)
+    sat = raw >= 4094.5
+    g = guard(raw, wild, sat, GuardConfig(k_sigma=k))
+    free = g.flags == 0
+    bound = k * g.noise.sigma(raw)
+    assert (np.abs(g.output - raw)[free] <= bound[free] + 1e-3).all()
+    assert (g.output[sat] == raw[sat]).all() and (g.flags[sat] == SATURATED).all()
+    assert (g.flags == IMPULSE).mean() < 1e-3  # a defect-free frame: almost nothing is an impulse
+
+
+def test_lone_full_scale_pixel_and_dead_column_are_flagged_and_restored() -> None:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:128, 0:128]
+    clean = 300.0 + 600.0 * yy / 128 + 300.0 * xx / 128 + 800.0 * np.exp(-((yy - 60) ** 2 + (xx - 30) ** 2) / 50.0)
+    raw = _camera(rng, clean)
+    raw[40, 50] = 4095.0  # a lone hot pixel at full scale: no optics make that
+    raw[:, 90] = 100.0  # a dead column at the bias
+    g = guard(raw, raw, raw >= 4094.5, GuardConfig())  # the lone pixel is at the ADC maximum too
+    assert g.flags[40, 50] == IMPULSE
+    assert (g.flags[:, 90] == IMPULSE).mean() > 0.95
+    assert abs(g.output[40, 50] - clean[40, 50]) < 6 * np.sqrt(16 + clean[40, 50] / 2)
+    col = g.flags[:, 90] == IMPULSE
+    assert np.median(np.abs(g.output[col, 90] - clean[col, 90])) < 3 * np.sqrt(16 + np.median(clean[:, 90]) / 2)
+
+
+@pytest.mark.parametrize("fraction", [0.70, 0.82, 0.95])
+def test_large_bright_real_ring_is_kept(fraction: float) -> None:
+    """A sharp-edged ring at 70-95 % of full scale, and a network that erases it: the output keeps it."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(int(fraction * 100))
+    h = w = 160
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot(yy - 80, xx - 80)
+    ring = ndimage.gaussian_filter(((r > 30) & (r < 45)).astype(float), 0.7)
+    clean = 120.0 + (fraction * 4095 - 120.0) * ring
+    raw = _camera(rng, clean)
+    erased = np.full_like(raw, 120.0)  # the failure measured on real scenes: the structure painted over
+    g = guard(raw, erased, raw >= 4094.5, GuardConfig())
+    on_ring = ring > 0.9
+    assert (g.flags[on_ring] == IMPULSE).mean() < 1e-3
+    # kept: each ring pixel within its noise bound of the raw frame, so within ~2 sigma of the truth
+    sigma = np.sqrt(16 + (clean - 100) / 2)
+    assert np.sqrt(np.mean(((g.output - clean) / sigma)[on_ring] ** 2)) < 2.5
+    assert np.mean(g.output[on_ring]) > 0.9 * np.mean(clean[on_ring])
