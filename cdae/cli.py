@@ -149,14 +149,21 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         except BadPixelError as e:
             _err(f"cdae denoise: error: {e}")
             return 2
+    from cdae.engine.guard import GuardConfig
+
+    if args.defect_map and not (args.guard or args.guard_k is not None):
+        _err("cdae denoise: error: --defect-map needs --guard (the flags are the guard's)")
+        return 2
+    guard = GuardConfig(**({} if args.guard_k is None else {"k_sigma": args.guard_k})) \
+        if args.guard or args.guard_k is not None else None
     registry = ModelRegistry(_models_dir(args.models_dir))
-    denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL))
+    denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL), guard=guard)
     print(f"model {denoiser.manifest.ref}" + (f", {len(bad_pixels)} listed bad pixels" if bad_pixels else ""),
           file=sys.stderr)
     from cdae.training.denoise import denoise_files
 
     written, errors = denoise_files(args.inputs, args.output, denoiser, args.bit_depth, error=_err,
-                                    bad_pixels=bad_pixels)
+                                    bad_pixels=bad_pixels, defect_map=args.defect_map)
     print(f"{len(written)} written, {len(errors)} failed", file=sys.stderr)
     return 1 if errors else 0
 
@@ -542,6 +549,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
+    if args.guard or args.guard_k is not None:
+        fields["guard"] = {} if args.guard_k is None else {"k_sigma": args.guard_k}
     try:
         site = _site(args, "engine")
         base = site.engine_config(args.name).model_dump(exclude_unset=True) if site else {}
@@ -782,6 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bit-depth", type=int, help="camera bit depth when the container is wider (e.g. 12 in uint16)")
     d.add_argument("--bad-pixels", help="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from "
                    "cdae badpixels): listed pixels are filled in the denoised frames")
+    d.add_argument("--guard", action="store_true", help="hold every output pixel to the camera's noise and flag every "
+                   "pixel that moves further, with its class (see docs/design.md)")
+    d.add_argument("--guard-k", type=float, help="with --guard: unflagged pixels move at most this many sigma (default 1)")
+    d.add_argument("--defect-map", action="store_true", help="with --guard: write NAME.flags.tif (class per pixel) and "
+                   "NAME.flags.png beside each output")
     d.set_defaults(func=cmd_denoise)
 
     bpx = sub.add_parser("badpixels", help="find a camera's hot and dead pixels from darks/flats; write an "
@@ -954,6 +968,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trt-max-side", type=int, help="TensorRT profile's largest side (larger frames are tiled)")
     g.add_argument("--trt-opt-side", type=int, help="TensorRT profile's tuned side")
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument("--guard", action="store_true", help="hold every output to the camera's noise and flag every pixel "
+                   "that moves further, with its class (see docs/design.md)")
+    g.add_argument("--guard-k", type=float, help="with --guard: unflagged pixels move at most this many sigma (default 1)")
     g.set_defaults(func=cmd_engine)
     _add_operator_parsers(sub)
     _add_systemd_parsers(sub)

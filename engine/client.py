@@ -79,7 +79,7 @@ class EngineClient:
 
     def submit(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
                timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
-               want_residual: bool = False, want_defect_map: bool = False,
+               want_residual: bool = False, want_defect_map: bool = False, want_flags: bool = False,
                defect_map_dtype: Literal["float32", "uint8"] = "float32", bad_pixels: str | None = None) -> int:
         """Send one frame (waiting for a reply first if the window is full); returns its frame_id."""
         while len(self._in_flight) >= self.window:
@@ -87,7 +87,8 @@ class EngineClient:
         fid = next(self._ids) if frame_id is None else frame_id
         parts = _request_parts(frame, fid, dict(
             unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth, bad_pixels=bad_pixels,
-            want_residual=want_residual, want_defect_map=want_defect_map, defect_map_dtype=defect_map_dtype,
+            want_residual=want_residual, want_defect_map=want_defect_map, want_flags=want_flags,
+            defect_map_dtype=defect_map_dtype,
         ))
         i = next(self._next)
         self._sockets[i].send_multipart(parts, copy=False)
@@ -197,7 +198,7 @@ class AsyncEngineClient:
 
     async def denoise(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
                       timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
-                      want_residual: bool = False, want_defect_map: bool = False,
+                      want_residual: bool = False, want_defect_map: bool = False, want_flags: bool = False,
                       defect_map_dtype: Literal["float32", "uint8"] = "float32",
                       bad_pixels: str | None = None) -> FrameReply:
         """Send one frame and wait for its reply (an error reply, e.g. "dropped", is returned, not raised)."""
@@ -206,7 +207,8 @@ class AsyncEngineClient:
             fid = next(self._ids) if frame_id is None else frame_id
             parts = _request_parts(frame, fid, dict(
                 unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth, bad_pixels=bad_pixels,
-                want_residual=want_residual, want_defect_map=want_defect_map, defect_map_dtype=defect_map_dtype,
+                want_residual=want_residual, want_defect_map=want_defect_map, want_flags=want_flags,
+            defect_map_dtype=defect_map_dtype,
             ))
             fut: asyncio.Future[FrameReply] = asyncio.get_running_loop().create_future()
             self._pending[fid] = fut

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cdae.engine.guard import GuardConfig
 from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
@@ -69,6 +70,8 @@ class EngineConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
     timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
+    guard: GuardConfig | None = Field(None, description="hold every output to the camera's noise and flag what "
+                                                        "moves further (cdae.engine.guard); None: the network as is")
 
     @field_validator("bind", "control")
     @classmethod

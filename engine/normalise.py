@@ -263,3 +263,24 @@ def to_dtype(frame_dn: np.ndarray, dtype: np.dtype | str, adc_max: float) -> np.
     hi = min(float(info.max), adc_max)
     lo = float(info.min) if dt.kind == "i" else 0.0
     return np.clip(np.rint(frame_dn), lo, hi).astype(dt)
+
+
+#: Bit depths cameras deliver in wider integer containers, smallest first.
+CAMERA_BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def infer_bit_depth(frame: np.ndarray) -> int | None:
+    """The smallest usual camera bit depth whose full scale holds every pixel of an integer frame
+    (a 12-bit camera in uint16 never exceeds 4095); None for float frames or negative pixels. A
+    guess from the data: callers say it was inferred, and a camera's known depth overrides it."""
+    dt = np.asarray(frame).dtype
+    if dt.kind not in "ui" or frame.size == 0:
+        return None
+    lo, hi = int(np.min(frame)), int(np.max(frame))
+    if lo < 0:
+        return None
+    container = 8 * dt.itemsize
+    for bits in CAMERA_BIT_DEPTHS:
+        if bits <= container and hi <= 2**bits - 1:
+            return bits
+    return min(container, 32)

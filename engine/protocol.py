@@ -52,7 +52,7 @@ ErrorCode = Literal[
     "inference_failed",
     "shutting_down",
 ]
-PartName = Literal["denoised", "residual", "defect_map"]
+PartName = Literal["denoised", "residual", "defect_map", "flags"]
 
 # One buffer-like message part: what zmq's recv_multipart(copy=False) gives, or plain bytes.
 Part = Union[bytes, bytearray, memoryview, object]
@@ -81,6 +81,8 @@ class RequestFlags(BaseModel):
 
     want_residual: bool = False
     want_defect_map: bool = False
+    want_flags: bool = Field(False, description="the guard's flag class per pixel (uint8, cdae.engine.guard "
+                                                "FLAG_NAMES), when the engine guards its output")
     defect_map_dtype: Literal["float32", "uint8"] = Field(
         "float32", description="float32 probability in [0, 1], or uint8 = round(255 * probability)"
     )
@@ -145,6 +147,7 @@ class ReplyHeader(BaseModel):
     tiles: int = Field(1, ge=1)
     timings: Timings = Field(default_factory=Timings)
     parts: list[PartInfo] = Field(default_factory=list)
+    flag_counts: dict[str, int] | None = Field(None, description="pixels per flag class, when the output is guarded")
 
     @model_validator(mode="after")
     def _status_consistent(self) -> ReplyHeader:
@@ -171,6 +174,7 @@ class FrameReply:
     denoised: np.ndarray | None = None
     residual: np.ndarray | None = None
     defect_map: np.ndarray | None = None
+    flags: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -357,6 +361,8 @@ def ok_reply(
     denoised: np.ndarray,
     residual: np.ndarray | None = None,
     defect_map: np.ndarray | None = None,
+    flags: np.ndarray | None = None,
+    flag_counts: dict[str, int] | None = None,
     timings: Timings | None = None,
     tiles: int = 1,
 ) -> list[bytes | memoryview]:
@@ -370,9 +376,12 @@ def ok_reply(
         dm = defect_map_to_wire(defect_map, request.flags.defect_map_dtype)
         parts.append(PartInfo(name="defect_map", shape=request.shape, dtype=request.flags.defect_map_dtype))
         arrays.append(dm)
+    if request.flags.want_flags and flags is not None:
+        parts.append(PartInfo(name="flags", shape=request.shape, dtype="uint8"))
+        arrays.append(flags)
     header = ReplyHeader(
         status="ok", frame_id=request.frame_id, unique_id=request.unique_id, timestamp=request.timestamp,
-        model=model, backend=backend, timings=timings or Timings(), parts=parts, tiles=tiles,
+        model=model, backend=backend, timings=timings or Timings(), parts=parts, tiles=tiles, flag_counts=flag_counts,
     )
     return encode_reply(header, arrays)
 

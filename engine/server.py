@@ -439,6 +439,7 @@ class EngineServer:
             "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
             "data": self.data_endpoint, "control": self.control_endpoint,
             "max_pixels": self.config.max_pixels, "bad_pixel_maps": len(self.bad_pixel_maps),
+            "guard": self.config.guard.model_dump() if self.config.guard else None,  # type: ignore[dict-item]
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 
@@ -556,6 +557,7 @@ class EngineServer:
             result = denoise_frame(
                 item.request.frame, active.backend, bit_depth=h.bit_depth, max_pixels=self.config.max_pixels,
                 margin=self.config.tile_margin, want_residual=h.flags.want_residual, bad_pixels=bad_pixels,
+                guard_config=self.config.guard,
             )
         except NormalisationError as e:
             return fail("bad_frame", str(e))
@@ -568,7 +570,8 @@ class EngineServer:
                           total_ms=(time.perf_counter() - item.received) * 1e3)
         self.stats.count_processed(timings, active.ref, result.tiles)
         return ok_reply(h, denoised=result.denoised, residual=result.residual, defect_map=result.defect_probability,
-                        timings=timings, tiles=result.tiles, **label)
+                        flags=result.flags, flag_counts=result.flag_counts, timings=timings, tiles=result.tiles,
+                        **label)
 
     def _control_loop(self, rep: zmq.Socket) -> None:
         try:

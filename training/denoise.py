@@ -11,19 +11,52 @@ from pathlib import Path
 import numpy as np
 
 from cdae.engine.badpixels import BadPixelMap
+from cdae.engine.guard import FLAG_NAMES
 from cdae.engine.inference import Denoiser
-from cdae.engine.normalise import NormalisationError
+from cdae.engine.normalise import NormalisationError, infer_bit_depth
 from cdae.training.fileio import FileFormatError, output_spec_for, read_image, write_image
 
 
 def denoise_array(denoiser: Denoiser, array: np.ndarray, bit_depth: int | None = None,
-                  bad_pixels: BadPixelMap | None = None) -> np.ndarray:
-    """A 2-D frame, or a (N, H, W) stack frame by frame, in its own dtype (``bad_pixels`` filled)."""
+                  bad_pixels: BadPixelMap | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A 2-D frame, or a (N, H, W) stack frame by frame, in its own dtype (``bad_pixels`` filled), and
+    the flag classes of its pixels when the denoiser guards its output."""
     if array.ndim == 2:
-        return denoiser(array, bit_depth, bad_pixels).denoised
+        r = denoiser(array, bit_depth, bad_pixels)
+        return r.denoised, r.flags
     if array.ndim == 3:
-        return np.stack([denoiser(f, bit_depth, bad_pixels).denoised for f in array])
+        rs = [denoiser(f, bit_depth, bad_pixels) for f in array]
+        flags = np.stack([r.flags for r in rs]) if all(r.flags is not None for r in rs) else None
+        return np.stack([r.denoised for r in rs]), flags
     raise FileFormatError(f"expected a 2-D frame or a 3-D stack, got shape {array.shape}")
+
+
+def write_defect_map(flags: np.ndarray, target: Path) -> list[Path]:
+    """The flag classes beside an output: ``NAME.flags.tif`` (uint8 codes) and ``NAME.flags.png``, a
+    picture of where the filter moved pixels beyond the noise and why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tifffile
+    from matplotlib.colors import ListedColormap
+
+    tif = target.with_name(target.stem + ".flags.tif")
+    tifffile.imwrite(tif, flags.astype(np.uint8))
+    png = target.with_name(target.stem + ".flags.png")
+    shown = flags if flags.ndim == 2 else flags.max(axis=0)
+    colours = ["#202020", "#1f77b4", "#ff7f0e", "#d62728", "#9467bd"][: max(FLAG_NAMES) + 1]
+    fig, ax = plt.subplots(figsize=(6, 6 * shown.shape[0] / max(shown.shape[1], 1) + 0.8))
+    ax.imshow(shown, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(colours) - 0.5, interpolation="nearest")
+    counts = {name: int((flags == c).sum()) for c, name in FLAG_NAMES.items() if c}
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in FLAG_NAMES if c]
+    ax.legend(handles, [f"{n}: {counts[n]}" for n in counts], loc="upper right", fontsize=8, framealpha=0.8)
+    ax.set_title(f"{target.name}: pixels moved beyond the noise, by reason", fontsize=9)
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return [tif, png]
 
 
 def denoise_files(
@@ -34,10 +67,13 @@ def denoise_files(
     log: Callable[[str], None] = print,
     error: Callable[[str], None] = print,
     bad_pixels: BadPixelMap | None = None,
+    defect_map: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Denoise each input into ``outdir``; returns (written output specs, error messages).
 
     ``bad_pixels``: the camera's bad-pixel map (all inputs from that camera), filled after the model.
+    ``bit_depth`` None: inferred per file from its pixels, and said. ``defect_map``: write each
+    output's flag classes beside it (the denoiser must guard its output).
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -45,9 +81,15 @@ def denoise_files(
     for spec in inputs:
         try:
             array = read_image(spec)
-            out = denoise_array(denoiser, array, bit_depth, bad_pixels)
+            bits = bit_depth
+            if bits is None and (bits := infer_bit_depth(array)) is not None:
+                log(f"{spec}: bit depth {bits} inferred (largest pixel {int(array.max())}; --bit-depth overrides)")
+            out, flags = denoise_array(denoiser, array, bits, bad_pixels)
             target = output_spec_for(spec, outdir)
             write_image(target, out)
+            if defect_map and flags is not None:
+                for extra in write_defect_map(flags, Path(target.split(":")[0])):
+                    log(f"{spec} -> {extra}")
         except (FileFormatError, NormalisationError, OSError) as e:
             msg = f"{spec}: {e}"
             errors.append(msg)
