@@ -50,6 +50,8 @@ class GuardConfig(BaseModel):
     defect_threshold: float | None = Field(
         None, gt=0, lt=1, description="the defect head's probability above which a pixel is flagged 'learned' and "
         "takes the network's output; calibrated per model (``cdae calibrate``); None: the head flags nothing")
+    optics_tolerance: float = Field(0.05, ge=0, le=1, description="how far real optics may be from the PSF model, as "
+                                    "a fraction of a feature's excess (added to the noise of the impulse test)")
     line_length: int = Field(9, ge=1, le=64, description="pixels along a column or row over which a bad line's "
                                                          "sharpness is averaged (1: single pixels only)")
     impulse_passes: int = Field(2, ge=1, le=4, description="passes of the impulse test; later ones look again "
@@ -89,10 +91,11 @@ def centre_to_neighbour_ratio(psf_sigma_px: float) -> float:
 
 def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int = 16,
                   max_pairs: int = 1 << 16) -> NoiseModel:
-    """The frame's own Poisson-Gaussian noise model, from horizontal pixel pairs.
+    """The frame's own Poisson-Gaussian noise model, from horizontal pixel triples.
 
-    A pair's difference carries twice the noise variance and, where the scene is smooth, little
-    else. Smoothness is judged on the rows above and below (their own pairs' differences), whose
+    A triple's second difference ``(a - 2b + c) / sqrt(6)`` carries the noise variance and, where the
+    scene is smooth, little else (a gradient cancels). Smoothness is judged on the rows above and
+    below (their own triples' second differences), whose
     noise is independent of the pair's, so choosing the smoother half does not bias the noise
     estimate; per equal-count level bin the robust (MAD) variance of the chosen pairs keeps edges and
     defects out. Variance against level is fitted by a line with non-negative slope (shot noise)
@@ -100,18 +103,18 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     """
     f = np.asarray(raw, dtype=np.float32)
     h, w = f.shape
-    if h < 3 or w < 2:
+    if h < 3 or w < 3:
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.size else 0.0, measured=True)
-    pairs_per_row = w // 2
-    stride = max(1, math.ceil((h - 2) * pairs_per_row / max_pairs))
+    triples = w // 3  # second differences of (a, b, c): a linear gradient cancels, the noise does not
+    stride = max(1, math.ceil((h - 2) * triples / max_pairs))
     rows = np.arange(1, h - 1, stride)
-    left, right = f[:, 0:2 * pairs_per_row:2], f[:, 1:2 * pairs_per_row:2]
-    d_all = left - right
-    diff = d_all[rows] * np.float32(1 / math.sqrt(2))
-    level = 0.5 * (left[rows] + right[rows])
+    a, b, c = (f[:, i:3 * triples:3] for i in range(3))
+    d_all = (a - 2 * b + c) * np.float32(1 / math.sqrt(6))
+    diff = d_all[rows]
+    level = (a[rows] + b[rows] + c[rows]) * np.float32(1 / 3)
     structure = np.abs(d_all[rows - 1]) + np.abs(d_all[rows + 1])
     if exclude is not None:
-        ex = exclude[:, 0:2 * pairs_per_row:2] | exclude[:, 1:2 * pairs_per_row:2]
+        ex = exclude[:, 0:3 * triples:3] | exclude[:, 1:3 * triples:3] | exclude[:, 2:3 * triples:3]
         keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
         level, diff, structure = level[keep], diff[keep], structure[keep]
     level, diff, structure = level.ravel(), diff.ravel(), structure.ravel()
@@ -132,15 +135,38 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
         vs.append((1.4826 * mad) ** 2)
         ns.append(d.size)
     x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
-    if x.size >= 2 and np.ptp(x) > 0:
-        slope, intercept = np.polyfit(x - offset, v, 1, w=np.sqrt(n))
-    else:
-        slope, intercept = 0.0, float(v.mean()) if v.size else 1.0
-    if slope < 0:  # no shot noise visible: read noise alone
-        slope, intercept = 0.0, float(np.average(v, weights=n))
+    slope, intercept = _fit_variance(x - offset, v, n)
     floor = 1.0 / 12.0  # integer frames: the rounding's own variance
     intercept = max(float(intercept), floor)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
+
+
+def _fit_variance(x: np.ndarray, v: np.ndarray, n: np.ndarray) -> tuple[float, float]:
+    """``v = slope * x + intercept`` through the level bins, slope and intercept >= 0, fitted from below.
+
+    Structure the smooth-pair selection missed only ever adds variance, and the brightest bins
+    (mostly the features themselves: point sources, filaments) hold the most: they are left out of
+    the first fit, and bins far above the line (twice its variance) are dropped and the line fitted
+    again, so that a frame of bright structure on a dark background does not read as a huge gain.
+    """
+    keep = np.ones(x.size, dtype=bool)
+    if x.size > 6:
+        keep[-2:] = False  # the brightest eighth of the pixels
+    slope = intercept = 0.0
+    for _ in range(4):
+        xs, vs, ns = x[keep], v[keep], n[keep]
+        if xs.size >= 2 and np.ptp(xs) > 0:
+            slope, intercept = (float(c) for c in np.polyfit(xs, vs, 1, w=np.sqrt(ns)))
+        else:
+            slope, intercept = 0.0, float(np.average(vs, weights=ns)) if vs.size else 1.0
+        if slope < 0:  # no shot noise visible: read noise alone
+            slope, intercept = 0.0, float(np.average(vs, weights=ns))
+        intercept = max(intercept, 0.0)
+        inliers = v <= 2.0 * (slope * x + intercept) + 1e-12
+        if (inliers == keep).all() or inliers.sum() < 2:
+            break
+        keep = inliers
+    return slope, intercept
 
 
 def noise_model(raw: np.ndarray, config: GuardConfig, exclude: np.ndarray | None = None) -> NoiseModel:
@@ -152,34 +178,39 @@ def noise_model(raw: np.ndarray, config: GuardConfig, exclude: np.ndarray | None
     return measure_noise(raw, exclude)
 
 
-def _median4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Median (mean of the middle two) of four arrays, elementwise, without sorting."""
-    lo = np.maximum(np.minimum(a, b), np.minimum(c, d))
-    hi = np.minimum(np.maximum(a, b), np.maximum(c, d))
-    return 0.5 * (lo + hi)
+def _median4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Minimum, median (mean of the middle two) and maximum of four arrays, elementwise, without sorting."""
+    ab_lo, ab_hi = np.minimum(a, b), np.maximum(a, b)
+    cd_lo, cd_hi = np.minimum(c, d), np.maximum(c, d)
+    median = 0.5 * (np.maximum(ab_lo, cd_lo) + np.minimum(ab_hi, cd_hi))
+    return np.minimum(ab_lo, cd_lo), median, np.maximum(ab_hi, cd_hi)
 
 
-def _sharpness(f: np.ndarray, bg: np.ndarray, neighbours: tuple[np.ndarray, ...], ratio: float) -> np.ndarray:
-    """How far ``f`` stands out from ``bg`` beyond what ``ratio`` times its neighbours' light allows, in
-    DN, signed: above (each neighbour's excess counted only if it is one) or below (each neighbour's
-    deficit likewise), so a pixel beside a hot or dead one is not itself called one.
+def _sharpness(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[np.ndarray, ...],
+               ratio: float, sigma: np.ndarray, tolerance: float) -> np.ndarray:
+    """How far ``f`` stands out beyond what the optics allow given its neighbours' light, signed, in
+    units of the test's noise (``sigma`` the pixel noise; plus ``tolerance`` of the excess, for optics
+    that are not exactly the model).
 
-    With ``S`` the neighbours' summed excess and ``A`` their summed absolute excess, the excesses
-    alone sum to ``(A + S) / 2`` and the deficits to ``(A - S) / 2``: a few whole-frame operations.
+    Light in a pixel spills at least ``1/R`` of itself into each side neighbour, so a real peak has
+    ``f - lo <= (R / m) * sum(n - lo)`` over its ``m`` neighbours (noise ``sigma sqrt(1 + R^2 / m)``),
+    measured from the lowest of the eight surrounding pixels ``lo``, not a median: in a crowded
+    field a median background sits on the next source and makes a real peak look sharp. A dip
+    (dead) is tested the same way down from the highest, ``hi``.
     """
-    half = np.float32(ratio / 2)
-    total = np.zeros_like(f)
-    absolute = np.zeros_like(f)
-    for n in neighbours:
-        e = np.subtract(n, bg)
-        total += e
-        np.abs(e, out=e)
-        absolute += e
-    d = np.subtract(f, bg)
-    up = d - half * (absolute + total)
-    down = np.subtract(absolute, total, out=absolute)
-    down *= -half
-    down -= d
+    r = np.float32(ratio / len(neighbours))
+    m = np.float32(len(neighbours))
+    total = neighbours[0].copy()
+    for n in neighbours[1:]:
+        total += n
+    up = f - lo
+    slack = np.float32(tolerance) * np.maximum(up, hi - f)
+    up -= r * (total - m * lo)
+    down = hi - f - r * (m * hi - total)
+    slack *= slack
+    scale = np.sqrt(sigma * sigma * np.float32(1 + ratio * ratio / len(neighbours)) + slack)
+    up /= scale
+    down /= scale
     np.maximum(up, 0, out=up)
     np.maximum(down, 0, out=down)
     return np.where(up >= down, up, -down)
@@ -261,24 +292,30 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     a defect). ``line_axes``: the array axes along columns and rows (None: no line test).
     """
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
-    z_axis = np.float32(config.impulse_sigma * math.sqrt(1.0 + r * r / 2.0))
-    z_point = np.float32(config.impulse_sigma * math.sqrt(1.0 + r * r / 4.0))
-    z_line = z_axis / np.float32(math.sqrt(config.line_length))
-    backgrounds, sides, axis_hits = [], [], []
-    for k, (dy, dx) in enumerate(((0, 1), (1, 0))):
+    z = np.float32(config.impulse_sigma)
+    z_line = z / np.float32(math.sqrt(config.line_length))
+    backgrounds, lows, highs, sides, axis_hits = [], [], [], [], []
+    for dy, dx in ((0, 1), (1, 0)):
         n1, p1, n2, p2 = at(-dy, -dx), at(dy, dx), at(-2 * dy, -2 * dx), at(2 * dy, 2 * dx)
-        bg = _median4(n1, p1, n2, p2)
+        lo, bg, hi = _median4(n1, p1, n2, p2)
+        backgrounds.append(bg)
+        lows.append(lo)
+        highs.append(hi)
+        sides.append((n1, p1))
+    # the extremes of all eight surrounding pixels: a side neighbour is never its own background
+    lo, hi = np.minimum(*lows), np.maximum(*highs)
+    for k in range(2):
+        bg = backgrounds[k]
         sigma = noise.sigma(bg)
-        t = _sharpness(f, bg, (n1, p1), r / 2) / sigma
-        hit = np.abs(t) > z_axis
+        t = _sharpness(f, lo, hi, sides[k], r, sigma, config.optics_tolerance)
+        hit = np.abs(t) > z
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
             along = uniform_filter1d(t, config.line_length, axis=line_axes[k], mode="nearest")
-            hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > config.impulse_sigma * sigma)
-        backgrounds.append(bg)
-        sides.append((n1, p1))
+            hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > z * sigma)
         axis_hits.append(hit)
     bg = 0.5 * (backgrounds[0] + backgrounds[1])
-    point = np.abs(_sharpness(f, bg, (*sides[0], *sides[1]), r / 4)) > z_point * noise.sigma(bg)
+    point = np.abs(_sharpness(f, lo, hi, (*sides[0], *sides[1]), r, noise.sigma(bg),
+                              config.optics_tolerance)) > z
     mask = point | axis_hits[0] | axis_hits[1]
     # a line pixel is replaced from across the line, a point from both axes
     background = np.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
