@@ -9,7 +9,9 @@ Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
 - **worker thread**: takes frames round-robin across clients, runs the pipeline on the active
   model, and hands the reply back to the I/O thread. It reads the active model once per frame,
   so a swap takes effect between two frames.
-- **control thread**: owns the REP socket: ``status``, ``list_models``, ``activate``, ``metrics``.
+- **control thread**: owns the control socket (a ROUTER that REQ clients see as a REP): ``status``,
+  ``list_models``, ``activate``, ``metrics``. It never blocks: an ``activate`` that waits is
+  answered when its swap ends, and status keeps answering meanwhile.
 - **activation thread** (per swap): loads the new package, warms it up on the live frame shape,
   then replaces the active model in one assignment; on any failure the old model keeps serving.
 
@@ -230,6 +232,15 @@ class ActiveModel:
 
 
 @dataclass
+class _WaitingActivation:
+    """An ``activate`` with ``wait``: answered by the control thread once the swap ends or times out."""
+
+    envelope: list[bytes]
+    thread: threading.Thread
+    deadline: float  # monotonic
+
+
+@dataclass
 class _Pending:
     client: bytes
     request: FrameRequest
@@ -280,7 +291,7 @@ class EngineServer:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
-        rep = ctx.socket(zmq.REP)
+        rep = ctx.socket(zmq.ROUTER)  # REQ clients talk to it as to a REP (see _control_loop)
         rep.setsockopt(zmq.LINGER, 0)
         pull = ctx.socket(zmq.PULL)
         push = ctx.socket(zmq.PUSH)
@@ -301,7 +312,7 @@ class EngineServer:
                 self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
                          "anyone who reaches it can send frames and swap models")
         now = time.monotonic()
-        self._beats = {"io": now, "worker": now}
+        self._beats = {"io": now, "worker": now, "control": now}
         self._threads = [
             threading.Thread(target=self._io_loop, args=(router, pull), name="cdae-io", daemon=True),
             threading.Thread(target=self._worker_loop, args=(push,), name="cdae-worker", daemon=True),
@@ -335,10 +346,10 @@ class EngineServer:
         return self._stop.is_set()
 
     def stalled(self, max_age_s: float) -> list[str]:
-        """The frame-path threads (``io``, ``worker``) dead or not round their loop within ``max_age_s``.
+        """The service's threads (``io``, ``worker``, ``control``) dead or not round their loop within ``max_age_s``.
 
-        What the systemd watchdog is gated on. The control thread is left out: it legitimately
-        waits minutes for a model activation (a TensorRT plan build) on an operator's request.
+        What the systemd watchdog is gated on. The control thread never waits for an activation
+        (a TensorRT plan build can take minutes: that runs in its own thread), so it is covered too.
         """
         now = time.monotonic()
         alive = {t.name for t in self._threads if t.is_alive()}
@@ -373,6 +384,17 @@ class EngineServer:
 
     def activate(self, ref: str, wait: bool = True, timeout_s: float = 600.0) -> ControlReply:
         """Load ``ref`` in the background, warm it up on the live shape, switch between two frames."""
+        thread = self._begin_activation(ref)
+        if isinstance(thread, ControlReply):
+            return thread
+        if wait:
+            deadline = time.monotonic() + timeout_s
+            while thread.is_alive() and time.monotonic() < deadline and not self.stopping:
+                thread.join(0.1)
+        return self._activation_reply()
+
+    def _begin_activation(self, ref: str) -> threading.Thread | ControlReply:
+        """Start the swap thread, or the refusal when a swap is already running."""
         with self._swap_lock:
             if self._swap_thread is not None and self._swap_thread.is_alive():
                 return ControlReply(ok=False, command="activate",
@@ -380,11 +402,9 @@ class EngineServer:
             self.activation = {"model": ref, "state": "loading", "started_utc": _utc_now(), "error": None}
             self._swap_thread = threading.Thread(target=self._swap, args=(ref,), name="cdae-activate", daemon=True)
             self._swap_thread.start()
-            thread = self._swap_thread
-        if wait:
-            deadline = time.monotonic() + timeout_s
-            while thread.is_alive() and time.monotonic() < deadline and not self.stopping:
-                thread.join(0.1)
+            return self._swap_thread
+
+    def _activation_reply(self) -> ControlReply:
         state = dict(self.activation)
         if state.get("state") == "failed":
             return ControlReply(ok=False, command="activate", error=str(state.get("error")), result={"activation": state})
@@ -562,15 +582,65 @@ class EngineServer:
         return ok_reply(h, denoised=result.denoised, residual=result.residual, defect_map=result.defect_probability,
                         timings=timings, tiles=result.tiles, **label)
 
-    def _control_loop(self, rep: zmq.Socket) -> None:
+    def _control_loop(self, sock: zmq.Socket) -> None:
+        # A ROUTER, not a REP: a reply can wait (activate with wait) while other requests are answered,
+        # and a malformed message cannot leave a REP state machine stuck with a part pending.
+        waiting: list[_WaitingActivation] = []
         try:
             while not self.stopping:
-                if not rep.poll(self.POLL_MS):
-                    continue
-                raw = rep.recv(copy=False)
-                rep.send(encode_control_reply(self.handle_control(raw)))
+                self._beats["control"] = time.monotonic()
+                try:
+                    waiting = self._answer_finished_activations(sock, waiting)
+                    if not sock.poll(self.POLL_MS):
+                        continue
+                    for _ in range(64):
+                        try:
+                            msg = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_control(sock, msg, waiting)
+                except Exception:  # whatever a peer sent, the control thread keeps serving
+                    self.last_request_error = "control: " + traceback.format_exc(limit=3)
+                    self.log(self.last_request_error)
         finally:
-            rep.close(0)
+            sock.close(0)
+
+    def _on_control(self, sock: zmq.Socket, msg: list[bytes], waiting: list[_WaitingActivation]) -> None:
+        # REQ sends [route..., b"", body]; what precedes the empty delimiter goes back unchanged
+        try:
+            cut = msg.index(b"", 1)
+        except ValueError:  # not a REQ peer (a raw DEALER): answer its identity anyway
+            envelope, body = [msg[0], b""], msg[1:]
+        else:
+            envelope, body = msg[: cut + 1], msg[cut + 1 :]
+        if len(body) != 1:
+            reply = ControlReply(ok=False, error=f"expected 1 message part (a JSON control request), "
+                                                 f"got {len(body)} message parts")
+        else:
+            try:
+                req = decode_control_request(body[0])
+            except ProtocolError:
+                req = None
+            if req is not None and req.command == "activate" and req.wait and req.model:
+                started = self._begin_activation(req.model)
+                if isinstance(started, threading.Thread):
+                    waiting.append(_WaitingActivation(envelope, started, time.monotonic() + req.timeout_s))
+                    return
+                reply = started
+            else:
+                reply = self.handle_control(body[0])
+        sock.send_multipart([*envelope, encode_control_reply(reply)])
+
+    def _answer_finished_activations(self, sock: zmq.Socket,
+                                     waiting: list[_WaitingActivation]) -> list[_WaitingActivation]:
+        now = time.monotonic()
+        still = []
+        for w in waiting:
+            if w.thread.is_alive() and now < w.deadline and not self.stopping:
+                still.append(w)
+            else:
+                sock.send_multipart([*w.envelope, encode_control_reply(self._activation_reply())])
+        return still
 
     def handle_control(self, raw: object) -> ControlReply:
         """One control request → its reply; never raises."""
@@ -598,9 +668,9 @@ STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters betw
 
 def supervise(server: EngineServer, stop: threading.Event, notifier: Notifier, log: Log = _stderr,
               poll_s: float = 0.2) -> None:
-    """Until ``stop`` (or the server stops itself): watchdog pings while the frame path is alive, STATUS.
+    """Until ``stop`` (or the server stops itself): watchdog pings while every service thread is alive, STATUS.
 
-    The ping is withheld while the I/O or worker thread has not gone round its loop within the
+    The ping is withheld while the I/O, worker or control thread has not gone round its loop within the
     watchdog limit, so systemd restarts an engine wedged in, say, a hung CUDA call.
     """
     last_status = time.monotonic()

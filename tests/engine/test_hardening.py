@@ -1,0 +1,129 @@
+"""Issue 21: the engine survives hostile or extreme input and keeps answering while it works.
+
+Real engines (``cdae engine`` children on 127.0.0.1) and real ZeroMQ sockets, as in test_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import zmq
+
+from cdae.engine.client import ControlClient, EngineClient
+from cdae.engine.config import EngineConfig
+from cdae.engine.pipeline import synthetic_frame
+from cdae.engine.server import EngineServer
+
+if TYPE_CHECKING:
+    from conftest import EngineLauncher, EngineProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def engine(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
+                                name="hardening")
+    yield eng
+    engine_launcher.stop(eng)
+
+
+def _req(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+# --- 1: the control thread survives any input ----------------------------------------------------
+
+def test_multipart_control_message_gets_an_error_and_control_keeps_serving(engine: EngineProcess) -> None:
+    sock = _req(engine.control)
+    try:
+        sock.send_multipart([b'{"command":"status"}', b"x"])
+        assert sock.poll(5_000), "no reply to a 2-part control message"
+        reply = json.loads(sock.recv())
+        assert reply["ok"] is False and "2 message parts" in reply["error"]
+    finally:
+        sock.close(0)
+    # a raw DEALER (no REQ envelope) and an empty message: answered or ignored, never fatal
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(engine.control)
+    try:
+        dealer.send_multipart([b"no envelope", b"two"])
+        dealer.send(b"")
+        dealer.poll(500)
+    finally:
+        dealer.close(0)
+    with ControlClient(engine.control, timeout_s=5) as ctl:
+        assert ctl.status().ok
+        assert ctl.request("status").result["model"] == "tiny:1"
+
+
+def test_watchdog_covers_the_control_thread() -> None:
+    config = EngineConfig(bind="tcp://127.0.0.1:0", backend="passthrough", models_dir=REPO / "models")
+    server = EngineServer(config, log=lambda s: None)
+    server.start()
+    try:
+        assert server.stalled(60.0) == []
+        with ControlClient(server.control_endpoint, timeout_s=5) as ctl:
+            assert ctl.status().ok
+            # a real wedge: the control thread blocks on the counters' lock while answering status
+            with server.stats._lock:
+                ctl._sock.send(b'{"command": "status"}')
+                deadline = time.monotonic() + 10
+                while "control" not in server.stalled(0.5) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert server.stalled(0.5) == ["control"]
+            assert ctl._sock.poll(5_000)
+            ctl._sock.recv()
+        deadline = time.monotonic() + 5
+        while server.stalled(0.5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.stalled(0.5) == []
+    finally:
+        server.stop()
+
+
+# --- 2: status answers while a swap loads ------------------------------------------------------
+
+def test_status_answers_during_a_slow_swap(engine_launcher: EngineLauncher, engine_store: Path) -> None:
+    eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
+                                name="slow-swap")
+    try:
+        with EngineClient(eng.data, timeout_s=60) as c:  # the swap warms up on the live shape: make it slow
+            assert c.denoise(synthetic_frame((2048, 2048), "uint16")).ok
+        result: dict[str, object] = {}
+
+        def activate() -> None:
+            with ControlClient(eng.control, timeout_s=120) as ctl:
+                result["reply"] = ctl.activate("tiny:2", wait=True)
+
+        t = threading.Thread(target=activate)
+        t0 = time.monotonic()
+        t.start()
+        latencies, states = [], []
+        with ControlClient(eng.control, timeout_s=5) as status:
+            while t.is_alive():
+                s0 = time.monotonic()
+                r = status.status()
+                latencies.append(time.monotonic() - s0)
+                states.append(r.result["activation"]["state"])  # type: ignore[index]
+                time.sleep(0.05)
+        t.join()
+        swap_s = time.monotonic() - t0
+        reply = result["reply"]
+        assert reply.ok and reply.result["model"] == "tiny:2", reply  # type: ignore[attr-defined]
+        assert swap_s > 0.5, f"the swap took {swap_s:.2f} s: too fast to show anything"
+        assert "loading" in states  # status reports the swap in progress
+        assert max(latencies) < 0.3, (max(latencies), swap_s)
+    finally:
+        engine_launcher.stop(eng)
