@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS
+from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS, MAX_HEADER_BYTES
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 
@@ -66,6 +66,14 @@ class EngineConfig(BaseModel):
     queue: int = Field(2, ge=1, le=256, description="frames waiting per client; beyond it the oldest is dropped")
     max_clients: int = Field(64, ge=1, description="clients with frames waiting at once")
     receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark on the data socket (messages)")
+    max_message_bytes: int | None = Field(
+        None, ge=1024, description="largest message part accepted (ZMQ_MAXMSGSIZE): a peer sending more is "
+        "disconnected before its bytes are read; default: the largest frame allowed, max_frame_pixels x 4 bytes"
+    )
+    max_queued_bytes: int | None = Field(
+        None, ge=1, description="bytes of frames waiting, all clients together: a frame beyond it is answered "
+        "'dropped'; also sizes the receive high-water mark; default: 2 largest messages, at least 256 MiB"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
     timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
@@ -76,6 +84,22 @@ class EngineConfig(BaseModel):
         if v is not None and not re.match(r"^(tcp|ipc|inproc)://.+", v):
             raise ValueError(f"expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {v!r}")
         return v
+
+    def message_limit(self) -> int:
+        """Largest message part accepted: configured, else the largest frame allowed (4-byte pixels)."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        return max(self.max_frame_pixels * 4, MAX_HEADER_BYTES)
+
+    def queued_bytes_limit(self) -> int:
+        """Bytes of frames allowed to wait: configured, else room for two of the largest messages."""
+        if self.max_queued_bytes is not None:
+            return self.max_queued_bytes
+        return max(256 << 20, 2 * self.message_limit())
+
+    def receive_hwm_for_bytes(self) -> int:
+        """The data socket's RCVHWM: at most ``queued_bytes_limit()`` of largest-size messages per peer."""
+        return max(1, min(self.receive_hwm, self.queued_bytes_limit() // self.message_limit()))
 
     def control_endpoint(self) -> str:
         """The control endpoint: as configured, else the data port + 1 on the same host."""

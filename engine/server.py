@@ -48,6 +48,7 @@ from cdae.engine.protocol import (
     ControlReply,
     ControlRequest,
     ErrorCode,
+    MAX_HEADER_BYTES,
     FrameRequest,
     ProtocolError,
     Timings,
@@ -98,33 +99,47 @@ class FrameQueue(Generic[T]):
     """Bounded per-client pending frames, served round-robin; when a client's slot is full the newest wins.
 
     ``put`` returns the items it pushed out (the caller answers them "dropped"); nothing ever
-    blocks the producer, and at most ``per_client * max_clients`` items wait.
+    blocks the producer, at most ``per_client * max_clients`` items wait, and at most ``max_bytes``
+    of them (the ``nbytes`` each was put with): a frame that would go beyond is refused.
     """
 
-    def __init__(self, per_client: int, max_clients: int) -> None:
+    def __init__(self, per_client: int, max_clients: int, max_bytes: int | None = None) -> None:
         self.per_client = per_client
         self.max_clients = max_clients
-        self._slots: dict[bytes, deque[T]] = {}
+        self.max_bytes = max_bytes
+        self._slots: dict[bytes, deque[tuple[T, int]]] = {}
         self._order: deque[bytes] = deque()  # clients with frames waiting, in service order
         self._cond = threading.Condition()
         self._depth = 0
+        self._bytes = 0
         self.high_water = 0
+        self.bytes_high_water = 0
+        self.refused_for = ""  # why put last refused its own item: "clients" or "bytes"
 
-    def put(self, client: bytes, item: T) -> list[T]:
+    def put(self, client: bytes, item: T, nbytes: int = 0) -> list[T]:
         with self._cond:
             slot = self._slots.get(client)
+            own = sum(size for _, size in slot) if slot else 0
+            if self.max_bytes is not None and self._bytes - own + nbytes > self.max_bytes:
+                self.refused_for = "bytes"  # even without this client's older frames it would not fit
+                return [item]
             if slot is None:
                 if len(self._slots) >= self.max_clients:
+                    self.refused_for = "clients"
                     return [item]  # too many clients waiting: refuse rather than grow
                 slot = self._slots[client] = deque()
                 self._order.append(client)
             evicted = []
-            while len(slot) >= self.per_client:
-                evicted.append(slot.popleft())
+            while len(slot) >= self.per_client or (self.max_bytes is not None and self._bytes + nbytes > self.max_bytes):
+                old, size = slot.popleft()  # the client's own older frames make room: the newest wins
+                evicted.append(old)
                 self._depth -= 1
-            slot.append(item)
+                self._bytes -= size
+            slot.append((item, nbytes))
             self._depth += 1
+            self._bytes += nbytes
             self.high_water = max(self.high_water, self._depth)
+            self.bytes_high_water = max(self.bytes_high_water, self._bytes)
             self._cond.notify()
             return evicted
 
@@ -134,8 +149,9 @@ class FrameQueue(Generic[T]):
                 return None
             client = self._order.popleft()
             slot = self._slots[client]
-            item = slot.popleft()
+            item, size = slot.popleft()
             self._depth -= 1
+            self._bytes -= size
             if slot:
                 self._order.append(client)  # round robin: this client goes to the back
             else:
@@ -144,11 +160,16 @@ class FrameQueue(Generic[T]):
 
     def drain(self) -> list[T]:
         with self._cond:
-            items = [i for s in self._slots.values() for i in s]
+            items = [i for s in self._slots.values() for i, _ in s]
             self._slots.clear()
             self._order.clear()
             self._depth = 0
+            self._bytes = 0
             return items
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return self._depth
@@ -262,7 +283,7 @@ class EngineServer:
         self.log = log
         self.registry = ModelRegistry(config.models_dir)
         self.stats = EngineStats(config.timing_window)
-        self.queue: FrameQueue[_Pending] = FrameQueue(config.queue, config.max_clients)
+        self.queue: FrameQueue[_Pending] = FrameQueue(config.queue, config.max_clients, config.queued_bytes_limit())
         self._active: ActiveModel | None = None
         self._retired: deque[ActiveModel] = deque()
         self._stop = threading.Event()
@@ -290,9 +311,15 @@ class EngineServer:
         ctx = self._ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
+        # Memory per message and per queue is bounded: a part over the limit drops the connection at
+        # its length prefix, before libzmq allocates it; RCVHWM keeps what sits in ZeroMQ per peer
+        # (while the I/O thread is busy) to about max_queued_bytes; the FrameQueue bounds the rest.
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.message_limit())
+        router.setsockopt(zmq.RCVHWM, self.config.receive_hwm_for_bytes())
         rep = ctx.socket(zmq.ROUTER)  # REQ clients talk to it as to a REP (see _control_loop)
         rep.setsockopt(zmq.LINGER, 0)
+        rep.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)  # a control request is one small JSON object
+        rep.setsockopt(zmq.RCVHWM, 64)
         pull = ctx.socket(zmq.PULL)
         push = ctx.socket(zmq.PUSH)
         pull.bind(f"inproc://cdae-replies-{id(self)}")
@@ -452,6 +479,8 @@ class EngineServer:
             "model_since_utc": a.since_utc, "package": str(a.package),
             "queue_depth": len(self.queue), "queue_bound": self.config.queue,
             "queue_high_water": self.queue.high_water, "counters": self.stats.counters(),  # type: ignore[dict-item]
+            "queue_bytes": self.queue.bytes, "queue_bytes_high_water": self.queue.bytes_high_water,
+            "queue_bytes_bound": self.config.queued_bytes_limit(), "max_message_bytes": self.config.message_limit(),
             "timings_ms": self.stats.timings(),  # type: ignore[dict-item]
             "last_error": self.last_error, "last_request_error": self.last_request_error,
             "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
@@ -518,9 +547,13 @@ class EngineServer:
             router.send_multipart([client, *error_reply_for(e)], copy=False)
             return
         pending = _Pending(client, request, received, msg)
-        for old in self.queue.put(client, pending):
+        nbytes = sum(len(f) for f in msg)
+        for old in self.queue.put(client, pending, nbytes):
             self.stats.count_dropped()
-            if old is pending:
+            if old is pending and self.queue.refused_for == "bytes":
+                why = (f"frames of other clients fill this engine's {self.config.queued_bytes_limit()} bytes of waiting "
+                       f"frames (this one: {nbytes} bytes); try again")
+            elif old is pending:
                 why = f"{self.config.max_clients} other clients have frames waiting; try again"
             else:
                 why = (f"frame {old.request.header.frame_id} was replaced by a newer frame before it was processed "

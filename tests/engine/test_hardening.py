@@ -127,3 +127,77 @@ def test_status_answers_during_a_slow_swap(engine_launcher: EngineLauncher, engi
         assert max(latencies) < 0.3, (max(latencies), swap_s)
     finally:
         engine_launcher.stop(eng)
+
+
+# --- 9: memory per message and per queue is bounded --------------------------------------------
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _site_engine(engine_launcher: EngineLauncher, engine_store: Path, tmp_path: Path, name: str,
+                 **fields: object) -> EngineProcess:
+    lines = [f"models_dir = {json.dumps(str(engine_store))}", "[engines.e]", 'model = "tiny:1"',
+             'backend = "torch-cpu"', *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]
+    site = tmp_path / "site.toml"
+    site.write_text("\n".join(lines) + "\n")
+    return engine_launcher.start("--config", str(site), "--name", "e", name=name)
+
+
+def test_oversized_part_is_refused_before_it_is_buffered(engine_launcher: EngineLauncher, engine_store: Path,
+                                                         tmp_path: Path) -> None:
+    eng = _site_engine(engine_launcher, engine_store, tmp_path, "maxmsg", max_frame_pixels=1024 * 1024)
+    try:
+        with EngineClient(eng.data, timeout_s=30) as c:
+            assert c.denoise(synthetic_frame((64, 64), "uint16")).ok
+        before = _peak_rss_mib(eng.proc.pid)
+        garbage = bytearray(128 << 20)  # 128 MiB: 32x the largest frame this engine accepts (4 MiB)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(eng.data)
+        try:
+            sock.send_multipart([b"{}", garbage], copy=False)
+            replied = sock.poll(3_000)
+        finally:
+            sock.close(0)
+        del garbage
+        grown = _peak_rss_mib(eng.proc.pid) - before
+        assert not replied  # the connection is dropped at the part's length, its bytes never read
+        assert grown < 32, f"peak RSS grew {grown:.0f} MiB for one 128 MiB part"
+        with EngineClient(eng.data, timeout_s=30) as c:  # and the engine keeps serving
+            frame = synthetic_frame((1024, 1024), "float32")  # the largest allowed still fits
+            r = c.denoise(frame)
+            assert r.ok, r.header.error
+    finally:
+        engine_launcher.stop(eng)
+
+
+def test_waiting_frames_are_bounded_in_bytes(engine_launcher: EngineLauncher, engine_store: Path,
+                                             tmp_path: Path) -> None:
+    bound = 16 << 20
+    eng = _site_engine(engine_launcher, engine_store, tmp_path, "queued-bytes", max_frame_pixels=1024 * 1024,
+                       max_queued_bytes=bound)
+    try:
+        frame = synthetic_frame((1024, 1024), "int32")  # 4 MiB a frame
+        clients = [EngineClient(eng.data, window=3, timeout_s=120) for _ in range(8)]
+        try:
+            ids = [[c.submit(frame) for _ in range(3)] for c in clients]  # 96 MiB offered at once
+            replies = [[c.receive() for _ in range(3)] for c in clients]
+        finally:
+            for c in clients:
+                c.close()
+        with ControlClient(eng.control, timeout_s=5) as ctl:
+            status = ctl.status().result
+    finally:
+        engine_launcher.stop(eng)
+    for sent, got in zip(ids, replies):
+        assert sorted(r.frame_id for r in got) == sent  # every frame answered, once
+    flat = [r for got in replies for r in got]
+    assert any(r.ok for r in flat)
+    refused = [r for r in flat if r.error_code == "dropped" and "bytes" in r.header.error.message]  # type: ignore[union-attr]
+    assert refused, [r.header.error for r in flat if not r.ok]
+    assert status["queue_bytes_bound"] == bound
+    assert 0 < status["queue_bytes_high_water"] <= bound  # type: ignore[operator]
