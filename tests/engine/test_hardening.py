@@ -5,7 +5,11 @@ Real engines (``cdae engine`` children on 127.0.0.1) and real ZeroMQ sockets, as
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -201,3 +205,96 @@ def test_waiting_frames_are_bounded_in_bytes(engine_launcher: EngineLauncher, en
     assert refused, [r.header.error for r in flat if not r.ok]
     assert status["queue_bytes_bound"] == bound
     assert 0 < status["queue_bytes_high_water"] <= bound  # type: ignore[operator]
+
+
+# --- 8: exported artefacts are verified at load ------------------------------------------------
+
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+    reason="needs onnx, onnxscript and onnxruntime (the onnx extra)")
+
+
+@pytest.fixture(scope="module")
+def onnx_store(tmp_path_factory: pytest.TempPathFactory, engine_store: Path) -> Path:
+    """tiny:1 and tiny:2, each with a verified ONNX export recorded in its manifest (as `cdae export` leaves it)."""
+    from cdae.deploy.export import export_package
+
+    store = tmp_path_factory.mktemp("onnx-store") / "models"
+    for v in ("1", "2"):
+        shutil.copytree(engine_store / "tiny" / v, store / "tiny" / v)
+    for v in ("1", "2"):
+        export_package(store / "tiny" / v, "onnx", frames=1)
+    shutil.copytree(store, store.parent / "pristine")  # for tests that need untampered exports
+    return store
+
+
+def _tamper(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _engine_cmd(store: Path, model: str) -> list[str]:
+    return [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
+            "--model", model, "--backend", "onnxruntime", "--threads", "1"]
+
+
+@needs_onnx
+def test_tampered_onnx_export_is_refused_at_start_and_at_swap(engine_launcher: EngineLauncher,
+                                                              onnx_store: Path) -> None:
+    eng = engine_launcher.start("--models", str(onnx_store), "--model", "tiny:1", "--backend", "onnxruntime",
+                                name="onnx")
+    try:
+        with ControlClient(eng.control, timeout_s=60) as ctl:
+            assert str(ctl.status().result["backend_info"]["onnx"]).endswith("artefacts/tiny-1.onnx")  # type: ignore[index]
+            _tamper(onnx_store / "tiny" / "2" / "artefacts" / "tiny-2.onnx")
+            r = ctl.activate("tiny:2")
+            assert not r.ok and "sha256" in (r.error or "") and "refusing to load" in (r.error or ""), r
+            s = ctl.status().result
+            assert s["model"] == "tiny:1" and s["activation"]["state"] == "failed"  # type: ignore[index]
+        with EngineClient(eng.data) as c:
+            assert c.denoise(synthetic_frame((32, 32), "uint16")).ok  # the old model keeps serving
+    finally:
+        engine_launcher.stop(eng)
+    _tamper(onnx_store / "tiny" / "1" / "artefacts" / "tiny-1.onnx")
+    out = subprocess.run(_engine_cmd(onnx_store, "tiny:1"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "cdae engine: error:" in out.stderr and "sha256" in out.stderr and "refusing to load" in out.stderr
+    assert "tiny-1.onnx" in out.stderr and "ready" not in out.stdout and "Traceback" not in out.stderr
+
+
+@needs_onnx
+def test_unrecorded_or_failed_artefacts_are_refused(onnx_store: Path, tmp_path: Path) -> None:
+    from cdae.engine.backends import ArtefactIntegrityError, read_verified_artefact
+    from cdae.engine.package import read_manifest, write_manifest
+
+    pkg = tmp_path / "tiny" / "1"
+    shutil.copytree(onnx_store.parent / "pristine" / "tiny" / "2", pkg)
+    manifest = read_manifest(pkg)
+    onnx_file = pkg / "artefacts" / "tiny-2.onnx"
+    assert read_verified_artefact(pkg, manifest, onnx_file, "onnx") == onnx_file.read_bytes()
+    plan = pkg / "artefacts" / "some.plan"  # a TensorRT plan nobody recorded
+    plan.write_bytes(b"plan")
+    with pytest.raises(ArtefactIntegrityError, match="not recorded"):
+        read_verified_artefact(pkg, manifest, plan, "tensorrt")
+    failed = manifest.artefacts[0].model_copy(update={"parity": {"passed": False}})
+    write_manifest(pkg, manifest.model_copy(update={"artefacts": [failed]}))
+    with pytest.raises(ArtefactIntegrityError, match="parity"):
+        read_verified_artefact(pkg, read_manifest(pkg), onnx_file, "onnx")
+
+
+@needs_onnx
+def test_tampered_cached_onnx_is_made_again(onnx_store: Path, tmp_path: Path) -> None:
+    from cdae.engine.backends import load_backend
+    from cdae.engine.config import BackendOptions
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(onnx_store.parent / "pristine" / "tiny" / "1", pkg, ignore=shutil.ignore_patterns("artefacts"))
+    options = BackendOptions(artefact_dir=tmp_path / "cache")
+    first = load_backend("onnxruntime", pkg, options).onnx_path
+    good = first.read_bytes()
+    _tamper(first)
+    logged: list[str] = []
+    again = load_backend("onnxruntime", pkg, options, log=logged.append).onnx_path
+    assert again == first and again.read_bytes() == good  # exported afresh, not the changed file
+    assert any("sha256" in m for m in logged), logged
