@@ -298,3 +298,62 @@ def test_tampered_cached_onnx_is_made_again(onnx_store: Path, tmp_path: Path) ->
     again = load_backend("onnxruntime", pkg, options, log=logged.append).onnx_path
     assert again == first and again.read_bytes() == good  # exported afresh, not the changed file
     assert any("sha256" in m for m in logged), logged
+
+
+# --- 11: extreme pixel values round-trip -------------------------------------------------------
+
+def _extreme_frames() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(21)
+    frames = []
+    for dt in ("uint8", "uint16", "int16", "int32"):
+        i = np.iinfo(dt)
+        frames += [(f"{dt} max", np.full((48, 64), i.max, dt)), (f"{dt} min", np.full((48, 64), i.min, dt)),
+                   (f"{dt} min/max", rng.choice([i.min, i.max], (48, 64)).astype(dt))]
+        mixed = rng.integers(i.min, i.max, (48, 64), dtype=dt, endpoint=True)
+        mixed[0, 0], mixed[1, 1] = i.max, i.min
+        frames.append((f"{dt} full range", mixed))
+    big = np.finfo(np.float32).max
+    frames += [("float32 +3e38", np.full((48, 64), 3e38, np.float32)),
+               ("float32 -3e38", np.full((48, 64), -3e38, np.float32)),
+               ("float32 +-3e38", rng.choice([-3e38, 3e38], (48, 64)).astype(np.float32)),
+               ("float32 +-max", rng.choice([-big, big], (48, 64)).astype(np.float32)),
+               ("float32 uniform", rng.uniform(-3e38, 3e38, (48, 64)).astype(np.float32))]
+    return frames
+
+
+def test_extreme_values_round_trip_through_a_real_engine(engine_launcher: EngineLauncher) -> None:
+    # passthrough (restored = network input) on the shipped model, whose normalisation looks for a
+    # full well (the histogram that said "Too many bins"): what comes back must be what went in
+    eng = engine_launcher.start("--models", str(REPO / "models"), "--model", "cdae-default:7",
+                                "--backend", "passthrough", name="extremes")
+    try:
+        with EngineClient(eng.data, timeout_s=30) as c:
+            for name, frame in _extreme_frames():
+                r = c.denoise(frame)
+                assert r.ok, (name, r.header.error)
+                got = r.denoised
+                assert got is not None and got.dtype == frame.dtype
+                if frame.dtype.kind == "f":
+                    assert np.isfinite(got).all(), name
+                    # float32 steps of the frame's span (the network sees the frame scaled to it)
+                    span = float(frame.max()) - float(frame.min())
+                    np.testing.assert_allclose(got, frame, rtol=1e-6, atol=1e-6 * span, err_msg=name)
+                else:  # float32 arithmetic inside: int32 to a few steps of its 24-bit mantissa (256 DN at 2^31)
+                    tol = 1024 if frame.dtype == np.int32 else 0
+                    d = np.abs(got.astype(np.int64) - frame.astype(np.int64))
+                    assert d.max() <= tol, (name, d.max(), got.min(), got.max())
+    finally:
+        engine_launcher.stop(eng)
+
+
+def test_to_dtype_clips_below_the_largest_value_float32_can_hold() -> None:
+    from cdae.engine.normalise import to_dtype
+
+    for dt in ("uint8", "uint16", "int16", "int32"):
+        i = np.iinfo(dt)
+        dn = np.array([-1e30, float(i.min), float(i.max), 1e30, np.inf, -np.inf], np.float32)
+        got = to_dtype(dn, dt, float(i.max)).astype(np.int64)
+        assert got[0] == got[1] == i.min or (dt.startswith("u") and got[0] == 0), (dt, got)
+        assert got[2] >= i.max - 128 and got[3] == got[2] and got[4] == got[2] and got[5] == got[1], (dt, got)
+    f = to_dtype(np.array([np.inf, -np.inf, 1.0], np.float32), "float32", np.inf)
+    assert f.tolist() == [float(np.finfo(np.float32).max), float(np.finfo(np.float32).min), 1.0]
