@@ -49,6 +49,24 @@ class BackendOptions(BaseModel):
     )
 
 
+class CurveServerKeys(BaseModel):
+    """CURVE on the engine's sockets: its key pair and the clients it lets in (key files: `cdae keys`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_key_file: Path = Field(description="the engine's NAME.key_secret (mode 0600)")
+    allowed_clients_dir: Path = Field(description="folder of the public NAME.key files of the clients let in")
+
+
+class CurveClientKeys(BaseModel):
+    """CURVE for a client of the engine: its own key pair and the engine's public key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_key_file: Path = Field(description="the client's NAME.key_secret (mode 0600)")
+    server_public_key_file: Path = Field(description="the engine's public NAME.key")
+
+
 class EngineConfig(BaseModel):
     """Everything the engine process needs; ``cdae engine`` flags are a thin layer over it."""
 
@@ -73,6 +91,9 @@ class EngineConfig(BaseModel):
     max_queued_bytes: int | None = Field(
         None, ge=1, description="bytes of frames waiting, all clients together: a frame beyond it is answered "
         "'dropped'; also sizes the receive high-water mark; default: 2 largest messages, at least 256 MiB"
+    )
+    curve: CurveServerKeys | None = Field(
+        None, description="CURVE encryption and client authentication on both sockets; needed off loopback"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")

@@ -40,6 +40,7 @@ from pydantic import JsonValue
 from cdae import __version__
 from cdae.engine.backends import Backend, load_backend
 from cdae.engine.config import EngineConfig
+from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
 from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import ModelRegistry, read_manifest
@@ -298,6 +299,7 @@ class EngineServer:
         self.data_endpoint = ""
         self.control_endpoint = ""
         self._ctx: zmq.Context | None = None
+        self._curve: CurveServer | None = None
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -325,19 +327,29 @@ class EngineServer:
         pull.bind(f"inproc://cdae-replies-{id(self)}")
         push.connect(f"inproc://cdae-replies-{id(self)}")
         try:
+            if self.config.curve is not None:  # both sockets: control can swap models, frames cost GPU time
+                self._curve = CurveServer(ctx, self.config.curve, self.log)
+                self._curve.secure(router)
+                self._curve.secure(rep)
             self.data_endpoint = _bind(router, self.config.bind)
             self.control_endpoint = _bind(rep, self.config.control_endpoint())
         except EngineError:
             for s in (router, rep, pull, push):
                 s.close(0)
+            if self._curve is not None:
+                self._curve.stop()
+                self._curve = None
             ctx.term()
             self._ctx = None
             self._active.backend.close()
             raise
         for ep in (self.data_endpoint, self.control_endpoint):
-            if not _is_loopback(ep):
+            if not _is_loopback(ep) and self._curve is None:
                 self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
-                         "anyone who reaches it can send frames and swap models")
+                         "anyone who reaches it can send frames and swap models (set curve keys: `cdae keys`)")
+        if self._curve is not None:
+            self.log(f"CURVE on {self.data_endpoint} and {self.control_endpoint}: clients allowed by the keys in "
+                     f"{self.config.curve.allowed_clients_dir}")  # type: ignore[union-attr]
         now = time.monotonic()
         self._beats = {"io": now, "worker": now, "control": now}
         self._threads = [
@@ -360,6 +372,9 @@ class EngineServer:
             t.join(timeout)
         if self._swap_thread is not None:
             self._swap_thread.join(timeout)
+        if self._curve is not None:
+            self._curve.stop()  # its ZAP socket belongs to the context too
+            self._curve = None
         if self._ctx is not None and not any(t.is_alive() for t in self._threads):
             self._ctx.term()  # every socket is closed by its own thread; a stuck thread leaves it to exit
         self._ctx = None
@@ -485,7 +500,7 @@ class EngineServer:
             "last_error": self.last_error, "last_request_error": self.last_request_error,
             "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
             "data": self.data_endpoint, "control": self.control_endpoint,
-            "max_pixels": self.config.max_pixels,
+            "max_pixels": self.config.max_pixels, "curve": self._curve is not None,
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 
