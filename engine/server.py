@@ -639,7 +639,8 @@ class EngineServer:
                 self._beats["control"] = time.monotonic()
                 try:
                     waiting = self._answer_finished_activations(sock, waiting)
-                    if not sock.poll(self.POLL_MS):
+                    # while a swap is awaited, look often: its reply should leave as soon as it ends
+                    if not sock.poll(10 if waiting else self.POLL_MS):
                         continue
                     for _ in range(64):
                         try:

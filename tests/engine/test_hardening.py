@@ -357,3 +357,16 @@ def test_to_dtype_clips_below_the_largest_value_float32_can_hold() -> None:
         assert got[2] >= i.max - 128 and got[3] == got[2] and got[4] == got[2] and got[5] == got[1], (dt, got)
     f = to_dtype(np.array([np.inf, -np.inf, 1.0], np.float32), "float32", np.inf)
     assert f.tolist() == [float(np.finfo(np.float32).max), float(np.finfo(np.float32).min), 1.0]
+
+
+def test_activate_with_wait_is_answered_as_soon_as_the_swap_ends(engine: EngineProcess) -> None:
+    # the IOC writes its Model PV on this reply: it must not trail the new model's first frames
+    late = []
+    with ControlClient(engine.control, timeout_s=60) as ctl:
+        for ref in ("tiny:2", "tiny:1", "tiny:2", "tiny:1"):
+            t0 = time.perf_counter()
+            r = ctl.activate(ref, wait=True)
+            elapsed = time.perf_counter() - t0
+            assert r.ok, r.error
+            late.append(elapsed - float(r.result["activation"]["seconds"]))  # type: ignore[index, arg-type]
+    assert max(late) < 0.06, late
