@@ -168,7 +168,8 @@ def load_site(path: str | Path) -> SiteConfig:
         listed = "\n  ".join(str(p) for p in problems)
         raise SiteError(f"{path}: {len(problems)} problem(s) (run `cdae config check {path}`):\n  {listed}")
     site = SiteConfig.model_validate(data)
-    return site.model_copy(update={"models_dir": resolve_models_dir(site.models_dir, path.parent)})
+    return site.model_copy(update={"models_dir": resolve_models_dir(site.models_dir, path.parent),
+                                   "engines": {n: _curve_paths(e, path.parent) for n, e in site.engines.items()}})
 
 
 def check_site(path: str | Path, *, check_models: bool = True) -> list[Problem]:
@@ -219,7 +220,7 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
         return found
     site = SiteConfig.model_construct(
         models_dir=resolve_models_dir(shell.models_dir, base), epics=epics or EpicsSettings(),
-        engines={n: e for n, e in engines.items() if e is not None},
+        engines={n: _curve_paths(e, base) for n, e in engines.items() if e is not None},
         cameras={n: c for n, c in cameras.items() if c is not None},
     )
     for table, names in (("engines", sections["engines"]), ("cameras", sections["cameras"])):
@@ -228,6 +229,15 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
                 found.append(Problem(lines.find((table, name)), f"{table}.{name}", _NAME_RULE))
     found.extend(_cross_checks(site, lines, check_models, broken_engines={n for n, e in engines.items() if e is None}))
     return sorted(found, key=lambda p: (p.line or 0, p.where))
+
+
+def _curve_paths(eng: EngineSection, base: Path) -> EngineSection:
+    """Key files named relative to the site file, like the model store (not to a service's working directory)."""
+    if eng.curve is None:
+        return eng
+    curve = eng.curve.model_copy(update={k: resolve_models_dir(getattr(eng.curve, k), base)
+                                         for k in ("secret_key_file", "allowed_clients_dir")})
+    return eng.model_copy(update={"curve": curve})
 
 
 def resolve_models_dir(models_dir: Path, base: Path) -> Path:

@@ -148,3 +148,15 @@ def test_config_check_refuses_a_network_engine_without_curve(keys: Path, tmp_pat
     loopback = tmp_path / "loopback.toml"
     loopback.write_text('[engines.gpu0]\nbind = "tcp://127.0.0.1:5555"\nbackend = "torch-cpu"\n')
     assert _cdae("config", "check", "--no-models", str(loopback)).returncode == 0
+
+
+def test_key_paths_are_relative_to_the_site_file(keys: Path, tmp_path: Path) -> None:
+    from cdae.deploy.site import check_site, load_site
+
+    site = keys / "site.toml"  # beside the keys, run from elsewhere
+    site.write_text('[engines.gpu0]\nbind = "tcp://0.0.0.0:5555"\nbackend = "torch-cpu"\n'
+                    '[engines.gpu0.curve]\nsecret_key_file = "engine.key_secret"\nallowed_clients_dir = "allowed"\n')
+    assert check_site(site, check_models=False) == []
+    curve = load_site(site).engine_config("gpu0").curve
+    assert curve is not None and curve.secret_key_file == keys / "engine.key_secret"
+    assert curve.allowed_clients_dir == keys / "allowed"
