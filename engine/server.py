@@ -46,10 +46,10 @@ from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import ModelRegistry, read_manifest
 from cdae.engine.pipeline import denoise_frame, warm_up
 from cdae.engine.protocol import (
+    MAX_HEADER_BYTES,
     ControlReply,
     ControlRequest,
     ErrorCode,
-    MAX_HEADER_BYTES,
     FrameRequest,
     ProtocolError,
     Timings,
