@@ -15,8 +15,11 @@ Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
 - **activation thread** (per swap): loads the new package, warms it up on the live frame shape,
   then replaces the active model in one assignment; on any failure the old model keeps serving.
 
-Nothing queues without bound: at most ``queue`` frames per client wait, the ROUTER's receive
-high-water mark bounds what sits in ZeroMQ, and latency cannot grow with the backlog.
+Nothing queues without bound: at most ``queue`` frames per client wait and at most
+``max_queued_bytes`` of them in all, a message part over ``max_message_bytes`` drops its sender
+before libzmq buffers it, the ROUTER's receive high-water mark bounds what sits in ZeroMQ, and
+latency cannot grow with the backlog. With ``curve`` set, both sockets run CURVE and only the
+clients whose public keys are allowed get any answer (:mod:`cdae.engine.curve`).
 """
 
 from __future__ import annotations
