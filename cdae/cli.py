@@ -331,6 +331,28 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- CURVE keys --------------------------------------------------------------------------------
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cdae.engine.curve import make_key_pair
+    from cdae.engine.errors import EngineError
+
+    for name in args.names:
+        try:
+            public, secret = make_key_pair(Path(args.dir), name, overwrite=args.force)
+        except (EngineError, OSError) as e:
+            _err(f"cdae keys: error: {e}")
+            return 1
+        print(f"{name}: public {public}, secret {secret} (mode 0600)")
+        if args.allow:
+            Path(args.allow).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(public, Path(args.allow) / public.name)
+            print(f"{name}: allowed by engines whose allowed_clients_dir is {args.allow}")
+    return 0
+
+
 # --- site configuration ------------------------------------------------------------------------
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -938,6 +960,12 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("--name", help="engine name in the site file")
     ma.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for load + warm-up")
     ma.set_defaults(func=cmd_models_activate)
+    ky = sub.add_parser("keys", help="make CURVE key pairs for engines and their clients (NAME.key, NAME.key_secret)")
+    ky.add_argument("names", nargs="+", metavar="NAME", help="one key pair per name (an engine, an IOC)")
+    ky.add_argument("--dir", required=True, help="where to write them (the secret file is mode 0600)")
+    ky.add_argument("--allow", metavar="DIR", help="also copy each public key into this allowed-clients folder")
+    ky.add_argument("--force", action="store_true", help="replace existing key files")
+    ky.set_defaults(func=cmd_keys)
     cf = sub.add_parser("config", help="site configuration: check it, show what each service runs, EPICS env")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     cc = cfs.add_parser("check", help="report every problem of a site file, with its line")

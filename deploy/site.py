@@ -26,6 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a systemd instance name (cdae-ioc@NAME)
 _NAME_RULE = "use letters, digits, '_', '.', '-' (the name is a systemd instance name)"
 
@@ -167,7 +168,8 @@ def load_site(path: str | Path) -> SiteConfig:
         listed = "\n  ".join(str(p) for p in problems)
         raise SiteError(f"{path}: {len(problems)} problem(s) (run `cdae config check {path}`):\n  {listed}")
     site = SiteConfig.model_validate(data)
-    return site.model_copy(update={"models_dir": resolve_models_dir(site.models_dir, path.parent)})
+    return site.model_copy(update={"models_dir": resolve_models_dir(site.models_dir, path.parent),
+                                   "engines": {n: _curve_paths(e, path.parent) for n, e in site.engines.items()}})
 
 
 def check_site(path: str | Path, *, check_models: bool = True) -> list[Problem]:
@@ -218,7 +220,7 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
         return found
     site = SiteConfig.model_construct(
         models_dir=resolve_models_dir(shell.models_dir, base), epics=epics or EpicsSettings(),
-        engines={n: e for n, e in engines.items() if e is not None},
+        engines={n: _curve_paths(e, base) for n, e in engines.items() if e is not None},
         cameras={n: c for n, c in cameras.items() if c is not None},
     )
     for table, names in (("engines", sections["engines"]), ("cameras", sections["cameras"])):
@@ -227,6 +229,15 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
                 found.append(Problem(lines.find((table, name)), f"{table}.{name}", _NAME_RULE))
     found.extend(_cross_checks(site, lines, check_models, broken_engines={n for n, e in engines.items() if e is None}))
     return sorted(found, key=lambda p: (p.line or 0, p.where))
+
+
+def _curve_paths(eng: EngineSection, base: Path) -> EngineSection:
+    """Key files named relative to the site file, like the model store (not to a service's working directory)."""
+    if eng.curve is None:
+        return eng
+    curve = eng.curve.model_copy(update={k: resolve_models_dir(getattr(eng.curve, k), base)
+                                         for k in ("secret_key_file", "allowed_clients_dir")})
+    return eng.model_copy(update={"curve": curve})
 
 
 def resolve_models_dir(models_dir: Path, base: Path) -> Path:
@@ -250,6 +261,7 @@ def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
                               f"{endpoint} is already used by {binds[key]}")
             else:
                 binds[key] = f"engines.{name}.{what}"
+        yield from _curve_checks(name, eng, lines)
         if eng.backend in ("torch-cpu", "passthrough") and eng.gpu is not None:
             yield Problem(lines.find(("engines", name, "gpu")), f"engines.{name}.gpu",
                           f"backend {eng.backend} does not use a GPU; remove gpu or choose tensorrt/torch-cuda")
@@ -281,6 +293,30 @@ def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
                           f"the output prefix {cam.prefix!r} would shadow the source {cam.source!r}")
     if check_models:
         yield from _model_checks(site, lines)
+
+
+def _curve_checks(name: str, eng: EngineSection, lines: KeyLines) -> Iterator[Problem]:
+    """An engine reachable off loopback needs CURVE: anyone who reaches it could send frames and swap models."""
+    where = f"engines.{name}"
+    if eng.curve is None:
+        for what, endpoint in (("bind", eng.bind), ("control", eng.control_endpoint())):
+            m = _TCP.match(endpoint)
+            if m and m["host"] not in _LOOPBACK:
+                yield Problem(lines.find(("engines", name, what)), f"{where}.{what}",
+                              f"{endpoint} is reachable from the network without authentication: set "
+                              f"[{where}.curve] secret_key_file and allowed_clients_dir (make keys with `cdae keys`), "
+                              "or bind 127.0.0.1")
+        return
+    from cdae.engine.curve import load_secret
+    from cdae.engine.errors import EngineError
+
+    try:
+        load_secret(eng.curve.secret_key_file)
+    except EngineError as e:
+        yield Problem(lines.find(("engines", name, "curve", "secret_key_file")), f"{where}.curve.secret_key_file", str(e))
+    if not eng.curve.allowed_clients_dir.is_dir():
+        yield Problem(lines.find(("engines", name, "curve", "allowed_clients_dir")), f"{where}.curve.allowed_clients_dir",
+                      f"{eng.curve.allowed_clients_dir} is not a folder (put the clients' public .key files there)")
 
 
 def _model_checks(site: SiteConfig, lines: KeyLines) -> Iterator[Problem]:

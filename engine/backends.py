@@ -20,6 +20,7 @@ GPU libraries are imported inside functions: this module imports on machines wit
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -41,7 +42,7 @@ from torch import nn
 from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.config import BackendOptions
 from cdae.engine.errors import BackendError, BackendUnavailable
-from cdae.engine.package import Manifest, load_model
+from cdae.engine.package import Manifest, load_model, sha256_file
 
 BACKEND_KINDS: tuple[str, ...] = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough")
 #: ``auto`` tries these in order.
@@ -51,6 +52,60 @@ ONNX_OPSET = 18
 EXPORT_DIR = "artefacts"  # `cdae export` writes here, beside weights.safetensors
 
 Log = Callable[[str], None]
+
+
+class ArtefactIntegrityError(BackendError):
+    """An exported ONNX file or TensorRT plan is not the one its manifest records: never loaded, never fallen back from."""
+
+
+def read_verified_artefact(pkg: Path, manifest: Manifest, path: Path, kind: str) -> bytes:
+    """The bytes of an artefact beside the package, if the manifest records this file with this sha256
+    and a passed parity check (what `cdae export` writes and `cdae models verify` checks)."""
+    data = path.read_bytes()  # hashed and then used as read: nothing can change between check and use
+    try:
+        rel = path.relative_to(pkg).as_posix()
+    except ValueError:
+        rel = None
+    records = [a for a in manifest.artefacts if a.kind == kind and Path(a.path).as_posix() == rel]
+    if not records:
+        raise ArtefactIntegrityError(
+            f"{path}: not recorded in the manifest of {manifest.ref} (artefacts beside a package come from "
+            f"`cdae export`, which records their sha256); refusing to load an unverified {kind} file")
+    record = records[-1]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256:
+        raise ArtefactIntegrityError(
+            f"{path}: sha256 {digest[:16]}… does not match the manifest's {record.sha256[:16]}… (changed after "
+            f"`cdae export`); refusing to load (`cdae models verify` lists every problem)")
+    if record.parity.get("passed") is not True:
+        raise ArtefactIntegrityError(f"{path}: its parity check against torch did not pass; refusing to load")
+    return data
+
+
+def _cache_hash_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _record_cache_hash(path: Path, data: bytes | None = None) -> None:
+    """Beside a file the engine made in its cache: its sha256, checked before every later use."""
+    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    tmp = _cache_hash_file(path).with_name(_cache_hash_file(path).name + f".{os.getpid()}.tmp")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, _cache_hash_file(path))
+
+
+def _cache_intact(path: Path, log: Log, data: bytes | None = None) -> bool:
+    """Whether a cached artefact is byte for byte what the engine made; if not it is made again, not used."""
+    try:
+        want = _cache_hash_file(path).read_text().strip()
+    except OSError:
+        want = ""
+    got = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    if want and got == want:
+        return True
+    why = "its sha256 differs from the one recorded when it was made" if want else "no sha256 was recorded for it"
+    log(f"cached {path}: {why}; making it again instead of loading it")
+    return False
 
 
 def cuda_available() -> bool:
@@ -480,12 +535,15 @@ def export_onnx(model: nn.Module, manifest: Manifest, path: Path, max_side: int 
 
 
 def onnx_artefact(pkg: Path, manifest: Manifest, model: nn.Module, cache: Path, max_side: int, log: Log) -> Path:
-    """The package's ONNX file: an exported one recorded beside the package, else the cache's (exported once)."""
-    exported = Path(pkg) / EXPORT_DIR / f"{manifest.name}-{manifest.version}.onnx"
-    if exported.is_file():
-        return exported
+    """The package's ONNX file: an exported one recorded beside the package (its sha256 checked), else the
+    cache's (exported once, its sha256 recorded beside it and checked at every later load)."""
+    recorded = [Path(pkg) / a.path for a in manifest.artefacts if a.kind == "onnx"]
+    for exported in [*recorded, Path(pkg) / EXPORT_DIR / f"{manifest.name}-{manifest.version}.onnx"]:
+        if exported.is_file():
+            read_verified_artefact(Path(pkg), manifest, exported, "onnx")
+            return exported
     path = cache / "onnx" / f"{manifest.name}-{manifest.version}-w{manifest.weights_sha256[:12]}-x{ONNX_EXPORT_FORMAT}.onnx"
-    if not path.is_file():
+    if not path.is_file() or not _cache_intact(path, log):
         log(f"exporting {manifest.ref} to {path}")
         try:
             export_onnx(model, manifest, path, max_side=max_side)
@@ -493,6 +551,7 @@ def onnx_artefact(pkg: Path, manifest: Manifest, model: nn.Module, cache: Path, 
             raise
         except Exception as e:  # the exporter raises many types; the engine reports one
             raise BackendError(f"ONNX export of {manifest.ref} failed: {type(e).__name__}: {e}") from e
+        _record_cache_hash(path)
     return path
 
 
@@ -585,9 +644,16 @@ class TensorRTBackend(Backend):
     def _load_or_build(self, trt, model: nn.Module, pkg: Path, cache: Path, options: BackendOptions,  # noqa: ANN001, ANN202
                        log: Log):
         # a plan made by `cdae export` beside the package (read-only store) first, then the cache
-        for candidate in (Path(pkg) / EXPORT_DIR / self.plan_path.name, self.plan_path):
+        exported = Path(pkg) / EXPORT_DIR / self.plan_path.name
+        for candidate in (exported, self.plan_path):
             if candidate.is_file():
-                engine = self.runtime.deserialize_cuda_engine(candidate.read_bytes())
+                if candidate == exported:
+                    data = read_verified_artefact(Path(pkg), self.manifest, candidate, "tensorrt")
+                else:
+                    data = candidate.read_bytes()
+                    if not _cache_intact(candidate, log, data):
+                        continue
+                engine = self.runtime.deserialize_cuda_engine(data)
                 if engine is not None:
                     self.plan_path = candidate
                     log(f"loaded TensorRT plan {candidate}")
@@ -600,6 +666,7 @@ class TensorRTBackend(Backend):
             tmp = self.plan_path.with_name(self.plan_path.name + f".{os.getpid()}.tmp")
             tmp.write_bytes(plan)
             os.replace(tmp, self.plan_path)
+            _record_cache_hash(self.plan_path, plan)
             meta = {"profile": self.profile.describe(), "precision": self.precision, "trt_version": trt.__version__,
                     "gpu": torch.cuda.get_device_name(self.torch_device), "model": self.ref,
                     "weights_sha256": self.manifest.weights_sha256, "onnx": onnx_path.name}
@@ -693,6 +760,8 @@ def load_backend(kind: str, pkg: Path | str, options: BackendOptions | None = No
         for k in candidates:
             try:
                 return _make(k, manifest, model, pkg, options, log)
+            except ArtefactIntegrityError:
+                raise  # a changed artefact is refused loudly, not hidden by the next backend
             except BackendError as e:
                 if k == candidates[-1]:
                     raise

@@ -5,6 +5,9 @@ most ``window`` frames are in flight at once over all of them (a submit waits fo
 the window is full). Replies come back in completion order and carry the client's ``frame_id``.
 The wire format is entirely :mod:`cdae.engine.protocol`; these classes only move its parts.
 
+Each class takes ``curve`` (:class:`~cdae.engine.config.CurveClientKeys`: the client's key pair
+and the engine's public key) for an engine that runs CURVE; without it the sockets are plain.
+
 Frames are sent without copying (ZeroMQ reads the array's own buffer from its I/O thread):
 do not modify a frame in place until its reply has arrived. Reply arrays are read-only views
 of the received message.
@@ -23,6 +26,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from cdae.engine.config import CurveClientKeys
+from cdae.engine.curve import apply_client
 from cdae.engine.errors import EngineError, EngineTimeout
 from cdae.engine.protocol import (
     ControlReply,
@@ -34,6 +39,12 @@ from cdae.engine.protocol import (
     encode_request,
     request_header_for,
 )
+
+
+def _secure(sock: zmq.Socket, curve: CurveClientKeys | None) -> None:
+    """CURVE keys on a socket before it connects: an engine with CURVE answers no one else."""
+    if curve is not None:
+        apply_client(sock, curve)
 
 
 def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
@@ -51,7 +62,7 @@ class EngineClient:
     """Synchronous client: ``denoise(frame)`` for one frame, or ``submit``/``receive`` to pipeline frames."""
 
     def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveClientKeys | None = None) -> None:
         if window < 1:
             raise EngineError(f"window must be >= 1, got {window}")
         self.endpoints = _endpoints(endpoints)
@@ -62,6 +73,7 @@ class EngineClient:
         for ep in self.endpoints:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            _secure(s, curve)
             s.connect(ep)
             self._sockets.append(s)
         self._poller = zmq.Poller()
@@ -150,7 +162,7 @@ class AsyncEngineClient:
     """
 
     def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, curve: CurveClientKeys | None = None) -> None:
         if window < 1:
             raise EngineError(f"window must be >= 1, got {window}")
         self.endpoints = _endpoints(endpoints)
@@ -161,6 +173,7 @@ class AsyncEngineClient:
         for ep in self.endpoints:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            _secure(s, curve)
             s.connect(ep)
             self._sockets.append(s)
         self._next = itertools.cycle(range(len(self._sockets)))
@@ -244,7 +257,8 @@ class AsyncEngineClient:
 class ControlClient:
     """The engine's control channel (REQ): ``status()``, ``list_models()``, ``activate(ref)``, ``metrics()``."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, context: zmq.Context | None = None,
+                 curve: CurveClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._sock = (context or zmq.Context.instance()).socket(zmq.REQ)
@@ -252,6 +266,7 @@ class ControlClient:
         # a timed-out request must not wedge the REQ state machine
         self._sock.setsockopt(zmq.REQ_RELAXED, 1)
         self._sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        _secure(self._sock, curve)
         self._sock.connect(endpoint)
 
     def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
@@ -293,13 +308,15 @@ class ControlClient:
 class AsyncControlClient:
     """The control channel for asyncio code (the IOC)."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, context: zmq.asyncio.Context | None = None,
+                 curve: CurveClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._sock = (context or zmq.asyncio.Context.instance()).socket(zmq.REQ)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.REQ_RELAXED, 1)
         self._sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        _secure(self._sock, curve)
         self._sock.connect(endpoint)
 
     async def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:

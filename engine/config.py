@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cdae.engine.guard import GuardConfig
-from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS
+from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS, MAX_HEADER_BYTES
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 
@@ -50,6 +50,24 @@ class BackendOptions(BaseModel):
     )
 
 
+class CurveServerKeys(BaseModel):
+    """CURVE on the engine's sockets: its key pair and the clients it lets in (key files: `cdae keys`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_key_file: Path = Field(description="the engine's NAME.key_secret (mode 0600)")
+    allowed_clients_dir: Path = Field(description="folder of the public NAME.key files of the clients let in")
+
+
+class CurveClientKeys(BaseModel):
+    """CURVE for a client of the engine: its own key pair and the engine's public key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_key_file: Path = Field(description="the client's NAME.key_secret (mode 0600)")
+    server_public_key_file: Path = Field(description="the engine's public NAME.key")
+
+
 class EngineConfig(BaseModel):
     """Everything the engine process needs; ``cdae engine`` flags are a thin layer over it."""
 
@@ -67,6 +85,17 @@ class EngineConfig(BaseModel):
     queue: int = Field(2, ge=1, le=256, description="frames waiting per client; beyond it the oldest is dropped")
     max_clients: int = Field(64, ge=1, description="clients with frames waiting at once")
     receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark on the data socket (messages)")
+    max_message_bytes: int | None = Field(
+        None, ge=1024, description="largest message part accepted (ZMQ_MAXMSGSIZE): a peer sending more is "
+        "disconnected before its bytes are read; default: the largest frame allowed, max_frame_pixels x 4 bytes"
+    )
+    max_queued_bytes: int | None = Field(
+        None, ge=1, description="bytes of frames waiting, all clients together: a frame beyond it is answered "
+        "'dropped'; also sizes the receive high-water mark; default: 2 largest messages, at least 256 MiB"
+    )
+    curve: CurveServerKeys | None = Field(
+        None, description="CURVE encryption and client authentication on both sockets; needed off loopback"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
     timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
@@ -79,6 +108,22 @@ class EngineConfig(BaseModel):
         if v is not None and not re.match(r"^(tcp|ipc|inproc)://.+", v):
             raise ValueError(f"expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {v!r}")
         return v
+
+    def message_limit(self) -> int:
+        """Largest message part accepted: configured, else the largest frame allowed (4-byte pixels)."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        return max(self.max_frame_pixels * 4, MAX_HEADER_BYTES)
+
+    def queued_bytes_limit(self) -> int:
+        """Bytes of frames allowed to wait: configured, else room for two of the largest messages."""
+        if self.max_queued_bytes is not None:
+            return self.max_queued_bytes
+        return max(256 << 20, 2 * self.message_limit())
+
+    def receive_hwm_for_bytes(self) -> int:
+        """The data socket's RCVHWM: at most ``queued_bytes_limit()`` of largest-size messages per peer."""
+        return max(1, min(self.receive_hwm, self.queued_bytes_limit() // self.message_limit()))
 
     def control_endpoint(self) -> str:
         """The control endpoint: as configured, else the data port + 1 on the same host."""

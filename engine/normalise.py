@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+F32_MAX = float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "uint32", "int8")
 
 
@@ -158,19 +159,21 @@ def find_full_well(
     f = np.asarray(frame, dtype=np.float32)
     h, w = f.shape[-2:]
     step = max(1, int(math.sqrt(h * w / max_samples)))
-    sample = f[::step, ::step].ravel()
+    # the sampled pixels in float64: differences across a float32 frame's range (+-3e38) overflow float32
+    sample = f[::step, ::step].ravel().astype(np.float64)
     if math.isfinite(adc_max):
         sample = sample[sample < adc_max - 0.5]
     if sample.size < 1024:
         return None
-    a, b = _pairs(f, step)
+    a, b = (v.astype(np.float64) for v in _pairs(f, step))
     noise = max(dark_noise(a, b), 0.5)  # 0.5 DN: quantisation
     lo, p80, top = (float(v) for v in np.percentile(sample, [10, 80, 100]))
     band = sample[sample >= p80]
     nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
-    counts, edges = np.histogram(band, bins=nbins, range=(p80, top + 1e-3))
+    # binned relative to p80: edges near 3e38 one unit apart do not exist ("Too many bins")
+    counts, edges = np.histogram(band - p80, bins=nbins, range=(0.0, (top - p80) + max(1e-3, 1e-12 * abs(top))))
     k = int(np.argmax(counts))
-    centre = 0.5 * (edges[k] + edges[k + 1])
+    centre = p80 + 0.5 * (edges[k] + edges[k + 1])
     # narrow the window onto the spike: the dark noise only bounds it (textured dark regions inflate it)
     level, half = centre, 4.0 * noise
     for _ in range(6):
@@ -222,8 +225,12 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
         raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
     offset, scale = frame_offset_scale(f, adc_max, config)
     x = np.empty((2, *f.shape), dtype=np.float32)
-    np.subtract(f, offset, out=x[0])
-    x[0] *= np.float32(1.0 / scale)
+    with np.errstate(over="ignore"):  # an overflow is caught just below
+        np.subtract(f, offset, out=x[0])
+        x[0] *= np.float32(1.0 / scale)
+    if f.dtype == frame.dtype and frame.dtype.kind == "f" and not np.isfinite(x[0]).all():
+        # f - offset overflowed float32 (a frame spanning +-3e38): the same input, computed in float64
+        x[0] = (f.astype(np.float64) - offset) / scale
     if math.isfinite(adc_max):
         # a clipped pixel carries no noise: the network is told which ones are
         np.greater_equal(f, np.float32(adc_max - 0.5), out=x[1], casting="unsafe")
@@ -249,19 +256,36 @@ def mark_full_well(x: np.ndarray, frame: np.ndarray, fw: FullWell | None, offset
 
 def denormalise(y: np.ndarray, offset: float, scale: float) -> np.ndarray:
     """Network output back to DN (float32)."""
+    if not (abs(scale) < F32_MAX and abs(offset) < F32_MAX):  # a float frame spanning more than float32 holds
+        return np.clip(np.asarray(y, dtype=np.float64) * scale + offset, -F32_MAX, F32_MAX).astype(np.float32)
     out = np.asarray(y, dtype=np.float32) * np.float32(scale)
     out += np.float32(offset)
     return out
 
 
+def _below(bound: float, like: np.dtype) -> float:
+    """``bound`` if ``like`` holds it exactly, else the nearest value of ``like`` inside it (toward zero)."""
+    v = np.asarray(bound, dtype=like)
+    if abs(float(v)) > abs(bound):
+        v = np.nextafter(v, like.type(0))
+    return float(v)
+
+
 def to_dtype(frame_dn: np.ndarray, dtype: np.dtype | str, adc_max: float) -> np.ndarray:
-    """Cast a float DN frame to the camera's type: round and clip integers to the valid range."""
+    """Cast a float DN frame to the camera's type: round and clip integers to the valid range.
+
+    The bounds are clipped in the frame's own float type: int32's 2^31-1 is 2^31 in float32, which
+    casts to -2^31, so the bound is the largest float32 below it. Float frames are clipped to their
+    finite range (an output beyond it is an overflow, not a measurement).
+    """
     dt = np.dtype(dtype)
+    src = frame_dn.dtype if frame_dn.dtype.kind == "f" else np.dtype(np.float64)
     if dt.kind == "f":
-        return frame_dn.astype(dt, copy=False)
+        fi = np.finfo(dt)
+        return np.clip(frame_dn, fi.min, fi.max).astype(dt, copy=False)
     info = np.iinfo(dt)
-    hi = min(float(info.max), adc_max)
-    lo = float(info.min) if dt.kind == "i" else 0.0
+    hi = _below(min(float(info.max), adc_max), src)
+    lo = _below(float(info.min), src) if dt.kind == "i" else 0.0
     return np.clip(np.rint(frame_dn), lo, hi).astype(dt)
 
 

@@ -33,7 +33,7 @@ from cdae.engine.errors import EngineError
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 65536
 #: A control request may carry a bad-pixel map (NDPluginBadPixel JSON, ~35 bytes an entry).
-MAX_CONTROL_BYTES = 32 * 1024 * 1024
+MAX_CONTROL_BYTES = 16 * 1024 * 1024
 BAD_PIXEL_MAP_ID = r"^[0-9a-f]{16}$"
 #: Declared frames larger than this are refused unless the decoder is given another limit.
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192

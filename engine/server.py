@@ -9,12 +9,17 @@ Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
 - **worker thread**: takes frames round-robin across clients, runs the pipeline on the active
   model, and hands the reply back to the I/O thread. It reads the active model once per frame,
   so a swap takes effect between two frames.
-- **control thread**: owns the REP socket: ``status``, ``list_models``, ``activate``, ``metrics``.
+- **control thread**: owns the control socket (a ROUTER that REQ clients see as a REP): ``status``,
+  ``list_models``, ``activate``, ``metrics``. It never blocks: an ``activate`` that waits is
+  answered when its swap ends, and status keeps answering meanwhile.
 - **activation thread** (per swap): loads the new package, warms it up on the live frame shape,
   then replaces the active model in one assignment; on any failure the old model keeps serving.
 
-Nothing queues without bound: at most ``queue`` frames per client wait, the ROUTER's receive
-high-water mark bounds what sits in ZeroMQ, and latency cannot grow with the backlog.
+Nothing queues without bound: at most ``queue`` frames per client wait and at most
+``max_queued_bytes`` of them in all, a message part over ``max_message_bytes`` drops its sender
+before libzmq buffers it, the ROUTER's receive high-water mark bounds what sits in ZeroMQ, and
+latency cannot grow with the backlog. With ``curve`` set, both sockets run CURVE and only the
+clients whose public keys are allowed get any answer (:mod:`cdae.engine.curve`).
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ from cdae import __version__
 from cdae.engine.backends import Backend, load_backend
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
+from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
 from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import ModelRegistry, read_manifest
 from cdae.engine.pipeline import denoise_frame, warm_up
 from cdae.engine.protocol import (
+    MAX_CONTROL_BYTES,
     ControlReply,
     ControlRequest,
     ErrorCode,
@@ -97,33 +104,47 @@ class FrameQueue(Generic[T]):
     """Bounded per-client pending frames, served round-robin; when a client's slot is full the newest wins.
 
     ``put`` returns the items it pushed out (the caller answers them "dropped"); nothing ever
-    blocks the producer, and at most ``per_client * max_clients`` items wait.
+    blocks the producer, at most ``per_client * max_clients`` items wait, and at most ``max_bytes``
+    of them (the ``nbytes`` each was put with): a frame that would go beyond is refused.
     """
 
-    def __init__(self, per_client: int, max_clients: int) -> None:
+    def __init__(self, per_client: int, max_clients: int, max_bytes: int | None = None) -> None:
         self.per_client = per_client
         self.max_clients = max_clients
-        self._slots: dict[bytes, deque[T]] = {}
+        self.max_bytes = max_bytes
+        self._slots: dict[bytes, deque[tuple[T, int]]] = {}
         self._order: deque[bytes] = deque()  # clients with frames waiting, in service order
         self._cond = threading.Condition()
         self._depth = 0
+        self._bytes = 0
         self.high_water = 0
+        self.bytes_high_water = 0
+        self.refused_for = ""  # why put last refused its own item: "clients" or "bytes"
 
-    def put(self, client: bytes, item: T) -> list[T]:
+    def put(self, client: bytes, item: T, nbytes: int = 0) -> list[T]:
         with self._cond:
             slot = self._slots.get(client)
+            own = sum(size for _, size in slot) if slot else 0
+            if self.max_bytes is not None and self._bytes - own + nbytes > self.max_bytes:
+                self.refused_for = "bytes"  # even without this client's older frames it would not fit
+                return [item]
             if slot is None:
                 if len(self._slots) >= self.max_clients:
+                    self.refused_for = "clients"
                     return [item]  # too many clients waiting: refuse rather than grow
                 slot = self._slots[client] = deque()
                 self._order.append(client)
             evicted = []
-            while len(slot) >= self.per_client:
-                evicted.append(slot.popleft())
+            while len(slot) >= self.per_client or (self.max_bytes is not None and self._bytes + nbytes > self.max_bytes):
+                old, size = slot.popleft()  # the client's own older frames make room: the newest wins
+                evicted.append(old)
                 self._depth -= 1
-            slot.append(item)
+                self._bytes -= size
+            slot.append((item, nbytes))
             self._depth += 1
+            self._bytes += nbytes
             self.high_water = max(self.high_water, self._depth)
+            self.bytes_high_water = max(self.bytes_high_water, self._bytes)
             self._cond.notify()
             return evicted
 
@@ -133,8 +154,9 @@ class FrameQueue(Generic[T]):
                 return None
             client = self._order.popleft()
             slot = self._slots[client]
-            item = slot.popleft()
+            item, size = slot.popleft()
             self._depth -= 1
+            self._bytes -= size
             if slot:
                 self._order.append(client)  # round robin: this client goes to the back
             else:
@@ -143,11 +165,16 @@ class FrameQueue(Generic[T]):
 
     def drain(self) -> list[T]:
         with self._cond:
-            items = [i for s in self._slots.values() for i in s]
+            items = [i for s in self._slots.values() for i, _ in s]
             self._slots.clear()
             self._order.clear()
             self._depth = 0
+            self._bytes = 0
             return items
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return self._depth
@@ -231,6 +258,15 @@ class ActiveModel:
 
 
 @dataclass
+class _WaitingActivation:
+    """An ``activate`` with ``wait``: answered by the control thread once the swap ends or times out."""
+
+    envelope: list[bytes]
+    thread: threading.Thread
+    deadline: float  # monotonic
+
+
+@dataclass
 class _Pending:
     client: bytes
     request: FrameRequest
@@ -252,7 +288,7 @@ class EngineServer:
         self.log = log
         self.registry = ModelRegistry(config.models_dir)
         self.stats = EngineStats(config.timing_window)
-        self.queue: FrameQueue[_Pending] = FrameQueue(config.queue, config.max_clients)
+        self.queue: FrameQueue[_Pending] = FrameQueue(config.queue, config.max_clients, config.queued_bytes_limit())
         self._active: ActiveModel | None = None
         self._retired: deque[ActiveModel] = deque()
         self._stop = threading.Event()
@@ -268,6 +304,7 @@ class EngineServer:
         self.control_endpoint = ""
         self._ctx: zmq.Context | None = None
         self.bad_pixel_maps = BadPixelMaps()
+        self._curve: CurveServer | None = None
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -281,29 +318,45 @@ class EngineServer:
         ctx = self._ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
-        rep = ctx.socket(zmq.REP)
+        # Memory per message and per queue is bounded: a part over the limit drops the connection at
+        # its length prefix, before libzmq allocates it; RCVHWM keeps what sits in ZeroMQ per peer
+        # (while the I/O thread is busy) to about max_queued_bytes; the FrameQueue bounds the rest.
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.message_limit())
+        router.setsockopt(zmq.RCVHWM, self.config.receive_hwm_for_bytes())
+        rep = ctx.socket(zmq.ROUTER)  # REQ clients talk to it as to a REP (see _control_loop)
         rep.setsockopt(zmq.LINGER, 0)
+        rep.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)  # one JSON object; set_bad_pixels carries a map
+        rep.setsockopt(zmq.RCVHWM, 64)
         pull = ctx.socket(zmq.PULL)
         push = ctx.socket(zmq.PUSH)
         pull.bind(f"inproc://cdae-replies-{id(self)}")
         push.connect(f"inproc://cdae-replies-{id(self)}")
         try:
+            if self.config.curve is not None:  # both sockets: control can swap models, frames cost GPU time
+                self._curve = CurveServer(ctx, self.config.curve, self.log)
+                self._curve.secure(router)
+                self._curve.secure(rep)
             self.data_endpoint = _bind(router, self.config.bind)
             self.control_endpoint = _bind(rep, self.config.control_endpoint())
         except EngineError:
             for s in (router, rep, pull, push):
                 s.close(0)
+            if self._curve is not None:
+                self._curve.stop()
+                self._curve = None
             ctx.term()
             self._ctx = None
             self._active.backend.close()
             raise
         for ep in (self.data_endpoint, self.control_endpoint):
-            if not _is_loopback(ep):
+            if not _is_loopback(ep) and self._curve is None:
                 self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
-                         "anyone who reaches it can send frames and swap models")
+                         "anyone who reaches it can send frames and swap models (set curve keys: `cdae keys`)")
+        if self._curve is not None:
+            self.log(f"CURVE on {self.data_endpoint} and {self.control_endpoint}: clients allowed by the keys in "
+                     f"{self.config.curve.allowed_clients_dir}")  # type: ignore[union-attr]
         now = time.monotonic()
-        self._beats = {"io": now, "worker": now}
+        self._beats = {"io": now, "worker": now, "control": now}
         self._threads = [
             threading.Thread(target=self._io_loop, args=(router, pull), name="cdae-io", daemon=True),
             threading.Thread(target=self._worker_loop, args=(push,), name="cdae-worker", daemon=True),
@@ -324,6 +377,9 @@ class EngineServer:
             t.join(timeout)
         if self._swap_thread is not None:
             self._swap_thread.join(timeout)
+        if self._curve is not None:
+            self._curve.stop()  # its ZAP socket belongs to the context too
+            self._curve = None
         if self._ctx is not None and not any(t.is_alive() for t in self._threads):
             self._ctx.term()  # every socket is closed by its own thread; a stuck thread leaves it to exit
         self._ctx = None
@@ -337,10 +393,10 @@ class EngineServer:
         return self._stop.is_set()
 
     def stalled(self, max_age_s: float) -> list[str]:
-        """The frame-path threads (``io``, ``worker``) dead or not round their loop within ``max_age_s``.
+        """The service's threads (``io``, ``worker``, ``control``) dead or not round their loop within ``max_age_s``.
 
-        What the systemd watchdog is gated on. The control thread is left out: it legitimately
-        waits minutes for a model activation (a TensorRT plan build) on an operator's request.
+        What the systemd watchdog is gated on. The control thread never waits for an activation
+        (a TensorRT plan build can take minutes: that runs in its own thread), so it is covered too.
         """
         now = time.monotonic()
         alive = {t.name for t in self._threads if t.is_alive()}
@@ -375,6 +431,17 @@ class EngineServer:
 
     def activate(self, ref: str, wait: bool = True, timeout_s: float = 600.0) -> ControlReply:
         """Load ``ref`` in the background, warm it up on the live shape, switch between two frames."""
+        thread = self._begin_activation(ref)
+        if isinstance(thread, ControlReply):
+            return thread
+        if wait:
+            deadline = time.monotonic() + timeout_s
+            while thread.is_alive() and time.monotonic() < deadline and not self.stopping:
+                thread.join(0.1)
+        return self._activation_reply()
+
+    def _begin_activation(self, ref: str) -> threading.Thread | ControlReply:
+        """Start the swap thread, or the refusal when a swap is already running."""
         with self._swap_lock:
             if self._swap_thread is not None and self._swap_thread.is_alive():
                 return ControlReply(ok=False, command="activate",
@@ -382,11 +449,9 @@ class EngineServer:
             self.activation = {"model": ref, "state": "loading", "started_utc": _utc_now(), "error": None}
             self._swap_thread = threading.Thread(target=self._swap, args=(ref,), name="cdae-activate", daemon=True)
             self._swap_thread.start()
-            thread = self._swap_thread
-        if wait:
-            deadline = time.monotonic() + timeout_s
-            while thread.is_alive() and time.monotonic() < deadline and not self.stopping:
-                thread.join(0.1)
+            return self._swap_thread
+
+    def _activation_reply(self) -> ControlReply:
         state = dict(self.activation)
         if state.get("state") == "failed":
             return ControlReply(ok=False, command="activate", error=str(state.get("error")), result={"activation": state})
@@ -434,12 +499,15 @@ class EngineServer:
             "model_since_utc": a.since_utc, "package": str(a.package),
             "queue_depth": len(self.queue), "queue_bound": self.config.queue,
             "queue_high_water": self.queue.high_water, "counters": self.stats.counters(),  # type: ignore[dict-item]
+            "queue_bytes": self.queue.bytes, "queue_bytes_high_water": self.queue.bytes_high_water,
+            "queue_bytes_bound": self.config.queued_bytes_limit(), "max_message_bytes": self.config.message_limit(),
             "timings_ms": self.stats.timings(),  # type: ignore[dict-item]
             "last_error": self.last_error, "last_request_error": self.last_request_error,
             "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
             "data": self.data_endpoint, "control": self.control_endpoint,
             "max_pixels": self.config.max_pixels, "bad_pixel_maps": len(self.bad_pixel_maps),
             "guard": self.config.guard.model_dump() if self.config.guard else None,  # type: ignore[dict-item]
+            "curve": self._curve is not None,
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 
@@ -501,9 +569,13 @@ class EngineServer:
             router.send_multipart([client, *error_reply_for(e)], copy=False)
             return
         pending = _Pending(client, request, received, msg)
-        for old in self.queue.put(client, pending):
+        nbytes = sum(len(f) for f in msg)
+        for old in self.queue.put(client, pending, nbytes):
             self.stats.count_dropped()
-            if old is pending:
+            if old is pending and self.queue.refused_for == "bytes":
+                why = (f"frames of other clients fill this engine's {self.config.queued_bytes_limit()} bytes of waiting "
+                       f"frames (this one: {nbytes} bytes); try again")
+            elif old is pending:
                 why = f"{self.config.max_clients} other clients have frames waiting; try again"
             else:
                 why = (f"frame {old.request.header.frame_id} was replaced by a newer frame before it was processed "
@@ -573,15 +645,66 @@ class EngineServer:
                         flags=result.flags, flag_counts=result.flag_counts, timings=timings, tiles=result.tiles,
                         **label)
 
-    def _control_loop(self, rep: zmq.Socket) -> None:
+    def _control_loop(self, sock: zmq.Socket) -> None:
+        # A ROUTER, not a REP: a reply can wait (activate with wait) while other requests are answered,
+        # and a malformed message cannot leave a REP state machine stuck with a part pending.
+        waiting: list[_WaitingActivation] = []
         try:
             while not self.stopping:
-                if not rep.poll(self.POLL_MS):
-                    continue
-                raw = rep.recv(copy=False)
-                rep.send(encode_control_reply(self.handle_control(raw)))
+                self._beats["control"] = time.monotonic()
+                try:
+                    waiting = self._answer_finished_activations(sock, waiting)
+                    # while a swap is awaited, look often: its reply should leave as soon as it ends
+                    if not sock.poll(10 if waiting else self.POLL_MS):
+                        continue
+                    for _ in range(64):
+                        try:
+                            msg = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_control(sock, msg, waiting)
+                except Exception:  # whatever a peer sent, the control thread keeps serving
+                    self.last_request_error = "control: " + traceback.format_exc(limit=3)
+                    self.log(self.last_request_error)
         finally:
-            rep.close(0)
+            sock.close(0)
+
+    def _on_control(self, sock: zmq.Socket, msg: list[bytes], waiting: list[_WaitingActivation]) -> None:
+        # REQ sends [route..., b"", body]; what precedes the empty delimiter goes back unchanged
+        try:
+            cut = msg.index(b"", 1)
+        except ValueError:  # not a REQ peer (a raw DEALER): answer its identity anyway
+            envelope, body = [msg[0], b""], msg[1:]
+        else:
+            envelope, body = msg[: cut + 1], msg[cut + 1 :]
+        if len(body) != 1:
+            reply = ControlReply(ok=False, error=f"expected 1 message part (a JSON control request), "
+                                                 f"got {len(body)} message parts")
+        else:
+            try:
+                req = decode_control_request(body[0])
+            except ProtocolError:
+                req = None
+            if req is not None and req.command == "activate" and req.wait and req.model:
+                started = self._begin_activation(req.model)
+                if isinstance(started, threading.Thread):
+                    waiting.append(_WaitingActivation(envelope, started, time.monotonic() + req.timeout_s))
+                    return
+                reply = started
+            else:
+                reply = self.handle_control(body[0])
+        sock.send_multipart([*envelope, encode_control_reply(reply)])
+
+    def _answer_finished_activations(self, sock: zmq.Socket,
+                                     waiting: list[_WaitingActivation]) -> list[_WaitingActivation]:
+        now = time.monotonic()
+        still = []
+        for w in waiting:
+            if w.thread.is_alive() and now < w.deadline and not self.stopping:
+                still.append(w)
+            else:
+                sock.send_multipart([*w.envelope, encode_control_reply(self._activation_reply())])
+        return still
 
     def handle_control(self, raw: object) -> ControlReply:
         """One control request → its reply; never raises."""
@@ -615,9 +738,9 @@ STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters betw
 
 def supervise(server: EngineServer, stop: threading.Event, notifier: Notifier, log: Log = _stderr,
               poll_s: float = 0.2) -> None:
-    """Until ``stop`` (or the server stops itself): watchdog pings while the frame path is alive, STATUS.
+    """Until ``stop`` (or the server stops itself): watchdog pings while every service thread is alive, STATUS.
 
-    The ping is withheld while the I/O or worker thread has not gone round its loop within the
+    The ping is withheld while the I/O, worker or control thread has not gone round its loop within the
     watchdog limit, so systemd restarts an engine wedged in, say, a hung CUDA call.
     """
     last_status = time.monotonic()

@@ -54,3 +54,13 @@ def test_config_control_endpoint_and_validation() -> None:
         EngineConfig(bind="127.0.0.1:5555")
     with pytest.raises(ValueError, match="queue"):
         EngineConfig(queue=0)
+
+
+def test_waiting_bytes_are_bounded_across_clients() -> None:
+    q: FrameQueue[str] = FrameQueue(per_client=2, max_clients=8, max_bytes=10)
+    assert q.put(b"a", "a0", 4) == [] and q.put(b"b", "b0", 4) == []
+    assert q.put(b"c", "c0", 4) == ["c0"] and q.refused_for == "bytes"  # others fill the budget: refused
+    assert q.put(b"a", "a1", 6) == ["a0"]  # a client's own older frame makes room: the newest wins
+    assert q.bytes == 10 and q.bytes_high_water == 10
+    assert q.put(b"d", "d0", 11) == ["d0"]  # larger than the whole budget
+    assert [q.get(0), q.get(0), q.get(0)] == ["a1", "b0", None] and q.bytes == 0
