@@ -14,12 +14,15 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-from caproto import ChannelType
+from caproto import AlarmSeverity, AlarmStatus, CAStatus, ChannelType
+from caproto._data import Forbidden
 from caproto.server import PVGroup, SubGroup
 from caproto.server import pvproperty as _pvproperty
+from caproto.server.server import pvspec_type_map
 
 from cdae import __version__
 from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
+from cdae.ioc.runner import log
 
 #: The ADCore release whose PV set this emulates (reported, so clients know what to expect).
 AD_CORE_VERSION = "3.12.1"
@@ -45,6 +48,37 @@ def pvproperty(**kwargs: object) -> _pvproperty:
     whole group, so an INVALID image would drag every status PV into the same alarm."""
     kwargs.setdefault("alarm_group", kwargs["name"])
     return _pvproperty(**kwargs)
+
+
+def _refusing(base: type) -> type:
+    """A writable PV class whose refusals reach the client, and whose next good write clears them.
+
+    caproto answers a putter's exception with a CA_PROTO_ERROR message, which a put-notify does not
+    match: caproto's client times out and pyepics reports success. Here the exception (after caproto
+    has put the PV in a WRITE/MAJOR alarm) becomes the put-notify's status, ECA_PUTFAIL; a write the
+    putter accepts clears that alarm (caproto would keep it until the next refusal's opposite, never).
+    """
+
+    async def auth_write(self, hostname, username, data, data_type, metadata, **kwargs):  # noqa: ANN001, ANN202
+        try:
+            return await base.auth_write(self, hostname, username, data, data_type, metadata, **kwargs)
+        except Forbidden:  # read-only or access rights: caproto's own answer
+            raise
+        except Exception as e:  # noqa: BLE001 - any refusal of the putter: the client is told
+            log("cdae-ioc", f"write to {self.pvname} by {username}@{hostname} refused: {e}")
+            return CAStatus.ECA_PUTFAIL
+
+    async def verify_value(self, value):  # noqa: ANN001, ANN202
+        value = await base.verify_value(self, value)  # raises when the putter refuses
+        if self.alarm.status == AlarmStatus.WRITE:
+            await self.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        return value
+
+    return type(base.__name__, (base,), {"auth_write": auth_write, "verify_value": verify_value})
+
+
+#: pvproperty classes of every group here: refused writes answer ECA_PUTFAIL (see :func:`_refusing`)
+_TYPE_MAP = {dtype: _refusing(cls) for dtype, cls in pvspec_type_map.items()}
 
 
 def ca_channel_type(element: np.dtype | str) -> ChannelType:
@@ -82,6 +116,8 @@ class FilterController(Protocol):
 
 class NDArrayPVs(PVGroup):
     """An image and what a client needs to decode it (ADCore NDArrayBase.template + NDStdArrays.template)."""
+
+    type_map = _TYPE_MAP
 
     array_data = _array(np.int16, 1, "the pixels, C order (ArraySize0 fastest)")
     ndimensions = pvproperty(name="NDimensions_RBV", value=2, read_only=True)
