@@ -90,7 +90,7 @@ class BadPixelMap:
         for i, e in enumerate(entries):
             where = f"{source}: entry {i}"
             if not isinstance(e, dict):
-                raise BadPixelError(f"{where}: expected an object, got {e!r}")
+                raise BadPixelError(f"{where}: expected an object, got {_kind(e)}")
             x[i], y[i] = _pair(e.get("Pixel"), f"{where}: Pixel", integer=True, minimum=0)
             mode[i], a[i], b[i] = MODES.index("set"), 0.0, 0.0  # ADCore: no key -> set to 0
             for key, name in _KEYS:
@@ -276,20 +276,26 @@ def find_bad_pixels(darks: np.ndarray | None = None, flats: np.ndarray | None = 
 
 def _pair(v: object, where: str, integer: bool, minimum: int | None) -> tuple[int, int]:
     if not (isinstance(v, (list, tuple)) and len(v) == 2):
-        raise BadPixelError(f"{where}: expected [x, y], got {v!r}")
+        raise BadPixelError(f"{where}: expected [x, y], got {_kind(v)}")
     out = []
     for c in v:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or (integer and c != int(c)):
-            raise BadPixelError(f"{where}: expected integers, got {v!r}")
+            raise BadPixelError(f"{where}: expected integers")
         if minimum is not None and c < minimum:
-            raise BadPixelError(f"{where}: expected values >= {minimum}, got {v!r}")
+            raise BadPixelError(f"{where}: expected values >= {minimum}")
         out.append(int(c))
     return out[0], out[1]
 
 
+def _kind(v: object) -> str:
+    """What a JSON value is, never what it holds: errors end up on PVs any client can read."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
 def _number(v: object, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise BadPixelError(f"{where}: expected a finite number, got {v!r}")
+        raise BadPixelError(f"{where}: expected a finite number, got {_kind(v)}")
     return float(v)
 
 

@@ -13,6 +13,7 @@ stale frame is replayed).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import time
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from cdae.ioc.frames import (
     to_ca,
     to_engine,
 )
+from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
 from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
@@ -49,6 +51,7 @@ from cdae.notify import Notifier
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+)$")
 _WHO = "cdae-ioc"
 STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters (and, at most, the watchdog period)
+BAD_PIXEL_LOAD_TIMEOUT_S = 10.0  # reading and checking a bad-pixel file; longer: refused
 
 
 class IocConfig(BaseModel):
@@ -76,6 +79,9 @@ class IocConfig(BaseModel):
     bad_pixel_file: Path | None = Field(
         None, description="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from cdae badpixels): "
         "listed pixels are filled in the denoised frame and marked certain in DefectMap; BadPixelFile changes it")
+    bad_pixel_dir: Path | None = Field(
+        None, description="the only folder BadPixelFile may name files in (regular files, symlinks resolved); "
+        "unset: BadPixelFile can only clear the map")
     max_elements: int | None = Field(None, ge=1, description="ArrayData length (default: the source's)")
     port_name: str = Field("CDAE1", max_length=STRING_MAX - 1)
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
@@ -154,6 +160,9 @@ class FilterIOC:
         self._initial_model_done = config.model is None
         self.bad_pixels: BadPixelMap | None = None
         self._bad_pixels_seen: tuple[BadPixelMap, int, int] | None = None
+        # one worker of its own: a slow file never takes the threads other work runs in
+        self._file_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bad-pixel-file")
+        self._file_busy = False
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
 
@@ -246,9 +255,13 @@ class FilterIOC:
             self.queue_size = size
             self._permits.notify_all()
 
-    async def set_bad_pixel_file(self, path: str) -> None:
+    async def set_bad_pixel_file(self, path: str, configured: bool = False) -> None:
         """Load (or, with an empty path, drop) the camera's bad-pixel map; an unusable file is refused
-        with its reason on LastError_RBV and the map in use is kept."""
+        with its reason on LastError_RBV and the map in use is kept.
+
+        A path written over CA must name a regular file under ``bad_pixel_dir`` (any CA client can
+        write the PV); ``configured`` is the site file's own ``bad_pixel_file``, trusted for where it is
+        but read under the same size and file-type rules."""
         p = self._require_pvs()
         path = path.strip()
         if not path:
@@ -257,19 +270,41 @@ class FilterIOC:
             await p.status.write("bad-pixel map: none")
             return
         try:
-            bad = await asyncio.get_running_loop().run_in_executor(None, BadPixelMap.load, path)
-        except BadPixelError as e:
-            log(_WHO, f"BadPixelFile: {e}")
+            if self._file_busy:
+                raise BadPixelError("another bad-pixel file is still being read; try again")
+            self._file_busy = True
+            try:
+                loop = asyncio.get_running_loop()
+                work = loop.run_in_executor(self._file_worker, self._read_bad_pixels, path, configured)
+                bad = await asyncio.wait_for(work, BAD_PIXEL_LOAD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise BadPixelError(f"{path}: not read and checked within {BAD_PIXEL_LOAD_TIMEOUT_S:g} s") from None
+            finally:
+                self._file_busy = False
+        except (BadPixelError, FileRefused) as e:
+            log(_WHO, f"BadPixelFile refused: {e}")
             await p.last_error.write(f"BadPixelFile: {e}"[:255])
             raise ValueError(str(e)) from e
         self.bad_pixels = bad
         await p.bad_pixel_count.write(len(bad))
-        await p.status.write(f"bad-pixel map: {len(bad)} pixels from {path}"[:255])
-        log(_WHO, f"bad-pixel map: {len(bad)} pixels from {path}")
+        await p.status.write(f"bad-pixel map: {len(bad)} pixels from {bad.source}"[:255])
+        log(_WHO, f"bad-pixel map: {len(bad)} pixels from {bad.source}")
+
+    def _read_bad_pixels(self, path: str, configured: bool) -> BadPixelMap:
+        """In the file worker: read under the rules of :mod:`cdae.ioc.files`, then parse and check."""
+        if configured:
+            real, data = Path(path), read_regular_file(path)
+        else:
+            real, data = read_named_file(self.config.bad_pixel_dir, path)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPixelError(f"{real}: not UTF-8 text") from None
+        return BadPixelMap.from_json(text, source=str(real))
 
     async def _initial_bad_pixels(self, path: Path) -> None:
         try:
-            await self.set_bad_pixel_file(str(path))
+            await self.set_bad_pixel_file(str(path), configured=True)
             await self._require_pvs().bad_pixel_file.write(str(path)[:255], verify_value=False)
         except ValueError as e:  # serve without it, loudly: LastError_RBV and the log say why
             log(_WHO, f"could not use the bad-pixel file {path}: {e}")
@@ -548,6 +583,7 @@ class FilterIOC:
             await self.client.close()
         await self.source.close()
         await ctx.disconnect()
+        self._file_worker.shutdown(wait=False, cancel_futures=True)
         for t in failed:
             log(_WHO, f"{t.get_name()} stopped on error: {t.exception()!r}")
         log(_WHO, f"stopped: received {self.received}, published {self.counter}, dropped {self.dropped}, "

@@ -207,9 +207,11 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     second.write_text('{"Bad pixels": [{"Pixel": [4, 4], "Set": 11}, {"Pixel": [500, 4], "Set": 11}]}')  # one off-frame
     broken = tmp_path / "broken.json"
     broken.write_text('{"Bad pixels": [{"Pixel": [4]}]}')
+    cfg = tmp_path / "ioc.toml"
+    cfg.write_text(f'bad_pixel_dir = "{tmp_path}"\n')  # BadPixelFile may name files here only
     eng = stack.engine()
     stack.camera(size="32x24", rate=5)
-    stack.ioc(eng, "--bad-pixel-file", str(first))
+    stack.ioc(eng, "--bad-pixel-file", str(first), "--config", str(cfg))
     out = stack.ioc_prefix
 
     def pixel(pv: str, x: int, y: int) -> int:

@@ -5,9 +5,17 @@ Real processes on loopback (engine, simulated camera, filter IOC), driven with t
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
+import pytest
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 
+from cdae.ioc.files import FileRefused, read_named_file, read_regular_file, resolve_under
 from ioc_helpers import Stack, _pv, ca_read, long_string_of, value_of, wait_for  # type: ignore[import-not-found]
+
+GOOD_MAP = '{"Bad pixels": [{"Pixel": [3, 2], "Set": 7}]}'
 
 
 def _counter(name: str) -> int:
@@ -18,6 +26,87 @@ def _put_long(name: str, text: str, wait: bool = True, timeout: float = 10.0) ->
     """A long string goes whole as CHAR through ``.VAL$``; with ``wait`` the put-notify reply comes back."""
     return _pv(name + ".VAL$").write(list(text.encode()) + [0], wait=wait, timeout=timeout,  # type: ignore[attr-defined]
                                      data_type=ChannelType.CHAR)
+
+
+# --- the file rules, no processes -----------------------------------------------------------------
+
+def test_named_files_must_be_regular_files_under_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    (folder / "cam.json").write_text(GOOD_MAP)
+    (folder / "escape").symlink_to("/etc/passwd")
+    (folder / "sub").mkdir()
+    os.mkfifo(folder / "fifo")
+    real, data = read_named_file(folder, "cam.json")
+    assert data == GOOD_MAP.encode() and real == (folder / "cam.json").resolve()
+    assert read_named_file(folder, str(folder / "cam.json"))[1] == GOOD_MAP.encode()
+    outside = {"/etc/passwd", "/etc/no-such-file", "../maps/../../etc/passwd", "escape", "/dev/zero", str(folder)}
+    messages = set()
+    for name in outside:
+        with pytest.raises(FileRefused, match="is not a file under bad_pixel_dir") as e:
+            resolve_under(folder, name)
+        messages.add(str(e.value).replace(repr(name), "NAME"))
+    assert len(messages) == 1  # exists or not: the same words
+    t0 = time.monotonic()
+    with pytest.raises(FileRefused, match="not a regular file"):
+        read_named_file(folder, "fifo")  # no writer: a blocking open would hang here
+    with pytest.raises(FileRefused, match="not a regular file"):
+        read_named_file(folder, "sub")
+    assert time.monotonic() - t0 < 1.0
+    big = folder / "big.json"
+    with big.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB that costs no disk
+    with pytest.raises(FileRefused, match="more than the 1024 bytes allowed"):
+        read_regular_file(big, max_bytes=1024)
+    with pytest.raises(FileRefused, match="no bad_pixel_dir"):
+        resolve_under(None, "cam.json")
+
+
+# --- defect 6: BadPixelFile over CA -------------------------------------------------------------
+
+def test_bad_pixel_file_reads_only_regular_files_under_its_folder(stack: Stack, tmp_path: Path) -> None:
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    (folder / "cam.json").write_text(GOOD_MAP)
+    (folder / "secret.json").write_text('{"Bad pixels": ["s3cr3t-token"]}')
+    (folder / "escape.json").symlink_to("/etc/passwd")
+    os.mkfifo(folder / "fifo.json")
+    with (folder / "huge.json").open("wb") as f:
+        f.truncate(1 << 30)
+    cfg = tmp_path / "ioc.toml"
+    cfg.write_text(f'bad_pixel_dir = "{folder}"\n')
+    eng = stack.engine()
+    stack.camera(size="32x24", rate=5)
+    stack.ioc(eng, "--config", str(cfg))
+    out = stack.ioc_prefix
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1, 60, "engine connected")
+    refused = {
+        "/etc/passwd": "is not a file under bad_pixel_dir",
+        "/etc/no-such-file": "is not a file under bad_pixel_dir",
+        str(folder / "escape.json"): "is not a file under bad_pixel_dir",
+        "/dev/zero": "is not a file under bad_pixel_dir",
+        "huge.json": "bytes allowed",
+        "secret.json": "entry 0: expected an object, got a string",
+    }
+    for _ in range(8):  # more FIFOs than the old executor had threads
+        refused_fifo = _put_long(out + "BadPixelFile", "fifo.json", timeout=5)
+        assert refused_fifo.status.name == "ECA_PUTFAIL"  # type: ignore[attr-defined]
+        assert "not a regular file" in long_string_of(out + "LastError_RBV")
+    for name, why in refused.items():
+        reply = _put_long(out + "BadPixelFile", name, timeout=5)
+        assert reply.status.name == "ECA_PUTFAIL", name  # type: ignore[attr-defined]
+        error = long_string_of(out + "LastError_RBV")
+        assert why in error, (name, error)
+        assert "s3cr3t" not in error and "root:" not in error
+        assert ca_read(out + "BadPixelFile").metadata.status == AlarmStatus.WRITE  # type: ignore[attr-defined]
+        assert value_of(out + "BadPixelCount_RBV") == 0
+    reply = _put_long(out + "BadPixelFile", "cam.json", timeout=5)
+    assert reply.status.name == "ECA_NORMAL"  # type: ignore[attr-defined]
+    assert value_of(out + "BadPixelCount_RBV") == 1
+    md = ca_read(out + "BadPixelFile").metadata  # type: ignore[attr-defined]
+    assert (md.status, md.severity) == (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)  # a good write clears the alarm
+    ioc = stack.children[-1]
+    assert ioc.stop() == 0  # SIGINT still stops it, promptly
 
 
 # --- defects 12 and 5: refusals reach the client; a later good write clears the alarm -----------
