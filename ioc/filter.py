@@ -171,14 +171,23 @@ class FilterIOC:
             return
         self.received += 1
         self.seq += 1
+        capacity = self.pvs.array_data.max_length
+        if frame.size > capacity:  # the output PVs' length is fixed at start (like a waveform's NELM)
+            h, w = frame.shape
+            self.on_frame_error(f"frame {info.unique_id}: {w}x{h} = {frame.size} pixels, more than the {capacity} "
+                                f"elements of ArrayData (fixed at start: restart the IOC, or set max_elements)",
+                                alarm=(AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM))
+            return
         if self.slot.put((self.seq, frame, info)) is not None:
             self.dropped += 1
         self.frame_ready.set()
         self._soon(self._write_counters())
 
-    def on_frame_error(self, message: str) -> None:
+    def on_frame_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
+        """A frame refused: counted, said on LastError_RBV and in the log; ``alarm`` goes on the image PVs
+        (the next published frame clears it)."""
         self.errors += 1
-        self._soon(self._report_error(message))
+        self._soon(self._report_error(message, alarm))
 
     def on_source_connection(self, connected: bool) -> None:
         self._soon(self._write_source_state(connected))
@@ -200,11 +209,14 @@ class FilterIOC:
         await p.frame_errors.write(self.errors)
         await p.queue_free.write(max(0, self.queue_size - self.in_flight))
 
-    async def _report_error(self, message: str) -> None:
+    async def _report_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         log(_WHO, message)
         p = self._require_pvs()
         await p.last_error.write(message[:255])
         await p.frame_errors.write(self.errors)
+        if alarm is not None and self.engine_ok:  # engine down: the COMM alarm stays, it says more
+            for group in self._image_groups():
+                await set_alarm(group, *alarm)
 
     async def _write_source_state(self, connected: bool) -> None:
         p = self._require_pvs()
@@ -436,7 +448,11 @@ class FilterIOC:
                 self.dropped += 1
                 return
             self.last_published_seq = seq
-            await self.publish(reply, info)
+            try:
+                await self.publish(reply, info)
+            except Exception as e:  # noqa: BLE001 - a frame that cannot be published is refused, never a dead task
+                self.on_frame_error(f"frame {info.unique_id}: not published: {type(e).__name__}: {e}",
+                                    alarm=(AlarmStatus.SOFT, AlarmSeverity.MAJOR_ALARM))
         finally:
             await self._release()
 

@@ -127,3 +127,27 @@ def test_refused_writes_answer_putfail_and_a_good_write_clears_the_alarm(stack: 
         md = ca_read(out + pv).metadata  # type: ignore[attr-defined]
         assert (md.status, md.severity) == (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM), pv
     wait_for(lambda: value_of(out + "Model_RBV") == "tiny:2", 60, "frames from the model written")
+
+
+# --- defect 4: a frame larger than ArrayData ---------------------------------------------------
+
+def test_a_frame_larger_than_array_data_is_refused_counted_and_alarmed(stack: Stack) -> None:
+    eng = stack.engine()
+    cam = stack.camera_prefix
+    stack.camera("--max-size", "64x48", size="32x24", rate=10)
+    stack.ioc(eng, "--max-elements", "1000")  # 32x24 = 768 fits, 48x40 = 1920 does not
+    out = stack.ioc_prefix
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= 3, 60, "frames that fit")
+    _pv(cam + "SizeX").write([48], wait=True, timeout=30)  # type: ignore[attr-defined]
+    _pv(cam + "SizeY").write([40], wait=True, timeout=30)  # type: ignore[attr-defined]
+    wait_for(lambda: _counter(out + "FrameErrors_RBV") >= 5, 60, "oversized frames counted")
+    assert "48x40 = 1920 pixels, more than the 1000 elements of ArrayData" in long_string_of(out + "LastError_RBV")
+    md = ca_read(out + "ArrayData").metadata  # type: ignore[attr-defined]
+    assert (md.status, md.severity) == (AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM)
+    _pv(cam + "SizeX").write([32], wait=True, timeout=30)  # type: ignore[attr-defined]
+    _pv(cam + "SizeY").write([24], wait=True, timeout=30)  # type: ignore[attr-defined]
+    published = _counter(out + "ArrayCounter_RBV")
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= published + 5, 60, "frames again, the IOC still serving")
+    md = ca_read(out + "ArrayData").metadata  # type: ignore[attr-defined]
+    assert (md.status, md.severity) == (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+    assert value_of(out + "ArraySize0_RBV") == 32
