@@ -223,6 +223,8 @@ class FilterIOC:
         if connected:
             await p.source_connected.write("Connected", status=AlarmStatus.NO_ALARM,
                                            severity=AlarmSeverity.NO_ALARM)
+            if str(p.status.value).startswith("source "):  # the camera is back: say what is true now
+                await p.status.write("running" if self.engine_ok else "waiting for the engine")
         else:
             await p.source_connected.write("Disconnected", status=AlarmStatus.COMM,
                                            severity=AlarmSeverity.MAJOR_ALARM)

@@ -11,6 +11,7 @@ read-backs.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Protocol
 
 import numpy as np
@@ -18,7 +19,7 @@ from caproto import AlarmSeverity, AlarmStatus, CAStatus, ChannelType
 from caproto._data import Forbidden
 from caproto.server import PVGroup, SubGroup
 from caproto.server import pvproperty as _pvproperty
-from caproto.server.server import pvspec_type_map
+from caproto.server.server import PvpropertyChar, PvpropertyCharRO, PvpropertyString, PvpropertyStringRO, pvspec_type_map
 
 from cdae import __version__
 from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
@@ -94,13 +95,40 @@ def _array(element: np.dtype | str, max_elements: int, doc: str) -> _pvproperty:
                       max_length=max_elements, read_only=True, doc=doc)
 
 
+def ca_text(text: str, limit: int) -> str:
+    """``text`` as CA strings can carry it: ASCII ("…" becomes "...", other characters "?"), at most ``limit``."""
+    if text.isascii():
+        return text[:limit]
+    flat = unicodedata.normalize("NFKD", text).encode("ascii", "replace").decode("ascii")
+    return flat[:limit]
+
+
+def _ascii(base: type, limit: int | None) -> type:
+    """A string PV class that stores what it can serve: caproto encodes with latin-1 at *read* time, so a
+    message with "…" in it was stored and every later read of the PV failed (a client timeout)."""
+
+    def preprocess_value(self, value):  # noqa: ANN001, ANN202
+        if isinstance(value, str):
+            value = ca_text(value, self._max_length - 1 if limit is None else limit)  # room for the NUL
+        return base.preprocess_value(self, value)
+
+    return type(base.__name__, (base,), {"preprocess_value": preprocess_value})
+
+
+_ASCII_CHAR = _ascii(_refusing(PvpropertyChar), None)
+_ASCII_CHAR_RO = _ascii(PvpropertyCharRO, None)
+_ASCII_STRING = _ascii(_refusing(PvpropertyString), 39)  # DBR_STRING: 39 characters and a NUL
+_ASCII_STRING_RO = _ascii(PvpropertyStringRO, 39)
+
+
 def _long_string(name: str, value: str = "", length: int = 256, read_only: bool = True, doc: str = "") -> _pvproperty:
-    return pvproperty(name=name, value=value, dtype=ChannelType.CHAR, max_length=length, report_as_string=True,
-                      read_only=read_only, doc=doc)
+    return pvproperty(name=name, value=value, dtype=_ASCII_CHAR_RO if read_only else _ASCII_CHAR, max_length=length,
+                      report_as_string=True, read_only=read_only, doc=doc)
 
 
 def _string(name: str, value: str = "", read_only: bool = True, doc: str = "") -> _pvproperty:
-    return pvproperty(name=name, value=value, dtype=ChannelType.STRING, read_only=read_only, doc=doc)
+    return pvproperty(name=name, value=value, dtype=_ASCII_STRING_RO if read_only else _ASCII_STRING,
+                      read_only=read_only, doc=doc)
 
 
 class FilterController(Protocol):

@@ -151,3 +151,32 @@ def test_a_frame_larger_than_array_data_is_refused_counted_and_alarmed(stack: St
     md = ca_read(out + "ArrayData").metadata  # type: ignore[attr-defined]
     assert (md.status, md.severity) == (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
     assert value_of(out + "ArraySize0_RBV") == 32
+
+
+# --- defect 5: status and errors that stay readable and true -----------------------------------
+
+def test_last_error_with_non_ascii_stays_readable_and_status_follows_the_camera(stack: Stack, tmp_path: Path) -> None:
+    import shutil
+
+    from ioc_helpers import READY  # type: ignore[import-not-found]
+
+    store = tmp_path / "models"
+    shutil.copytree(stack.store, store)
+    weights = store / "tiny" / "2" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")  # the engine's refusal quotes its sha256 with "…"
+    stack.store = store
+    eng = stack.engine()
+    cam = stack.camera(size="32x24", rate=5)
+    stack.ioc(eng)
+    out = stack.ioc_prefix
+    wait_for(lambda: "tiny:2" in long_string_of(out + "Models_RBV"), 60, "the model list")
+    reply = _pv(out + "Model").write([b"tiny:2"], wait=True, timeout=60)  # type: ignore[attr-defined]
+    assert reply.status.name == "ECA_PUTFAIL"  # type: ignore[attr-defined]
+    error = long_string_of(out + "LastError_RBV")  # timed out before: "…" could not be encoded
+    assert "does not match the manifest" in error and "..." in error, error
+    assert ca_read(out + "LastError_RBV").data[0].startswith(b"Model: the engine refused")  # type: ignore[attr-defined]
+    cam.stop()
+    wait_for(lambda: "disconnected" in long_string_of(out + "Status_RBV"), 60, "Status_RBV: source disconnected")
+    cam.start(READY["camera"])
+    wait_for(lambda: value_of(out + "SourceConnected_RBV") == 1, 60, "the camera back")
+    wait_for(lambda: long_string_of(out + "Status_RBV") == "running", 30, "Status_RBV: running again")
