@@ -33,6 +33,7 @@ from cdae.ioc.frames import (
     FrameError,
     FrameInfo,
     IocError,
+    FrameBooks,
     LatestSlot,
     NDDataType,
     RateMeter,
@@ -135,7 +136,8 @@ class FilterIOC:
         names = (SourceNames(array=config.source) if config.plain_waveform
                  else SourceNames.nd_std_arrays(config.source, config.array_suffix))
         self.source = FrameSource(names, self.on_frame, self.on_frame_error, self.on_source_connection,
-                                  width=config.width, height=config.height, data_type=config.data_type)
+                                  width=config.width, height=config.height, data_type=config.data_type,
+                                  on_bad_frame=self.on_bad_frame)
         self.pvs: FilterPVs | None = None
         self.element: np.dtype | None = None
         self.slot: LatestSlot[tuple[int, np.ndarray, FrameInfo]] = LatestSlot()
@@ -151,10 +153,10 @@ class FilterIOC:
         self.models: list[str] = []
         self.seq = 0
         self.last_published_seq = 0
-        self.counter = 0
-        self.received = 0
-        self.dropped = 0
-        self.errors = 0
+        self.counter = 0  # ArrayCounter: frames published
+        self.books = FrameBooks()  # where every received frame went (received, published, drops, errors)
+        self.last_reply_t = 0.0  # monotonic time of the engine's last frame reply
+        self.in_engine = 0  # frames sent to the engine, reply not yet in
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._initial_model_done = config.model is None
@@ -166,10 +168,25 @@ class FilterIOC:
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
 
+    @property
+    def received(self) -> int:
+        return self.books.received
+
+    @property
+    def dropped(self) -> int:
+        return self.books.dropped
+
+    @property
+    def errors(self) -> int:
+        return self.books.errors
+
     def on_frame(self, frame: np.ndarray, info: FrameInfo) -> None:
-        if not self.enabled or self.pvs is None:  # nothing is served before the PVs exist
+        if self.pvs is None:  # nothing is served before the PVs exist
             return
-        self.received += 1
+        self._see(info.unique_id)
+        if not self.enabled:
+            return
+        self.books.received += 1
         self.seq += 1
         capacity = self.pvs.array_data.max_length
         if frame.size > capacity:  # the output PVs' length is fixed at start (like a waveform's NELM)
@@ -179,14 +196,32 @@ class FilterIOC:
                                 alarm=(AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM))
             return
         if self.slot.put((self.seq, frame, info)) is not None:
-            self.dropped += 1
+            self.books.drop("replaced")
         self.frame_ready.set()
         self._soon(self._write_counters())
+
+    def on_bad_frame(self, unique_id: int, message: str) -> None:
+        """A source frame that could not be assembled: received, and counted as an error."""
+        if self.pvs is None:
+            return
+        self._see(unique_id)
+        if not self.enabled:
+            return
+        self.books.received += 1
+        self.on_frame_error(message)
+
+    def _see(self, unique_id: int) -> None:
+        last = self.books.last_unique_id
+        if last is not None and unique_id < last:
+            log(_WHO, f"source UniqueId went back from {last} to {unique_id} (camera restarted?): source gaps "
+                      f"are counted from {unique_id} on")
+        if self.books.see(unique_id):
+            self._soon(self._write_counters())
 
     def on_frame_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         """A frame refused: counted, said on LastError_RBV and in the log; ``alarm`` goes on the image PVs
         (the next published frame clears it)."""
-        self.errors += 1
+        self.books.errors += 1
         self._soon(self._report_error(message, alarm))
 
     def on_source_connection(self, connected: bool) -> None:
@@ -202,18 +237,21 @@ class FilterIOC:
         t.add_done_callback(self._pending_writes.discard)
 
     async def _write_counters(self) -> None:
+        """The counters, each posted only when it changed (a monitor per change, not per call)."""
         p = self._require_pvs()
-        await p.frames_received.write(self.received)
-        if p.dropped_arrays_rbv.value != self.dropped:
-            await p.dropped_arrays_rbv.write(self.dropped)
-        await p.frame_errors.write(self.errors)
-        await p.queue_free.write(max(0, self.queue_size - self.in_flight))
+        b = self.books
+        for pv, value in ((p.frames_received, b.received), (p.dropped_arrays_rbv, b.dropped),
+                          (p.frame_errors, b.errors), (p.source_gaps, b.source_gaps),
+                          (p.queue_free, max(0, self.queue_size - self.in_flight)),
+                          (p.drop_causes, b.causes_text())):
+            if pv.value != value:
+                await pv.write(value)
 
     async def _report_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         log(_WHO, message)
         p = self._require_pvs()
         await p.last_error.write(message[:255])
-        await p.frame_errors.write(self.errors)
+        await self._write_counters()
         if alarm is not None and self.engine_ok:  # engine down: the COMM alarm stays, it says more
             for group in self._image_groups():
                 await set_alarm(group, *alarm)
@@ -261,8 +299,9 @@ class FilterIOC:
 
     async def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
-        if not enabled:
-            self.slot.take()
+        if not enabled and self.slot.take() is not None:
+            self.books.drop("disabled")
+            await self._write_counters()
 
     async def set_queue_size(self, size: int) -> None:
         async with self._permits:
@@ -370,13 +409,14 @@ class FilterIOC:
         """Poll the control channel: connection state, backend, available models; recover by itself."""
         endpoint = self.config.control_endpoint()
         ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
-        polls = 0
+        polls = misses = 0
         p = self._require_pvs()
         while True:
             try:
                 st = await ctl.request("status")
                 if not st.ok:
                     raise EngineError(st.error or "status refused")
+                misses = 0
                 if not self.engine_ok:
                     await self._engine_found(st.result)
                     polls = 0
@@ -397,7 +437,14 @@ class FilterIOC:
                         self._soon(self._activate_initial(self.config.model or ""))
                 polls += 1
             except _ENGINE_TROUBLE as e:
-                await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
+                answering = self.in_engine > 0 or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s
+                if self.engine_ok and answering:  # frame replies still come (a swap keeps control busy):
+                    misses += 1                   # the frames' own timeout decides, not this poll
+                    if misses == 1:
+                        log(_WHO, f"no status from {endpoint} ({type(e).__name__}), but frames are answered: "
+                                  "not declaring the engine lost")
+                else:
+                    await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
                 ctl.close()  # a fresh REQ socket: nothing stale waits in the old one
                 ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
             await asyncio.sleep(self.config.status_period_s)
@@ -417,6 +464,8 @@ class FilterIOC:
                 await self._release()
                 raise
             if item is None or self.client is None:
+                if item is not None:  # the engine went away between the wait and now
+                    self.books.drop("engine_lost")
                 await self._release()
                 continue
             t = asyncio.create_task(self._process(self.client, *item))
@@ -429,42 +478,61 @@ class FilterIOC:
             self._permits.notify_all()
 
     async def _process(self, client: AsyncEngineClient, seq: int, frame: np.ndarray, info: FrameInfo) -> None:
+        """One frame to the engine and out; every way out is counted (the ``finally`` catches cancellation
+        by :meth:`_engine_lost`)."""
+        settled = False
         try:
             try:
                 wire = to_engine(frame, info.data_type)
             except FrameError as e:
+                settled = True
                 self.on_frame_error(f"frame {info.unique_id}: {e}")
                 return
+            self.in_engine += 1
             try:
                 reply = await asyncio.wait_for(client.denoise(
                     wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
                     want_residual=self.config.residual, want_defect_map=self.config.defect_map,
                     defect_map_dtype="uint8"), self.config.engine_timeout_s)
             except _ENGINE_TROUBLE as e:
+                settled = True
+                self.books.drop("engine_lost")
                 await self._engine_lost(f"frame {info.unique_id}: {type(e).__name__}: {e}")
                 return
+            finally:
+                self.in_engine -= 1
+            self.last_reply_t = time.monotonic()
             if not reply.ok:
+                settled = True
                 await self._refused(reply, info)
                 return
             if seq <= self.last_published_seq:  # overtaken by a newer frame (several engines)
-                self.dropped += 1
+                settled = True
+                self.books.drop("overtaken")
                 return
             self.last_published_seq = seq
             try:
                 await self.publish(reply, info)
+                settled = True
+                self.books.published += 1
             except Exception as e:  # noqa: BLE001 - a frame that cannot be published is refused, never a dead task
+                settled = True
                 self.on_frame_error(f"frame {info.unique_id}: not published: {type(e).__name__}: {e}",
                                     alarm=(AlarmStatus.SOFT, AlarmSeverity.MAJOR_ALARM))
         finally:
+            if not settled:  # cancelled: the engine was declared lost while this frame was out
+                self.books.drop("engine_lost")
             await self._release()
+            self._soon(self._write_counters())
 
     async def _refused(self, reply: FrameReply, info: FrameInfo) -> None:
         code = reply.error_code
         msg = reply.header.error.message if reply.header.error else ""
         if code == "dropped":  # the engine's own newest-wins queue replaced it
-            self.dropped += 1
+            self.books.drop("engine_queue")
             await self._write_counters()
         elif code == "shutting_down":
+            self.books.drop("engine_lost")
             await self._engine_lost(msg)
         else:
             self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
@@ -604,8 +672,9 @@ class FilterIOC:
         self._file_worker.shutdown(wait=False, cancel_futures=True)
         for t in failed:
             log(_WHO, f"{t.get_name()} stopped on error: {t.exception()!r}")
-        log(_WHO, f"stopped: received {self.received}, published {self.counter}, dropped {self.dropped}, "
-                  f"errors {self.errors}")
+        b = self.books
+        log(_WHO, f"stopped: received {b.received}, published {b.published}, dropped {b.dropped} "
+                  f"({b.causes_text()}), errors {b.errors}, source gaps {b.source_gaps}")
         notifier.close()
         return 1 if failed else 0
 

@@ -254,6 +254,11 @@ class FilterPVs(NDArrayPVs):
     frames_received = pvproperty(name="FramesReceived_RBV", value=0, read_only=True, doc="source frames seen")
     frame_errors = pvproperty(name="FrameErrors_RBV", value=0, read_only=True,
                               doc="frames refused (size/data mismatch, unsupported type, engine error)")
+    source_gaps = pvproperty(name="SourceGaps_RBV", value=0, read_only=True,
+                             doc="frames the camera made that never reached the IOC (UniqueId jumps; a UniqueId "
+                             "that goes back, a camera restart, starts counting again from there)")
+    drop_causes = _long_string("DropCauses_RBV", doc="DroppedArrays_RBV by cause: replaced (a newer frame came "
+                               "first), engine_queue, overtaken, engine_lost, disabled")
 
     @nd_array_port.putter
     async def nd_array_port(self, instance: object, value: str) -> str:

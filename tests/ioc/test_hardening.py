@@ -180,3 +180,124 @@ def test_last_error_with_non_ascii_stays_readable_and_status_follows_the_camera(
     cam.start(READY["camera"])
     wait_for(lambda: value_of(out + "SourceConnected_RBV") == 1, 60, "the camera back")
     wait_for(lambda: long_string_of(out + "Status_RBV") == "running", 30, "Status_RBV: running again")
+
+
+# --- defects 2 and 3: every frame accounted for ----------------------------------------------------
+
+def test_books_balance_by_cause_and_source_gaps_follow_unique_ids() -> None:
+    from cdae.ioc.frames import FrameBooks
+
+    b = FrameBooks()
+    for uid in (5, 6, 9, 10, 10, 2, 3, 7):  # 7, 8 missed; a repeat; the camera restarted at 2; 4..6 missed
+        b.see(uid)
+        b.received += 1
+    assert b.source_gaps == 2 + 3
+    b.published += 4
+    b.drop("replaced")
+    b.drop("engine_lost", 2)
+    b.errors += 1
+    assert (b.dropped, b.pending) == (3, 0)
+    assert b.causes_text() == "replaced=1 engine_queue=0 overtaken=0 engine_lost=2 disabled=0"
+    with pytest.raises(ValueError, match="unknown drop cause"):
+        b.drop("lost")
+
+
+def _quiet_books(out: str) -> dict[str, int]:
+    """The IOC's counters once they stop moving (the camera stopped, nothing in flight)."""
+    names = ("FramesReceived_RBV", "ArrayCounter_RBV", "DroppedArrays_RBV", "FrameErrors_RBV", "SourceGaps_RBV")
+    last: list[dict[str, int]] = []
+
+    def settled() -> dict[str, int] | None:
+        now = {n: _counter(out + n) for n in names}
+        ok = bool(last) and last[-1] == now
+        last.append(now)
+        return now if ok else None
+
+    return wait_for(settled, 30, "the counters to settle", poll_s=1.0)  # type: ignore[return-value]
+
+
+def test_frames_cancelled_by_an_engine_kill_are_counted(stack: Stack) -> None:
+    from ioc_helpers import READY, free_port  # type: ignore[import-not-found]
+
+    data, control = free_port(), free_port()
+    eng = stack.engine("--control", f"tcp://127.0.0.1:{control}", bind=f"tcp://127.0.0.1:{data}")
+    cam = stack.camera_prefix
+    stack.camera(size="32x24", rate=20)
+    stack.ioc(eng, "--queue-size", "4")
+    out = stack.ioc_prefix
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") > 10, 60, "frames before the kill")
+    eng.kill()
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 0, 30, "the engine declared lost")
+    eng.start(READY["engine"])
+    published = _counter(out + "ArrayCounter_RBV")
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") > published + 10, 60, "frames after the restart")
+    _pv(cam + "Acquire").write([0], wait=True, timeout=10)  # type: ignore[attr-defined]
+    books = _quiet_books(out)
+    lost = books["FramesReceived_RBV"] - books["ArrayCounter_RBV"] - books["DroppedArrays_RBV"] - books["FrameErrors_RBV"]
+    causes = long_string_of(out + "DropCauses_RBV")
+    print(f"engine kill: {books} {causes}")
+    assert lost == 0, (books, causes)
+    assert "engine_lost=0" not in causes, causes  # the frames out when it died are among the drops
+
+
+def test_frames_the_camera_made_but_the_ioc_never_saw_are_source_gaps(stack: Stack) -> None:
+    import signal
+
+    eng = stack.engine("--backend", "passthrough")
+    cam = stack.camera_prefix
+    stack.camera("--stopped", size="512x512", rate=40)
+    ioc = stack.ioc(eng)
+    out = stack.ioc_prefix
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1, 60, "engine connected")
+    _pv(cam + "Acquire").write([1], wait=True, timeout=10)  # type: ignore[attr-defined]
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") > 5, 60, "frames")
+    assert ioc.proc is not None
+    ioc.proc.send_signal(signal.SIGSTOP)  # an IOC that cannot keep up: the camera's server drops its updates
+    time.sleep(3)
+    ioc.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: _counter(out + "SourceGaps_RBV") > 0, 30, "source gaps counted")
+    _pv(cam + "Acquire").write([0], wait=True, timeout=10)  # type: ignore[attr-defined]
+    books = _quiet_books(out)
+    made = _counter(cam + "UniqueId_RBV") + 1  # + the empty frame on the PV when the IOC connected (UniqueId 0)
+    print(f"source gaps: camera made {made}, {books}")
+    assert _counter(out + "UniqueId_RBV") == made - 1
+    assert books["FramesReceived_RBV"] + books["SourceGaps_RBV"] == made, books
+    assert (books["FramesReceived_RBV"] == books["ArrayCounter_RBV"] + books["DroppedArrays_RBV"]
+            + books["FrameErrors_RBV"]), books
+
+
+def test_counters_post_a_monitor_only_when_they_change(stack: Stack) -> None:
+    from caproto.threading.client import Context
+
+    eng = stack.engine()
+    stack.camera(size="32x24", rate=20)
+    stack.ioc(eng)
+    out = stack.ioc_prefix
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") > 5, 60, "frames")
+    ctx = Context()
+    updates: dict[str, int] = {}
+    try:
+        pvs = ctx.get_pvs(out + "FrameErrors_RBV", out + "SourceGaps_RBV", out + "FramesReceived_RBV", timeout=10)
+        subs, callbacks = [], []  # caproto holds callbacks weakly: keep them
+        for pv in pvs:
+            pv.wait_for_connection(timeout=10)
+            updates[pv.name] = 0
+
+            def count(sub: object, r: object, name: str = pv.name) -> None:
+                updates[name] += 1
+
+            callbacks.append(count)
+            sub = pv.subscribe(data_type="time")
+            sub.add_callback(count)
+            subs.append(sub)
+        start = _counter(out + "FramesReceived_RBV")
+        time.sleep(3)
+        received = _counter(out + "FramesReceived_RBV") - start
+        for sub in subs:
+            sub.clear()
+    finally:
+        ctx.disconnect()
+    print(f"monitors in 3 s: {updates}, frames received {received}")
+    assert received >= 30
+    assert updates[out + "FrameErrors_RBV"] == 1 and updates[out + "SourceGaps_RBV"] == 1  # the first value only
+    assert updates[out + "FramesReceived_RBV"] <= received + 2  # one per frame, not two
