@@ -159,7 +159,9 @@ class FilterIOC:
         self.in_engine = 0  # frames sent to the engine, reply not yet in
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
-        self._initial_model_done = config.model is None
+        self.wanted_model: str | None = config.model  # the operator's choice: re-applied when the engine restarts
+        self._applying_model = False
+        self._engine_uptime: float | None = None
         self.bad_pixels: BadPixelMap | None = None
         self._bad_pixels_seen: tuple[BadPixelMap, int, int] | None = None
         # one worker of its own: a slow file never takes the threads other work runs in
@@ -288,14 +290,29 @@ class FilterIOC:
         except (IocError, *_ENGINE_TROUBLE) as e:
             await p.last_error.write(f"Model: {e}"[:255])
             raise ValueError(str(e)) from e
+        self.wanted_model = ref
         await p.status.write(f"activated {ref}")
 
-    async def _activate_initial(self, ref: str) -> None:
+    def _keep_model(self, status: Mapping[str, object], why: str) -> None:
+        """The engine (new, or restarted) serves something else than the operator chose: activate the choice
+        again, in the background (polling goes on)."""
+        want = self.wanted_model
+        if want and status.get("model") != want and not self._applying_model:
+            self._applying_model = True
+            self._soon(self._apply_model(want, str(status.get("model")), why))
+
+    async def _apply_model(self, ref: str, serving: str, why: str) -> None:
+        p = self._require_pvs()
         try:
+            log(_WHO, f"{why}: the engine serves {serving}; activating {ref} (Model)")
             await self.request_model(ref)
-            await self._require_pvs().model.write(ref, verify_value=False)
-        except ValueError as e:
+            await p.model.write(ref, verify_value=False, status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        except ValueError as e:  # say so where operators look: Model in alarm, the reason in LastError_RBV
             log(_WHO, f"could not activate {ref}: {e}")
+            await p.model.write(ref, verify_value=False, status=AlarmStatus.STATE, severity=AlarmSeverity.MAJOR_ALARM)
+            await p.last_error.write(f"Model: {why}, the engine serves {serving}; could not activate {ref}: {e}"[:255])
+        finally:
+            self._applying_model = False
 
     async def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -417,9 +434,16 @@ class FilterIOC:
                 if not st.ok:
                     raise EngineError(st.error or "status refused")
                 misses = 0
+                uptime = st.result.get("uptime_s")
+                restarted = (isinstance(uptime, (int, float)) and self._engine_uptime is not None
+                             and uptime < self._engine_uptime)  # restarted between two polls: never seen down
+                self._engine_uptime = float(uptime) if isinstance(uptime, (int, float)) else None
                 if not self.engine_ok:
                     await self._engine_found(st.result)
                     polls = 0
+                    self._keep_model(st.result, "engine connected")
+                elif restarted:
+                    self._keep_model(st.result, "engine restarted")
                 backend = str(st.result.get("backend", ""))[: STRING_MAX - 1]
                 if p.backend.value != backend:
                     await p.backend.write(backend)
@@ -431,10 +455,6 @@ class FilterIOC:
                         text = ",".join(refs)[:4095]
                         if p.models.value != text:
                             await p.models.write(text)
-                if not self._initial_model_done:
-                    self._initial_model_done = True
-                    if st.result.get("model") != self.config.model:  # in the background: polling goes on
-                        self._soon(self._activate_initial(self.config.model or ""))
                 polls += 1
             except _ENGINE_TROUBLE as e:
                 answering = self.in_engine > 0 or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s
@@ -645,6 +665,8 @@ class FilterIOC:
         await p.queue_free.write(c.queue_size)
         await p.source_connected.write("Connected")
         await p.status.write("waiting for the engine")
+        if c.model:  # the choice, shown at once; activated when the engine answers (and again after its restarts)
+            await p.model.write(c.model, verify_value=False)
         if c.bad_pixel_file is not None:
             await self._initial_bad_pixels(c.bad_pixel_file)
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)

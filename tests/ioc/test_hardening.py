@@ -301,3 +301,61 @@ def test_counters_post_a_monitor_only_when_they_change(stack: Stack) -> None:
     assert received >= 30
     assert updates[out + "FrameErrors_RBV"] == 1 and updates[out + "SourceGaps_RBV"] == 1  # the first value only
     assert updates[out + "FramesReceived_RBV"] <= received + 2  # one per frame, not two
+
+
+def test_books_balance_over_three_swaps(stack: Stack) -> None:
+    eng = stack.engine(model="tiny:1")
+    cam = stack.camera_prefix
+    stack.camera(size="64x48", rate=20)
+    stack.ioc(eng)
+    out = stack.ioc_prefix
+    wait_for(lambda: value_of(out + "Model_RBV") == "tiny:1", 60, "frames from tiny:1")
+    for ref in ("tiny:2", "tiny:1", "tiny:2"):
+        reply = _pv(out + "Model").write([ref.encode()], wait=True, timeout=120)  # type: ignore[attr-defined]
+        assert reply.status.name == "ECA_NORMAL"  # type: ignore[attr-defined]
+        wait_for(lambda: value_of(out + "Model_RBV") == ref, 60, f"frames from {ref}")  # noqa: B023
+        published = _counter(out + "ArrayCounter_RBV")
+        wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= published + 20, 60, "frames streaming")  # noqa: B023
+    _pv(cam + "Acquire").write([0], wait=True, timeout=10)  # type: ignore[attr-defined]
+    books = _quiet_books(out)
+    causes = long_string_of(out + "DropCauses_RBV")
+    print(f"three swaps: {books} {causes}")
+    assert (books["FramesReceived_RBV"] == books["ArrayCounter_RBV"] + books["DroppedArrays_RBV"]
+            + books["FrameErrors_RBV"]), (books, causes)
+    assert value_of(out + "EngineConnected_RBV") == 1
+
+
+# --- defect 10: an engine restart does not undo the operator's model choice -------------------
+
+def test_engine_restart_gets_the_operators_model_again(stack: Stack, tmp_path: Path) -> None:
+    import shutil
+
+    from ioc_helpers import READY, free_port  # type: ignore[import-not-found]
+
+    shutil.copytree(stack.store, tmp_path / "models")
+    stack.store = tmp_path / "models"
+    data, control = free_port(), free_port()
+    eng = stack.engine("--control", f"tcp://127.0.0.1:{control}", bind=f"tcp://127.0.0.1:{data}", model="tiny:1")
+    stack.camera(size="32x24", rate=10)
+    stack.ioc(eng)
+    out = stack.ioc_prefix
+    wait_for(lambda: "tiny:2" in long_string_of(out + "Models_RBV"), 60, "the model list")
+    reply = _pv(out + "Model").write([b"tiny:2"], wait=True, timeout=120)  # type: ignore[attr-defined]
+    assert reply.status.name == "ECA_NORMAL"  # type: ignore[attr-defined]
+    wait_for(lambda: value_of(out + "Model_RBV") == "tiny:2", 60, "frames from tiny:2")
+    for stop in (eng.kill, eng.stop):  # a crash, seen as engine down; then a clean restart
+        stop()
+        eng.start(READY["engine"])  # serves its default, tiny:1, again
+        wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1, 60, "the engine back")
+        published = _counter(out + "ArrayCounter_RBV")
+        wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= published + 5, 60, "frames again")  # noqa: B023
+        wait_for(lambda: value_of(out + "Model_RBV") == "tiny:2", 60, "the operator's tiny:2 again")
+        assert value_of(out + "Model") == "tiny:2"
+        assert ca_read(out + "Model").metadata.severity == AlarmSeverity.NO_ALARM  # type: ignore[attr-defined]
+    shutil.rmtree(stack.store / "tiny" / "2")  # the engine comes back without the operator's model: an alarm
+    eng.stop()
+    eng.start(READY["engine"])
+    wait_for(lambda: ca_read(out + "Model").metadata.severity == AlarmSeverity.MAJOR_ALARM, 60, "Model in alarm")  # type: ignore[attr-defined]
+    assert ca_read(out + "Model").metadata.status == AlarmStatus.STATE  # type: ignore[attr-defined]
+    assert "could not activate tiny:2" in long_string_of(out + "LastError_RBV")
+    assert value_of(out + "Model_RBV") == "tiny:1"
