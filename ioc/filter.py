@@ -25,7 +25,7 @@ from caproto import AlarmSeverity, AlarmStatus
 from caproto.asyncio.client import Context as ClientContext
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cdae.engine.badpixels import BadPixelError, BadPixelMap
+from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.errors import EngineError
 from cdae.engine.protocol import FrameReply
@@ -347,6 +347,7 @@ class FilterIOC:
                 loop = asyncio.get_running_loop()
                 work = loop.run_in_executor(self._file_worker, self._read_bad_pixels, path, configured)
                 bad = await asyncio.wait_for(work, BAD_PIXEL_LOAD_TIMEOUT_S)
+                bad.check_frame_size(p.array_data.max_length)
             except asyncio.TimeoutError:
                 raise BadPixelError(f"{path}: not read and checked within {BAD_PIXEL_LOAD_TIMEOUT_S:g} s") from None
             finally:
@@ -571,6 +572,10 @@ class FilterIOC:
                 if outside:  # a map of the full sensor on a region of interest or binned frames
                     await self._report_error(f"BadPixelFile: {outside} of {len(self.bad_pixels)} listed pixels lie "
                                              f"outside the {w}x{h} frame (region of interest or binning?)")
+                unfilled = self.bad_pixels.unfilled((h, w))
+                if unfilled:  # a dead block wider than the fill reaches: left as they are, marked in DefectMap
+                    await self._report_error(f"BadPixelFile: {unfilled} listed pixels have no good pixel within "
+                                             f"{MAX_HALF_WIDTH} px and are left unfilled")
         self.counter += 1
         self.rate.tick()
         rate = self.rate.rate_hz()

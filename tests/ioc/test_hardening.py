@@ -359,3 +359,39 @@ def test_engine_restart_gets_the_operators_model_again(stack: Stack, tmp_path: P
     assert ca_read(out + "Model").metadata.status == AlarmStatus.STATE  # type: ignore[attr-defined]
     assert "could not activate tiny:2" in long_string_of(out + "LastError_RBV")
     assert value_of(out + "Model_RBV") == "tiny:1"
+
+
+# --- defect 7: maps whose fill would cost without bound are refused; dead blocks are bounded ---------
+
+def test_bad_pixel_maps_too_costly_or_too_large_are_refused_and_dead_blocks_bounded(stack: Stack,
+                                                                                      tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    (folder / "huge-box.json").write_text(json.dumps(
+        {"Bad pixels": [{"Pixel": [i, 5], "Median": [4000, 4000]} for i in range(200)]}))
+    (folder / "other-camera.json").write_text(json.dumps(
+        {"Bad pixels": [{"Pixel": [i % 64, i // 64], "Set": 1} for i in range(2000)]}))  # > 32x24 = 768 pixels
+    (folder / "dead-block.json").write_text(json.dumps(
+        {"Bad pixels": [{"Pixel": [x, y], "Median": [1, 1]} for y in range(24) for x in range(20)]}))
+    cfg = tmp_path / "ioc.toml"
+    cfg.write_text(f'bad_pixel_dir = "{folder}"\n')
+    eng = stack.engine()
+    stack.camera(size="32x24", rate=10)
+    stack.ioc(eng, "--config", str(cfg))
+    out = stack.ioc_prefix
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= 3, 60, "frames")
+    for name, why in (("huge-box.json", "Median half-widths at most 16"),
+                      ("other-camera.json", "2000 entries, more than the 768 pixels of a frame")):
+        reply = _put_long(out + "BadPixelFile", name)
+        assert reply.status.name == "ECA_PUTFAIL", name  # type: ignore[attr-defined]
+        assert why in long_string_of(out + "LastError_RBV")
+    reply = _put_long(out + "BadPixelFile", "dead-block.json")  # columns 0..19 dead, the first good one is x = 20
+    assert reply.status.name == "ECA_NORMAL"  # type: ignore[attr-defined]
+    wait_for(lambda: "have no good pixel within 16 px" in long_string_of(out + "LastError_RBV"), 30,
+             "the unfilled pixels reported")
+    assert "96 listed pixels" in long_string_of(out + "LastError_RBV")  # x = 0..3 (17..20 px away) x 24 rows
+    published = _counter(out + "ArrayCounter_RBV")
+    wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= published + 5, 30, "frames keep coming")
+    assert _counter(out + "FrameErrors_RBV") == 0
