@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -677,6 +678,12 @@ class FilterIOC:
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
         for group in self._image_groups():
             await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+        served = c.interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+        if served:
+            log(_WHO, f"serving Channel Access on {', '.join(served)}")
+        else:
+            log(_WHO, "warning: serving Channel Access on every interface (0.0.0.0): EPICS_CAS_INTF_ADDR_LIST is "
+                      "not set; set [epics] server_interfaces in the site file")
         listening = asyncio.Event()
         tasks = [asyncio.create_task(serve_pvdb(p.pvdb, c.interfaces, listening), name="ca-server"),
                  asyncio.create_task(self.monitor_engine(), name="engine-monitor"),

@@ -395,3 +395,20 @@ def test_bad_pixel_maps_too_costly_or_too_large_are_refused_and_dead_blocks_boun
     published = _counter(out + "ArrayCounter_RBV")
     wait_for(lambda: _counter(out + "ArrayCounter_RBV") >= published + 5, 30, "frames keep coming")
     assert _counter(out + "FrameErrors_RBV") == 0
+
+
+# --- the interfaces the IOC serves on ------------------------------------------------------------
+
+def test_the_ioc_says_which_interfaces_it_serves_and_the_site_example_sets_them(stack: Stack) -> None:
+    from cdae.deploy.site import load_site
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "site.example.toml"
+    assert load_site(example).epics.environment().get("EPICS_CAS_INTF_ADDR_LIST") == "127.0.0.1"
+    eng = stack.engine()
+    stack.camera(size="32x24", rate=5)
+    ioc = stack.ioc(eng)
+    assert any("serving Channel Access on 127.0.0.1" in line for line in ioc.lines), ioc.output()
+    ioc.stop()
+    stack.children.remove(ioc)
+    ioc = stack.ioc(eng, env={"EPICS_CAS_INTF_ADDR_LIST": ""})
+    assert any("warning: serving Channel Access on every interface" in line for line in ioc.lines), ioc.output()
