@@ -6,6 +6,7 @@ Real processes on loopback (engine, simulated camera, filter IOC), driven with t
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -412,3 +413,71 @@ def test_the_ioc_says_which_interfaces_it_serves_and_the_site_example_sets_them(
     stack.children.remove(ioc)
     ioc = stack.ioc(eng, env={"EPICS_CAS_INTF_ADDR_LIST": ""})
     assert any("warning: serving Channel Access on every interface" in line for line in ioc.lines), ioc.output()
+
+
+# --- defect 2 (IOC half): a control channel busy during a swap is not an engine lost ----------------
+
+class _ControlRelay:
+    """A ZeroMQ relay between the IOC and the engine's control channel (REQ <-> ROUTER | DEALER <-> REP)
+    that can stop answering, as a control channel does while the engine swaps models: frames flow on."""
+
+    def __init__(self, target: str) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.back = self.ctx.socket(zmq.DEALER)
+        self.back.connect(target)
+        self.paused = threading.Event()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        while not self.stopped.is_set():
+            for sock, _ in poller.poll(100):
+                msg = sock.recv_multipart()
+                if sock is self.front and not self.paused.is_set():
+                    self.back.send_multipart(msg)
+                elif sock is self.back:
+                    self.front.send_multipart(msg)
+        self.front.close(0)
+        self.back.close(0)
+        self.ctx.term()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+
+
+def test_a_silent_control_channel_while_frames_flow_is_not_an_engine_loss(stack: Stack) -> None:
+    eng = stack.engine()
+    stack.camera(size="32x24", rate=10)
+    assert eng.match is not None
+    relay = _ControlRelay(eng.match["control"])
+    try:
+        stack.ioc(eng, "--control", relay.endpoint)  # the later --control wins
+        out = stack.ioc_prefix
+        wait_for(lambda: _counter(out + "ArrayCounter_RBV") > 5, 60, "frames")
+        relay.paused.set()  # status polls now go unanswered (they gave up after 1 s and declared the engine lost)
+        published = _counter(out + "ArrayCounter_RBV")
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert value_of(out + "EngineConnected_RBV") == 1, "engine declared lost while frames were answered"
+            time.sleep(0.2)
+        assert _counter(out + "ArrayCounter_RBV") >= published + 20
+        relay.paused.clear()
+        _pv(stack.camera_prefix + "Acquire").write([0], wait=True, timeout=10)  # type: ignore[attr-defined]
+        books = _quiet_books(out)
+        assert "engine_lost=0" in long_string_of(out + "DropCauses_RBV")
+        assert (books["FramesReceived_RBV"] == books["ArrayCounter_RBV"] + books["DroppedArrays_RBV"]
+                + books["FrameErrors_RBV"]), books
+    finally:
+        relay.close()
