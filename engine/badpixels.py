@@ -19,8 +19,15 @@ The file format is areaDetector's (ADCore ``NDPluginBadPixel``), so a site's exi
 ``x`` is the column, ``y`` the row, from the frame's top-left pixel. As in ADCore, an entry with
 several keys takes the last of Median, Set, Replace, and one with none is set to 0. Medians leave
 out the other listed pixels (a bad column is filled from its neighbours, not from itself); a box
-with no good pixel grows until it has one. Listed pixels outside a frame (a region of interest)
-are skipped.
+with no good pixel grows until it has one, up to half-widths of ``MAX_HALF_WIDTH``: a pixel with
+nothing good that near (the middle of a large dead block) keeps its value, is still marked in the
+defect map, and is counted (:meth:`BadPixelMap.unfilled`), as are the largest grown boxes beyond
+``MAX_MEDIAN_WORK``. Listed pixels outside a frame (a region
+of interest) are skipped.
+
+The cost is bounded when a map is read: at most ``MAX_PIXELS`` entries, Median half-widths at most
+``MAX_HALF_WIDTH``, and the Median boxes together at most ``MAX_MEDIAN_WORK`` pixels; a frame's fill
+reads each listed pixel's final box once, in chunks of bounded memory.
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ __all__ = ["BadPixelError", "BadPixelMap", "BadPixelMaps"]
 MODES = ("median", "set", "replace")
 #: ADCore's key precedence: a later key overrides an earlier one.
 _KEYS = (("Median", "median"), ("Set", "set"), ("Replace", "replace"))
-MAX_PIXELS = 4_000_000  # a listed pixel per pixel of a 2048 x 2048 sensor: anything larger is not a map
+MAX_PIXELS = 262_144  # 6 % of a 2048 x 2048 sensor: a camera with more bad pixels needs repair, not a map
+MAX_HALF_WIDTH = 16  # Median boxes (given or grown) up to 33 x 33
+MAX_MEDIAN_WORK = 16_000_000  # pixels read per frame by all given Median boxes together (~0.1 s)
+_CHUNK_ELEMENTS = 1 << 22  # box values held at once by one fill step (16 MiB of float32)
 
 
 class BadPixelError(EngineError):
@@ -93,7 +103,7 @@ class BadPixelMap:
         for i, e in enumerate(entries):
             where = f"{source}: entry {i}"
             if not isinstance(e, dict):
-                raise BadPixelError(f"{where}: expected an object, got {e!r}")
+                raise BadPixelError(f"{where}: expected an object, got {_kind(e)}")
             x[i], y[i] = _pair(e.get("Pixel"), f"{where}: Pixel", integer=True, minimum=0)
             mode[i], a[i], b[i] = MODES.index("set"), 0.0, 0.0  # ADCore: no key -> set to 0
             for key, name in _KEYS:
@@ -104,7 +114,20 @@ class BadPixelMap:
                     else:
                         a[i], b[i] = _pair(e[key], f"{where}: {key}", integer=True,
                                            minimum=0 if name == "median" else None)
+            if mode[i] == MODES.index("median") and max(a[i], b[i]) > MAX_HALF_WIDTH:
+                raise BadPixelError(f"{where}: Median half-widths at most {MAX_HALF_WIDTH} "
+                                    f"(a {2 * MAX_HALF_WIDTH + 1} x {2 * MAX_HALF_WIDTH + 1} box)")
+        med = mode == MODES.index("median")
+        work = int(((2 * a[med] + 1) * (2 * b[med] + 1)).sum())
+        if work > MAX_MEDIAN_WORK:
+            raise BadPixelError(f"{source}: the Median boxes read {work} pixels per frame, more than {MAX_MEDIAN_WORK}: "
+                                "smaller boxes or fewer entries")
         return cls(x, y, mode, a, b, source)
+
+    def check_frame_size(self, pixels: int) -> None:
+        """Refuse a map with more entries than a frame of ``pixels`` has pixels (a map of another camera)."""
+        if len(self) > pixels:
+            raise BadPixelError(f"{self.source}: {len(self)} entries, more than the {pixels} pixels of a frame")
 
     @classmethod
     def from_mask(cls, mask: np.ndarray, half: int = 1, source: str = "<mask>") -> BadPixelMap:
@@ -166,7 +189,7 @@ class BadPixelMap:
         if src.ndim != 2:
             raise BadPixelError(f"bad pixels apply to 2-D frames, got shape {src.shape}")
         h, w = src.shape
-        bad, plan = self._plan((h, w))
+        bad, plan, _ = self._plan((h, w))
         ys_all, xs_all, vals_all = [], [], []
         for name, ys, xs, a, b, groups in plan:
             if name == "set":
@@ -176,7 +199,10 @@ class BadPixelMap:
             else:
                 vals = np.empty(xs.size, np.float32)
                 for (mx, my), idx in groups:
-                    vals[idx] = _box_median(src, bad, ys[idx], xs[idx], int(mx), int(my))
+                    if mx < 0:  # nothing good within MAX_HALF_WIDTH: left as it is
+                        vals[idx] = src[ys[idx], xs[idx]]
+                    else:
+                        vals[idx] = _box_median(src, bad, ys[idx], xs[idx], int(mx), int(my))
             ys_all.append(ys)
             xs_all.append(xs)
             vals_all.append(vals)
@@ -204,7 +230,11 @@ class BadPixelMap:
             defect_map[ys, xs] = 255 if defect_map.dtype == np.uint8 else 1.0
         return filled, residual, defect_map
 
-    def _plan(self, shape: tuple[int, int]) -> tuple[np.ndarray, list[tuple]]:
+    def unfilled(self, shape: tuple[int, int]) -> int:
+        """Median pixels of a frame of ``shape`` with no good pixel within ``MAX_HALF_WIDTH``: left as they are."""
+        return self._plan(shape)[2]
+
+    def _plan(self, shape: tuple[int, int]) -> tuple[np.ndarray, list[tuple], int]:
         """For a frame size: the mask of listed pixels and, per fill mode, the pixels inside the frame
         with their parameters (Replace sources inside it too) and Median's groups by box size. Cached:
         frames come one size at a time."""
@@ -213,7 +243,9 @@ class BadPixelMap:
             return cache[shape]
         h, w = shape
         inside = (self.x < w) & (self.y < h)
+        bad = self.mask(shape)
         plan = []
+        unfilled = 0
         for k, name in enumerate(MODES):
             sel = inside & (self.mode == k)
             if name == "replace":
@@ -221,9 +253,14 @@ class BadPixelMap:
                 sel &= (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
             if sel.any():
                 a, b = self.a[sel], self.b[sel]
-                plan.append((name, self.y[sel], self.x[sel], a, b, _groups(a, b) if name == "median" else []))
+                groups = []
+                if name == "median":
+                    fa, fb = _grown_boxes(bad, self.y[sel], self.x[sel], a.astype(np.int64), b.astype(np.int64))
+                    unfilled += int(np.count_nonzero(fa < 0))
+                    groups = _groups(fa.astype(np.float64), fb.astype(np.float64))
+                plan.append((name, self.y[sel], self.x[sel], a, b, groups))
         cache.clear()
-        cache[shape] = (self.mask(shape), plan)
+        cache[shape] = (bad, plan, unfilled)
         return cache[shape]
 
 
@@ -264,20 +301,26 @@ class BadPixelMaps:
 
 def _pair(v: object, where: str, integer: bool, minimum: int | None) -> tuple[int, int]:
     if not (isinstance(v, (list, tuple)) and len(v) == 2):
-        raise BadPixelError(f"{where}: expected [x, y], got {v!r}")
+        raise BadPixelError(f"{where}: expected [x, y], got {_kind(v)}")
     out = []
     for c in v:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or (integer and c != int(c)):
-            raise BadPixelError(f"{where}: expected integers, got {v!r}")
+            raise BadPixelError(f"{where}: expected integers")
         if minimum is not None and c < minimum:
-            raise BadPixelError(f"{where}: expected values >= {minimum}, got {v!r}")
+            raise BadPixelError(f"{where}: expected values >= {minimum}")
         out.append(int(c))
     return out[0], out[1]
 
 
+def _kind(v: object) -> str:
+    """What a JSON value is, never what it holds: errors end up on PVs any client can read."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
 def _number(v: object, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise BadPixelError(f"{where}: expected a finite number, got {v!r}")
+        raise BadPixelError(f"{where}: expected a finite number, got {_kind(v)}")
     return float(v)
 
 
@@ -287,30 +330,56 @@ def _groups(a: np.ndarray, b: np.ndarray) -> list[tuple[tuple[float, float], np.
     return [((float(u[0]), float(u[1])), np.nonzero(inverse.ravel() == i)[0]) for i, u in enumerate(uniq)]
 
 
-def _box_median(src: np.ndarray, bad: np.ndarray, ys: np.ndarray, xs: np.ndarray, mx: int, my: int) -> np.ndarray:
-    """Median of the good pixels in the (2mx+1) x (2my+1) box around each (y, x); boxes with none
-    grow by one pixel each way until they have one."""
-    h, w = src.shape
-    vals = np.full(ys.size, np.nan, dtype=np.float32)
+def _grown_boxes(bad: np.ndarray, ys: np.ndarray, xs: np.ndarray, mx: np.ndarray,
+                 my: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's Median half-widths once grown (both by one at a time) until the box holds a good pixel
+    of the frame; (-1, -1) where none does within ``MAX_HALF_WIDTH``. Depends on the mask only: worked
+    out once per frame size, with an integral image (four lookups per pixel and step)."""
+    h, w = bad.shape
+    good = np.zeros((h + 1, w + 1), np.int64)
+    good[1:, 1:] = np.cumsum(np.cumsum(~bad, axis=0), axis=1)
+    fa, fb = np.full(ys.size, -1, np.int64), np.full(ys.size, -1, np.int64)
     todo = np.arange(ys.size)
+    grow = 0
     while todo.size:
-        dy, dx = np.mgrid[-my:my + 1, -mx:mx + 1]
-        py = ys[todo, None] + dy.ravel()[None, :]
-        px = xs[todo, None] + dx.ravel()[None, :]
+        ax, ay = mx[todo] + grow, my[todo] + grow
+        fits = (ax <= MAX_HALF_WIDTH) & (ay <= MAX_HALF_WIDTH)
+        todo, ax, ay = todo[fits], ax[fits], ay[fits]
+        if not todo.size:
+            break
+        y0, y1 = np.clip(ys[todo] - ay, 0, h), np.clip(ys[todo] + ay + 1, 0, h)
+        x0, x1 = np.clip(xs[todo] - ax, 0, w), np.clip(xs[todo] + ax + 1, 0, w)
+        count = good[y1, x1] - good[y0, x1] - good[y1, x0] + good[y0, x0]
+        found = count > 0
+        fa[todo[found]], fb[todo[found]] = ax[found], ay[found]
+        todo = todo[~found]
+        grow += 1
+    filled = np.nonzero(fa >= 0)[0]
+    area = (2 * fa[filled] + 1) * (2 * fb[filled] + 1)
+    if area.sum() > MAX_MEDIAN_WORK:  # grown boxes too: the largest are left as they are, counted as unfilled
+        order = np.argsort(area, kind="stable")
+        over = filled[order[np.cumsum(area[order]) > MAX_MEDIAN_WORK]]
+        fa[over], fb[over] = -1, -1
+    return fa, fb
+
+
+def _box_median(src: np.ndarray, bad: np.ndarray, ys: np.ndarray, xs: np.ndarray, mx: int, my: int) -> np.ndarray:
+    """Median of the good pixels in the (2mx+1) x (2my+1) box around each (y, x); every box holds at least
+    one (:func:`_grown_boxes` chose the sizes). In chunks: at most ``_CHUNK_ELEMENTS`` values at once."""
+    h, w = src.shape
+    vals = np.empty(ys.size, dtype=np.float32)
+    dy, dx = np.mgrid[-my:my + 1, -mx:mx + 1]
+    dy, dx = dy.ravel()[None, :], dx.ravel()[None, :]
+    step = max(1, _CHUNK_ELEMENTS // dy.size)
+    for start in range(0, ys.size, step):
+        sl = slice(start, start + step)
+        py, px = ys[sl, None] + dy, xs[sl, None] + dx
         valid = (py >= 0) & (py < h) & (px >= 0) & (px < w)
         pyc, pxc = np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)
         valid &= ~bad[pyc, pxc]
-        window = np.where(valid, src[pyc, pxc].astype(np.float32), np.nan)
-        has = valid.any(axis=1)
-        if has.any():
-            # median of the good values per row: sorted, NaNs go last (np.nanmedian is several times slower)
-            rows = np.sort(window[has], axis=1)
-            k = valid[has].sum(axis=1)
-            r = np.arange(rows.shape[0])
-            vals[todo[has]] = 0.5 * (rows[r, (k - 1) // 2] + rows[r, k // 2])
-        todo = todo[~has]
-        if mx > h + w:  # nothing good anywhere: leave the pixel as it was
-            vals[todo] = src[ys[todo], xs[todo]]
-            break
-        mx, my = mx + 1, my + 1
+        # median of the good values per row: sorted, NaNs go last (np.nanmedian is several times slower)
+        rows = np.sort(np.where(valid, src[pyc, pxc].astype(np.float32), np.float32(np.nan)), axis=1)
+        k = np.maximum(valid.sum(axis=1), 1)
+        r = np.arange(rows.shape[0])
+        vals[sl] = 0.5 * (rows[r, (k - 1) // 2] + rows[r, k // 2])
     return vals

@@ -14,6 +14,8 @@ fills it in its pipeline (the same code as offline use); frames name it by the i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -25,7 +27,7 @@ from caproto import AlarmSeverity, AlarmStatus
 from caproto.asyncio.client import Context as ClientContext
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cdae.engine.badpixels import BadPixelError, BadPixelMap
+from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.errors import EngineError
 from cdae.engine.protocol import FrameReply
@@ -33,6 +35,7 @@ from cdae.ioc.frames import (
     FrameError,
     FrameInfo,
     IocError,
+    FrameBooks,
     LatestSlot,
     NDDataType,
     RateMeter,
@@ -41,6 +44,7 @@ from cdae.ioc.frames import (
     to_ca,
     to_engine,
 )
+from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
 from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
@@ -50,6 +54,7 @@ from cdae.notify import Notifier
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+)$")
 _WHO = "cdae-ioc"
 STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters (and, at most, the watchdog period)
+BAD_PIXEL_LOAD_TIMEOUT_S = 10.0  # reading and checking a bad-pixel file; longer: refused
 
 
 class IocConfig(BaseModel):
@@ -77,6 +82,9 @@ class IocConfig(BaseModel):
     bad_pixel_file: Path | None = Field(
         None, description="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from cdae badpixels): "
         "listed pixels are filled in the denoised frame and marked certain in DefectMap; BadPixelFile changes it")
+    bad_pixel_dir: Path | None = Field(
+        None, description="the only folder BadPixelFile may name files in (regular files, symlinks resolved); "
+        "unset: BadPixelFile can only clear the map")
     max_elements: int | None = Field(None, ge=1, description="ArrayData length (default: the source's)")
     port_name: str = Field("CDAE1", max_length=STRING_MAX - 1)
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
@@ -130,7 +138,8 @@ class FilterIOC:
         names = (SourceNames(array=config.source) if config.plain_waveform
                  else SourceNames.nd_std_arrays(config.source, config.array_suffix))
         self.source = FrameSource(names, self.on_frame, self.on_frame_error, self.on_source_connection,
-                                  width=config.width, height=config.height, data_type=config.data_type)
+                                  width=config.width, height=config.height, data_type=config.data_type,
+                                  on_bad_frame=self.on_bad_frame)
         self.pvs: FilterPVs | None = None
         self.element: np.dtype | None = None
         self.slot: LatestSlot[tuple[int, np.ndarray, FrameInfo]] = LatestSlot()
@@ -146,34 +155,81 @@ class FilterIOC:
         self.models: list[str] = []
         self.seq = 0
         self.last_published_seq = 0
-        self.counter = 0
-        self.received = 0
-        self.dropped = 0
-        self.errors = 0
+        self.counter = 0  # ArrayCounter: frames published
+        self.books = FrameBooks()  # where every received frame went (received, published, drops, errors)
+        self.last_reply_t = 0.0  # monotonic time of the engine's last frame reply
+        self.in_engine = 0  # frames sent to the engine, reply not yet in
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
-        self._initial_model_done = config.model is None
+        self.wanted_model: str | None = config.model  # the operator's choice: re-applied when the engine restarts
+        self._applying_model = False
+        self._engine_uptime: float | None = None
         # the camera's bad-pixel map: held here, filled by the engine (sent over the control channel once,
         # named by its id in every frame request); None until the engine holds it
         self.bad_pixels: BadPixelMap | None = None
         self._bad_pixels_id: str | None = None
         self._bad_pixels_seen: tuple[BadPixelMap, int, int] | None = None
+        # one worker of its own: a slow file never takes the threads other work runs in
+        self._file_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bad-pixel-file")
+        self._file_busy = False
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
 
+    @property
+    def received(self) -> int:
+        return self.books.received
+
+    @property
+    def dropped(self) -> int:
+        return self.books.dropped
+
+    @property
+    def errors(self) -> int:
+        return self.books.errors
+
     def on_frame(self, frame: np.ndarray, info: FrameInfo) -> None:
-        if not self.enabled or self.pvs is None:  # nothing is served before the PVs exist
+        if self.pvs is None:  # nothing is served before the PVs exist
             return
-        self.received += 1
+        self._see(info.unique_id)
+        if not self.enabled:
+            return
+        self.books.received += 1
         self.seq += 1
+        capacity = self.pvs.array_data.max_length
+        if frame.size > capacity:  # the output PVs' length is fixed at start (like a waveform's NELM)
+            h, w = frame.shape
+            self.on_frame_error(f"frame {info.unique_id}: {w}x{h} = {frame.size} pixels, more than the {capacity} "
+                                f"elements of ArrayData (fixed at start: restart the IOC, or set max_elements)",
+                                alarm=(AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM))
+            return
         if self.slot.put((self.seq, frame, info)) is not None:
-            self.dropped += 1
+            self.books.drop("replaced")
         self.frame_ready.set()
         self._soon(self._write_counters())
 
-    def on_frame_error(self, message: str) -> None:
-        self.errors += 1
-        self._soon(self._report_error(message))
+    def on_bad_frame(self, unique_id: int, message: str) -> None:
+        """A source frame that could not be assembled: received, and counted as an error."""
+        if self.pvs is None:
+            return
+        self._see(unique_id)
+        if not self.enabled:
+            return
+        self.books.received += 1
+        self.on_frame_error(message)
+
+    def _see(self, unique_id: int) -> None:
+        last = self.books.last_unique_id
+        if last is not None and unique_id < last:
+            log(_WHO, f"source UniqueId went back from {last} to {unique_id} (camera restarted?): source gaps "
+                      f"are counted from {unique_id} on")
+        if self.books.see(unique_id):
+            self._soon(self._write_counters())
+
+    def on_frame_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
+        """A frame refused: counted, said on LastError_RBV and in the log; ``alarm`` goes on the image PVs
+        (the next published frame clears it)."""
+        self.books.errors += 1
+        self._soon(self._report_error(message, alarm))
 
     def on_source_connection(self, connected: bool) -> None:
         self._soon(self._write_source_state(connected))
@@ -188,24 +244,32 @@ class FilterIOC:
         t.add_done_callback(self._pending_writes.discard)
 
     async def _write_counters(self) -> None:
+        """The counters, each posted only when it changed (a monitor per change, not per call)."""
         p = self._require_pvs()
-        await p.frames_received.write(self.received)
-        if p.dropped_arrays_rbv.value != self.dropped:
-            await p.dropped_arrays_rbv.write(self.dropped)
-        await p.frame_errors.write(self.errors)
-        await p.queue_free.write(max(0, self.queue_size - self.in_flight))
+        b = self.books
+        for pv, value in ((p.frames_received, b.received), (p.dropped_arrays_rbv, b.dropped),
+                          (p.frame_errors, b.errors), (p.source_gaps, b.source_gaps),
+                          (p.queue_free, max(0, self.queue_size - self.in_flight)),
+                          (p.drop_causes, b.causes_text())):
+            if pv.value != value:
+                await pv.write(value)
 
-    async def _report_error(self, message: str) -> None:
+    async def _report_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         log(_WHO, message)
         p = self._require_pvs()
         await p.last_error.write(message[:255])
-        await p.frame_errors.write(self.errors)
+        await self._write_counters()
+        if alarm is not None and self.engine_ok:  # engine down: the COMM alarm stays, it says more
+            for group in self._image_groups():
+                await set_alarm(group, *alarm)
 
     async def _write_source_state(self, connected: bool) -> None:
         p = self._require_pvs()
         if connected:
             await p.source_connected.write("Connected", status=AlarmStatus.NO_ALARM,
                                            severity=AlarmSeverity.NO_ALARM)
+            if str(p.status.value).startswith("source "):  # the camera is back: say what is true now
+                await p.status.write("running" if self.engine_ok else "waiting for the engine")
         else:
             await p.source_connected.write("Disconnected", status=AlarmStatus.COMM,
                                            severity=AlarmSeverity.MAJOR_ALARM)
@@ -231,28 +295,48 @@ class FilterIOC:
         except (IocError, *_ENGINE_TROUBLE) as e:
             await p.last_error.write(f"Model: {e}"[:255])
             raise ValueError(str(e)) from e
+        self.wanted_model = ref
         await p.status.write(f"activated {ref}")
 
-    async def _activate_initial(self, ref: str) -> None:
+    def _keep_model(self, status: Mapping[str, object], why: str) -> None:
+        """The engine (new, or restarted) serves something else than the operator chose: activate the choice
+        again, in the background (polling goes on)."""
+        want = self.wanted_model
+        if want and status.get("model") != want and not self._applying_model:
+            self._applying_model = True
+            self._soon(self._apply_model(want, str(status.get("model")), why))
+
+    async def _apply_model(self, ref: str, serving: str, why: str) -> None:
+        p = self._require_pvs()
         try:
+            log(_WHO, f"{why}: the engine serves {serving}; activating {ref} (Model)")
             await self.request_model(ref)
-            await self._require_pvs().model.write(ref, verify_value=False)
-        except ValueError as e:
+            await p.model.write(ref, verify_value=False, status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        except ValueError as e:  # say so where operators look: Model in alarm, the reason in LastError_RBV
             log(_WHO, f"could not activate {ref}: {e}")
+            await p.model.write(ref, verify_value=False, status=AlarmStatus.STATE, severity=AlarmSeverity.MAJOR_ALARM)
+            await p.last_error.write(f"Model: {why}, the engine serves {serving}; could not activate {ref}: {e}"[:255])
+        finally:
+            self._applying_model = False
 
     async def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
-        if not enabled:
-            self.slot.take()
+        if not enabled and self.slot.take() is not None:
+            self.books.drop("disabled")
+            await self._write_counters()
 
     async def set_queue_size(self, size: int) -> None:
         async with self._permits:
             self.queue_size = size
             self._permits.notify_all()
 
-    async def set_bad_pixel_file(self, path: str) -> None:
+    async def set_bad_pixel_file(self, path: str, configured: bool = False) -> None:
         """Load (or, with an empty path, drop) the camera's bad-pixel map; an unusable file is refused
-        with its reason on LastError_RBV and the map in use is kept."""
+        with its reason on LastError_RBV and the map in use is kept.
+
+        A path written over CA must name a regular file under ``bad_pixel_dir`` (any CA client can
+        write the PV); ``configured`` is the site file's own ``bad_pixel_file``, trusted for where it is
+        but read under the same size and file-type rules."""
         p = self._require_pvs()
         path = path.strip()
         if not path:
@@ -261,21 +345,44 @@ class FilterIOC:
             await p.status.write("bad-pixel map: none")
             return
         try:
-            bad = await asyncio.get_running_loop().run_in_executor(None, BadPixelMap.load, path)
-        except BadPixelError as e:
-            log(_WHO, f"BadPixelFile: {e}")
+            if self._file_busy:
+                raise BadPixelError("another bad-pixel file is still being read; try again")
+            self._file_busy = True
+            try:
+                loop = asyncio.get_running_loop()
+                work = loop.run_in_executor(self._file_worker, self._read_bad_pixels, path, configured)
+                bad = await asyncio.wait_for(work, BAD_PIXEL_LOAD_TIMEOUT_S)
+                bad.check_frame_size(p.array_data.max_length)
+            except asyncio.TimeoutError:
+                raise BadPixelError(f"{path}: not read and checked within {BAD_PIXEL_LOAD_TIMEOUT_S:g} s") from None
+            finally:
+                self._file_busy = False
+        except (BadPixelError, FileRefused) as e:
+            log(_WHO, f"BadPixelFile refused: {e}")
             await p.last_error.write(f"BadPixelFile: {e}"[:255])
             raise ValueError(str(e)) from e
         self.bad_pixels, self._bad_pixels_id = bad, None
         if self.engine_ok:
             await self._send_bad_pixels()
         await p.bad_pixel_count.write(len(bad))
-        await p.status.write(f"bad-pixel map: {len(bad)} pixels from {path}"[:255])
-        log(_WHO, f"bad-pixel map: {len(bad)} pixels from {path}")
+        await p.status.write(f"bad-pixel map: {len(bad)} pixels from {bad.source}"[:255])
+        log(_WHO, f"bad-pixel map: {len(bad)} pixels from {bad.source}")
+
+    def _read_bad_pixels(self, path: str, configured: bool) -> BadPixelMap:
+        """In the file worker: read under the rules of :mod:`cdae.ioc.files`, then parse and check."""
+        if configured:
+            real, data = Path(path), read_regular_file(path)
+        else:
+            real, data = read_named_file(self.config.bad_pixel_dir, path)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPixelError(f"{real}: not UTF-8 text") from None
+        return BadPixelMap.from_json(text, source=str(real))
 
     async def _initial_bad_pixels(self, path: Path) -> None:
         try:
-            await self.set_bad_pixel_file(str(path))
+            await self.set_bad_pixel_file(str(path), configured=True)
             await self._require_pvs().bad_pixel_file.write(str(path)[:255], verify_value=False)
         except ValueError as e:  # serve without it, loudly: LastError_RBV and the log say why
             log(_WHO, f"could not use the bad-pixel file {path}: {e}")
@@ -351,16 +458,24 @@ class FilterIOC:
         """Poll the control channel: connection state, backend, available models; recover by itself."""
         endpoint = self.config.control_endpoint()
         ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
-        polls = 0
+        polls = misses = 0
         p = self._require_pvs()
         while True:
             try:
                 st = await ctl.request("status")
                 if not st.ok:
                     raise EngineError(st.error or "status refused")
+                misses = 0
+                uptime = st.result.get("uptime_s")
+                restarted = (isinstance(uptime, (int, float)) and self._engine_uptime is not None
+                             and uptime < self._engine_uptime)  # restarted between two polls: never seen down
+                self._engine_uptime = float(uptime) if isinstance(uptime, (int, float)) else None
                 if not self.engine_ok:
                     await self._engine_found(st.result)
                     polls = 0
+                    self._keep_model(st.result, "engine connected")
+                elif restarted:
+                    self._keep_model(st.result, "engine restarted")
                 backend = str(st.result.get("backend", ""))[: STRING_MAX - 1]
                 if p.backend.value != backend:
                     await p.backend.write(backend)
@@ -372,13 +487,16 @@ class FilterIOC:
                         text = ",".join(refs)[:4095]
                         if p.models.value != text:
                             await p.models.write(text)
-                if not self._initial_model_done:
-                    self._initial_model_done = True
-                    if st.result.get("model") != self.config.model:  # in the background: polling goes on
-                        self._soon(self._activate_initial(self.config.model or ""))
                 polls += 1
             except _ENGINE_TROUBLE as e:
-                await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
+                answering = self.in_engine > 0 or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s
+                if self.engine_ok and answering:  # frame replies still come (a swap keeps control busy):
+                    misses += 1                   # the frames' own timeout decides, not this poll
+                    if misses == 1:
+                        log(_WHO, f"no status from {endpoint} ({type(e).__name__}), but frames are answered: "
+                                  "not declaring the engine lost")
+                else:
+                    await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
                 ctl.close()  # a fresh REQ socket: nothing stale waits in the old one
                 ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
             await asyncio.sleep(self.config.status_period_s)
@@ -398,6 +516,8 @@ class FilterIOC:
                 await self._release()
                 raise
             if item is None or self.client is None:
+                if item is not None:  # the engine went away between the wait and now
+                    self.books.drop("engine_lost")
                 await self._release()
                 continue
             t = asyncio.create_task(self._process(self.client, *item))
@@ -410,38 +530,61 @@ class FilterIOC:
             self._permits.notify_all()
 
     async def _process(self, client: AsyncEngineClient, seq: int, frame: np.ndarray, info: FrameInfo) -> None:
+        """One frame to the engine and out; every way out is counted (the ``finally`` catches cancellation
+        by :meth:`_engine_lost`)."""
+        settled = False
         try:
             try:
                 wire = to_engine(frame, info.data_type)
             except FrameError as e:
+                settled = True
                 self.on_frame_error(f"frame {info.unique_id}: {e}")
                 return
+            self.in_engine += 1
             try:
                 reply = await asyncio.wait_for(client.denoise(
                     wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
                     want_residual=self.config.residual, want_defect_map=self.config.defect_map,
                     defect_map_dtype="uint8", bad_pixels=self._bad_pixels_id), self.config.engine_timeout_s)
             except _ENGINE_TROUBLE as e:
+                settled = True
+                self.books.drop("engine_lost")
                 await self._engine_lost(f"frame {info.unique_id}: {type(e).__name__}: {e}")
                 return
+            finally:
+                self.in_engine -= 1
+            self.last_reply_t = time.monotonic()
             if not reply.ok:
+                settled = True
                 await self._refused(reply, info)
                 return
             if seq <= self.last_published_seq:  # overtaken by a newer frame (several engines)
-                self.dropped += 1
+                settled = True
+                self.books.drop("overtaken")
                 return
             self.last_published_seq = seq
-            await self.publish(reply, info)
+            try:
+                await self.publish(reply, info)
+                settled = True
+                self.books.published += 1
+            except Exception as e:  # noqa: BLE001 - a frame that cannot be published is refused, never a dead task
+                settled = True
+                self.on_frame_error(f"frame {info.unique_id}: not published: {type(e).__name__}: {e}",
+                                    alarm=(AlarmStatus.SOFT, AlarmSeverity.MAJOR_ALARM))
         finally:
+            if not settled:  # cancelled: the engine was declared lost while this frame was out
+                self.books.drop("engine_lost")
             await self._release()
+            self._soon(self._write_counters())
 
     async def _refused(self, reply: FrameReply, info: FrameInfo) -> None:
         code = reply.error_code
         msg = reply.header.error.message if reply.header.error else ""
         if code == "dropped":  # the engine's own newest-wins queue replaced it
-            self.dropped += 1
+            self.books.drop("engine_queue")
             await self._write_counters()
         elif code == "shutting_down":
+            self.books.drop("engine_lost")
             await self._engine_lost(msg)
         elif code == "unknown_bad_pixels":  # the engine restarted between two status polls
             self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
@@ -463,6 +606,10 @@ class FilterIOC:
                 if outside:  # a map of the full sensor on a region of interest or binned frames
                     await self._report_error(f"BadPixelFile: {outside} of {len(self.bad_pixels)} listed pixels lie "
                                              f"outside the {w}x{h} frame (region of interest or binning?)")
+                unfilled = self.bad_pixels.unfilled((h, w))
+                if unfilled:  # a dead block wider than the fill reaches: left as they are, marked in DefectMap
+                    await self._report_error(f"BadPixelFile: {unfilled} listed pixels have no good pixel within "
+                                             f"{MAX_HALF_WIDTH} px and are left unfilled")
         self.counter += 1
         self.rate.tick()
         rate = self.rate.rate_hz()
@@ -557,11 +704,19 @@ class FilterIOC:
         await p.queue_free.write(c.queue_size)
         await p.source_connected.write("Connected")
         await p.status.write("waiting for the engine")
+        if c.model:  # the choice, shown at once; activated when the engine answers (and again after its restarts)
+            await p.model.write(c.model, verify_value=False)
         if c.bad_pixel_file is not None:
             await self._initial_bad_pixels(c.bad_pixel_file)
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
         for group in self._image_groups():
             await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+        served = c.interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+        if served:
+            log(_WHO, f"serving Channel Access on {', '.join(served)}")
+        else:
+            log(_WHO, "warning: serving Channel Access on every interface (0.0.0.0): EPICS_CAS_INTF_ADDR_LIST is "
+                      "not set; set [epics] server_interfaces in the site file")
         listening = asyncio.Event()
         tasks = [asyncio.create_task(serve_pvdb(p.pvdb, c.interfaces, listening), name="ca-server"),
                  asyncio.create_task(self.monitor_engine(), name="engine-monitor"),
@@ -581,10 +736,12 @@ class FilterIOC:
             await self.client.close()
         await self.source.close()
         await ctx.disconnect()
+        self._file_worker.shutdown(wait=False, cancel_futures=True)
         for t in failed:
             log(_WHO, f"{t.get_name()} stopped on error: {t.exception()!r}")
-        log(_WHO, f"stopped: received {self.received}, published {self.counter}, dropped {self.dropped}, "
-                  f"errors {self.errors}")
+        b = self.books
+        log(_WHO, f"stopped: received {b.received}, published {b.published}, dropped {b.dropped} "
+                  f"({b.causes_text()}), errors {b.errors}, source gaps {b.source_gaps}")
         notifier.close()
         return 1 if failed else 0
 

@@ -251,3 +251,52 @@ def parse_model_ref(text: str) -> str:
     if not sep or not name or not version or not ok_chars:
         raise IocError(f"expected a model reference NAME:VERSION (letters, digits, - _ .), got {text!r}")
     return ref
+
+
+#: Why a frame the IOC received was not published (``DropCauses_RBV``).
+DROP_CAUSES: tuple[str, ...] = ("replaced", "engine_queue", "overtaken", "engine_lost", "disabled")
+
+
+class FrameBooks:
+    """Where every frame went, sans-I/O: ``received == published + dropped + errors + pending``, always.
+
+    ``pending`` is what waits in the newest-wins slot or is in flight to the engine; once the camera
+    stops and the IOC is idle it is 0. Source gaps are frames the camera made that never reached the
+    IOC (UniqueId jumps, as areaDetector plugins count dropped arrays); the camera's own count is
+    ``received + source_gaps`` while the IOC listens. A UniqueId that goes back (the camera restarted,
+    or its counter was reset) starts the reference again without counting anything.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.published = 0
+        self.errors = 0
+        self.drops: dict[str, int] = dict.fromkeys(DROP_CAUSES, 0)
+        self.source_gaps = 0
+        self.last_unique_id: int | None = None
+
+    def see(self, unique_id: int) -> int:
+        """A source frame's UniqueId (received or not: a disabled IOC still follows the ids); the gap it ends."""
+        last, self.last_unique_id = self.last_unique_id, unique_id
+        if last is None or unique_id <= last:
+            return 0
+        gap = unique_id - last - 1
+        self.source_gaps += gap
+        return gap
+
+    def drop(self, cause: str, n: int = 1) -> None:
+        if cause not in self.drops:
+            raise ValueError(f"unknown drop cause {cause!r}; expected one of {', '.join(DROP_CAUSES)}")
+        self.drops[cause] += n
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+    @property
+    def pending(self) -> int:
+        return self.received - self.published - self.dropped - self.errors
+
+    def causes_text(self) -> str:
+        """``DropCauses_RBV``: ``replaced=3 engine_queue=0 ...``, every cause, in a fixed order."""
+        return " ".join(f"{k}={v}" for k, v in self.drops.items())

@@ -11,15 +11,19 @@ read-backs.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Protocol
 
 import numpy as np
-from caproto import ChannelType
+from caproto import AlarmSeverity, AlarmStatus, CAStatus, ChannelType
+from caproto._data import Forbidden
 from caproto.server import PVGroup, SubGroup
 from caproto.server import pvproperty as _pvproperty
+from caproto.server.server import PvpropertyChar, PvpropertyCharRO, PvpropertyString, PvpropertyStringRO, pvspec_type_map
 
 from cdae import __version__
 from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
+from cdae.ioc.runner import log
 
 #: The ADCore release whose PV set this emulates (reported, so clients know what to expect).
 AD_CORE_VERSION = "3.12.1"
@@ -47,6 +51,37 @@ def pvproperty(**kwargs: object) -> _pvproperty:
     return _pvproperty(**kwargs)
 
 
+def _refusing(base: type) -> type:
+    """A writable PV class whose refusals reach the client, and whose next good write clears them.
+
+    caproto answers a putter's exception with a CA_PROTO_ERROR message, which a put-notify does not
+    match: caproto's client times out and pyepics reports success. Here the exception (after caproto
+    has put the PV in a WRITE/MAJOR alarm) becomes the put-notify's status, ECA_PUTFAIL; a write the
+    putter accepts clears that alarm (caproto would keep it until the next refusal's opposite, never).
+    """
+
+    async def auth_write(self, hostname, username, data, data_type, metadata, **kwargs):  # noqa: ANN001, ANN202
+        try:
+            return await base.auth_write(self, hostname, username, data, data_type, metadata, **kwargs)
+        except Forbidden:  # read-only or access rights: caproto's own answer
+            raise
+        except Exception as e:  # noqa: BLE001 - any refusal of the putter: the client is told
+            log("cdae-ioc", f"write to {self.pvname} by {username}@{hostname} refused: {e}")
+            return CAStatus.ECA_PUTFAIL
+
+    async def verify_value(self, value):  # noqa: ANN001, ANN202
+        value = await base.verify_value(self, value)  # raises when the putter refuses
+        if self.alarm.status == AlarmStatus.WRITE:
+            await self.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        return value
+
+    return type(base.__name__, (base,), {"auth_write": auth_write, "verify_value": verify_value})
+
+
+#: pvproperty classes of every group here: refused writes answer ECA_PUTFAIL (see :func:`_refusing`)
+_TYPE_MAP = {dtype: _refusing(cls) for dtype, cls in pvspec_type_map.items()}
+
+
 def ca_channel_type(element: np.dtype | str) -> ChannelType:
     """The CA channel type of an array element dtype (what ``ArrayData`` is served as)."""
     name = np.dtype(element).newbyteorder("=").name
@@ -60,13 +95,40 @@ def _array(element: np.dtype | str, max_elements: int, doc: str) -> _pvproperty:
                       max_length=max_elements, read_only=True, doc=doc)
 
 
+def ca_text(text: str, limit: int) -> str:
+    """``text`` as CA strings can carry it: ASCII ("…" becomes "...", other characters "?"), at most ``limit``."""
+    if text.isascii():
+        return text[:limit]
+    flat = unicodedata.normalize("NFKD", text).encode("ascii", "replace").decode("ascii")
+    return flat[:limit]
+
+
+def _ascii(base: type, limit: int | None) -> type:
+    """A string PV class that stores what it can serve: caproto encodes with latin-1 at *read* time, so a
+    message with "…" in it was stored and every later read of the PV failed (a client timeout)."""
+
+    def preprocess_value(self, value):  # noqa: ANN001, ANN202
+        if isinstance(value, str):
+            value = ca_text(value, self._max_length - 1 if limit is None else limit)  # room for the NUL
+        return base.preprocess_value(self, value)
+
+    return type(base.__name__, (base,), {"preprocess_value": preprocess_value})
+
+
+_ASCII_CHAR = _ascii(_refusing(PvpropertyChar), None)
+_ASCII_CHAR_RO = _ascii(PvpropertyCharRO, None)
+_ASCII_STRING = _ascii(_refusing(PvpropertyString), 39)  # DBR_STRING: 39 characters and a NUL
+_ASCII_STRING_RO = _ascii(PvpropertyStringRO, 39)
+
+
 def _long_string(name: str, value: str = "", length: int = 256, read_only: bool = True, doc: str = "") -> _pvproperty:
-    return pvproperty(name=name, value=value, dtype=ChannelType.CHAR, max_length=length, report_as_string=True,
-                      read_only=read_only, doc=doc)
+    return pvproperty(name=name, value=value, dtype=_ASCII_CHAR_RO if read_only else _ASCII_CHAR, max_length=length,
+                      report_as_string=True, read_only=read_only, doc=doc)
 
 
 def _string(name: str, value: str = "", read_only: bool = True, doc: str = "") -> _pvproperty:
-    return pvproperty(name=name, value=value, dtype=ChannelType.STRING, read_only=read_only, doc=doc)
+    return pvproperty(name=name, value=value, dtype=_ASCII_STRING_RO if read_only else _ASCII_STRING,
+                      read_only=read_only, doc=doc)
 
 
 class FilterController(Protocol):
@@ -82,6 +144,8 @@ class FilterController(Protocol):
 
 class NDArrayPVs(PVGroup):
     """An image and what a client needs to decode it (ADCore NDArrayBase.template + NDStdArrays.template)."""
+
+    type_map = _TYPE_MAP
 
     array_data = _array(np.int16, 1, "the pixels, C order (ArraySize0 fastest)")
     ndimensions = pvproperty(name="NDimensions_RBV", value=2, read_only=True)
@@ -190,6 +254,11 @@ class FilterPVs(NDArrayPVs):
     frames_received = pvproperty(name="FramesReceived_RBV", value=0, read_only=True, doc="source frames seen")
     frame_errors = pvproperty(name="FrameErrors_RBV", value=0, read_only=True,
                               doc="frames refused (size/data mismatch, unsupported type, engine error)")
+    source_gaps = pvproperty(name="SourceGaps_RBV", value=0, read_only=True,
+                             doc="frames the camera made that never reached the IOC (UniqueId jumps; a UniqueId "
+                             "that goes back, a camera restart, starts counting again from there)")
+    drop_causes = _long_string("DropCauses_RBV", doc="DroppedArrays_RBV by cause: replaced (a newer frame came "
+                               "first), engine_queue, overtaken, engine_lost, disabled")
 
     @nd_array_port.putter
     async def nd_array_port(self, instance: object, value: str) -> str:

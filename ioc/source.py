@@ -63,10 +63,12 @@ class FrameSource:
     """Monitors a source and calls ``on_frame(frame, info)`` for every complete frame (in the event loop)."""
 
     def __init__(self, names: SourceNames, on_frame: OnFrame, on_error: OnError, on_connection: OnConnection, *,
-                 width: int | None = None, height: int | None = None, data_type: NDDataType | None = None) -> None:
+                 width: int | None = None, height: int | None = None, data_type: NDDataType | None = None,
+                 on_bad_frame: Callable[[int, str], None] | None = None) -> None:
         self.names = names
         self.on_frame = on_frame
         self.on_error = on_error
+        self.on_bad_frame = on_bad_frame  # (UniqueId, message) of a frame that cannot be assembled; else on_error
         self.on_connection = on_connection
         self.width = width or 0
         self.height = height or 0
@@ -149,6 +151,9 @@ class FrameSource:
         try:
             frame = frame_from_ca(data, self.width, self.height, data_type)
         except FrameError as e:
-            self.on_error(f"frame {uid}: {e}")
+            if self.on_bad_frame is not None:
+                self.on_bad_frame(uid, f"frame {uid}: {e}")
+            else:
+                self.on_error(f"frame {uid}: {e}")
             return
         self.on_frame(frame, FrameInfo(unique_id=uid, stamp=ts, data_type=data_type, color_mode=self.color_mode))

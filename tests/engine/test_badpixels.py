@@ -1,4 +1,5 @@
-"""Bad-pixel maps: areaDetector's file format, the three fill modes, and finding them from darks/flats."""
+"""Bad-pixel maps: areaDetector's file format, the three fill modes, and what a map may cost (finding
+them from darks and flats is tested with the camera characterisation)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,37 @@ def test_unreadable_file_and_wrong_frames_are_clear_errors(tmp_path: Path) -> No
         BadPixelMap.load(tmp_path / "missing.json")
     with pytest.raises(BadPixelError, match="2-D"):
         BadPixelMap.from_json(ADCORE_FILE).apply(np.zeros((2, 8, 8)))
+
+
+def test_fill_cost_is_bounded_by_validation_and_by_growth_limits() -> None:
+    """Issue 21, defect 7: a 128 x 128 dead block took 10.6 s and 1 GB per frame; huge boxes were accepted."""
+    import time
+
+    from cdae.engine.badpixels import MAX_HALF_WIDTH, MAX_PIXELS
+
+    with pytest.raises(BadPixelError, match=f"Median half-widths at most {MAX_HALF_WIDTH}"):
+        BadPixelMap.from_json(json.dumps({"Bad pixels": [{"Pixel": [i, 5], "Median": [4000, 4000]} for i in range(200)]}))
+    with pytest.raises(BadPixelError, match=f"more than {MAX_PIXELS}"):
+        BadPixelMap.from_json('{"Bad pixels": [' + ",".join(['{"Pixel": [1, 1]}'] * (MAX_PIXELS + 1)) + "]}")
+    with pytest.raises(BadPixelError, match="Median boxes read"):
+        BadPixelMap.from_json(json.dumps({"Bad pixels": [{"Pixel": [i % 2048, i // 2048], "Median": [16, 16]}
+                                                         for i in range(20_000)]}))
+    small = BadPixelMap.from_json(ADCORE_FILE)
+    small.check_frame_size(3)
+    with pytest.raises(BadPixelError, match="more than the 2 pixels of a frame"):
+        small.check_frame_size(2)
+    block = np.zeros((512, 512), bool)
+    block[192:320, 192:320] = True
+    bp = BadPixelMap.from_mask(block, half=1)
+    frame = np.random.default_rng(0).integers(0, 4000, (512, 512)).astype(np.uint16)
+    bp.fill_output(frame)  # plans once per size
+    t0 = time.perf_counter()
+    filled, _, defects = bp.fill_output(frame, None, np.zeros((512, 512), np.uint8))
+    took = time.perf_counter() - t0
+    core = np.zeros_like(block)
+    core[192 + MAX_HALF_WIDTH:320 - MAX_HALF_WIDTH, 192 + MAX_HALF_WIDTH:320 - MAX_HALF_WIDTH] = True
+    assert bp.unfilled(frame.shape) == core.sum()  # deeper than MAX_HALF_WIDTH: nothing good near enough
+    assert np.array_equal(filled[core], frame[core]) and np.all(defects[block] == 255)
+    ring = block & ~core
+    assert np.all((filled[ring] >= frame[~block].min()) & (filled[ring] <= frame[~block].max()))
+    assert took < 2.0, took  # was 10.6 s (12.2 s on this 2-core host); ~0.15 s now

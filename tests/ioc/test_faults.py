@@ -96,8 +96,8 @@ def test_plain_waveform_source_and_size_disagreement(stack: Stack) -> None:
 
 
 def _write_refused(name: str, value: object) -> None:
-    """Put without waiting (caproto's client does not hand a refused put-notify back, it times out),
-    then see the refusal: the value is unchanged and the PV carries a WRITE alarm."""
+    """Put without waiting (as a plain caput does; a put-notify gets ECA_PUTFAIL back, see
+    test_hardening.py), then see the refusal: the value is unchanged and the PV carries a WRITE alarm."""
     from ioc_helpers import _pv  # type: ignore[import-not-found]
 
     before = ca_read(name).data  # type: ignore[attr-defined]
@@ -207,9 +207,11 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     second.write_text('{"Bad pixels": [{"Pixel": [4, 4], "Set": 11}, {"Pixel": [500, 4], "Set": 11}]}')  # one off-frame
     broken = tmp_path / "broken.json"
     broken.write_text('{"Bad pixels": [{"Pixel": [4]}]}')
+    cfg = tmp_path / "ioc.toml"
+    cfg.write_text(f'bad_pixel_dir = "{tmp_path}"\n')  # BadPixelFile may name files here only
     eng = stack.engine()
     stack.camera(size="32x24", rate=5)
-    stack.ioc(eng, "--bad-pixel-file", str(first))
+    stack.ioc(eng, "--bad-pixel-file", str(first), "--config", str(cfg))
     out = stack.ioc_prefix
 
     def pixel(pv: str, x: int, y: int) -> int:
@@ -229,7 +231,7 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     assert pixel("ArrayData", 3, 2) == 7 and pixel("ArrayData", 10, 5) == 9
     assert pixel("DefectMap:ArrayData", 3, 2) == 255
 
-    put_path(str(broken), wait=False)  # refused: caproto's client does not hand a refused put-notify back
+    put_path(str(broken), wait=False)  # refused (a put-notify would get ECA_PUTFAIL back)
     wait_for(lambda: ca_read(out + "BadPixelFile").metadata.status == AlarmStatus.WRITE, 30, "a WRITE alarm")  # type: ignore[attr-defined]
     assert long_string_of(out + "BadPixelFile") == str(first)
     assert "entry 0: Pixel" in long_string_of(out + "LastError_RBV")
