@@ -12,6 +12,7 @@ so an operator fixes a broken file in one pass instead of one error per restart.
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,9 @@ def _read_toml(path: Path) -> tuple[str, dict[str, object]]:
         raise SiteError(f"{path}: not valid TOML: {e}") from e
 
 
+_Section = TypeVar("_Section", "EngineSection", "CameraSection")
+
+
 def load_site(path: str | Path) -> SiteConfig:
     """Read and validate a site file; the first problems are in the error (``check_site`` lists all)."""
     path = Path(path)
@@ -169,7 +173,8 @@ def load_site(path: str | Path) -> SiteConfig:
         raise SiteError(f"{path}: {len(problems)} problem(s) (run `cdae config check {path}`):\n  {listed}")
     site = SiteConfig.model_validate(data)
     return site.model_copy(update={"models_dir": resolve_models_dir(site.models_dir, path.parent),
-                                   "engines": {n: _curve_paths(e, path.parent) for n, e in site.engines.items()}})
+                                   "engines": {n: _curve_paths(e, path.parent) for n, e in site.engines.items()},
+                                   "cameras": {n: _curve_paths(c, path.parent) for n, c in site.cameras.items()}})
 
 
 def check_site(path: str | Path, *, check_models: bool = True) -> list[Problem]:
@@ -231,13 +236,15 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
     return sorted(found, key=lambda p: (p.line or 0, p.where))
 
 
-def _curve_paths(eng: EngineSection, base: Path) -> EngineSection:
-    """Key files named relative to the site file, like the model store (not to a service's working directory)."""
-    if eng.curve is None:
-        return eng
-    curve = eng.curve.model_copy(update={k: resolve_models_dir(getattr(eng.curve, k), base)
-                                         for k in ("secret_key_file", "allowed_clients_dir")})
-    return eng.model_copy(update={"curve": curve})
+def _curve_paths(section: _Section, base: Path) -> _Section:
+    """Key files named relative to the site file, like the model store (not to a service's working
+    directory): an engine's key and allowed clients, a camera's key and its engine's public key."""
+    if section.curve is None:
+        return section
+    fields = [k for k in ("secret_key_file", "allowed_clients_dir", "server_public_key_file")
+              if k in type(section.curve).model_fields]
+    curve = section.curve.model_copy(update={k: resolve_models_dir(getattr(section.curve, k), base) for k in fields})
+    return section.model_copy(update={"curve": curve})
 
 
 def resolve_models_dir(models_dir: Path, base: Path) -> Path:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
+from cdae.engine.config import CurveClientKeys
 from cdae.engine.errors import EngineError
 from cdae.engine.protocol import FrameReply
 from cdae.ioc.frames import (
@@ -88,6 +89,8 @@ class IocConfig(BaseModel):
     max_elements: int | None = Field(None, ge=1, description="ArrayData length (default: the source's)")
     port_name: str = Field("CDAE1", max_length=STRING_MAX - 1)
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
+    curve: CurveClientKeys | None = Field(None, description="CURVE keys for an engine that requires them "
+                                                            "(`cdae keys`): this IOC's key pair, the engine's public key")
     source_timeout_s: float = Field(5.0, gt=0, description="retry period while the source is not found")
 
     @field_validator("engine", mode="before")
@@ -285,7 +288,8 @@ class FilterIOC:
                 raise IocError("the engine is not connected")
             if self.models and ref not in self.models:
                 raise IocError(f"model {ref} is not in the engine's store; available: {', '.join(self.models)}")
-            ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s)
+            ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s,
+                                     curve=self.config.curve)
             try:
                 reply = await ctl.request("activate", model=ref, wait=True, timeout_s=600.0)
             finally:
@@ -395,7 +399,8 @@ class FilterIOC:
         bad = self.bad_pixels
         if bad is None:
             return True
-        ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s)
+        ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s,
+                                     curve=self.config.curve)
         try:
             reply = await ctl.request("set_bad_pixels", bad_pixels=bad.to_json())
         except _ENGINE_TROUBLE as e:
@@ -413,7 +418,8 @@ class FilterIOC:
 
     def _new_client(self) -> AsyncEngineClient:
         # the client's own window never binds: QueueSize permits bound what is in flight
-        return AsyncEngineClient(self.config.engine, window=64, timeout_s=self.config.engine_timeout_s)
+        return AsyncEngineClient(self.config.engine, window=64, timeout_s=self.config.engine_timeout_s,
+                                 curve=self.config.curve)
 
     async def _engine_lost(self, why: str) -> None:
         if not self.engine_ok:
@@ -457,7 +463,8 @@ class FilterIOC:
     async def monitor_engine(self) -> None:
         """Poll the control channel: connection state, backend, available models; recover by itself."""
         endpoint = self.config.control_endpoint()
-        ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
+        ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s),
+                                     curve=self.config.curve)
         polls = misses = 0
         p = self._require_pvs()
         while True:
@@ -498,7 +505,8 @@ class FilterIOC:
                 else:
                     await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
                 ctl.close()  # a fresh REQ socket: nothing stale waits in the old one
-                ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s))
+                ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s),
+                                     curve=self.config.curve)
             await asyncio.sleep(self.config.status_period_s)
 
     async def dispatch(self) -> None:

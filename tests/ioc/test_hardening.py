@@ -481,3 +481,44 @@ def test_a_silent_control_channel_while_frames_flow_is_not_an_engine_loss(stack:
                 + books["FrameErrors_RBV"]), books
     finally:
         relay.close()
+
+
+def test_ioc_and_engine_over_curve_and_a_wrong_key_is_refused(stack: Stack, tmp_path: Path) -> None:
+    """CURVE between a real filter IOC and a real engine: keys from `cdae keys`; the IOC whose key the
+    engine allows gets denoised frames, an IOC with another key never connects."""
+    import json
+    import subprocess
+
+    from ioc_helpers import cdae, free_port  # type: ignore[import-not-found]
+
+    keys = tmp_path / "keys"
+    for name, extra in (("engine", []), ("ioc", ["--allow", str(keys / "allowed")]), ("stranger", [])):
+        r = subprocess.run(cdae("keys", name, "--dir", str(keys), *extra), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    site = tmp_path / "site.toml"
+    site.write_text("\n".join([
+        f"models_dir = {json.dumps(str(stack.store))}", "[engines.e]",
+        f'bind = "tcp://127.0.0.1:{free_port()}"', f'control = "tcp://127.0.0.1:{free_port()}"',
+        'model = "tiny:1"', 'backend = "torch-cpu"', "threads = 1", "[engines.e.curve]",
+        f"secret_key_file = {json.dumps(str(keys / 'engine.key_secret'))}",
+        f"allowed_clients_dir = {json.dumps(str(keys / 'allowed'))}"]) + "\n")
+    eng = stack.start("engine", cdae("engine", "--config", str(site), "--name", "e"), "engine")
+
+    def ioc_config(who: str) -> Path:
+        cfg = tmp_path / f"{who}.toml"
+        cfg.write_text("[curve]\n" f"secret_key_file = {json.dumps(str(keys / f'{who}.key_secret'))}\n"
+                       f"server_public_key_file = {json.dumps(str(keys / 'engine.key'))}\n")
+        return cfg
+
+    stack.camera(size="32x24", rate=5)
+    stranger = stack.ioc(eng, "--config", str(ioc_config("stranger")))
+    out = stack.ioc_prefix
+    time.sleep(3.0)  # several status polls: none is answered
+    assert value_of(out + "EngineConnected_RBV") == 0
+    assert int(value_of(out + "ArrayCounter_RBV")) == 0  # type: ignore[arg-type]
+    stranger.stop()
+    stack.ioc(eng, "--config", str(ioc_config("ioc")))
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1, 60, "the allowed IOC connected")
+    wait_for(lambda: int(value_of(out + "ArrayCounter_RBV")) >= 3, 60, "denoised frames over CURVE")  # type: ignore[arg-type]
+    stranger_key = (keys / "stranger.key").read_text().split('public-key = "')[1].split('"')[0]
+    assert f"CURVE: refused a client with public key {stranger_key}" in eng.output()
