@@ -553,7 +553,8 @@ class FilterIOC:
                 reply = await asyncio.wait_for(client.denoise(
                     wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
                     want_residual=self.config.residual, want_defect_map=self.config.defect_map,
-                    defect_map_dtype="uint8", bad_pixels=self._bad_pixels_id), self.config.engine_timeout_s)
+                    want_flags=self.config.defect_map, defect_map_dtype="uint8", bad_pixels=self._bad_pixels_id),
+                    self.config.engine_timeout_s)
             except _ENGINE_TROUBLE as e:
                 settled = True
                 self.books.drop("engine_lost")
@@ -624,9 +625,17 @@ class FilterIOC:
         if residual is not None:
             await write_image(p.residual, residual.reshape(-1), h, w, NDDataType.Float32, info,  # type: ignore[arg-type]
                               self.counter, rate)
+        if reply.flags is not None:  # a guarding engine: the reason each pixel moved beyond the noise, by class
+            defect_map = reply.flags
         if defect_map is not None:
             await write_image(p.defect_map, defect_map.reshape(-1), h, w, NDDataType.UInt8, info,  # type: ignore[arg-type]
                               self.counter, rate)
+        counts = reply.header.flag_counts
+        if counts is not None:
+            for pv, value in ((p.flagged_pixels, sum(counts.values())), (p.saturated_pixels, counts.get("saturated", 0)),
+                              (p.impulse_pixels, counts.get("impulse", 0))):
+                if pv.value != value:
+                    await pv.write(value, timestamp=info.stamp)
         model = (reply.model or "")[: STRING_MAX - 1]
         if p.model_rbv.value != model:
             await p.model_rbv.write(model, timestamp=info.stamp)

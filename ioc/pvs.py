@@ -257,6 +257,13 @@ class FilterPVs(NDArrayPVs):
     source_gaps = pvproperty(name="SourceGaps_RBV", value=0, read_only=True,
                              doc="frames the camera made that never reached the IOC (UniqueId jumps; a UniqueId "
                              "that goes back, a camera restart, starts counting again from there)")
+    # the engine's guard (when it runs one): per frame, the pixels moved beyond the camera's noise, by reason
+    flagged_pixels = pvproperty(name="FlaggedPixels_RBV", value=0, read_only=True,
+                                doc="pixels of the last frame the filter moved beyond the noise bound (all reasons)")
+    saturated_pixels = pvproperty(name="SaturatedPixels_RBV", value=0, read_only=True,
+                                  doc="pixels of the last frame at the ADC maximum or the full well: kept raw")
+    impulse_pixels = pvproperty(name="ImpulsePixels_RBV", value=0, read_only=True,
+                                doc="pixels of the last frame sharper than the optics allow (hot, dead, radiation)")
     drop_causes = _long_string("DropCauses_RBV", doc="DroppedArrays_RBV by cause: replaced (a newer frame came "
                                "first), engine_queue, overtaken, engine_lost, disabled")
 

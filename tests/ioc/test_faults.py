@@ -276,3 +276,20 @@ def test_bad_pixel_map_survives_an_engine_restart(stack: Stack, tmp_path) -> Non
     _advances(out + "ArrayCounter_RBV")
     assert pixel(3, 2) == 7 and pixel(10, 5) == 9
     assert "bad-pixel map" in eng.output()  # the engine logged the map it was given
+
+
+def test_guarding_engine_publishes_flag_classes_and_counts(stack: Stack) -> None:
+    """With `cdae engine --guard`, DefectMap:ArrayData carries each pixel's flag class (0 none, 1 bad-pixel
+    map, 2 saturated, 3 impulse, 4 learned) and the per-frame counts are PVs; the simulated camera's hot
+    pixels and radiation hits are impulses."""
+    eng = stack.engine("--guard")
+    stack.camera("--seed", "1", size="128x96", rate=5)  # camera 1: hot pixels and radiation hits
+    stack.ioc(eng)
+    out = stack.ioc_prefix
+    _advances(out + "ArrayCounter_RBV")
+    wait_for(lambda: _counter(out + "ImpulsePixels_RBV") > 0, 30, "impulses flagged")
+    flags = value_of(out + "DefectMap:ArrayData")[: 128 * 96]  # type: ignore[index]
+    assert set(int(v) for v in flags) <= {0, 1, 2, 3, 4} and 3 in set(int(v) for v in flags)
+    wait_for(lambda: _counter(out + "FlaggedPixels_RBV") >= _counter(out + "ImpulsePixels_RBV")
+             + _counter(out + "SaturatedPixels_RBV"), 30, "the classes' counts within the total (one frame's PVs)")
+    assert 0 < _counter(out + "FlaggedPixels_RBV") < 128 * 96 // 10
