@@ -13,6 +13,7 @@ from typing import NoReturn
 from pathlib import Path
 
 from cdae import __version__
+from cdae.engine.kinds import BACKEND_KINDS
 
 
 def _models_dir(arg: str | None) -> Path:
@@ -853,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--rate", type=float, help="camera frames per second (default 5)")
     dm.add_argument("--data-type", choices=["UInt8", "UInt16", "Float32"])
     dm.add_argument("--bit-depth", type=int, help="camera ADC bits for UInt16/Float32 (default 12)")
-    dm.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough"])
+    dm.add_argument("--backend", choices=BACKEND_KINDS)
     dm.add_argument("--prefix", help="PV prefix root (default 13SIM1:)")
     dm.add_argument("--seconds", type=float, help="run this long, then print a summary and exit")
     dm.set_defaults(func=cmd_demo)
@@ -985,7 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control", help="control endpoint (default: bind port + 1)")
     g.add_argument("--models", help="model store (default: $CDAE_MODELS or the source tree's models/)")
     g.add_argument("--model", help="NAME[:VERSION] active at start (default: the shipped model)")
-    g.add_argument("--backend", choices=["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough"])
+    g.add_argument("--backend", choices=BACKEND_KINDS)
     g.add_argument("--max-pixels", type=int, help="frames larger than this are tiled (default 2048*2048)")
     g.add_argument("--tile-margin", type=int, help="tile overlap in pixels (default: the network's receptive radius)")
     g.add_argument("--max-frame-pixels", type=int, help="refuse declared frames larger than this")

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.children import ChildProcess, free_port
+from cdae.engine.kinds import BackendKind
 
 
 def run_compare(out_dir: Path | str = "demo-out", model: str | None = None, models_dir: Path | None = None,
@@ -93,7 +94,7 @@ class DemoConfig(BaseModel):
     rate: float = Field(5.0, gt=0, le=1000, description="camera frames per second")
     data_type: Literal["UInt8", "UInt16", "Float32"] = "UInt16"
     bit_depth: int = Field(12, description="camera ADC bits of UInt16/Float32 frames")
-    backend: Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "passthrough"] = "auto"
+    backend: BackendKind = "auto"
     prefix: str = Field("13SIM1:", description="camera at PREFIX image1:, filter at PREFIX CDAE1:")
     seconds: float | None = Field(None, gt=0, description="run this long, then summarise and exit")
 

@@ -42,11 +42,9 @@ from torch import nn
 from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.config import BackendOptions
 from cdae.engine.errors import BackendError, BackendUnavailable
+from cdae.engine.kinds import AUTO_ORDER, BACKEND_KINDS
 from cdae.engine.package import Manifest, load_model, sha256_file
 
-BACKEND_KINDS: tuple[str, ...] = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough")
-#: ``auto`` tries these in order.
-AUTO_ORDER: tuple[str, ...] = ("tensorrt", "torch-cuda", "torch-cpu")
 ONNX_EXPORT_FORMAT = 1  # bump when the exported graph changes (it is part of every cache key)
 ONNX_OPSET = 18
 EXPORT_DIR = "artefacts"  # `cdae export` writes here, beside weights.safetensors

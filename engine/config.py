@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cdae.engine.guard import GuardConfig
+from cdae.engine.kinds import BackendKind
 from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS, MAX_HEADER_BYTES
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
@@ -27,7 +28,6 @@ def default_models_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
 
 
-BackendKind = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime", "passthrough"]
 
 
 class BackendOptions(BaseModel):

@@ -38,3 +38,21 @@ def test_train_bad_override_is_one_line_error(tmp_path: Path) -> None:
     r = _cdae("train", "--set", "optim.epochs=-1", "--out", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2
     assert "optim.epochs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_one_list_of_backend_names() -> None:
+    """The engine's config, the demo and every --backend flag take the same names (the demo once refused
+    onnxruntime the engine serves)."""
+    from typing import get_args
+
+    from cdae.cli import build_parser
+    from cdae.demo import DemoConfig
+    from cdae.engine.config import EngineConfig
+    from cdae.engine.kinds import BACKEND_KINDS
+
+    assert get_args(EngineConfig.model_fields["backend"].annotation) == BACKEND_KINDS
+    assert get_args(DemoConfig.model_fields["backend"].annotation) == BACKEND_KINDS
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command" or getattr(a, "choices", None) and "engine" in a.choices)
+    flags = [a for sp in subs.choices.values() for a in sp._actions if "--backend" in a.option_strings]
+    assert len(flags) >= 2 and all(tuple(a.choices) == BACKEND_KINDS for a in flags)
