@@ -236,3 +236,23 @@ def test_the_gate_refuses_what_is_worse_beyond_the_uncertainty(recording: Path) 
     # no static pairs: nothing to estimate the error from; kept, but marked as such
     v = judge(_report(0, 0, 0, pairs=False), profile, gate)
     assert v["verdict"] == "unverified" and "static scene" in v["reason"]
+
+
+def test_finetune_on_a_moving_scene_is_stored_unverified(tiny_package: Path, tmp_path: Path,
+                                                         write_recording: WriteRecording) -> None:
+    """No static held-out pairs: no error estimate to judge by; the child is kept, and says so loudly."""
+    from cdae.training.characterise import load_profile
+
+    moving = tmp_path / "moving.h5"
+    write_recording(moving, CAMERA.model_copy(update={"static_scene": False}), light=10, dark=4)
+    characterise(moving).save(default_profile_path(moving))
+    profile = load_profile(default_profile_path(moving))
+    lines: list[str] = []
+    r = finetune(finetune_config(tiny_package, overrides=TINY), moving, profile, default_profile_path(moving),
+                 tiny_package.parent.parent, tmp_path / "run", progress=False, eval_frames=2, log=lines.append)
+    assert r.gate["verdict"] == "unverified" and "static scene" in r.gate["reason"]
+    assert r.package == tiny_package.parent / "1-ft1" and read_manifest(r.package).notes.startswith("FINE-TUNE UNVERIFIED")
+    assert any(s.startswith("NO ERROR ESTIMATE: ") for s in lines) and any(s.startswith("WARNING: ") for s in lines)
+    assert r.report["real"]["tiny:1-ft1"]["no_estimate"] == r.report["no_estimate_reason"]
+    md = (r.package / "real-evaluation" / "report.md").read_text()
+    assert "**FINE-TUNE UNVERIFIED" in md and "No error estimate" in md
