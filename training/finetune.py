@@ -109,7 +109,8 @@ class GateConfig(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence of the bootstrap bound")
     resamples: int = Field(2000, ge=100, description="bootstrap resamples (seeded: the verdict is reproducible)")
     defect_drop: float = Field(0.1, ge=0.0, le=1.0, description="largest tolerated drop of a share of the "
-                               "profile's defects restored (classes of at least 5 pixels) or of a bad line's offset removed")
+                               "profile's defects restored (classes of at least 5 pixels) or of a bad line's "
+                               "offset removed")
     sim_drop_db: float = Field(0.5, ge=0.0, description="largest tolerated drop of the simulated held-out PSNR, dB")
 
 
@@ -527,7 +528,8 @@ def finetune(cfg: FinetuneConfig, recording: Path | str, profile: CameraProfile,
     parent, child = Denoiser.from_package(parent_pkg), Denoiser.from_package(pkg)
     report = evaluate_recording([(parent.manifest.ref, parent), (child.manifest.ref, child)], real.held_out,
                                 profile, pkg / "real-evaluation", sim_data=cfg.data, sim_frames=eval_frames,
-                                sim_size=cfg.data.val_size, log=log, compare=(parent.manifest.ref, child.manifest.ref))
+                                sim_size=cfg.data.val_size, log=log, compare=(parent.manifest.ref, child.manifest.ref),
+                                confidence=cfg.gate.confidence, resamples=cfg.gate.resamples)
     gate = judge(report, profile, cfg.gate, force=force)
     report["gate"] = gate
     write_report(pkg / "real-evaluation", report)
