@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from cdae.engine.inference import Denoiser
 from cdae.recording import read_runs
-from scipy import ndimage
-
 from cdae.training.characterise import CameraProfile, robust_sigma, structure_ratio
 from cdae.training.config import DataConfig
 from cdae.training.dataset import simulated_frames
