@@ -528,7 +528,7 @@ def cmd_characterise(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from cdae.engine.package import ModelRegistry
-    from cdae.training.finetune import finetune, finetune_config, resolve_profile
+    from cdae.training.finetune import FinetuneRefused, finetune, finetune_config, resolve_profile
 
     src = Path(args.init)
     parent = src if (src / "manifest.json").is_file() else ModelRegistry(_models_dir(args.models_dir)).resolve(args.init)
@@ -539,10 +539,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"fine-tuning {cfg.name}:{cfg.version} from {parent} on {recording}", flush=True)
     print("effective config: " + cfg.model_dump_json(), flush=True)
     run_dir = Path(args.run_dir) / f"{cfg.name}-{cfg.version}" if args.run_dir else None
-    result = finetune(cfg, recording, profile, profile_path, store, run_dir, progress=not args.no_progress,
-                      eval_frames=args.eval_frames)
+    try:
+        result = finetune(cfg, recording, profile, profile_path, store, run_dir, progress=not args.no_progress,
+                          eval_frames=args.eval_frames, force=args.force)
+    except FinetuneRefused as e:
+        for name, s in e.report["summary"].items():
+            print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()))
+        _err(f"cdae finetune: refused: {e}")
+        return 1
     for name, s in result.report["summary"].items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()))
+    if result.gate and result.gate["verdict"] != "accepted":
+        _err(f"cdae finetune: warning: {result.gate['verdict']}: {result.gate['reason']}")
     print(f"wrote {result.package}")
     return 0
 
@@ -907,6 +915,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", help="store to write the new version to (default: the parent's store)")
     ft.add_argument("--run-dir", help="folder for checkpoints and logs (default runs/)")
     ft.add_argument("--eval-frames", type=int, default=16, help="simulated held-out frames for the before/after check")
+    ft.add_argument("--force", action="store_true",
+                    help="store the child even if it is worse than its parent on the held-out frames (marked so)")
     ft.add_argument("--no-progress", action="store_true")
     ft.set_defaults(func=cmd_finetune)
     io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")

@@ -23,7 +23,9 @@ without ground truth (:mod:`cdae.training.evaluate_real`).
 
 from __future__ import annotations
 
+import math
 import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,10 +95,30 @@ class RealDataConfig(_Strict):
                                  "where the target is known to be free of it")
 
 
+class GateConfig(_Strict):
+    """When a fine-tuned child is refused: worse than its parent on the recording's held-out frames.
+
+    The error estimate (from static pairs of held-out frames, :mod:`cdae.training.evaluate_real`)
+    is compared by a paired bootstrap over 16x16 tiles; the child is worse when the one-sided
+    ``confidence`` lower bound of ``mse(child) - mse(parent)`` exceeds ``max_regression`` times the
+    parent's estimated MSE: on all kept pixels, or on the scene's bright features.
+    """
+
+    max_regression: float = Field(0.02, ge=0.0, description="tolerated relative increase of the estimated MSE "
+                                  "(0.02: about 0.09 dB)")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence of the bootstrap bound")
+    resamples: int = Field(2000, ge=100, description="bootstrap resamples (seeded: the verdict is reproducible)")
+    defect_drop: float = Field(0.1, ge=0.0, le=1.0, description="largest tolerated drop of a share of the "
+                               "profile's defects restored (classes of at least 5 pixels) or of a bad line's "
+                               "offset removed")
+    sim_drop_db: float = Field(0.5, ge=0.0, description="largest tolerated drop of the simulated held-out PSNR, dB")
+
+
 class FinetuneConfig(TrainConfig):
     """A fine-tuning run: the training config (simulated part) plus how real frames are used."""
 
     real: RealDataConfig = Field(default_factory=RealDataConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -377,6 +399,73 @@ def make_step_loss(cfg: FinetuneConfig, profile: CameraProfile, real: RealFrames
 class FinetuneResult:
     package: Path
     report: dict
+    gate: dict | None = None
+
+
+class FinetuneRefused(TrainingError):
+    """The fine-tuned child is worse than its parent on the recording's held-out frames; it was not stored."""
+
+    def __init__(self, reason: str, candidate: Path, report: dict) -> None:
+        super().__init__(f"{reason} (the child and its report are in {candidate}, not in the model store; "
+                         "--force keeps it, marked)")
+        self.reason, self.candidate, self.report = reason, candidate, report
+
+
+def _psnr_db(mse: float, adc_max: float) -> float:
+    return 10 * math.log10(adc_max**2 / mse) if mse > 0 else math.inf
+
+
+def judge(report: dict, profile: CameraProfile, gate: GateConfig, force: bool = False) -> dict:
+    """The verdict on a fine-tune from its evaluation (``report`` of :func:`evaluate_recording` with ``compare``).
+
+    ``accepted``: no rule fails; ``unverified``: no static held-out pairs, so the error against
+    the scene cannot be estimated (only the defect and simulated rules were checked); ``refused``:
+    a rule fails; ``forced``: a rule fails and ``force`` keeps it.
+    """
+    comp = report.get("comparison") or {}
+    parent, child = comp.get("parent"), comp.get("child")
+    adc_max = float(profile.adc_max)
+    failures: list[str] = []
+    for metric, c in (comp.get("metrics") or {}).items():
+        allowed = gate.max_regression * max(c["parent_mse_dn2"], 0.0)
+        if not math.isfinite(c["child_mse_dn2"]):
+            failures.append("its output on the held-out frames is not finite")
+            break
+        if c["delta_low_dn2"] > allowed:
+            what = ("estimated error on the held-out frames" if metric == "all"
+                    else "estimated error on the scene's bright features")
+            p, ch = c["parent_mse_dn2"], c["child_mse_dn2"]
+            failures.append(f"{what}: {_psnr_db(p, adc_max):.2f} -> {_psnr_db(ch, adc_max):.2f} dB "
+                            f"(RMS {math.sqrt(max(p, 0)):.3g} -> {math.sqrt(max(ch, 0)):.3g} DN; child - parent "
+                            f"MSE >= {c['delta_low_dn2']:.3g} DN² at {gate.confidence:.0%})")
+    real = report.get("summary", {})
+    sizes = {"restored_dead": len(profile.dead_pixels), "restored_hot": len(profile.hot_pixels),
+             "restored_stuck": len(profile.stuck_pixels), "line_offset_removed": 5 * len(profile.bad_lines)}
+    if parent in real and child in real:
+        for key, n in sizes.items():
+            a, b = real[parent].get(key), real[child].get(key)
+            if n >= 5 and a is not None and b is not None and math.isfinite(a) and math.isfinite(b) \
+                    and b < a - gate.defect_drop:
+                failures.append(f"{key}: {a:.2f} -> {b:.2f}")
+    sim = (report.get("simulated") or {}).get("summary") or {}
+    if parent in sim and child in sim and sim[child]["psnr_db"] < sim[parent]["psnr_db"] - gate.sim_drop_db:
+        failures.append(f"simulated held-out PSNR: {sim[parent]['psnr_db']:.2f} -> {sim[child]['psnr_db']:.2f} dB")
+    rule = (f"refused if the {gate.confidence:.0%} one-sided paired-bootstrap lower bound (16x16 tiles, "
+            f"{gate.resamples} resamples) of estimated MSE(child) - MSE(parent) on static held-out pairs exceeds "
+            f"{gate.max_regression:g} x MSE(parent), on all kept pixels or on bright features; or a defect share "
+            f"drops by more than {gate.defect_drop:g}; or the simulated held-out PSNR drops by more than "
+            f"{gate.sim_drop_db:g} dB")
+    if failures:
+        verdict = "forced" if force else "refused"
+        reason = f"{child} is worse than its parent {parent}: " + "; ".join(failures)
+    elif not comp.get("metrics"):
+        verdict = "unverified"
+        reason = ("no estimate of the error against the scene: "
+                  + (report.get("no_estimate_reason") or "no static held-out pairs")
+                  + "; only the defect and simulated checks were made")
+    else:
+        verdict, reason = "accepted", ""
+    return {"verdict": verdict, "reason": reason, "failures": failures, "rule": rule}
 
 
 def resolve_profile(recording: Path, profile_path: Path | str | None, log: Callable[[str], None]) -> tuple[CameraProfile, Path]:
@@ -398,14 +487,29 @@ def resolve_profile(recording: Path, profile_path: Path | str | None, log: Calla
 
 def finetune(cfg: FinetuneConfig, recording: Path | str, profile: CameraProfile, profile_path: Path,
              models_root: Path | str, run_dir: Path | str | None = None, *, progress: bool = True,
-             eval_frames: int = 16, log: Callable[[str], None] = print, command: str | None = None) -> FinetuneResult:
-    """Fine-tune ``cfg.init_from`` on ``recording``; write the package and its evaluation without ground truth."""
+             eval_frames: int = 16, log: Callable[[str], None] = print, command: str | None = None,
+             force: bool = False) -> FinetuneResult:
+    """Fine-tune ``cfg.init_from`` on ``recording``; judge it against its parent; store it if not worse.
+
+    Raises :class:`FinetuneRefused` (the child left in ``run_dir/candidate``) if it is worse and
+    not ``force``.
+    """
     from cdae.engine.inference import Denoiser
-    from cdae.training.evaluate_real import evaluate_recording
+    from cdae.training.evaluate_real import evaluate_recording, write_report
 
     recording = Path(recording)
+    models_root = Path(models_root)
     if cfg.init_from is None:
         raise TrainingError("fine-tuning needs a parent model (--init NAME:VERSION)")
+    parent_pkg = Path(cfg.init_from)
+    if not (parent_pkg / "manifest.json").is_file():
+        parent_pkg = ModelRegistry(models_root).resolve(cfg.init_from)
+    final = models_root / cfg.name / cfg.version
+    if final.exists():
+        raise TrainingError(f"package {cfg.name}:{cfg.version} already exists at {final}")
+    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{cfg.version}"
+    staging = run_dir / "candidate"
+    shutil.rmtree(staging / cfg.name / cfg.version, ignore_errors=True)  # a refused child of an earlier run
     real = load_real_frames(recording, profile, cfg)
     log(f"{len(real.train)} training frames ({len(real.pairs)} static pairs: {real_objective(cfg.real, real)}), "
         f"{sum(len(h) for h in real.held_out)} held out; "
@@ -415,21 +519,32 @@ def finetune(cfg: FinetuneConfig, recording: Path | str, profile: CameraProfile,
                                 source=profile.source, frames_train=len(real.train),
                                 frames_held_out=sum(len(h) for h in real.held_out),
                                 camera_profile_sha256=sha256_file(profile_path))
-    result = train(cfg, models_root, run_dir, progress=progress, log=log,
+    train_cfg = cfg if Path(cfg.init_from) == parent_pkg else cfg.model_copy(update={"init_from": str(parent_pkg)})
+    result = train(train_cfg, staging, run_dir, progress=progress, log=log,
                    command=command or shlex.join(["cdae", *sys.argv[1:]]),
                    step_loss=make_step_loss(cfg, profile, real), manifest_fields={"data": [provenance]})
     pkg = result.package
     (pkg / PROFILE_FILE).write_text(profile.model_dump_json(indent=1) + "\n")
-    parent_pkg = Path(cfg.init_from)
-    if not (parent_pkg / "manifest.json").is_file():
-        parent_pkg = ModelRegistry(models_root).resolve(cfg.init_from)
     parent, child = Denoiser.from_package(parent_pkg), Denoiser.from_package(pkg)
     report = evaluate_recording([(parent.manifest.ref, parent), (child.manifest.ref, child)], real.held_out,
                                 profile, pkg / "real-evaluation", sim_data=cfg.data, sim_frames=eval_frames,
-                                sim_size=cfg.data.val_size, log=log)
+                                sim_size=cfg.data.val_size, log=log, compare=(parent.manifest.ref, child.manifest.ref),
+                                confidence=cfg.gate.confidence, resamples=cfg.gate.resamples)
+    gate = judge(report, profile, cfg.gate, force=force)
+    report["gate"] = gate
+    write_report(pkg / "real-evaluation", report)
     manifest = read_manifest(pkg)
     summary = {"real_held_out": report["summary"], "sim_held_out": report["simulated"]["summary"],
-               "real_objective": real_objective(cfg.real, real)}
-    write_manifest(pkg, manifest.model_copy(update={"metrics": {**manifest.metrics, **summary}}))
-    return FinetuneResult(pkg, report)
-
+               "real_objective": real_objective(cfg.real, real), "finetune_gate": gate}
+    notes = manifest.notes
+    if gate["verdict"] != "accepted":
+        notes = (notes + "\n" if notes else "") + f"FINE-TUNE {gate['verdict'].upper()}: {gate['reason']}"
+    write_manifest(pkg, manifest.model_copy(update={"metrics": {**manifest.metrics, **summary}, "notes": notes}))
+    if gate["verdict"] == "refused":
+        log(f"REFUSED: {gate['reason']}")
+        raise FinetuneRefused(gate["reason"], pkg, report)
+    if gate["verdict"] != "accepted":
+        log(f"WARNING: fine-tune {gate['verdict']}: {gate['reason']}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(pkg), str(final))
+    return FinetuneResult(final, report, gate)

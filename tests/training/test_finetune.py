@@ -200,3 +200,59 @@ def test_layout_crop_is_a_window_of_the_sensor(recording: Path) -> None:
     np.testing.assert_array_equal(where, profile.defect_mask() != 0)
     assert np.allclose(damaged[:, 21] - raw[:, 21], round(profile.bad_lines[0].value), atol=1)
     assert np.array_equal(damaged[~where], raw[~where])
+
+
+def _report(parent_mse: float, child_mse: float, low: float, sim: tuple[float, float] = (30.0, 30.0),
+            restored: tuple[float, float] = (0.9, 0.9), pairs: bool = True) -> dict:
+    metrics = {"all": {"parent_mse_dn2": parent_mse, "child_mse_dn2": child_mse, "delta_mse_dn2": child_mse - parent_mse,
+                       "delta_low_dn2": low, "delta_high_dn2": 2 * (child_mse - parent_mse) - low,
+                       "pixels": 4096.0, "tiles": 16.0}} if pairs else {}
+    return {"comparison": {"parent": "p:1", "child": "p:1-ft1", "metrics": metrics},
+            "summary": {"p:1": {"restored_dead": restored[0]}, "p:1-ft1": {"restored_dead": restored[1]}},
+            "simulated": {"summary": {"p:1": {"psnr_db": sim[0]}, "p:1-ft1": {"psnr_db": sim[1]}}},
+            "no_estimate_reason": None if pairs else "none of the 5 consecutive held-out frame pairs shows a static scene"}
+
+
+def test_the_gate_refuses_what_is_worse_beyond_the_uncertainty(recording: Path) -> None:
+    """judge's rules on reports with known numbers: the bound, not the point estimate, decides."""
+    from cdae.training.characterise import load_profile
+    from cdae.training.finetune import GateConfig, judge
+
+    profile = load_profile(default_profile_path(recording))
+    profile = profile.model_copy(update={"dead_pixels": [(1, 1, 0.0)] * 6})
+    gate = GateConfig()
+    assert judge(_report(100.0, 99.0, -3.0), profile, gate)["verdict"] == "accepted"
+    # worse by 10 % as a point estimate, but within the uncertainty: kept
+    assert judge(_report(100.0, 110.0, -1.0), profile, gate)["verdict"] == "accepted"
+    # worse beyond it (lower bound 5 % of the parent's MSE > 2 %): refused, with the numbers
+    v = judge(_report(100.0, 130.0, 5.0), profile, gate)
+    assert v["verdict"] == "refused" and "p:1-ft1 is worse than its parent p:1" in v["reason"]
+    assert "estimated error on the held-out frames" in v["reason"] and "dB" in v["reason"]
+    assert judge(_report(100.0, 130.0, 5.0), profile, gate, force=True)["verdict"] == "forced"
+    assert judge(_report(100.0, 130.0, 5.0), profile, GateConfig(max_regression=0.1))["verdict"] == "accepted"
+    assert "not finite" in judge(_report(100.0, math.nan, math.nan), profile, gate)["reason"]
+    assert "simulated held-out PSNR" in judge(_report(100.0, 99.0, -3.0, sim=(30.0, 29.0)), profile, gate)["reason"]
+    assert "restored_dead" in judge(_report(100.0, 99.0, -3.0, restored=(0.9, 0.5)), profile, gate)["reason"]
+    # no static pairs: nothing to estimate the error from; kept, but marked as such
+    v = judge(_report(0, 0, 0, pairs=False), profile, gate)
+    assert v["verdict"] == "unverified" and "static scene" in v["reason"]
+
+
+def test_finetune_on_a_moving_scene_is_stored_unverified(tiny_package: Path, tmp_path: Path,
+                                                         write_recording: WriteRecording) -> None:
+    """No static held-out pairs: no error estimate to judge by; the child is kept, and says so loudly."""
+    from cdae.training.characterise import load_profile
+
+    moving = tmp_path / "moving.h5"
+    write_recording(moving, CAMERA.model_copy(update={"static_scene": False}), light=10, dark=4)
+    characterise(moving).save(default_profile_path(moving))
+    profile = load_profile(default_profile_path(moving))
+    lines: list[str] = []
+    r = finetune(finetune_config(tiny_package, overrides=TINY), moving, profile, default_profile_path(moving),
+                 tiny_package.parent.parent, tmp_path / "run", progress=False, eval_frames=2, log=lines.append)
+    assert r.gate["verdict"] == "unverified" and "static scene" in r.gate["reason"]
+    assert r.package == tiny_package.parent / "1-ft1" and read_manifest(r.package).notes.startswith("FINE-TUNE UNVERIFIED")
+    assert any(s.startswith("NO ERROR ESTIMATE: ") for s in lines) and any(s.startswith("WARNING: ") for s in lines)
+    assert r.report["real"]["tiny:1-ft1"]["no_estimate"] == r.report["no_estimate_reason"]
+    md = (r.package / "real-evaluation" / "report.md").read_text()
+    assert "**FINE-TUNE UNVERIFIED" in md and "No error estimate" in md
