@@ -138,6 +138,25 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 # --- denoise -----------------------------------------------------------------------------------
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cdae.engine.package import DEFAULT_MODEL, ModelRegistry
+    from cdae.training.calibrate import calibrate_package
+
+    if not 0 < args.alpha < 1 or args.frames < 1:
+        _err("cdae calibrate: error: --alpha must lie in (0, 1) and --frames be at least 1")
+        return 2
+    pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model or DEFAULT_MODEL)
+    c = calibrate_package(pkg, frames=args.frames, alpha=args.alpha)
+    if c.defect_threshold is None:
+        print(f"{pkg}: no threshold keeps the risk bound at alpha {args.alpha:g} on {c.frames} frames "
+              f"(at least {int(1 / args.alpha)} frames are needed for any); the head will flag nothing")
+        return 1
+    print(f"{pkg}: defect threshold {c.defect_threshold:.4f} (alpha {args.alpha:g}, {c.frames} frames: mean share of "
+          f"real bright pixels flagged {c.mean_loss:.2e}, worst frame {c.worst_frame_loss:.2e}; real pixels flagged "
+          f"{c.real_pixels_flagged:.2e}, defect pixels {c.defect_pixels_flagged:.3f})")
+    return 0
+
+
 def cmd_denoise(args: argparse.Namespace) -> int:
     from cdae.engine.badpixels import BadPixelError, BadPixelMap
     from cdae.engine.inference import Denoiser
@@ -782,6 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    cal = sub.add_parser("calibrate", help="calibrate a model's defect head for the guard (conformal risk control on "
+                         "validation frames); writes guard-calibration.json beside its manifest")
+    cal.add_argument("--model", help="NAME[:VERSION] (default: the shipped model)")
+    cal.add_argument("--models-dir")
+    cal.add_argument("--frames", type=int, default=192, help="simulated validation frames (default 192)")
+    cal.add_argument("--alpha", type=float, default=0.01,
+                     help="expected share of a frame's real bright-feature pixels the head may flag (default 0.01)")
+    cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("evaluate", help="held-out evaluation against tuned median/Gaussian baselines")
     e.add_argument("--model", action="append", help="NAME[:VERSION]; repeat to compare (default: the shipped model)")

@@ -22,12 +22,18 @@ whole frame; the cost is benchmarked beside the network's (``bench/guard.py``).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.ndimage import uniform_filter1d
+
+#: The defect head's calibrated threshold, beside a model package's manifest (``cdae calibrate``).
+CALIBRATION_FILE = "guard-calibration.json"
 
 #: Per-pixel flag classes (uint8 codes of the flag map); 0 = not flagged, bounded by the noise.
 NONE, BAD_PIXEL_MAP, SATURATED, IMPULSE, LEARNED = 0, 1, 2, 3, 4
@@ -47,9 +53,10 @@ class GuardConfig(BaseModel):
     gain_e_per_dn: float | None = Field(None, gt=0, description="the camera's conversion gain; None: measured per frame")
     read_noise_dn: float | None = Field(None, ge=0, description="the camera's read noise, DN RMS; None: measured")
     offset_dn: float | None = Field(None, description="the camera's bias level, DN; None: measured")
-    defect_threshold: float | None = Field(
-        None, gt=0, lt=1, description="the defect head's probability above which a pixel is flagged 'learned' and "
-        "takes the network's output; calibrated per model (``cdae calibrate``); None: the head flags nothing")
+    defect_threshold: float | Literal["calibrated"] | None = Field(
+        "calibrated", description="the defect head's probability above which a pixel is flagged 'learned' and takes "
+        "the network's output; 'calibrated': the model package's own (``cdae calibrate``), none if it has none; "
+        "None: the head flags nothing")
     optics_tolerance: float = Field(0.05, ge=0, le=1, description="how far real optics may be from the PSF model, as "
                                     "a fraction of a feature's excess (added to the noise of the impulse test)")
     line_length: int = Field(9, ge=1, le=64, description="pixels along a column or row over which a bad line's "
@@ -80,6 +87,23 @@ class GuardResult:
     flags: np.ndarray  # uint8 class codes
     counts: dict[str, int]  # pixels per flag class
     noise: NoiseModel
+
+
+def for_package(config: GuardConfig, package: Path | str | None) -> GuardConfig:
+    """``config`` with its ``'calibrated'`` threshold replaced by the package's (``CALIBRATION_FILE``), or
+    by None (the head flags nothing) where the package has none or it cannot be read."""
+    if config.defect_threshold != "calibrated":
+        return config
+    threshold = None
+    if package is not None:
+        try:
+            record = json.loads((Path(package) / CALIBRATION_FILE).read_text())
+            value = record.get("defect_threshold") if isinstance(record, dict) else None
+            if isinstance(value, (int, float)) and 0 < value < 1:
+                threshold = float(value)
+        except (OSError, ValueError):
+            threshold = None
+    return config.model_copy(update={"defect_threshold": threshold})
 
 
 def centre_to_neighbour_ratio(psf_sigma_px: float) -> float:
@@ -336,7 +360,7 @@ def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, confi
     bound *= np.float32(config.k_sigma)
     out = np.clip(np.asarray(denoised_dn, dtype=np.float32), f - bound, f + bound)
     flags = np.zeros(f.shape, dtype=np.uint8)
-    if config.defect_threshold is not None and defect_probability is not None:
+    if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
         out[learned] = np.asarray(denoised_dn, dtype=np.float32)[learned]
         flags[learned] = LEARNED

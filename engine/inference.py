@@ -16,7 +16,7 @@ from torch import nn
 
 from cdae.engine.backends import TorchBackend
 from cdae.engine.badpixels import BadPixelMap
-from cdae.engine.guard import GuardConfig
+from cdae.engine.guard import GuardConfig, for_package
 from cdae.engine.package import Manifest, load_model
 from cdae.engine.pipeline import FrameResult, denoise_frame
 
@@ -28,13 +28,13 @@ class Denoiser:
                  guard: GuardConfig | None = None) -> None:
         self.manifest = manifest
         self.backend = TorchBackend(manifest, model, device)
-        self.guard = guard  # None: the network's output as it is
+        self.guard = guard  # None: the network's output as it is (a 'calibrated' threshold: see from_package)
 
     @classmethod
     def from_package(cls, pkg: Path | str, device: str | torch.device = "cpu",
                      guard: GuardConfig | None = None) -> Denoiser:
         manifest, model = load_model(pkg)
-        return cls(manifest, model, device, guard)
+        return cls(manifest, model, device, for_package(guard, pkg) if guard is not None else None)
 
     def __call__(self, frame: np.ndarray, bit_depth: int | None = None,
                  bad_pixels: BadPixelMap | None = None) -> FrameResult:

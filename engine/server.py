@@ -46,6 +46,7 @@ from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
 from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
+from cdae.engine.guard import GuardConfig, for_package
 from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import ModelRegistry, read_manifest
 from cdae.engine.pipeline import denoise_frame, warm_up
@@ -255,6 +256,7 @@ class ActiveModel:
     package: Path
     backend: Backend
     since_utc: str = field(default_factory=_utc_now)
+    guard: GuardConfig | None = None  # the engine's guard with this package's calibrated threshold
 
 
 @dataclass
@@ -427,7 +429,8 @@ class EngineServer:
             raise
         self.log(f"loaded {backend.ref} on {backend.name} ({backend.device}) in {time.perf_counter() - t0:.2f} s; "
                  f"warm-up {shape[0]}x{shape[1]} {dtype}: {ms:.1f} ms")
-        return ActiveModel(ref=backend.ref, package=pkg, backend=backend)
+        guard = for_package(self.config.guard, pkg) if self.config.guard is not None else None
+        return ActiveModel(ref=backend.ref, package=pkg, backend=backend, guard=guard)
 
     def activate(self, ref: str, wait: bool = True, timeout_s: float = 600.0) -> ControlReply:
         """Load ``ref`` in the background, warm it up on the live shape, switch between two frames."""
@@ -506,7 +509,7 @@ class EngineServer:
             "activation": dict(self.activation), "backend_info": a.backend.describe(),  # type: ignore[dict-item]
             "data": self.data_endpoint, "control": self.control_endpoint,
             "max_pixels": self.config.max_pixels, "bad_pixel_maps": len(self.bad_pixel_maps),
-            "guard": self.config.guard.model_dump() if self.config.guard else None,  # type: ignore[dict-item]
+            "guard": a.guard.model_dump() if a.guard else None,  # type: ignore[dict-item]
             "curve": self._curve is not None,
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
@@ -629,7 +632,7 @@ class EngineServer:
             result = denoise_frame(
                 item.request.frame, active.backend, bit_depth=h.bit_depth, max_pixels=self.config.max_pixels,
                 margin=self.config.tile_margin, want_residual=h.flags.want_residual, bad_pixels=bad_pixels,
-                guard_config=self.config.guard,
+                guard_config=active.guard,
             )
         except NormalisationError as e:
             return fail("bad_frame", str(e))
