@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, object] = {"noisy": None, "median3": None, args.model: Denoiser.from_package(pkg)}
     for k in args.k:
-        methods[f"{args.model} + guard k={k:g}"] = Denoiser.from_package(pkg, guard=GuardConfig(k_sigma=k))
+        methods[f"{args.model} + guard k={k:g}"] = Denoiser.from_package(
+            pkg, guard=GuardConfig(k_sigma=k, defect_threshold=None))  # the head flags nothing
         for t in args.threshold:
             methods[f"{args.model} + guard k={k:g} head>{t:g}"] = Denoiser.from_package(
                 pkg, guard=GuardConfig(k_sigma=k, defect_threshold=t))
