@@ -15,6 +15,7 @@ from cdae.training.defects import BAD_LINE, DEAD, HOT
 from cdae.training.real_scenes import (
     NOISY,
     build_frames,
+    camera_guard_method,
     evaluate_real_scenes,
     guard_method,
     load_real_images,
@@ -70,6 +71,23 @@ def test_identity_network_with_the_guard_flags_almost_no_real_light() -> None:
     assert s["frames_bright_over_1.5x"] == 0  # the raw frame, bounded: nothing painted over
 
 
+def test_told_the_camera_the_guard_holds_every_unflagged_pixel_to_its_noise() -> None:
+    """With the camera's gain, read noise and bias given, an unflagged pixel moves at most k sigma of the
+    camera's true noise, whatever the network does (here: a wild one)."""
+    from cdae.engine.inference import Denoiser
+
+    frames = build_frames([synthetic_real_like(96)], exposures=(0.3, 2.0), kinds=("noise-only",))
+    den = Denoiser.from_package(ROOT / "models" / "cdae-default" / "7")
+    method = camera_guard_method(den, GuardConfig(k_sigma=1.0))
+    for fr in frames:
+        est, flags = method(fr.noisy, fr.adc_max, fr)
+        cam = fr.camera
+        sigma = np.sqrt((cam["read_noise_e"] / cam["gain_e_per_dn"]) ** 2 + 1 / 12
+                        + np.maximum(fr.noisy - cam["bias_dn"], 0) / cam["gain_e_per_dn"])
+        free = flags == 0
+        assert (np.abs(est - fr.noisy)[free] <= sigma[free] + 0.5 + 1e-3).all()  # + the camera dtype's rounding
+
+
 @pytest.mark.skipif(not HAVE_REAL, reason="PyWavelets and scikit-learn (the 'real' extra) are not installed")
 def test_package_images_exclude_the_reserved_ones() -> None:
     images = load_real_images()
@@ -84,7 +102,7 @@ def test_report_on_the_shipped_model(tmp_path: Path) -> None:
     pkg = ROOT / "models" / "cdae-default" / "7"
     report = evaluate_real_scenes("cdae-default:7", pkg, tmp_path, images=[synthetic_real_like(64)],
                                   exposures=(0.3,), reference_frames=1, log=lambda s: None)
-    assert {p.name for p in tmp_path.iterdir()} >= {"report.json", "report.md", "worst.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"report.json", "report.md", "worst.png", "worst-psnr.png"}
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["sets"]) == {"noise-only", "defects"}
     for name, t in report["targets"].items():
