@@ -430,6 +430,10 @@ def _fmt(v: object, f: str = ".3g") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, f)
 
 
+def _ratio(v: object) -> str:
+    return "none (no bright features)" if _fmt(v) == "-" else f"{v:.2f}x"
+
+
 def evaluate_real_scenes(model_ref: str, pkg: Path | str, out_dir: Path | str, *, images: Sequence[RealImage] | None = None,
                          seed: int = 16, exposures: Sequence[float] = EXPOSURES, defect_thresholds: Sequence[float] = (0.5,),
                          k_sigma: float = 1.0, flag_rate: float | None = None, reference_frames: int = 64,
@@ -536,7 +540,7 @@ def evaluate_real_scenes(model_ref: str, pkg: Path | str, out_dir: Path | str, *
         est, flags = outputs[(noise_idx[w], first)]
         _panel(out / png, wf, est, flags,
                f"{first} on {wf.name} ({wf.bit_depth}-bit, noise only): {why}: bright-feature ratio "
-               f"{_fmt(per_noise[w]['bright_ratio'], '.2f')}x, PSNR {loss[w]:+.2f} dB against the noisy input")
+               f"{_ratio(per_noise[w]['bright_ratio'])}, PSNR {loss[w]:+.2f} dB against the noisy input")
         report["worst_frames"][png] = {"method": first, "frame": wf.name, "kind": "noise-only", "why": why,
                                        "bright_ratio": per_noise[w]["bright_ratio"], "psnr_vs_noisy_db": loss[w]}
     # the guard's own noise model (measured on each frame) against the camera's truth
@@ -642,7 +646,7 @@ def _write_markdown(path: Path, report: dict, methods: list[str], models: list[s
     lines += ["## Worst frames", ""]
     for png, wf in report["worst_frames"].items():
         lines.append(f"`{png}`: {wf['method']} on {wf['frame']} ({wf['kind']}), {wf['why']}: bright-feature ratio "
-                     f"{_fmt(wf['bright_ratio'], '.2f')}x, PSNR {wf['psnr_vs_noisy_db']:+.2f} dB against the noisy input "
+                     f"{_ratio(wf['bright_ratio'])}, PSNR {wf['psnr_vs_noisy_db']:+.2f} dB against the noisy input "
                      "(raw, denoised, flags, residual).")
     lines += ["", f"Run time {report['seconds']:.0f} s on CPU.", ""]
     path.write_text("\n".join(lines))
