@@ -78,6 +78,22 @@ def _evaluate_recording(args: argparse.Namespace, models: list, pkg: Path, data:
     return 0
 
 
+def _evaluate_real(args: argparse.Namespace, ref: str, pkg: Path) -> int:
+    """``cdae evaluate --real``: the model on real photographs that packages ship, through the project's camera."""
+    from cdae.training.real_scenes import MissingRealImages, evaluate_real_scenes
+
+    out = Path(args.out) if args.out else pkg / "evaluation" / "real-scenes"
+    try:
+        report = evaluate_real_scenes(ref, pkg, out, psf_sigma_px=args.real_psf)
+    except MissingRealImages as e:
+        raise SystemExit(str(e)) from e
+    for name, t in report["targets"].items():
+        print(f"{name}: meets all {t['meets_all']}; painted-over frames {t['frames_painted_over']}, "
+              f"false flags {t['false_flag_share_noise_only']}, defect / median "
+              + ", ".join(f"{c} {v:.2f}x" for c, v in t["defect_ratio_to_median_by_class"].items()))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cdae.engine.inference import Denoiser
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry, read_manifest, write_manifest
@@ -87,6 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     registry = ModelRegistry(_models_dir(args.models_dir))
     refs = args.model or [DEFAULT_MODEL]
     pkgs = [registry.resolve(r) for r in refs]
+    if args.real:
+        return _evaluate_real(args, read_manifest(pkgs[0]).ref, pkgs[0])
     denoisers = [Denoiser.from_package(p) for p in pkgs]
     names = [d.manifest.ref for d in denoisers]
     # The standard held-out set (default scene and detector distributions, seeds disjoint from
@@ -831,6 +849,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="a camera recording (cdae record): evaluate on its frames, without ground truth")
     e.add_argument("--profile", help="camera profile of --data (default: beside the recording, from cdae characterise)")
     e.add_argument("--held-out-frames", type=int, help="with --data: the last N frames of each run (default: a quarter)")
+    e.add_argument("--real", action="store_true",
+                   help="real photographs that installed packages ship (pip install 'cdae[real]'), through the project's "
+                        "camera, noise only and with defects (default --out: <package>/evaluation/real-scenes)")
+    e.add_argument("--real-psf", type=float, default=0.5, metavar="SIGMA_PX",
+                   help="with --real: the camera optics' Gaussian PSF sigma in pixels (0: the photos' pixels as they are)")
     e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser("fuse", help="fuse ensemble members (weight average, greedy soup, or output average)")
