@@ -444,16 +444,19 @@ def judge(report: dict, profile: CameraProfile, gate: GateConfig, force: bool = 
     if parent in real and child in real:
         for key, n in sizes.items():
             a, b = real[parent].get(key), real[child].get(key)
-            if n >= 5 and a is not None and b is not None and math.isfinite(a) and math.isfinite(b) \
-                    and b < a - gate.defect_drop:
-                failures.append(f"{key}: {a:.2f} -> {b:.2f}")
+            if n < 5 or a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+                continue
+            # a share of n pixels moves by 1/n with one pixel: a drop counts beyond two binomial sigmas too
+            noise = 2.0 * math.sqrt(max(a * (1.0 - a), 1.0 / n) / n)
+            if b < a - max(gate.defect_drop, noise):
+                failures.append(f"{key}: {a:.2f} -> {b:.2f} ({n} pixels)")
     sim = (report.get("simulated") or {}).get("summary") or {}
     if parent in sim and child in sim and sim[child]["psnr_db"] < sim[parent]["psnr_db"] - gate.sim_drop_db:
         failures.append(f"simulated held-out PSNR: {sim[parent]['psnr_db']:.2f} -> {sim[child]['psnr_db']:.2f} dB")
     rule = (f"refused if the {gate.confidence:.0%} one-sided paired-bootstrap lower bound (16x16 tiles, "
             f"{gate.resamples} resamples) of estimated MSE(child) - MSE(parent) on static held-out pairs exceeds "
             f"{gate.max_regression:g} x MSE(parent), on all kept pixels or on bright features; or a defect share "
-            f"drops by more than {gate.defect_drop:g}; or the simulated held-out PSNR drops by more than "
+            f"drops by more than {gate.defect_drop:g} and two binomial sigmas of its pixel count; or the simulated held-out PSNR drops by more than "
             f"{gate.sim_drop_db:g} dB")
     if failures:
         verdict = "forced" if force else "refused"
