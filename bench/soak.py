@@ -34,40 +34,24 @@ from pathlib import Path
 
 import numpy as np
 
-from cdae.children import ChildProcess, free_port
-
 ROOT = Path(__file__).resolve().parent.parent
-
-CAM_PORT, IOC_PORT = free_port(), free_port()
-CA_ENV = {
-    "EPICS_CA_AUTO_ADDR_LIST": "NO",
-    "EPICS_CA_ADDR_LIST": f"127.0.0.1:{CAM_PORT} 127.0.0.1:{IOC_PORT}",
-    "EPICS_CA_REPEATER_PORT": str(free_port()),
-    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_CA_MAX_ARRAY_BYTES": str(256 * 1024 * 1024),
-}
-os.environ.update(CA_ENV)  # before any CA client starts in this process
 
 COUNTERS = ("ArrayCounter_RBV", "DroppedArrays_RBV", "FrameErrors_RBV", "SourceGaps_RBV", "FramesReceived_RBV")
 
 
-def _engine_bench() -> object:
-    spec = importlib.util.spec_from_file_location("cdae_bench_engine", ROOT / "bench" / "engine.py")
+def _bench_module(name: str):  # noqa: ANN202 - a sibling benchmark script
+    spec = importlib.util.spec_from_file_location(f"cdae_bench_{name}", ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-class Proc(ChildProcess):
-    """``cdae <args>`` as a child, waited for by its ready line; ``port`` is its CA server port."""
-
-    def __init__(self, name: str, args: list[str], ready: str, log_dir: Path, port: int | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if port is not None:
-            env.update(EPICS_CA_SERVER_PORT=str(port), EPICS_CAS_SERVER_PORT=str(port))
-        super().__init__(name, [sys.executable, "-m", "cdae.cli", *args], env, ready, log_dir / f"{name}.log")
-        self.wait_ready(600)
+# the pipeline benchmark's processes: its CA environment (this process's own ports, set on import, before
+# any CA client starts here), its child-process wrapper and percentiles, and the engine benchmark's helpers
+_PIPELINE = _bench_module("pipeline")
+CAM_PORT, IOC_PORT, Proc, _pct, _engine_bench = (_PIPELINE.CAM_PORT, _PIPELINE.IOC_PORT, _PIPELINE.Proc,
+                                                 _PIPELINE._pct, _PIPELINE._engine_bench)
 
 
 def rss_mib(pid: int) -> float | None:
@@ -78,10 +62,6 @@ def rss_mib(pid: int) -> float | None:
     except OSError:
         pass
     return None
-
-
-def _pct(v: list[float], p: float) -> float | None:
-    return round(float(np.percentile(v, p)), 3) if v else None
 
 
 def soak(args: argparse.Namespace, store: Path, ref: str, log_dir: Path) -> dict:
