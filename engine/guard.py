@@ -89,6 +89,12 @@ class GuardResult:
     noise: NoiseModel
 
 
+def count_flags(flags: np.ndarray) -> dict[str, int]:
+    """Pixels per flag class (not ``none``), in one pass over the flag map."""
+    n = np.bincount(flags.ravel(), minlength=len(FLAG_NAMES))
+    return {name: int(n[c]) for c, name in FLAG_NAMES.items() if c}
+
+
 def for_package(config: GuardConfig, package: Path | str | None) -> GuardConfig:
     """``config`` with its ``'calibrated'`` threshold replaced by the package's (``CALIBRATION_FILE``), or
     by None (the head flags nothing) where the package has none or it cannot be read."""
@@ -368,5 +374,4 @@ def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, confi
     out[saturated] = f[saturated]
     flags[impulses] = IMPULSE
     flags[saturated] = SATURATED
-    counts = {FLAG_NAMES[c]: int(np.count_nonzero(flags == c)) for c in FLAG_NAMES if c}
-    return GuardResult(output=out, flags=flags, counts=counts, noise=noise)
+    return GuardResult(output=out, flags=flags, counts=count_flags(flags), noise=noise)

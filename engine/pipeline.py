@@ -18,7 +18,7 @@ import numpy as np
 
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.badpixels import BadPixelMap
-from cdae.engine.guard import BAD_PIXEL_MAP, FLAG_NAMES, GuardConfig, guard
+from cdae.engine.guard import BAD_PIXEL_MAP, GuardConfig, count_flags, guard
 from cdae.engine.normalise import NormalisationConfig, adc_max_for, denormalise, network_input, to_dtype
 from cdae.engine.tiling import plan_tiles, run_tiled
 
@@ -110,7 +110,7 @@ def denoise_frame(
         if flags is not None and counts is not None:
             listed = bad_pixels.mask(frame.shape)
             flags[listed] = BAD_PIXEL_MAP
-            counts = {FLAG_NAMES[c]: int(np.count_nonzero(flags == c)) for c in FLAG_NAMES if c}
+            counts = count_flags(flags)
     return FrameResult(
         denoised=denoised, residual=residual, defect_probability=prob,
         tiles=len(tiles), inference_ms=(time.perf_counter() - t0) * 1e3, flags=flags, flag_counts=counts,

@@ -18,8 +18,9 @@ import concurrent.futures
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -56,6 +57,13 @@ _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+)$")
 _WHO = "cdae-ioc"
 STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters (and, at most, the watchdog period)
 BAD_PIXEL_LOAD_TIMEOUT_S = 10.0  # reading and checking a bad-pixel file; longer: refused
+
+
+async def _post_changed(pairs: Iterable[tuple[Any, object]], **write: object) -> None:
+    """Write each (PV, value) whose value changed: a monitor per change, not per call."""
+    for pv, value in pairs:
+        if pv.value != value:
+            await pv.write(value, **write)
 
 
 class IocConfig(BaseModel):
@@ -250,12 +258,10 @@ class FilterIOC:
         """The counters, each posted only when it changed (a monitor per change, not per call)."""
         p = self._require_pvs()
         b = self.books
-        for pv, value in ((p.frames_received, b.received), (p.dropped_arrays_rbv, b.dropped),
-                          (p.frame_errors, b.errors), (p.source_gaps, b.source_gaps),
-                          (p.queue_free, max(0, self.queue_size - self.in_flight)),
-                          (p.drop_causes, b.causes_text())):
-            if pv.value != value:
-                await pv.write(value)
+        await _post_changed(((p.frames_received, b.received), (p.dropped_arrays_rbv, b.dropped),
+                             (p.frame_errors, b.errors), (p.source_gaps, b.source_gaps),
+                             (p.queue_free, max(0, self.queue_size - self.in_flight)),
+                             (p.drop_causes, b.causes_text())))
 
     async def _report_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         log(_WHO, message)
@@ -632,10 +638,8 @@ class FilterIOC:
                               self.counter, rate)
         counts = reply.header.flag_counts
         if counts is not None:
-            for pv, value in ((p.flagged_pixels, sum(counts.values())), (p.saturated_pixels, counts.get("saturated", 0)),
-                              (p.impulse_pixels, counts.get("impulse", 0))):
-                if pv.value != value:
-                    await pv.write(value, timestamp=info.stamp)
+            await _post_changed(((p.flagged_pixels, sum(counts.values())), (p.saturated_pixels, counts.get("saturated", 0)),
+                                 (p.impulse_pixels, counts.get("impulse", 0))), timestamp=info.stamp)
         model = (reply.model or "")[: STRING_MAX - 1]
         if p.model_rbv.value != model:
             await p.model_rbv.write(model, timestamp=info.stamp)

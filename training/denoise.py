@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cdae.engine.badpixels import BadPixelMap
-from cdae.engine.guard import FLAG_NAMES
+from cdae.engine.guard import FLAG_NAMES, count_flags
 from cdae.engine.inference import Denoiser
 from cdae.engine.normalise import NormalisationError, infer_bit_depth
 from cdae.training.fileio import FileFormatError, output_spec_for, read_image, write_image
@@ -48,7 +48,7 @@ def write_defect_map(flags: np.ndarray, target: Path) -> list[Path]:
     colours = ["#202020", "#1f77b4", "#ff7f0e", "#d62728", "#9467bd"][: max(FLAG_NAMES) + 1]
     fig, ax = plt.subplots(figsize=(6, 6 * shown.shape[0] / max(shown.shape[1], 1) + 0.8))
     ax.imshow(shown, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(colours) - 0.5, interpolation="nearest")
-    counts = {name: int((flags == c).sum()) for c, name in FLAG_NAMES.items() if c}
+    counts = count_flags(flags)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in FLAG_NAMES if c]
     ax.legend(handles, [f"{n}: {counts[n]}" for n in counts], loc="upper right", fontsize=8, framealpha=0.8)
     ax.set_title(f"{target.name}: pixels moved beyond the noise, by reason", fontsize=9)
