@@ -55,8 +55,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {member.name}:{member.version} (seed {seed}) → {models}", flush=True)
         print("effective config: " + member.model_dump_json(), flush=True)
         run_dir = Path(args.run_dir) / f"{member.name}-{member.version}" if args.run_dir else None
-        train(member, models, run_dir, resume=args.resume, progress=not args.no_progress)
+        result = train(member, models, run_dir, resume=args.resume, progress=not args.no_progress)
+        if args.compare:
+            status = _compare_rerun(args.compare, result.package)
+            if status:
+                return status
     return 0
+
+
+def _compare_rerun(reference: str, package: Path) -> int:
+    """``cdae train --compare``: the verdict of a re-run against the package it should reproduce."""
+    from cdae.engine.package import ModelRegistry, read_manifest
+    from cdae.training.environment import compare_run
+
+    ref = Path(reference)
+    if not (ref / "manifest.json").is_file():
+        try:
+            ref = ModelRegistry(_models_dir(None)).resolve(reference)
+        except Exception as e:  # noqa: BLE001 - the message says what is missing
+            print(f"--compare {reference}: no recorded package to compare with ({e})", flush=True)
+            return 0
+    recorded, rerun = (read_manifest(p).model_dump(mode="json") for p in (ref, package))
+    verdict = compare_run(recorded, rerun)
+    print(f"compared with {ref}: {verdict}", flush=True)
+    return 0 if verdict.ok else 1
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -818,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="folder for checkpoints and logs (default runs/)")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--compare", metavar="PACKAGE",
+                   help="a recorded package (directory or NAME:VERSION) this run should reproduce: says whether it is "
+                        "bit for bit (same environment) or within tolerance (another one); exit 1 if neither")
     t.set_defaults(func=cmd_train)
 
     cal = sub.add_parser("calibrate", help="calibrate a model's defect head for the guard (conformal risk control on "

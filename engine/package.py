@@ -102,6 +102,11 @@ class Manifest(BaseModel):
     )
     training_config: dict[str, JsonValue] = Field(default_factory=dict)
     metrics: dict[str, JsonValue] = Field(default_factory=dict)
+    environment: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="what the weights were trained with (Python, torch, numpy, scipy, CPU, threads): a re-run "
+        "is bit for bit only where this matches",
+    )
     weights_sha256: str
     weights_bytes: int
     parameters: int

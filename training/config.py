@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.normalise import NormalisationConfig
@@ -105,8 +105,30 @@ class LossConfig(_Strict):
         return self
 
 
+class StageConfig(_Strict):
+    """One stage of a staged recipe: the run's config with these sections changed, trained on from the
+    previous stage's weights with a fresh optimiser and learning-rate schedule."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    data: dict[str, JsonValue] = Field(default_factory=dict, description="changes to [data] for this stage")
+    optim: dict[str, JsonValue] = Field(default_factory=dict, description="changes to [optim] for this stage")
+    loss: dict[str, JsonValue] = Field(default_factory=dict, description="changes to [loss] for this stage")
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class TrainConfig(_Strict):
-    """One training run; ``seed`` drives weight initialisation and the data stream."""
+    """One training run; ``seed`` drives weight initialisation and the data stream.
+
+    With ``stages`` the run is a staged recipe from one config: stage ``i`` is this config with the
+    stage's sections changed, and starts from stage ``i - 1``'s weights (the first from ``init_from``
+    or from scratch); one package is written at the end, with every stage recorded.
+    """
 
     name: str = "cdae"
     version: str = "1"
@@ -124,6 +146,29 @@ class TrainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> TrainConfig:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must differ, got {names}")
+        self.stage_configs()  # each stage must be a valid config of its own
+        return self
+
+    def stage_configs(self) -> list[TrainConfig]:
+        """The stages as plain (unstaged) configs, in order; ``[self]`` for an unstaged run."""
+        if not self.stages:
+            return [self]
+        base = self.model_dump(mode="json", exclude={"stages"})
+        out = []
+        for st in self.stages:
+            data = _merged(base, {"data": st.data, "optim": st.optim, "loss": st.loss})
+            try:
+                out.append(TrainConfig.model_validate(data))
+            except ValidationError as e:
+                raise ValueError(f"stage {st.name!r}: {e}") from e
+        return out
 
 
 def recorded_training_config(manifest: Manifest) -> dict:
