@@ -167,7 +167,8 @@ class TrainConfig(_Strict):
             try:
                 out.append(TrainConfig.model_validate(data))
             except ValidationError as e:
-                raise ValueError(f"stage {st.name!r}: {e}") from e
+                fields = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"stage {st.name!r}: {fields}") from None
         return out
 
 
