@@ -30,7 +30,7 @@ demo: $(STAMP)
 
 # The shipped default, from scratch: the staged recipe in one config, into a scratch store; `cdae train`
 # then says whether the result is the shipped package's weights bit for bit (same recorded environment)
-# or its metrics within tolerance (another environment). About 45 min of this 2-core CPU.
+# or its metrics within tolerance (another environment). About 30 min of this 2-core CPU when it is free.
 train-default: $(STAMP)
 	$(VENV)/bin/cdae train --config training/configs/cdae-default.toml --out runs/store --no-progress \
 		--compare models/cdae-default/8
