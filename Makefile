@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not tensorrt" tests
+	$(PY) -m pytest -m "not slow and not gpu and not tensorrt" --durations=20 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests
