@@ -179,6 +179,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 # --- denoise -----------------------------------------------------------------------------------
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    import math
+
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry
     from cdae.training.calibrate import calibrate_package
 
@@ -186,12 +188,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _err("cdae calibrate: error: --alpha must lie in (0, 1) and --frames be at least 1")
         return 2
     pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model or DEFAULT_MODEL)
-    c = calibrate_package(pkg, frames=args.frames, alpha=args.alpha)
+    if args.delta is not None and not 0 < args.delta < 1:
+        _err("cdae calibrate: error: --delta must lie in (0, 1)")
+        return 2
+    c = calibrate_package(pkg, frames=args.frames, alpha=args.alpha, delta=args.delta)
+    conf = "" if args.delta is None else f" with confidence {1 - args.delta:.0%}"
     if c.defect_threshold is None:
-        print(f"{pkg}: no threshold keeps the risk bound at alpha {args.alpha:g} on {c.frames} frames "
-              f"(at least {int(1 / args.alpha)} frames are needed for any); the head will flag nothing")
+        need = int(1 / args.alpha) if args.delta is None else int(math.log(1 / args.delta) / args.alpha) + 1
+        print(f"{pkg}: no threshold keeps the risk bound at alpha {args.alpha:g}{conf} on {c.frames} frames "
+              f"(at least {need} frames are needed for any); the head will flag nothing")
         return 1
-    print(f"{pkg}: defect threshold {c.defect_threshold:.4f} (alpha {args.alpha:g}, {c.frames} frames: mean share of "
+    print(f"{pkg}: defect threshold {c.defect_threshold:.4f} (alpha {args.alpha:g}{conf}, {c.frames} frames: "
+          f"risk bound {c.risk_bound:.2e}, mean share of "
           f"real bright pixels flagged {c.mean_loss:.2e}, worst frame {c.worst_frame_loss:.2e}; real pixels flagged "
           f"{c.real_pixels_flagged:.2e}, defect pixels {c.defect_pixels_flagged:.3f})")
     return 0
@@ -852,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--frames", type=int, default=192, help="simulated validation frames (default 192)")
     cal.add_argument("--alpha", type=float, default=0.01,
                      help="expected share of a frame's real bright-feature pixels the head may flag (default 0.01)")
+    cal.add_argument("--delta", type=float,
+                     help="hold alpha with confidence 1 - delta over the calibration frames (e.g. 0.1: 90 %%; needs "
+                          "about log(1 / delta) / alpha frames); default: alpha in expectation")
     cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("evaluate", help="held-out evaluation against tuned median/Gaussian baselines")
