@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.errors import BackendError, BackendUnavailable
 from cdae.engine.package import Manifest
 
@@ -90,12 +91,16 @@ class HostStaging:
         self._in = _PinnedBuffers()
         self._out = _PinnedBuffers()
 
-    def upload(self, x: np.ndarray) -> torch.Tensor:
-        """(C, H, W) host input → (1, C, H, W) on the device (the copy is queued on the current stream)."""
+    def upload(self, x: np.ndarray, multiple: int,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """(C, H, W) host input → (1, C, H', W') on the device, padded to multiples of ``multiple``
+        (the copy is queued on the current stream)."""
         c, h, w = x.shape
         host_in = self._in.get((1, c, h, w))
         host_in.numpy()[0] = x
-        return host_in.to(self.device, non_blocking=True)
+        dev = host_in.to(self.device, non_blocking=True)
+        padded, _ = pad_to_multiple(dev, multiple)
+        return padded.contiguous(memory_format=memory_format)
 
     def download(self, restored: torch.Tensor, prob: torch.Tensor, h: int, w: int,
                  stream: torch.cuda.Stream) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.artefacts import (
     EXPORT_DIR,
     ONNX_INPUT,
@@ -191,9 +190,7 @@ class TensorRTBackend(Backend):
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _, h, w = x.shape
         with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
-            dev = self._staging.upload(x)
-            padded, _ = pad_to_multiple(dev, self.multiple)
-            padded = padded.contiguous()  # TensorRT's input binding is linear NCHW
+            padded = self._staging.upload(x, self.multiple)  # TensorRT's input binding is linear NCHW
             hp, wp = padded.shape[-2:]
             if hp > self.profile.max_hw[0] or wp > self.profile.max_hw[1]:
                 raise BackendError(f"tensorrt: input {hp}x{wp} exceeds the plan's profile {self.profile.describe()}")

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.backends.base import Backend, HostStaging, require_cuda
 from cdae.engine.config import BackendOptions
 from cdae.engine.errors import BackendError
@@ -112,9 +111,7 @@ class TorchCUDABackend(Backend):
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _, h, w = x.shape
         with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
-            dev = self._staging.upload(x)
-            padded, _ = pad_to_multiple(dev, self.multiple)
-            padded = padded.contiguous(memory_format=torch.channels_last)
+            padded = self._staging.upload(x, self.multiple, torch.channels_last)
             g = self._graph_for(padded)
             if g is not None:
                 g.static_in.copy_(padded)
