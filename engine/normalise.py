@@ -15,12 +15,14 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from cdae.engine.errors import EngineError
+
 F32_MAX = float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "uint32", "int8")
 
 
-class NormalisationError(ValueError):
-    """A frame cannot be normalised (wrong type, non-finite values, bad bit depth)."""
+class NormalisationError(EngineError, ValueError):
+    """A frame cannot be normalised (wrong type, non-finite values, bad bit depth); a ValueError too, as before."""
 
 
 class NormalisationConfig(BaseModel):

@@ -26,6 +26,7 @@ from torch import nn
 from cdae import __version__
 from cdae.engine.architecture import ArchitectureConfig, build_model
 from cdae.engine.config import DEFAULT_MODEL, default_models_dir  # noqa: F401  (re-exported: part of the store API)
+from cdae.engine.errors import EngineError
 from cdae.engine.normalise import NormalisationConfig
 
 MANIFEST_FORMAT = 1
@@ -36,7 +37,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MetricValue = Union[float, int, str, None]
 
 
-class ModelPackageError(Exception):
+class ModelPackageError(EngineError):
     """A model package is missing, malformed, tampered with or of an unknown architecture."""
 
 
