@@ -25,7 +25,6 @@ clients whose public keys are allowed get any answer (:mod:`cdae.engine.curve`).
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ import zmq
 from pydantic import JsonValue
 
 from cdae import __version__
+from cdae.endpoints import is_loopback, parse_tcp
 from cdae.engine.backends import Backend, load_backend
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
@@ -68,8 +68,6 @@ from cdae.engine.stats import EngineStats
 from cdae.notify import Notifier
 
 Log = Callable[[str], None]
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 
 
 def _stderr(msg: str) -> None:
@@ -81,19 +79,14 @@ def _utc_now() -> str:
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
-    m = _TCP.match(endpoint)
-    if m and m["port"] == "0":
-        endpoint = f"tcp://{m['host']}:*"  # libzmq's spelling of "any free port"
+    ep = parse_tcp(endpoint)
+    if ep and ep.port == "0":
+        endpoint = f"tcp://{ep.host}:*"  # libzmq's spelling of "any free port"
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as e:
         raise EngineError(f"cannot bind {endpoint}: {e}") from e
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def _is_loopback(endpoint: str) -> bool:
-    m = _TCP.match(endpoint)
-    return m is None or m["host"] in _LOOPBACK
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -201,7 +194,7 @@ class EngineServer:
             self._active.backend.close()
             raise
         for ep in (self.data_endpoint, self.control_endpoint):
-            if not _is_loopback(ep) and self._curve is None:
+            if not is_loopback(ep) and self._curve is None:
                 self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
                          "anyone who reaches it can send frames and swap models (set curve keys: `cdae keys`)")
         if self._curve is not None:

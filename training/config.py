@@ -7,23 +7,18 @@ code version) to reproduce the run.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
+from cdae import tomlfile
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.normalise import NormalisationConfig
 from cdae.engine.package import Manifest
 from cdae.training.defects import MASK_BITS, MASK_SUBCLASSES, DefectConfig
 from cdae.training.simulate import SceneConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -203,12 +198,12 @@ def read_config_file(path: Path | str) -> dict:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
     try:
         if path.suffix == ".toml":
-            return tomllib.loads(text)
+            return tomlfile.loads(text)
         if path.suffix in (".yaml", ".yml"):
             return yaml.safe_load(text) or {}
         if path.suffix == ".json":
             return json.loads(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (tomlfile.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from e
     raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
 
