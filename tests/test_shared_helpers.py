@@ -49,6 +49,18 @@ def test_one_toml_reader(tmp_path: Path) -> None:
         tomlfile.loads("x = ")
 
 
+def test_one_robust_sigma() -> None:
+    import numpy as np
+
+    from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma
+
+    a = np.array([1.0, 2.0, 3.0, 4.0, 100.0], np.float32)
+    assert mad_sigma(a) == MAD_TO_SIGMA * 1.0 and mad_sigma(a, median=2.0) == MAD_TO_SIGMA * 1.0
+    assert mad_sigma(np.zeros(0)) == 0.0
+    rng = np.random.default_rng(0)
+    assert abs(mad_sigma(rng.normal(0.0, 3.0, 100_000)) - 3.0) < 0.05
+
+
 def test_one_queue_size_range() -> None:
     """QueueSize's PV limits and the IOC configuration's bounds are the same two numbers."""
     from pydantic import ValidationError
