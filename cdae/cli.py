@@ -342,7 +342,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     if args.json:
         print(m.model_dump_json(indent=2))
         return 0
-    held = (m.metrics.get("held_out") or {}) if isinstance(m.metrics, dict) else {}
+    held = m.metrics.get("held_out") or {}
     summary = held.get("summary", {}) if isinstance(held, dict) else {}
     print(f"{m.ref}  ({pkg})")
     print(f"  architecture  {m.architecture.model_dump_json()}")

@@ -174,7 +174,7 @@ def recorded_training_config(manifest: Manifest) -> dict:
     validated; where those defaults changed the frames, the old behaviour is filled in here:
     generator 1.1 drew plasma without an optical PSF (``plasma_psf_sigma_px = (0, 0)``).
     """
-    cfg = json.loads(json.dumps(manifest.training_config))
+    cfg = manifest.training_config.model_dump(mode="json")  # a deep copy: the record itself stays untouched
     data = cfg.get("data")
     if manifest.data_generator_version == "1.1" and isinstance(data, dict):
         scene = data.setdefault("scene", {})
