@@ -6,6 +6,7 @@ settings against these models without pulling in torch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -22,9 +23,15 @@ DEFAULT_MODEL = "cdae-default"
 
 
 def default_models_dir() -> Path:
-    """``$CDAE_MODELS`` if set, else the source tree's ``models/`` (where the shipped model lives)."""
+    """``$CDAE_MODELS`` if set, else the store an install brings (``cdae.models``: the shipped default and one
+    rollback; in a source checkout, its ``models/``)."""
     env = os.environ.get("CDAE_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("cdae.models")  # found, not imported: the store holds no code
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "models"
 
 
 
