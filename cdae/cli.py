@@ -442,7 +442,8 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
     if args.max_size:
         w, h = (int(v) for v in args.max_size.lower().split("x"))
         fields.update(max_width=w, max_height=h)
-    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank", "read_noise_e", "hot_column_offset_frac"):
+    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank", "read_noise_e", "hot_column_offset_frac",
+                "point_sigma_px"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     if args.stopped:
@@ -453,7 +454,15 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
         fields["shutter_open"] = False
     if args.hot_columns:
         fields["hot_columns"] = [int(x) for x in args.hot_columns.split(",")]
+    if args.fresh_noise:
+        fields["fresh_noise"] = True
     try:
+        from cdae.simcamera import DamageEvent
+
+        if args.damage:
+            fields["damage"] = [DamageEvent.parse(spec) for spec in args.damage]
+        if args.point_source:
+            fields["point_sources"] = [tuple(float(v) for v in spec.split(",")) for spec in args.point_source]
         config = CameraConfig.model_validate(fields)
     except ValueError as e:
         _err(f"cdae sim-camera: error: {e}")
@@ -932,6 +941,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--hot-columns", help="comma-separated x of extra hot columns (damage the camera got)")
     sc.add_argument("--hot-column-offset-frac", type=float, help="their offset, fraction of the span above bias (0.01)")
     sc.add_argument("--shutter-closed", action="store_true", help="start with the shutter closed (dark frames)")
+    sc.add_argument("--fresh-noise", action="store_true", help="new noise and radiation in every frame (the bank's "
+                    "scenes cycled): no noise outlier recurs as a defect would")
+    sc.add_argument("--damage", action="append", metavar="KIND@FRAME[,key=value]",
+                    help="run-time damage, e.g. hot_pixels@200,count=4  hot_column@300,x=30  dead_pixels@50  "
+                    "stuck_pixels@50  radiation@100,frames=60,level=5000 (hits/Mpx/frame); repeatable")
+    sc.add_argument("--point-source", action="append", metavar="X,Y,PEAK",
+                    help="a static point source (peak in relative intensity, 1 = full well), blurred by the "
+                    "camera's optics (--point-sigma); repeatable")
+    sc.add_argument("--point-sigma", dest="point_sigma_px", type=float, help="the point sources' PSF sigma, px (0.7)")
     sc.set_defaults(func=cmd_sim_camera)
     rc = sub.add_parser("record", help="record raw frames (UniqueId, timestamps, camera metadata) from a live camera PV to HDF5")
     rc.add_argument("--source", required=True, help="camera image prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
