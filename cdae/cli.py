@@ -225,9 +225,22 @@ def cmd_badpixels(args: argparse.Namespace) -> int:
             frames.extend(a if a.ndim == 3 else [a])
         return np.stack([np.asarray(f, dtype=np.float32) for f in frames])
 
-    if args.profile and (args.darks or args.flats):
-        _err("cdae badpixels: error: give a camera profile or darks/flats, not both")
+    if sum(bool(v) for v in (args.profile, args.darks or args.flats, args.from_ioc)) > 1:
+        _err("cdae badpixels: error: give one of a camera profile, darks/flats or --from-ioc")
         return 2
+    if args.from_ioc:  # the live map a filter IOC learned from the camera's frames (camera health)
+        from cdae.health import HealthError, map_from_image
+        from cdae.ioc.health import read_from_ioc
+
+        try:
+            image, _ = read_from_ioc(args.from_ioc)
+            bp = map_from_image(image, source=f"{args.from_ioc}HealthMap")
+        except (HealthError, OSError, TimeoutError) as e:
+            _err(f"cdae badpixels: error: {e}")
+            return 2
+        bp.save(args.output)
+        print(f"{args.output}: {len(bp)} bad pixels of {image.size} (the live map of {args.from_ioc})")
+        return 0
     try:
         if args.profile:  # the defect map `cdae characterise` measured from a `cdae record` recording
             from cdae.training.characterise import load_profile
@@ -894,6 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
     bpx.add_argument("--darks", nargs="+", help="dark frames (no light, the exposure used): files or stacks")
     bpx.add_argument("--flats", nargs="+", help="flat fields (even light, well below saturation): files or stacks")
     bpx.add_argument("--profile", help="instead: the camera profile `cdae characterise` wrote for a recording")
+    bpx.add_argument("--from-ioc", metavar="P", help="instead: the live map (camera health) of the filter IOC with "
+                     "prefix P, read over Channel Access")
     bpx.add_argument("-o", "--output", required=True, help="bad-pixel JSON file to write")
     bpx.add_argument("--sigma", type=float, default=8.0,
                      help="hot: a pixel's median dark above the frame's by this many robust sigmas (default 8)")
