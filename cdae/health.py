@@ -39,6 +39,16 @@ operations on the handful of pixels the screen lets through):
   out) there is sharper than the optics allow (the guard's test at ``shape_sigma`` of that
   mean's noise, the fixed pattern included). A bright point source of the scene is blurred by
   the optics: it is persistent but not sharp, and passes neither test.
+- BAD by **change** (new damage, the fixed pattern and a steady scene cancelled): its clipped
+  excess against its own past (an exponential mean over windows, learnt while it is out of the
+  map and not on its way in, a window's pull clipped at three of the mean's noise) in robust
+  standard deviations of such changes beyond ``mean_sigma``, its excess now the same way beyond
+  half of that, its past unremarkable, no known defect next to it; and its change is its own:
+  beyond its four neighbours' median change by ``mean_sigma`` of the noise, beyond all eight
+  neighbours' changes by ``shape_sigma``, and the neighbours changed, over the pixels beyond them,
+  by less than half what the narrowest optics would spill (a scene that brightens changes a
+  neighbourhood, new light a blurred spot). The past is not saved: it is learnt again after a
+  restart (4 windows).
 - BAD as **stuck** if its value did not change once in the window while at least three of its
   four side neighbours changed by two quantisation steps or more, and it is not at the window's
   highest value (saturated light is constant too).
@@ -47,9 +57,9 @@ operations on the handful of pixels the screen lets through):
   (unseen while its neighbours' level over the offset is below what the excess test needs), a
   stuck one only while its neighbours change.
 
-A pixel **enters** the map after ``enter_windows`` consecutive BAD windows (unseen windows do not
-break the run) and **leaves** it after ``leave_windows`` consecutive GOOD ones; its kind (stuck,
-else hot, else dead) is its last BAD verdict's. A **bad line** (column, row) stands above (below)
+A pixel **enters** the map after ``enter_windows`` consecutive BAD windows and **leaves** it after
+``leave_windows`` consecutive GOOD ones (unseen windows do not break that run: a dead pixel in the
+dark stays); its kind (stuck, else hot, else dead) is its last BAD verdict's. A **bad line** (column, row) stands above (below)
 *both* neighbouring lines all along it (the median of each difference along the line, the
 smaller, beyond ``line_sigma`` of that median's own noise), unless both neighbours carry at least
 half the light the narrowest optics would spill into them; or has ``line_min_fraction`` of its
@@ -92,6 +102,8 @@ FORMAT_VERSION = 1
 HISTORY_MAX = 4096  # window summaries kept; older ones are thinned out (every other) beyond this
 _NOISE_KEEP = 5
 _NOISE_PAIRS = 1 << 14  # pixel triples per noise measurement (the guard's default is 65536): 16 level bins of 1024
+_REF_RATE = 0.25  # the reference's update per window (an exponential mean over about 7 windows)
+_REF_WINDOWS = 4  # windows learnt before a pixel's change is judged
 _BLOCK_ROWS = 128  # rows per block of the per-frame screen: its temporaries stay in the CPU's cache
 
 
@@ -147,7 +159,7 @@ class HealthConfig(BaseModel):
     frame_sigma: float = Field(5.0, gt=0, description="per-frame impulse test, in its noise (the guard's default)")
     mean_sigma: float = Field(6.0, gt=0, description="excess test: a pixel's mean clipped excess over its "
                               "neighbours, in robust standard deviations of the frame's pixels")
-    excess_clip_sigma: float = Field(5.0, gt=0, description="each frame's excess is clipped at this many of the "
+    excess_clip_sigma: float = Field(10.0, gt=0, description="each frame's excess is clipped at this many of the "
                                      "pixel's noise: what a transient can add to the window's")
     shape_sigma: float = Field(3.0, gt=0, description="the shape test of the excess test's pixels: the guard's "
                                "impulse test on the window's mean, at this many of its noise")
@@ -367,6 +379,10 @@ class HealthTracker:
         self.radiation_rate_hz = 0.0
         self.last_threshold = 0
         self._on_line_cache: np.ndarray | None = None
+        # each pixel's own past (window means and excesses): what "changed" is measured against; not saved
+        self._ref_mean: np.ndarray | None = None
+        self._ref_z: np.ndarray | None = None
+        self._ref_age = np.zeros((h, w), np.uint8)  # windows learnt
 
     # --- per frame ------------------------------------------------------------------------------
 
@@ -498,13 +514,38 @@ class HealthTracker:
         # how far each pixel stood from its neighbours, frame by frame (clipped), in its noise units, against
         # the spread of that over the whole frame (robust): the fixed pattern is part of the population
         level = 0.25 * (pad[2:-2, 1:-3] + pad[2:-2, 3:-1] + pad[1:-3, 2:-2] + pad[3:-1, 2:-2])
-        z = self._excess / (np.float32(4 * n) * noise.sigma(level))
+        z_raw = self._excess / (np.float32(4 * n) * noise.sigma(level))
+        z = z_raw.copy()
         spread = _normalise_by_level(z, level)  # in place: robust standard deviations of pixels of the same level
         far = np.flatnonzero(np.abs(z) > c.mean_sigma)
         sharp_hot, sharp_dead = self._shape_test(pad, far, mean_noise, self._shape_guard)
         zr = z.ravel()
         mean_hot = sharp_hot[zr[sharp_hot] > 0]
         mean_dead = sharp_dead[zr[sharp_dead] < 0]
+        # the change: this window against the pixel's own past (the fixed pattern and a steady scene cancel)
+        mean_img = centre.copy()
+        dz = None
+        if self._ref_mean is not None:
+            dz = z_raw - self._ref_z
+            _normalise_by_level(dz, level)
+            # judged only where the past was unremarkable: next to a bright point of the scene the clipped excess
+            # follows the light around it, and a defect already there is the other tests' business
+            past = self._ref_z.copy()
+            _normalise_by_level(past, level)
+            valid = (self._ref_age >= _REF_WINDOWS) & (np.abs(past) < c.mean_sigma / 2)
+            # and not next to a known defect (or one on its way in): its light is in the neighbours' excess
+            known = self.map | self.on_line() | (self.streak > 0) | (hot_n.astype(np.int16) + dead_n >= 2)
+            known.ravel()[mean_hot] = True
+            known.ravel()[mean_dead] = True
+            valid &= ~(_grow(known) & ~known)
+            # and it must stand out of its neighbours now, the same way, by half the excess test's bar
+            moved = np.flatnonzero((np.abs(dz) > c.mean_sigma) & valid & (dz * z > 0) & (np.abs(z) > c.mean_sigma / 2))
+            ref_frames = n * (2.0 - _REF_RATE) / _REF_RATE  # an exponential mean's frames
+            change_sigma = noise.sigma(level) * np.float32(math.sqrt(1.0 / (n - 2) + 1.0 / ref_frames))
+            ch_hot, ch_dead = self._lone_changes(mean_img - self._ref_mean, moved, change_sigma)
+            dzr = dz.ravel()
+            mean_hot = np.union1d(mean_hot, ch_hot[dzr[ch_hot] > 0])
+            mean_dead = np.union1d(mean_dead, ch_dead[dzr[ch_dead] < 0])
         # the stuck test
         if self._integer:
             rng = hi.astype(np.int64) - lo
@@ -524,6 +565,8 @@ class HealthTracker:
         bad = evidence_hot | evidence_dead | stuck
         flags_n = hot_n.astype(np.int16) + dead_n
         good = ~bad & (2 * flags_n < max(thr, 2)) & (np.abs(z) < c.mean_sigma / 2)
+        if dz is not None:  # and back to its own normal, where that is known
+            good &= (np.abs(dz) < c.mean_sigma / 2) | (self._ref_age < _REF_WINDOWS)
         mi = np.flatnonzero(self.map)
         if mi.size:
             gr = good.ravel()
@@ -535,6 +578,8 @@ class HealthTracker:
                 visible = (lv - noise.offset_dn) > c.mean_sigma * spread.ravel()[dead_mi] * noise.sigma(lv)
                 gr[dead_mi[~visible]] = False
         entered, left = self._advance(bad, good, evidence_hot, evidence_dead, stuck)
+        self._update_reference(mean_img, z_raw, bad, noise.sigma(level) * np.float32(3.0 / math.sqrt(n - 2)),
+                               3.0 * 1.25 / math.sqrt(n))
         lines_entered = lines_left = 0
         for lines, lz in ((self.columns, line_z[0]), (self.rows, line_z[1])):
             e, lft = self._advance_lines(lines, lz)
@@ -562,6 +607,68 @@ class HealthTracker:
                               transient_rate=rate, counts=counts, baseline_set=baseline_set)
         self._start_window()
         return result
+
+    def _lone_changes(self, change: np.ndarray, idx: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of ``idx``, the pixels whose change (this window's mean less their past's) is their own: it exceeds
+        the median change of their four neighbours by ``mean_sigma`` of its noise (``sigma``: the frames' over
+        the square root of the frames both means hold), and those neighbours changed, over the four pixels
+        beyond them, by less than half the light the narrowest optics would spill into them (``1/2R``): a
+        scene that brightens changes a neighbourhood, a new point of light its neighbours too. Medians, so
+        that one strong defect next door is not taken for its neighbours' change. Returns the brighter and
+        the darker ones; either must also lie beyond the changes of all eight pixels around it, by
+        ``shape_sigma`` of its noise (one on the edge of a changed region lies between them)."""
+        if idx.size == 0:
+            return idx, idx
+        h, w = self.shape
+        cy, cx = idx // w, idx % w
+
+        def at(dy: int, dx: int) -> np.ndarray:
+            return change[np.clip(cy + dy, 0, h - 1), np.clip(cx + dx, 0, w - 1)]
+
+        from cdae.engine.guard import _median4
+
+        ring = [at(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+        near = _median4(ring[3], ring[4], ring[1], ring[6])[1]  # left, right, up, down
+        far = _median4(at(0, -2), at(0, 2), at(-2, 0), at(2, 0))[1]
+        centre = change[cy, cx]
+        own = centre - near
+        lone = np.abs(near - far) < np.abs(own) / np.float32(2.0 * self._ratio)
+        big = np.abs(own) > np.float32(self.config.mean_sigma) * sigma[cy, cx]
+        # beyond all eight around it (by shape_sigma of its noise): a pixel on the edge of a change lies between
+        # its neighbours' changes
+        margin = np.float32(self.config.shape_sigma) * sigma[cy, cx]
+        above = centre > np.max(ring, axis=0) + margin
+        below = centre < np.min(ring, axis=0) - margin
+        return idx[big & lone & above], idx[big & lone & below]
+
+    def _update_reference(self, mean_img: np.ndarray, z_raw: np.ndarray, bad: np.ndarray, step_dn: np.ndarray,
+                          step_z: float) -> None:
+        """The pixels' own past, an exponential mean over windows (rate ``_REF_RATE``), learnt only while a pixel
+        is out of the map and not on its way in (a new defect is not learnt as normal while it is judged), a
+        window's pull on it clipped at three of the mean's noise (``step_dn``, ``step_z``: a glint over two
+        frames of one window must not become the pixel's past); a pixel that leaves the map learns its past
+        again from scratch."""
+        out = ~(bad | self.map | (self.streak > 0))
+        if self._ref_mean is None:
+            self._ref_mean, self._ref_z = mean_img, z_raw
+            self._ref_age = out.astype(np.uint8)
+            return
+        fresh = out & (self._ref_age == 0)  # (re)starting: the window itself
+        self._ref_mean[fresh] = mean_img[fresh]
+        self._ref_z[fresh] = z_raw[fresh]
+        r = np.float32(_REF_RATE)
+        learn = out & ~fresh
+        for ref, now, limit in ((self._ref_mean, mean_img, step_dn), (self._ref_z, z_raw, np.float32(step_z))):
+            step = now - ref
+            np.clip(step, -limit, limit, out=step)
+            step *= r
+            step[~learn] = 0
+            ref += step
+        self._ref_age[out] = np.minimum(self._ref_age[out], 254) + 1
+
+    def _forget_reference(self, idx: np.ndarray) -> None:
+        if self._ref_mean is not None:
+            self._ref_age.ravel()[idx] = 0
 
     def _start_window(self) -> None:
         for a in (self._sum, self._excess, self._hot_n, self._dead_n):
@@ -627,7 +734,7 @@ class HealthTracker:
         start = out & bad & (s == 0)
         self._remember_starts(np.flatnonzero(start))
         s16 = s.astype(np.int16)
-        up_out = np.where(bad, s16 + 1, np.where(good, 0, s16))
+        up_out = np.where(bad, s16 + 1, 0)  # out of the map: consecutive BAD windows, any other breaks the run
         up_in = np.where(good, s16 + 1, np.where(bad, 0, s16))
         new = np.where(out, up_out, up_in)
         enter = out & (new >= c.enter_windows)
@@ -643,13 +750,14 @@ class HealthTracker:
         self.streak = new.astype(np.uint8)
         self.map = (inside | enter) & ~leave
         self.kind[leave] = GOOD
-        gr, mr = good.ravel(), self.map.ravel()
-        for k in [k for k in self._pending if gr[k] and not mr[k]]:
+        br, mr = bad.ravel(), self.map.ravel()
+        for k in [k for k in self._pending if not br[k] and not mr[k]]:
             del self._pending[k]
         for k in np.flatnonzero(enter).tolist():
             self.seen[k] = self._pending.pop(k, None) or self._window_start_seen()
         for k in np.flatnonzero(leave).tolist():
             self.seen.pop(k, None)
+        self._forget_reference(np.flatnonzero(leave))
         return int(np.count_nonzero(enter)), int(np.count_nonzero(leave))
 
     def _remember_starts(self, idx: np.ndarray) -> None:
@@ -672,7 +780,7 @@ class HealthTracker:
         out = ~lines.state
         for k in np.flatnonzero(out & bad & (s16 == 0)).tolist():
             lines.pending[k] = self._window_start_seen()
-        new = np.where(out, np.where(bad, s16 + 1, np.where(good, 0, s16)),
+        new = np.where(out, np.where(bad, s16 + 1, 0),
                        np.where(good, s16 + 1, np.where(bad, 0, s16)))
         enter = out & (new >= c.enter_windows)
         leave = lines.state & (new >= c.leave_windows)
@@ -681,7 +789,7 @@ class HealthTracker:
         new[enter | leave] = 0
         lines.streak = np.minimum(new, 255).astype(np.uint8)
         lines.state = (lines.state | enter) & ~leave
-        for k in [k for k in lines.pending if good[k] and not lines.state[k]]:
+        for k in [k for k in lines.pending if not bad[k] and not lines.state[k]]:
             del lines.pending[k]
         for k in np.flatnonzero(enter).tolist():
             lines.seen[k] = lines.pending.pop(k, None) or self._window_start_seen()
@@ -897,7 +1005,8 @@ def _reflect(pad: np.ndarray) -> None:
 
 def _normalise_by_level(z: np.ndarray, level: np.ndarray, bins: int = 8, samples: int = 1 << 16) -> np.ndarray:
     """``z`` (in place) as robust standard scores among the pixels of about its ``level``: the median and MAD
-    of a sample of pixels per equal-count level bin, interpolated in level. Returns the spread per pixel.
+    of a sample of pixels per equal-count level bin, each a straight line in level through the bins (a
+    least-squares fit). Returns the spread per pixel.
 
     The fixed pattern a defect must stand out from grows with the level (PRNU is a share of the light);
     a bright scene region must not make the dark ones look clean, nor the other way."""
@@ -912,14 +1021,33 @@ def _normalise_by_level(z: np.ndarray, level: np.ndarray, bins: int = 8, samples
         m = float(np.median(v))
         centres.append(float(np.median(ls[idx])))
         meds.append(m)
-        mads.append(max(1.4826 * float(np.median(np.abs(v - m))), 1e-6))
-    if not centres:
-        return np.ones_like(z)
-    med = np.interp(level, centres, meds).astype(np.float32)
-    spread = np.interp(level, centres, mads).astype(np.float32)
-    z -= med
+        mads.append(1.4826 * float(np.median(np.abs(v - m))))
+    if len(centres) < 2 or np.ptp(centres) <= 0:
+        med, spread = (float(np.median(zs)), max(1.4826 * float(np.median(np.abs(zs - np.median(zs)))), 1e-6)) \
+            if zs.size else (0.0, 1.0)
+        z -= np.float32(med)
+        z /= np.float32(spread)
+        return np.full(z.shape, spread, np.float32)
+    x = np.asarray(centres)
+    m1, m0 = np.polyfit(x, meds, 1)
+    s1, s0 = np.polyfit(x, mads, 1)
+    spread = level * np.float32(s1)
+    spread += np.float32(s0)
+    np.maximum(spread, np.float32(max(min(mads), 1e-6)), out=spread)  # never below the quietest bin's
+    z -= level * np.float32(m1) + np.float32(m0)
     z /= spread
     return spread
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` and its eight-neighbourhood."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    grown = out.copy()
+    grown[:, 1:] |= out[:, :-1]
+    grown[:, :-1] |= out[:, 1:]
+    return grown
 
 
 def _median_noise(models: deque[NoiseModel]) -> NoiseModel:
