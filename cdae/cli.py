@@ -261,6 +261,52 @@ def cmd_badpixels(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- health ------------------------------------------------------------------------------------
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """A camera-health report (map, counts over time, first-seen list) from a recording or a live IOC."""
+    import datetime as dt
+
+    from cdae.health import HealthConfig, HealthError
+    from cdae.healthreport import archiver_history, from_recording, history_from_rows, write_report
+
+    if bool(args.recording) == bool(args.from_ioc):
+        _usage_error("cdae health: error: give a recording or --from-ioc P (one of them)")
+    try:
+        config = HealthConfig()
+        if args.name:
+            site = _site(args, "health")
+            config = site.ioc_config(args.name).health
+        if args.window:
+            config = config.model_copy(update={"window_frames": args.window})
+        if args.recording:
+            tracker = from_recording(args.recording, config)
+            image, doc = tracker.map_image(), tracker.pixel_list(history=0)
+            history = history_from_rows(tracker.history)
+            summary = {"source": str(args.recording), "history_source": f"the recording's {tracker.windows} windows"}
+        else:
+            from cdae.ioc.health import read_from_ioc
+
+            image, doc = read_from_ioc(args.from_ioc)
+            history, where = {}, ""
+            if args.archiver:
+                now = dt.datetime.now(dt.timezone.utc)
+                history = archiver_history(args.archiver, args.from_ioc, now - dt.timedelta(hours=args.hours), now)
+                where = f"the archiver {args.archiver}, last {args.hours:g} h" if history else ""
+            if not history:
+                history = history_from_rows(doc.get("history", []))  # type: ignore[arg-type]
+                where = (f"the IOC's last {len(doc.get('history', []))} windows"  # type: ignore[arg-type]
+                         + (" (the archiver had none)" if args.archiver else ""))
+            summary = {"source": args.from_ioc, "history_source": where}
+        written = write_report(args.output, image, doc, history, summary)
+    except (HealthError, OSError, TimeoutError, ValueError) as e:
+        _err(f"cdae health: error: {e}")
+        return 2
+    print(f"{args.output}: {', '.join(p.name for p in written)} ({len(doc.get('pixels', []))} pixels, "  # type: ignore[arg-type]
+          f"{len(doc.get('lines', []))} lines; counts from {summary['history_source']})")  # type: ignore[arg-type]
+    return 0
+
+
 # --- simulate ----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -917,6 +963,19 @@ def build_parser() -> argparse.ArgumentParser:
     bpx.add_argument("--median-half-width", type=int, default=1,
                      help="each pixel is filled with the median of its (2n+1)^2 box (default 1: 3x3)")
     bpx.set_defaults(func=cmd_badpixels)
+
+    hl = sub.add_parser("health", help="camera-health report: the live bad-pixel map (PNG), counts over time, the "
+                        "first frame each bad pixel was seen; from a recording or a running filter IOC")
+    hl.add_argument("recording", nargs="?", help="a recording made by cdae record (its frames go through the rule)")
+    hl.add_argument("--from-ioc", metavar="P", help="instead: the live map of the filter IOC with prefix P (CA)")
+    hl.add_argument("--archiver", metavar="URL", help="with --from-ioc: counts over time from this Archiver Appliance "
+                    "(e.g. http://archiver:17665); default: the IOC's last 256 windows")
+    hl.add_argument("--hours", type=float, default=24.0, help="with --archiver: how far back (default 24)")
+    hl.add_argument("--config", help="with --name: the site file whose [cameras.NAME.health] rule to use")
+    hl.add_argument("--name", help="the camera in the site file")
+    hl.add_argument("--window", type=int, help="frames per evidence window (default the rule's, 32)")
+    hl.add_argument("-o", "--output", required=True, help="report folder")
+    hl.set_defaults(func=cmd_health)
 
     s = sub.add_parser("simulate", help="write a PNG gallery of simulated scenes and detector defects")
     s.add_argument("-o", "--output", default="simulated.png")

@@ -100,6 +100,9 @@ HEALTH_NAMES = ("OK", "DEGRADED", "BAD")
 FORMAT = "cdae-health"
 FORMAT_VERSION = 1
 HISTORY_MAX = 4096  # window summaries kept; older ones are thinned out (every other) beyond this
+#: One history row per window (HealthTracker.history).
+HISTORY_COLUMNS = ("frame", "time", "hot", "dead", "stuck", "bad_columns", "bad_rows", "new_bad_pixels",
+                   "new_bad_lines", "radiation_rate_hz", "read_noise_dn", "offset_dn", "count_threshold")
 _NOISE_KEEP = 5
 _NOISE_PAIRS = 1 << 14  # pixel triples per noise measurement (the guard's default is 65536): 16 level bins of 1024
 _REF_RATE = 0.25  # the reference's update per window (an exponential mean over about 7 windows)
@@ -865,8 +868,8 @@ class HealthTracker:
         """Forget the map, its baseline and every piece of evidence (a new camera head)."""
         self.__init__(self.shape, self.config, self.camera)  # type: ignore[misc]
 
-    def pixel_list(self) -> dict[str, object]:
-        """The map's defects with when each was first seen (JSON-ready)."""
+    def pixel_list(self, history: int = 256) -> dict[str, object]:
+        """The map's defects with when each was first seen, and the last ``history`` windows' counts (JSON-ready)."""
         w = self.shape[1]
         on_line = self.on_line().ravel()
         base = None if self.baseline is None else self.baseline.ravel()
@@ -887,7 +890,8 @@ class HealthTracker:
                               "first_frame": s.frame if s else None, "first_unique_id": s.unique_id if s else None,
                               "first_time": s.time if s else None})
         return {"camera": self.camera, "shape": list(self.shape), "frames": self.frames, "windows": self.windows,
-                "baseline": self.baseline_info, "pixels": pixels, "lines": lines}
+                "baseline": self.baseline_info, "pixels": pixels, "lines": lines,
+                "history_columns": list(HISTORY_COLUMNS), "history": self.history[-history:]}
 
     # --- persistence ------------------------------------------------------------------------------
 

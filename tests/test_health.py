@@ -176,6 +176,22 @@ def test_faint_hot_pixels_are_found_by_the_window_mean_not_by_single_frames() ->
     assert all(t.map[y, x] and t.kind[y, x] == HOT for y, x in faint) and t.counts().bad_pixels == 3
 
 
+def test_medium_new_hot_pixels_in_a_moving_scene_are_found_by_their_change() -> None:
+    # 77 DN (0.02 of the span) in lit, moving scenes: under the camera's own fixed pattern and texture at
+    # its level (the excess test's population) and never an impulse in one frame, but a change of its own
+    size, onset = 128, 6 * 32 + 3
+    events = [DamageEvent.parse(f"hot_pixels@{onset},count=6,level=0.02,seed=3")]
+    cam = CameraConfig(width=size, height=size, seed=7, bank=16, fresh_noise=True, damage=events)
+    model = camera_model(cam, size, size)
+    where = damage_pixels(events, size, size)
+    t = HealthTracker((size, size), HealthConfig())
+    for i in range(onset + 8 * 32):
+        t.update(camera_frame(model, cam, i, where).astype(np.uint16), i + 1, 1000.0 + i / 10)
+    ys, xs = where[0]
+    assert t.map[ys, xs].sum() >= 3 and not t._hot_n[ys, xs].any()
+    assert t.map.sum() == t.map[ys, xs].sum()  # nothing else
+
+
 def test_the_fixed_pattern_is_the_population_faint_defects_must_stand_out_of() -> None:
     # a strong offset pattern (DSNU 6 DN, twice the noise): its 3-4 sigma pixels are the camera, not defects
     t = HealthTracker((H, W), CONFIG.model_copy(update={"window_frames": 32}))

@@ -117,7 +117,13 @@ def test_a_camera_that_ages_raises_minor_then_major_and_keeps_its_map(stack: Sta
     wait_for(lambda: int(value_of(out + "BadPixelCount_RBV")) == listed_n, 10, "the live map in the filter")
     wait_for(lambda: (np.asarray(ca_read(out + "DefectMap:ArrayData").data[: W * H]).astype(np.uint8)  # type: ignore[attr-defined]
                       .reshape(H, W)[hot_ys, hot_xs] == 255).all(), 10, "the new hot pixels filled by the engine")
-    # export (PV command) and from the IOC (cdae badpixels --from-ioc): both load in cdae denoise
+    # export (PV command) and from the IOC (cdae badpixels --from-ioc), of a map that no longer changes
+    ca_write(cam + "Acquire", 0)
+    last = _uid(stack)
+    wait_for(lambda: int(value_of(out + "UniqueId_RBV")) == last, 30, "the last frame")  # type: ignore[arg-type]
+    time.sleep(0.5)
+    listed = json.loads(long_string_of(out + "HealthList_RBV"))
+    assert {(p["x"], p["y"]) for p in listed["pixels"]} == set(zip(hot_xs.tolist(), hot_ys.tolist()))  # nothing else
     ca_write(out + "HealthExport", 1)
     exported = Path(wait_for(lambda: long_string_of(out + "HealthExportFile_RBV"), 10, "the export"))  # type: ignore[arg-type]
     from_ioc = tmp_path / "from-ioc.json"
@@ -125,6 +131,12 @@ def test_a_camera_that_ages_raises_minor_then_major_and_keeps_its_map(stack: Sta
     r2 = subprocess.run([sys.executable, "-m", "cdae.cli", "badpixels", "--from-ioc", out, "-o", str(from_ioc)],
                         capture_output=True, text=True, timeout=60, env=env)
     assert r2.returncode == 0, r2.stdout + r2.stderr
+    report = tmp_path / "report"
+    r4 = subprocess.run([sys.executable, "-m", "cdae.cli", "health", "--from-ioc", out, "-o", str(report)],
+                        capture_output=True, text=True, timeout=120, env=env)
+    assert r4.returncode == 0, r4.stdout + r4.stderr
+    assert (report / "map.png").is_file() and (report / "counts.png").is_file()
+    assert f"{HOT_COUNT} pixels, 1 lines" in r4.stdout
     from cdae.engine.badpixels import BadPixelMap
 
     a, b = BadPixelMap.load(exported), BadPixelMap.load(from_ioc)
@@ -138,6 +150,7 @@ def test_a_camera_that_ages_raises_minor_then_major_and_keeps_its_map(stack: Sta
     # the map survives a restart of the IOC
     frames_before = int(value_of(out + "HealthFrames_RBV"))  # type: ignore[arg-type]
     ioc.stop()
+    ca_write(cam + "Acquire", 1)
     assert list((tmp_path / "state").glob(f"health-*-{W}x{H}.npz"))
     stack.ioc(eng, "--config", str(config))
     wait_for(lambda: int(value_of(out + "HealthFrames_RBV")) > frames_before, 60, "the map again")  # type: ignore[arg-type]
