@@ -179,6 +179,7 @@ class HealthMonitor:
         self._dirty = False
         self._warned_no_state = False
         self._last_failure = ""
+        self._last_taken = -1e9
 
     # --- frames in ---------------------------------------------------------------------------
 
@@ -186,6 +187,12 @@ class HealthMonitor:
         """A raw frame (called in the loop): the newest waits for the worker."""
         if not self.config.enabled:
             return
+        rate = self.config.max_rate_hz
+        now = time.monotonic()
+        if rate is not None and now - self._last_taken < 1.0 / rate:
+            self.skipped += 1
+            return
+        self._last_taken = now
         if self._slot is not None:
             self.skipped += 1
         self._slot = (frame, info)
