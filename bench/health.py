@@ -197,13 +197,16 @@ def cost(size: int, frames: int) -> dict[str, float]:
     t = HealthTracker((size, size), HealthConfig())
     for i in range(40):
         t.update(stack[i % 8], i + 1, 1000 + i / 10)
-    times = []
+    times, cpu = [], []
     for i in range(frames):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         t.update(stack[i % 8], i + 41, 1004 + i / 10)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    # wall time on a shared machine includes waiting for a core; the thread's CPU time is what it costs
     return {"size": size, "frames": frames, "median_ms": 1e3 * float(np.median(times)),
-            "mean_ms": 1e3 * float(np.mean(times)), "p90_ms": 1e3 * float(np.percentile(times, 90))}
+            "mean_ms": 1e3 * float(np.mean(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
+            "cpu_median_ms": 1e3 * float(np.median(cpu)), "cpu_mean_ms": 1e3 * float(np.mean(cpu))}
 
 
 def _plot(path: Path, healthy: list[dict[str, object]], ageing: dict[str, object], image: np.ndarray,
@@ -255,7 +258,8 @@ def _plot(path: Path, healthy: list[dict[str, object]], ageing: dict[str, object
         ax.text(1, yy, text, va="center", fontsize=7)
     ax.set_yticks(ypos, names, fontsize=7)
     ax.set_xlabel("frames from the damage to the map (32-frame windows, 2 to enter)")
-    c = ", ".join(f"{r['size']}²: {r['median_ms']:.2f} ms (mean {r['mean_ms']:.2f})" for r in costs)
+    c = ", ".join(f"{r['size']}²: {r.get('cpu_median_ms', r['median_ms']):.2f} ms (mean "
+                  f"{r.get('cpu_mean_ms', r['mean_ms']):.2f})" for r in costs) + " CPU"
     ax.set_title(f"Detection delay (found/total)\ncost per frame {c}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -282,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         _, image, targets = ageing_run(7, record["ageing"]["frames"])
         _plot(out / f"health-{slug}.png", record["healthy"], record["ageing"], image, targets, record["cost"])
         for c in record["cost"]:
-            print(f"cost {c['size']}²: median {c['median_ms']:.2f} ms, mean {c['mean_ms']:.2f} ms, p90 {c['p90_ms']:.2f} ms")
+            print(f"cost {c['size']}²: median {c['median_ms']:.2f} ms, mean {c['mean_ms']:.2f} ms, p90 {c['p90_ms']:.2f} ms;"
+                  f" CPU median {c['cpu_median_ms']:.2f} ms, mean {c['cpu_mean_ms']:.2f} ms")
         return 0
     t0 = time.time()
     burst = min(3000, args.frames // 2)
@@ -309,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {k['detected']}/{k['defects']} detected, delay median {k['delay_frames_median']}, "
               f"max {k['delay_frames_max']} frames")
     for c in costs:
-        print(f"cost {c['size']}²: median {c['median_ms']:.2f} ms, mean {c['mean_ms']:.2f} ms, p90 {c['p90_ms']:.2f} ms")
+        print(f"cost {c['size']}²: median {c['median_ms']:.2f} ms, mean {c['mean_ms']:.2f} ms, p90 {c['p90_ms']:.2f} ms; "
+              f"CPU median {c['cpu_median_ms']:.2f} ms, mean {c['cpu_mean_ms']:.2f} ms")
     print(f"wrote {out / f'health-{slug}.json'} and .png")
     return 0
 

@@ -153,7 +153,7 @@ class HealthConfig(BaseModel):
     window_frames: int = Field(32, ge=4, le=255, description="frames per evidence window")
     enter_windows: int = Field(2, ge=1, le=16, description="consecutive BAD windows before a pixel enters the map")
     leave_windows: int = Field(8, ge=1, le=64, description="consecutive GOOD windows before it leaves")
-    baseline_windows: int = Field(4, ge=1, description="until an operator accepts a map, the map after this "
+    baseline_windows: int = Field(64, ge=1, description="until an operator accepts a map, the map after this "
                                                        "many windows is the baseline NewBadPixels counts from")
     false_entries: float = Field(1e-3, gt=0, lt=1, description="expected pixels of a frame passing the count "
                                  "test by chance in one window (the binomial bound)")
