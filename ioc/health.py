@@ -99,32 +99,31 @@ class HealthPVs(PVGroup):
                               "with the first frame (number, UniqueId, time) its evidence was seen")
     health_map = SubGroup(HealthMapPVs, prefix="HealthMap:")
 
-    def _controller(self) -> HealthController:
+    async def _command(self, value: int, name: str) -> int:
+        """A write-1 command PV: the controller does ``name``; the PV reads back 0."""
         if self.controller is None:
             raise ValueError("camera health is not running")
-        return self.controller
+        if value:
+            await getattr(self.controller, name)()
+        return 0
 
     @accept.putter
     async def accept(self, instance: object, value: int) -> int:
-        if value:
-            await self._controller().accept()
-        return 0
+        return await self._command(value, "accept")
 
     @reset.putter
     async def reset(self, instance: object, value: int) -> int:
-        if value:
-            await self._controller().reset()
-        return 0
+        return await self._command(value, "reset")
 
     @export.putter
     async def export(self, instance: object, value: int) -> int:
-        if value:
-            await self._controller().export()
-        return 0
+        return await self._command(value, "export")
 
     @use_map.putter
     async def use_map(self, instance: object, value: str) -> str:
-        await self._controller().use_map(value == "Yes")
+        if self.controller is None:
+            raise ValueError("camera health is not running")
+        await self.controller.use_map(value == "Yes")
         await self.use_map_rbv.write(value)
         return value
 
