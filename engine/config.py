@@ -13,11 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cdae.endpoints import control_endpoint_for
 from cdae.engine.guard import GuardConfig
 from cdae.engine.kinds import BackendKind
 from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS, MAX_HEADER_BYTES
-
-_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 
 DEFAULT_MODEL = "cdae-default"
 
@@ -129,12 +128,4 @@ class EngineConfig(BaseModel):
         """The control endpoint: as configured, else the data port + 1 on the same host."""
         if self.control:
             return self.control
-        m = _TCP.match(self.bind)
-        if m:
-            port = m["port"]
-            if port in ("0", "*"):
-                return self.bind
-            return f"tcp://{m['host']}:{int(port) + 1}"
-        if self.bind.startswith(("ipc://", "inproc://")):
-            return self.bind + ".control"
-        raise ValueError(f"cannot derive a control endpoint from {self.bind!r}; give one")
+        return control_endpoint_for(self.bind)
