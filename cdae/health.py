@@ -88,6 +88,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.guard import GuardConfig, NoiseModel, _tests, centre_to_neighbour_ratio, measure_noise
+from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma
 
 __all__ = ["HealthConfig", "HealthLimits", "HealthTracker", "HealthError", "Limit", "judge"]
 
@@ -718,7 +719,7 @@ class HealthTracker:
         d = np.median(diff, axis=0)
         # each difference's own spread along the line (the noise left in the mean, the fixed pattern, the scene):
         # the noise of its median, measured rather than modelled
-        spread = 1.4826 * np.median(np.abs(diff - d), axis=0) * (1.2533 / math.sqrt(m.shape[0]))
+        spread = MAD_TO_SIGMA * np.median(np.abs(diff - d), axis=0) * (1.2533 / math.sqrt(m.shape[0]))
         spread = np.maximum(spread, 1e-3)
         n = m.shape[1] - 4
         e_l, e_r = d[1:n + 1], -d[2:n + 2]  # the line over its left (upper) and right (lower) neighbour
@@ -1029,10 +1030,9 @@ def _normalise_by_level(z: np.ndarray, level: np.ndarray, bins: int = 8, samples
         m = float(np.median(v))
         centres.append(float(np.median(ls[idx])))
         meds.append(m)
-        mads.append(1.4826 * float(np.median(np.abs(v - m))))
+        mads.append(mad_sigma(v, m))
     if len(centres) < 2 or np.ptp(centres) <= 0:
-        med, spread = (float(np.median(zs)), max(1.4826 * float(np.median(np.abs(zs - np.median(zs)))), 1e-6)) \
-            if zs.size else (0.0, 1.0)
+        med, spread = (float(np.median(zs)), max(mad_sigma(zs), 1e-6)) if zs.size else (0.0, 1.0)
         z -= np.float32(med)
         z /= np.float32(spread)
         return np.full(z.shape, spread, np.float32)
