@@ -198,11 +198,12 @@ class HealthMonitor:
         self._ready.set()
 
     async def run(self) -> None:
-        """Until cancelled: analyse the newest frame, post what changed."""
+        """Until cancelled: analyse the newest frame, post what changed. Never returns on its own: the IOC
+        stops when one of its tasks ends."""
         p = self._require()
-        if not self.config.enabled:
+        if not self.config.enabled:  # the PVs stay, saying so; the task waits (its end would stop the IOC)
             await p.health_status.write("disabled ([health] enabled = false)")
-            return
+            await asyncio.Event().wait()
         await self._publish_limits()
         await p.health_status.write("waiting for frames")
         loop = asyncio.get_running_loop()
