@@ -255,9 +255,22 @@ def cmd_badpixels(args: argparse.Namespace) -> int:
             frames.extend(a if a.ndim == 3 else [a])
         return np.stack([np.asarray(f, dtype=np.float32) for f in frames])
 
-    if args.profile and (args.darks or args.flats):
-        _err("cdae badpixels: error: give a camera profile or darks/flats, not both")
+    if sum(bool(v) for v in (args.profile, args.darks or args.flats, args.from_ioc)) > 1:
+        _err("cdae badpixels: error: give one of a camera profile, darks/flats or --from-ioc")
         return 2
+    if args.from_ioc:  # the live map a filter IOC learned from the camera's frames (camera health)
+        from cdae.health import HealthError, map_from_image
+        from cdae.ioc.health import read_from_ioc
+
+        try:
+            image, _ = read_from_ioc(args.from_ioc)
+            bp = map_from_image(image, source=f"{args.from_ioc}HealthMap")
+        except (HealthError, OSError, TimeoutError) as e:
+            _err(f"cdae badpixels: error: {e}")
+            return 2
+        bp.save(args.output)
+        print(f"{args.output}: {len(bp)} bad pixels of {image.size} (the live map of {args.from_ioc})")
+        return 0
     try:
         if args.profile:  # the defect map `cdae characterise` measured from a `cdae record` recording
             from cdae.training.characterise import load_profile
@@ -275,6 +288,52 @@ def cmd_badpixels(args: argparse.Namespace) -> int:
     bp = BadPixelMap.from_mask(mask, half=args.median_half_width)
     bp.save(args.output)
     print(f"{args.output}: {len(bp)} bad pixels of {mask.size} ({how})")
+    return 0
+
+
+# --- health ------------------------------------------------------------------------------------
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """A camera-health report (map, counts over time, first-seen list) from a recording or a live IOC."""
+    import datetime as dt
+
+    from cdae.health import HealthConfig, HealthError
+    from cdae.healthreport import archiver_history, from_recording, history_from_rows, write_report
+
+    if bool(args.recording) == bool(args.from_ioc):
+        _usage_error("cdae health: error: give a recording or --from-ioc P (one of them)")
+    try:
+        config = HealthConfig()
+        if args.name:
+            site = _site(args, "health")
+            config = site.ioc_config(args.name).health
+        if args.window:
+            config = config.model_copy(update={"window_frames": args.window})
+        if args.recording:
+            tracker = from_recording(args.recording, config)
+            image, doc = tracker.map_image(), tracker.pixel_list(history=0)
+            history = history_from_rows(tracker.history)
+            summary = {"source": str(args.recording), "history_source": f"the recording's {tracker.windows} windows"}
+        else:
+            from cdae.ioc.health import read_from_ioc
+
+            image, doc = read_from_ioc(args.from_ioc)
+            history, where = {}, ""
+            if args.archiver:
+                now = dt.datetime.now(dt.timezone.utc)
+                history = archiver_history(args.archiver, args.from_ioc, now - dt.timedelta(hours=args.hours), now)
+                where = f"the archiver {args.archiver}, last {args.hours:g} h" if history else ""
+            if not history:
+                history = history_from_rows(doc.get("history", []))  # type: ignore[arg-type]
+                where = (f"the IOC's last {len(doc.get('history', []))} windows"  # type: ignore[arg-type]
+                         + (" (the archiver had none)" if args.archiver else ""))
+            summary = {"source": args.from_ioc, "history_source": where}
+        written = write_report(args.output, image, doc, history, summary)
+    except (HealthError, OSError, TimeoutError, ValueError) as e:
+        _err(f"cdae health: error: {e}")
+        return 2
+    print(f"{args.output}: {', '.join(p.name for p in written)} ({len(doc.get('pixels', []))} pixels, "  # type: ignore[arg-type]
+          f"{len(doc.get('lines', []))} lines; counts from {summary['history_source']})")  # type: ignore[arg-type]
     return 0
 
 
@@ -472,7 +531,8 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
     if args.max_size:
         w, h = (int(v) for v in args.max_size.lower().split("x"))
         fields.update(max_width=w, max_height=h)
-    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank", "read_noise_e", "hot_column_offset_frac"):
+    for key in ("rate_hz", "data_type", "bit_depth", "seed", "bank", "read_noise_e", "hot_column_offset_frac",
+                "point_sigma_px"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     if args.stopped:
@@ -483,7 +543,15 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
         fields["shutter_open"] = False
     if args.hot_columns:
         fields["hot_columns"] = [int(x) for x in args.hot_columns.split(",")]
+    if args.fresh_noise:
+        fields["fresh_noise"] = True
     try:
+        from cdae.simcamera import DamageEvent
+
+        if args.damage:
+            fields["damage"] = [DamageEvent.parse(spec) for spec in args.damage]
+        if args.point_source:
+            fields["point_sources"] = [tuple(float(v) for v in spec.split(",")) for spec in args.point_source]
         config = CameraConfig.model_validate(fields)
     except ValueError as e:
         _err(f"cdae sim-camera: error: {e}")
@@ -921,6 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
     bpx.add_argument("--darks", nargs="+", help="dark frames (no light, the exposure used): files or stacks")
     bpx.add_argument("--flats", nargs="+", help="flat fields (even light, well below saturation): files or stacks")
     bpx.add_argument("--profile", help="instead: the camera profile `cdae characterise` wrote for a recording")
+    bpx.add_argument("--from-ioc", metavar="P", help="instead: the live map (camera health) of the filter IOC with "
+                     "prefix P, read over Channel Access")
     bpx.add_argument("-o", "--output", required=True, help="bad-pixel JSON file to write")
     bpx.add_argument("--sigma", type=float, default=8.0,
                      help="hot: a pixel's median dark above the frame's by this many robust sigmas (default 8)")
@@ -929,6 +999,19 @@ def build_parser() -> argparse.ArgumentParser:
     bpx.add_argument("--median-half-width", type=int, default=1,
                      help="each pixel is filled with the median of its (2n+1)^2 box (default 1: 3x3)")
     bpx.set_defaults(func=cmd_badpixels)
+
+    hl = sub.add_parser("health", help="camera-health report: the live bad-pixel map (PNG), counts over time, the "
+                        "first frame each bad pixel was seen; from a recording or a running filter IOC")
+    hl.add_argument("recording", nargs="?", help="a recording made by cdae record (its frames go through the rule)")
+    hl.add_argument("--from-ioc", metavar="P", help="instead: the live map of the filter IOC with prefix P (CA)")
+    hl.add_argument("--archiver", metavar="URL", help="with --from-ioc: counts over time from this Archiver Appliance "
+                    "(e.g. http://archiver:17665); default: the IOC's last 256 windows")
+    hl.add_argument("--hours", type=float, default=24.0, help="with --archiver: how far back (default 24)")
+    hl.add_argument("--config", help="with --name: the site file whose [cameras.NAME.health] rule to use")
+    hl.add_argument("--name", help="the camera in the site file")
+    hl.add_argument("--window", type=int, help="frames per evidence window (default the rule's, 32)")
+    hl.add_argument("-o", "--output", required=True, help="report folder")
+    hl.set_defaults(func=cmd_health)
 
     s = sub.add_parser("simulate", help="write a PNG gallery of simulated scenes and detector defects")
     s.add_argument("-o", "--output", default="simulated.png")
@@ -968,6 +1051,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--hot-columns", help="comma-separated x of extra hot columns (damage the camera got)")
     sc.add_argument("--hot-column-offset-frac", type=float, help="their offset, fraction of the span above bias (0.01)")
     sc.add_argument("--shutter-closed", action="store_true", help="start with the shutter closed (dark frames)")
+    sc.add_argument("--fresh-noise", action="store_true", help="new noise and radiation in every frame (the bank's "
+                    "scenes cycled): no noise outlier recurs as a defect would")
+    sc.add_argument("--damage", action="append", metavar="KIND@FRAME[,key=value]",
+                    help="run-time damage, e.g. hot_pixels@200,count=4  hot_column@300,x=30  dead_pixels@50  "
+                    "stuck_pixels@50  radiation@100,frames=60,level=5000 (hits/Mpx/frame); repeatable")
+    sc.add_argument("--point-source", action="append", metavar="X,Y,PEAK",
+                    help="a static point source (peak in relative intensity, 1 = full well), blurred by the "
+                    "camera's optics (--point-sigma); repeatable")
+    sc.add_argument("--point-sigma", dest="point_sigma_px", type=float, help="the point sources' PSF sigma, px (0.7)")
     sc.set_defaults(func=cmd_sim_camera)
     rc = sub.add_parser("record", help="record raw frames (UniqueId, timestamps, camera metadata) from a live camera PV to HDF5")
     rc.add_argument("--source", required=True, help="camera image prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")

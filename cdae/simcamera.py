@@ -12,17 +12,25 @@ A camera can be given damage and noise the shipped model never saw (``hot_column
 ``read_noise_e``), can look at one fixed target (``static_scene``: the same scene, new noise in
 every frame, as a diagnostic camera on a screen) and has a shutter (``ShutterControl``): closed,
 it serves dark frames (bias, read noise, hot pixels and lines, radiation hits; no light).
+
+For the camera-health tests it can also age at run time (``damage``, opt-in: new hot, dead or
+stuck pixels from frame N on, a hot or dead column from frame M on, a radiation burst; see
+:class:`DamageEvent`), draw fresh noise for every frame instead of cycling the bank's
+(``fresh_noise``: otherwise a noise outlier of the bank recurs every ``bank`` frames, as a
+defect would), and show static point sources (``point_sources``, blurred by optics wider than
+the guard's narrowest PSF). :func:`apply_damage` is the same for ``bench/health.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdae.ioc.frames import FrameInfo, NDDataType, RateMeter, ca_element_dtype, numpy_dtype, posix_to_epics, to_ca
 from cdae.ioc.publish import write_image
@@ -30,6 +38,117 @@ from cdae.ioc.pvs import CameraPVs, camera_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 
 CameraDataType = Literal["UInt8", "Int16", "UInt16", "Float32"]
+DamageKind = Literal["hot_pixels", "dead_pixels", "stuck_pixels", "hot_column", "dead_column", "radiation"]
+_DAMAGE_LEVEL = {"hot_pixels": 0.05, "dead_pixels": 0.0, "stuck_pixels": 0.5, "hot_column": 0.05,
+                 "dead_column": 0.1, "radiation": 5000.0}
+
+
+class DamageEvent(BaseModel):
+    """Damage a simulated camera takes at run time (``cdae sim-camera --damage KIND@FRAME[,key=value...]``).
+
+    ``level``: hot pixels and columns, their extra offset as a fraction of the span above bias
+    (0.05); stuck pixels, the DN they read as a fraction of the ADC maximum (0.5); dead pixels and
+    columns, their residual response (0 and 0.1); radiation, hits per megapixel per frame (5000).
+    Pixels (and a column without ``x``) are drawn from ``seed``, at least 2 px from the edges.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: DamageKind
+    at_frame: int = Field(ge=0, description="the camera's frame index (0 = the first frame served) it starts at")
+    frames: int | None = Field(None, ge=1, description="how many frames it lasts (radiation: default 1); "
+                                                       "others: None = from then on")
+    count: int = Field(1, ge=1, le=100_000, description="pixels (hot, dead, stuck)")
+    x: int | None = Field(None, ge=0, description="the column (hot_column, dead_column); None: drawn")
+    level: float | None = Field(None, ge=0, description="see the class docstring; None: the kind's default")
+    seed: int = Field(0, ge=0)
+
+    @property
+    def value(self) -> float:
+        return _DAMAGE_LEVEL[self.kind] if self.level is None else self.level
+
+    def active(self, index: int) -> bool:
+        length = self.frames if self.frames is not None else (1 if self.kind == "radiation" else None)
+        return index >= self.at_frame and (length is None or index < self.at_frame + length)
+
+    @classmethod
+    def parse(cls, spec: str) -> DamageEvent:
+        """``KIND@FRAME[,key=value...]``, e.g. ``hot_pixels@200,count=4`` or ``radiation@100,frames=60,level=8000``."""
+        head, *rest = spec.split(",")
+        kind, sep, frame = head.partition("@")
+        if not sep:
+            raise ValueError(f"damage {spec!r}: expected KIND@FRAME[,key=value...]")
+        fields: dict[str, Any] = {"kind": kind.strip(), "at_frame": frame.strip()}
+        for item in rest:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"damage {spec!r}: {item!r} is not key=value")
+            fields[key.strip()] = value.strip()
+        return cls.model_validate(fields)
+
+
+def damage_pixels(events: list[DamageEvent], height: int, width: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each event, the (rows, columns) it damages at (height, width): drawn once from its seed."""
+    out = []
+    for i, ev in enumerate(events):
+        rng = np.random.default_rng([ev.seed, i, height, width])
+        if ev.kind in ("hot_column", "dead_column"):
+            x = ev.x if ev.x is not None else int(rng.integers(2, max(3, width - 2)))
+            x = min(x, width - 1)
+            out.append((np.arange(height), np.full(height, x)))
+        elif ev.kind == "radiation":
+            out.append((np.zeros(0, np.intp), np.zeros(0, np.intp)))
+        else:
+            n = min(ev.count, max(1, (height - 4) * (width - 4)))
+            flat = rng.choice((height - 4) * (width - 4), size=n, replace=False)
+            out.append((flat // (width - 4) + 2, flat % (width - 4) + 2))
+    return out
+
+
+def apply_damage(noisy: np.ndarray, index: int, events: list[DamageEvent], where: list[tuple[np.ndarray, np.ndarray]],
+                 params: Any, seed: int = 0) -> np.ndarray:
+    """Frame ``index`` of a camera (float32 DN, quantised) with the damage active at that frame; ``params``
+    the camera's :class:`~cdae.training.defects.DefectParams`. Returns a new array, rounded and clipped."""
+    out = np.array(noisy, dtype=np.float32, copy=True)
+    if not any(ev.active(index) for ev in events):
+        return out
+    rng = np.random.default_rng([seed, index, 7])
+    bias, adc_max = float(params.bias_dn), float(params.adc_max)
+    read_dn = float(params.read_noise_e / params.gain_e_per_dn)
+    h, w = out.shape
+    for ev, (ys, xs) in zip(events, where):
+        if not ev.active(index):
+            continue
+        v = ev.value
+        if ev.kind in ("hot_pixels", "hot_column"):
+            out[ys, xs] += np.float32(v * (adc_max - bias))
+        elif ev.kind == "stuck_pixels":
+            out[ys, xs] = np.float32(round(v * adc_max))
+        elif ev.kind in ("dead_pixels", "dead_column"):
+            light = out[ys, xs] - np.float32(bias)
+            out[ys, xs] = np.float32(bias) + np.float32(v) * light + rng.normal(0, read_dn, ys.size).astype(np.float32)
+        else:  # radiation: spots and tracks of deposited charge, as the training simulator draws them
+            from cdae.training.defects import _radiation
+
+            idx, electrons = _radiation(rng, params.model_copy(update={"radiation_hits_per_mpx": v}), h, w)
+            out.reshape(-1)[idx] += (electrons / params.gain_e_per_dn).astype(np.float32)
+    np.rint(out, out=out)
+    np.clip(out, 0.0, adc_max, out=out)
+    return out
+
+
+def add_point_sources(signal: np.ndarray, sources: list[tuple[float, float, float]], sigma_px: float) -> np.ndarray:
+    """``signal`` with Gaussian spots of ``sigma_px`` at (x, y), each of the given peak (relative intensity)."""
+    out = np.array(signal, dtype=np.float32, copy=True)
+    h, w = out.shape
+    r = int(math.ceil(4 * sigma_px))
+    for x, y, peak in sources:
+        y0, y1 = max(0, int(y) - r), min(h, int(y) + r + 2)
+        x0, x1 = max(0, int(x) - r), min(w, int(x) + r + 2)
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(y)
+        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(x)
+        out[y0:y1, x0:x1] += np.float32(peak) * np.exp(-(yy * yy + xx * xx) / np.float32(2 * sigma_px**2))
+    return out
 
 
 class CameraConfig(BaseModel):
@@ -54,6 +173,19 @@ class CameraConfig(BaseModel):
     hot_column_offset_frac: float = Field(0.01, gt=0, le=1, description="their offset, fraction of the span above bias")
     shutter_open: bool = Field(True, description="start with the shutter open (closed: dark frames)")
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
+    fresh_noise: bool = Field(False, description="draw new noise (and radiation) for every frame instead of "
+                              "cycling the bank's frames (the bank's scenes are still cycled)")
+    damage: list[DamageEvent] = Field(default_factory=list, description="run-time damage (opt-in): new hot, dead, "
+                                      "stuck pixels, bad columns, radiation bursts from given frames on")
+    point_sources: list[tuple[float, float, float]] = Field(
+        default_factory=list, description="static point sources (x, y, peak as relative intensity) in every scene")
+    point_sigma_px: float = Field(0.7, gt=0.2, le=10, description="their PSF (Gaussian sigma, px)")
+
+    @model_validator(mode="after")
+    def _damage_needs_ints(self) -> CameraConfig:
+        if self.damage and self.data_type == "Float32":
+            raise ValueError("damage is simulated on integer cameras only (UInt8, Int16, UInt16)")
+        return self
 
     def max_elements(self) -> int:
         return (self.max_width or self.width) * (self.max_height or self.height)
@@ -63,6 +195,17 @@ class CameraConfig(BaseModel):
 class BankFrame:
     noisy: np.ndarray  # float32 DN
     clean: np.ndarray  # float32 DN
+    signal: np.ndarray | None = None  # the scene (relative intensity), for frames drawn afresh
+
+
+@dataclass
+class CameraModel:
+    """One simulated camera at one size: its detector, damage layout and the bank of scenes."""
+
+    params: Any  # cdae.training.defects.DefectParams
+    layout: Any  # cdae.training.defects.DefectLayout
+    bank: list[BankFrame] = field(default_factory=list)
+    dark: bool = False
 
 
 #: Dark frames draw their noise from indices this far into the camera's detector stream.
@@ -74,6 +217,11 @@ def simulate_bank(config: CameraConfig, height: int, width: int, dark: bool = Fa
 
     ``dark``: shutter closed, no light (and so no glints); the clean frame is the bias level.
     """
+    return camera_model(config, height, width, dark).bank
+
+
+def camera_model(config: CameraConfig, height: int, width: int, dark: bool = False) -> CameraModel:
+    """The camera (detector, layout) and ``config.bank`` frames of it at (height, width)."""
     from cdae.training.defects import (
         BadLine,
         apply_detector,
@@ -99,9 +247,29 @@ def simulate_bank(config: CameraConfig, height: int, width: int, dark: bool = Fa
             signal = np.zeros((height, width), np.float32)
         else:
             signal = generate_scene(scene_rng(seed, 0 if config.static_scene else i), height, width).signal
+            if config.point_sources:
+                signal = add_point_sources(signal, config.point_sources, config.point_sigma_px)
         det = apply_detector(signal, detector_rng(seed, 1 + i + (DARK_NOISE_INDEX if dark else 0)), params, layout)
-        out.append(BankFrame(noisy=det.noisy, clean=det.clean))
-    return out
+        out.append(BankFrame(noisy=det.noisy, clean=det.clean, signal=signal))
+    return CameraModel(params=params, layout=layout, bank=out, dark=dark)
+
+
+def camera_frame(model: CameraModel, config: CameraConfig, index: int,
+                 where: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    """Frame ``index`` (float32 DN) of the camera: the bank's, or with ``fresh_noise`` one drawn afresh
+    from the bank's scene; with the damage active at ``index``."""
+    b = model.bank[index % len(model.bank)]
+    noisy = b.noisy
+    if config.fresh_noise:
+        from cdae.training.defects import apply_detector, detector_rng
+
+        stream = 1 + config.bank + index + (DARK_NOISE_INDEX if model.dark else 0)
+        noisy = apply_detector(b.signal, detector_rng(config.seed, stream), model.params, model.layout).noisy
+    if config.damage:
+        h, w = noisy.shape
+        noisy = apply_damage(noisy, index, config.damage, where or damage_pixels(config.damage, h, w), model.params,
+                             config.seed)
+    return noisy
 
 
 def bit_depth_for(data_type: str, bit_depth: int) -> int:
@@ -120,6 +288,8 @@ class SimCamera:
         self.data_type = NDDataType[config.data_type]
         self.width, self.height = config.width, config.height
         self.bank: list[BankFrame] = []
+        self.model: CameraModel | None = None
+        self._where: list[tuple[np.ndarray, np.ndarray]] = []
         self.shutter_open = config.shutter_open
         self.served: list[np.ndarray] = []  # bank frames flat in the CA element type
         self.acquiring = asyncio.Event()
@@ -162,8 +332,9 @@ class SimCamera:
         async with self._resize_lock:
             c = self.config
             loop = asyncio.get_running_loop()
-            bank = await loop.run_in_executor(None, simulate_bank, c, height, width, not self.shutter_open)
-            self.bank, self.width, self.height = bank, width, height
+            model = await loop.run_in_executor(None, camera_model, c, height, width, not self.shutter_open)
+            self.model, self.bank, self.width, self.height = model, model.bank, width, height
+            self._where = damage_pixels(c.damage, height, width)
             self._convert()
             await self.pvs.size_x.write(width, verify_value=False)
             await self.pvs.size_y.write(height, verify_value=False)
@@ -172,8 +343,21 @@ class SimCamera:
         dt = numpy_dtype(self.data_type)
         self.served = [to_ca(np.asarray(f.noisy).astype(dt), self.element) for f in self.bank]
 
+    @property
+    def per_frame(self) -> bool:
+        """Frames made one by one (fresh noise or damage) instead of served from the bank."""
+        return self.config.fresh_noise or bool(self.config.damage)
+
+    def _frame(self, index: int) -> np.ndarray:
+        assert self.model is not None
+        noisy = camera_frame(self.model, self.config, index, self._where)
+        return to_ca(noisy.astype(numpy_dtype(self.data_type)), self.element)
+
     async def publish_next(self) -> None:
         i = self.counter % len(self.bank)
+        served = self.served[i]
+        if self.per_frame:
+            served = await asyncio.get_running_loop().run_in_executor(None, self._frame, self.counter)
         self.counter += 1
         self.unique_id += 1
         self.rate.tick()
@@ -181,7 +365,7 @@ class SimCamera:
         rate = self.rate.rate_hz()
         await write_image(self.pvs.clean, self.bank[i].clean.reshape(-1), self.height, self.width,
                           NDDataType.Float32, info, self.counter, rate)
-        await write_image(self.pvs, self.served[i], self.height, self.width, self.data_type, info, self.counter,
+        await write_image(self.pvs, served, self.height, self.width, self.data_type, info, self.counter,
                           rate, itemsize=numpy_dtype(self.data_type).itemsize)
 
     async def acquire_loop(self) -> None:

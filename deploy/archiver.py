@@ -25,6 +25,7 @@ from caproto.server import pvproperty
 from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.deploy.display import pv_suffix
+from cdae.ioc.health import HealthPVs
 from cdae.ioc.pvs import FilterPVs, NDArrayPVs
 
 #: The appliance's own check of a channel name (PVNames.channelNamePattern): a ``$`` (long-string
@@ -43,6 +44,13 @@ EVENTS: tuple[pvproperty, ...] = (FilterPVs.model_rbv, FilterPVs.backend, Filter
                                   FilterPVs.dropped_arrays_rbv, FilterPVs.frame_errors,
                                   FilterPVs.enable_callbacks_rbv, FilterPVs.queue_size_rbv,
                                   FilterPVs.bad_pixel_file, FilterPVs.bad_pixel_count)
+#: Camera health: counts that change per window (RadiationHits_RBV per frame) and the alarm; what
+#: ``cdae health --archiver`` plots over time.
+HEALTH: tuple[pvproperty, ...] = (HealthPVs.hot_pixels, HealthPVs.dead_pixels, HealthPVs.stuck_pixels,
+                                  HealthPVs.bad_columns, HealthPVs.bad_rows, HealthPVs.new_bad_pixels,
+                                  HealthPVs.new_bad_lines, HealthPVs.radiation_rate, HealthPVs.read_noise,
+                                  HealthPVs.offset, HealthPVs.camera_health, HealthPVs.health_status,
+                                  HealthPVs.baseline, HealthPVs.use_map_rbv)
 #: What a client needs to decode an archived image (CA carries no shape).
 IMAGE_META: tuple[pvproperty, ...] = (NDArrayPVs.array_size0, NDArrayPVs.array_size1, NDArrayPVs.data_type)
 
@@ -88,6 +96,8 @@ def archiver_plan(spec: ArchiverSpec) -> ArchiverPlan:
             f"archappl.properties to keep every frame's id and latency")
     entries: list[tuple[str, str, float]] = [(p + pv_suffix(prop), "MONITOR", frame_period) for prop in PER_FRAME]
     entries += [(p + pv_suffix(prop), "MONITOR", EVENT_PERIOD_S) for prop in EVENTS]
+    entries += [(p + pv_suffix(HealthPVs.radiation_hits), "MONITOR", frame_period)]
+    entries += [(p + pv_suffix(prop), "MONITOR", EVENT_PERIOD_S) for prop in HEALTH]
     nd_source = spec.source is not None and not spec.source_is_waveform
     if nd_source:  # the raw frame's id: pairs each archived denoised frame with the camera's
         entries.append((f"{spec.source}{pv_suffix(NDArrayPVs.unique_id)}", "MONITOR", frame_period))

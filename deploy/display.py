@@ -1,5 +1,6 @@
 """The operator's Phoebus display (``.bob``) of one filter IOC: raw, denoised and residual images
-beside the model selector, engine state and throughput.
+beside the model selector, engine state and throughput, and the camera's health (its live bad-pixel
+map, counts and alarm, and the operator's commands).
 
 Generated with phoebusgen from the PV contract itself (:mod:`cdae.ioc.pvs`): every name is taken
 from the pvproperty that serves it, so a display cannot point at a PV the IOC does not have.
@@ -21,6 +22,7 @@ from xml.etree import ElementTree
 from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.ioc.frames import NDDataType
+from cdae.ioc.health import HealthMapPVs, HealthPVs
 from cdae.ioc.pvs import FilterPVs, NDArrayPVs
 
 if TYPE_CHECKING:
@@ -285,6 +287,84 @@ class _Builder:
         self.value(p + pv_suffix(FilterPVs.queue_free), x + LABEL_W + half + 5, y, half - 5)
         return y + ROW
 
+    # --- camera health ------------------------------------------------------------------------------
+
+    def health(self, x: int, y: int, w: int) -> int:
+        """The live bad-pixel map: its counts and alarm, the operator's commands, and the map as an image."""
+        p, s = "$(P)", self.spec
+        H = HealthPVs
+        self.label("Camera health", x, y, w, bold=True)
+        y += ROW
+        half = (w - MARGIN) // 2
+        top = y
+        self.label("Camera health", x, y)
+        led = self.w.LED("led camera health", _ca(p + pv_suffix(H.camera_health)), x + LABEL_W, y, ROW - 5, ROW - 5)
+        led.predefined_on_color(self.colors.MINOR)
+        led.predefined_off_color(self.colors.OK)
+        led.alarm_border(True)
+        self.screen.add_widget(led)
+        self.value(p + pv_suffix(H.camera_health), x + LABEL_W + ROW, y, half - LABEL_W - ROW)
+        y += ROW
+        self.label("Why", x, y)
+        why = self.value(p + pv_suffix(H.health_status) + ".VAL$", x + LABEL_W, y, half - LABEL_W, string=True)
+        why.height(2 * ROW - 5)  # type: ignore[attr-defined]
+        why.wrap_words(True)  # type: ignore[attr-defined]
+        y += 2 * ROW
+        for text, prop in (("Hot / dead / stuck", (H.hot_pixels, H.dead_pixels, H.stuck_pixels)),
+                           ("Bad columns / rows", (H.bad_columns, H.bad_rows)),
+                           ("New pixels / lines", (H.new_bad_pixels, H.new_bad_lines)),
+                           ("Radiation hits, px/s", (H.radiation_hits, H.radiation_rate)),
+                           ("Read noise, offset (DN)", (H.read_noise, H.offset)),
+                           ("Frames, skipped", (H.health_frames, H.health_skipped))):
+            self.label(text, x, y)
+            part = (half - LABEL_W) // len(prop)
+            for i, pr in enumerate(prop):
+                self.value(p + pv_suffix(pr), x + LABEL_W + i * part, y, part - 2)
+            y += ROW
+        self.row("Baseline", p + pv_suffix(H.baseline) + ".VAL$", x, y, half, string=True)
+        y += ROW
+        left_end = y
+        # commands, right half
+        x2, y = x + half + MARGIN, top
+        self.label("Use the live map", x2, y)
+        choice = self.w.ChoiceButton("health map use", _ca(p + pv_suffix(H.use_map)), x2 + LABEL_W, y,
+                                     (half - LABEL_W) // 2, ROW - 3)
+        choice.items_from_pv(True)
+        self.screen.add_widget(choice)
+        self.value(p + pv_suffix(H.use_map_rbv), x2 + LABEL_W + (half - LABEL_W) // 2 + 5, y,
+                   (half - LABEL_W) // 2 - 5)
+        y += ROW
+        for name, prop, text, tip in (("accept", H.accept, "Accept map as baseline",
+                                       "The live map as it is becomes the baseline New* count from"),
+                                      ("export", H.export, "Export map file", "Write the live map as an "
+                                       "NDPluginBadPixel file into the state directory")):
+            b = self.w.ActionButton(f"health {name}", text, _ca(p + pv_suffix(prop)), x2 + LABEL_W, y,
+                                    half - LABEL_W, ROW - 3)
+            b.action_write_pv(_ca(p + pv_suffix(prop)), 1, tip)
+            self.screen.add_widget(b)
+            y += ROW
+        self.row("Exported", p + pv_suffix(H.export_file) + ".VAL$", x2, y, half, string=True)
+        y += ROW
+        side = min(s.image_height, half - LABEL_W)
+        self.label("Health map", x2, y)
+        img = self.w.Image("image health map", _ca(p + HealthPVs.health_map.prefix + pv_suffix(HealthMapPVs.array_data)),
+                           x2 + LABEL_W, y, side, side)
+        img.interpolation_none()
+        img.data_width(1)
+        img.data_height(1)
+        meta = p + HealthPVs.health_map.prefix
+        img.rule("width", "data_width", {_ca(meta + pv_suffix(NDArrayPVs.array_size0)): True}, {"pv0 > 0": "pv0"},
+                 value_as_expression=True)
+        img.rule("height", "data_height", {_ca(meta + pv_suffix(NDArrayPVs.array_size1)): True}, {"pv0 > 0": "pv0"},
+                 value_as_expression=True)
+        img.unsigned_data(True)  # UInt8 codes (DBR_CHAR): +128 where new must not read negative
+        img.auto_scale(False)
+        img.minimum(0)
+        img.maximum(8)  # codes 0..5 (+128 where new: shown at the top of the scale)
+        img.predefined_color_map("JET")
+        self.screen.add_widget(img)
+        return max(left_end, y + side + 5)
+
     def build(self) -> ElementTree.Element:
         s = self.spec
         title = self.w.Label("title", s.window_title, 0, 0, self.width, 30)
@@ -297,6 +377,7 @@ class _Builder:
         half = (self.width - 3 * MARGIN) // 2
         y = bottom + MARGIN
         end = max(self.model_and_engine(MARGIN, y, half), self.throughput(2 * MARGIN + half, y, half))
+        end = self.health(MARGIN, end + MARGIN, self.width - 2 * MARGIN)
         self.screen.width(self.width)
         self.screen.height(end + MARGIN)
         return self.screen.root

@@ -149,6 +149,8 @@ def ioc_unit(s: UnitSettings) -> str:
         f"""\
 # EPICS_CA_* of the site (`cdae config epics-env`): the IOC serves and searches with these.
 EnvironmentFile={s.epics_env}
+# What survives a restart (the camera's live bad-pixel map): $STATE_DIRECTORY, /var/lib/cdae/ioc/NAME.
+StateDirectory=cdae/ioc/%i
 PrivateDevices=yes
 ProtectClock=yes
 ProtectKernelLogs=yes

@@ -155,6 +155,19 @@ class BadPixelMap:
     def save(self, path: Path | str) -> None:
         Path(path).write_text(self.to_json())
 
+    def merged(self, other: BadPixelMap, source: str | None = None) -> BadPixelMap:
+        """This map's entries and, after them, ``other``'s at the pixels this one does not list (a site's
+        file and a live map: the file's fill wins where both list a pixel)."""
+        if len(other) == 0:
+            return self
+        span = int(max(self.x.max(initial=0), other.x.max(initial=0))) + 1
+        mine = self.y * span + self.x
+        extra = ~np.isin(other.y * span + other.x, mine)
+        return BadPixelMap(np.concatenate([self.x, other.x[extra]]), np.concatenate([self.y, other.y[extra]]),
+                           np.concatenate([self.mode, other.mode[extra]]), np.concatenate([self.a, other.a[extra]]),
+                           np.concatenate([self.b, other.b[extra]]),
+                           source if source is not None else f"{self.source} + {other.source}")
+
     # --- use -----------------------------------------------------------------------------------
     def mask(self, shape: tuple[int, int]) -> np.ndarray:
         """Boolean (H, W) map of the listed pixels inside a frame of ``shape``."""

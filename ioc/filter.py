@@ -47,7 +47,9 @@ from cdae.ioc.frames import (
     to_ca,
     to_engine,
 )
+from cdae.health import HealthConfig
 from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
+from cdae.ioc.health import HealthMonitor, default_state_dir, with_health
 from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pvs import QUEUE_SIZE_MAX, QUEUE_SIZE_MIN, STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
@@ -100,6 +102,10 @@ class IocConfig(BaseModel):
     curve: CurveClientKeys | None = Field(None, description="CURVE keys for an engine that requires them "
                                                             "(`cdae keys`): this IOC's key pair, the engine's public key")
     source_timeout_s: float = Field(5.0, gt=0, description="retry period while the source is not found")
+    state_dir: Path | None = Field(None, description="where the IOC keeps what must survive a restart (the camera's "
+                                   "live bad-pixel map); default systemd's $STATE_DIRECTORY, else nothing is kept")
+    health: HealthConfig = Field(default_factory=HealthConfig,
+                                 description="camera health: the live bad-pixel map, its rule and alarm limits")
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -179,6 +185,12 @@ class FilterIOC:
         # one worker of its own: a slow file never takes the threads other work runs in
         self._file_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bad-pixel-file")
         self._file_busy = False
+        # camera health: the live bad-pixel map, learned from every raw frame (cdae.ioc.health); with
+        # HealthMapUse Yes its pixels are added to the camera's file map in what the engine fills
+        self.health = HealthMonitor(config.health, config.prefix, default_state_dir(config.state_dir),
+                                    on_live_map=self.set_live_bad_pixels)
+        self.live_bad_pixels: BadPixelMap | None = None
+        self._in_use: tuple[BadPixelMap | None, BadPixelMap | None, BadPixelMap | None] = (None, None, None)
 
     # --- the source side (called in the event loop by FrameSource) ---------------------------
 
@@ -202,6 +214,7 @@ class FilterIOC:
             return
         self.books.received += 1
         self.seq += 1
+        self.health.offer(frame, info)
         capacity = self.pvs.array_data.max_length
         if frame.size > capacity:  # the output PVs' length is fixed at start (like a waveform's NELM)
             h, w = frame.shape
@@ -347,7 +360,10 @@ class FilterIOC:
         path = path.strip()
         if not path:
             self.bad_pixels, self._bad_pixels_id = None, None
-            await p.bad_pixel_count.write(0)
+            if self.live_bad_pixels is not None and self.engine_ok:
+                await self._send_bad_pixels()
+            in_use = self.map_in_use()
+            await p.bad_pixel_count.write(len(in_use) if in_use is not None else 0)
             await p.status.write("bad-pixel map: none")
             return
         try:
@@ -370,9 +386,26 @@ class FilterIOC:
         self.bad_pixels, self._bad_pixels_id = bad, None
         if self.engine_ok:
             await self._send_bad_pixels()
-        await p.bad_pixel_count.write(len(bad))
+        await p.bad_pixel_count.write(len(self.map_in_use() or bad))
         await p.status.write(f"bad-pixel map: {len(bad)} pixels from {bad.source}"[:255])
         log(_WHO, f"bad-pixel map: {len(bad)} pixels from {bad.source}")
+
+    def map_in_use(self) -> BadPixelMap | None:
+        """What the engine fills: the camera's file map, with the live map's pixels added when HealthMapUse is Yes."""
+        file, live = self.bad_pixels, self.live_bad_pixels
+        if self._in_use[0] is not file or self._in_use[1] is not live:  # merged once per change (both immutable)
+            merged = live if file is None else (file if live is None else file.merged(live))
+            self._in_use = (file, live, merged)
+        return self._in_use[2]
+
+    async def set_live_bad_pixels(self, live: BadPixelMap | None) -> None:
+        """The live map to add to the file's (None: the file's alone); sent to the engine at once."""
+        p = self._require_pvs()
+        self.live_bad_pixels, self._bad_pixels_id = live, None
+        if self.engine_ok:
+            await self._send_bad_pixels()
+        in_use = self.map_in_use()
+        await p.bad_pixel_count.write(len(in_use) if in_use is not None else 0)
 
     def _read_bad_pixels(self, path: str, configured: bool) -> BadPixelMap:
         """In the file worker: read under the rules of :mod:`cdae.ioc.files`, then parse and check."""
@@ -398,7 +431,7 @@ class FilterIOC:
     async def _send_bad_pixels(self) -> bool:
         """Give the engine the camera's bad-pixel map; frames name it from then on. False (and
         LastError_RBV says why) when the engine does not take it: frames then go unfilled."""
-        bad = self.bad_pixels
+        bad = self.map_in_use()
         if bad is None:
             return True
         ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s,
@@ -410,7 +443,7 @@ class FilterIOC:
             why = f"{type(e).__name__}: {e}"
         finally:
             ctl.close()
-        if reply is not None and reply.ok and self.bad_pixels is bad:
+        if reply is not None and reply.ok and self.map_in_use() is bad:
             self._bad_pixels_id = str(reply.result["id"])
             return True
         if reply is not None:
@@ -609,15 +642,16 @@ class FilterIOC:
         assert reply.denoised is not None and self.element is not None
         h, w = reply.denoised.shape
         denoised, residual, defect_map = reply.denoised, reply.residual, reply.defect_map
-        if self.bad_pixels is not None:
+        in_use = self.map_in_use()
+        if in_use is not None:
             seen = self._bad_pixels_seen
-            if seen is None or seen[0] is not self.bad_pixels or seen[1:] != (h, w):  # once per map and frame size
-                self._bad_pixels_seen = (self.bad_pixels, h, w)
-                outside = self.bad_pixels.outside((h, w))
+            if seen is None or seen[0] is not in_use or seen[1:] != (h, w):  # once per map and frame size
+                self._bad_pixels_seen = (in_use, h, w)
+                outside = in_use.outside((h, w))
                 if outside:  # a map of the full sensor on a region of interest or binned frames
-                    await self._report_error(f"BadPixelFile: {outside} of {len(self.bad_pixels)} listed pixels lie "
+                    await self._report_error(f"BadPixelFile: {outside} of {len(in_use)} listed pixels lie "
                                              f"outside the {w}x{h} frame (region of interest or binning?)")
-                unfilled = self.bad_pixels.unfilled((h, w))
+                unfilled = in_use.unfilled((h, w))
                 if unfilled:  # a dead block wider than the fill reaches: left as they are, marked in DefectMap
                     await self._report_error(f"BadPixelFile: {unfilled} listed pixels have no good pixel within "
                                              f"{MAX_HALF_WIDTH} px and are left unfilled")
@@ -709,9 +743,11 @@ class FilterIOC:
         assert self.source.element is not None
         self.element = self.source.element
         max_elements = c.max_elements or self.source.native_count
-        self.pvs = filter_pvs(self.element, max_elements)(prefix=c.prefix)
+        self.pvs = with_health(filter_pvs(self.element, max_elements), max_elements)(prefix=c.prefix)
         p = self.pvs
         p.controller = self
+        self.health.pvs = p.health  # type: ignore[attr-defined]
+        p.health.controller = self.health  # type: ignore[attr-defined]
         await p.port_name.write(c.port_name)
         await p.nd_array_port.write(c.source[: STRING_MAX - 1], verify_value=False)
         await p.nd_array_port_rbv.write(c.source[: STRING_MAX - 1])
@@ -737,7 +773,8 @@ class FilterIOC:
         listening = asyncio.Event()
         tasks = [asyncio.create_task(serve_pvdb(p.pvdb, c.interfaces, listening), name="ca-server"),
                  asyncio.create_task(self.monitor_engine(), name="engine-monitor"),
-                 asyncio.create_task(self.dispatch(), name="dispatch")]
+                 asyncio.create_task(self.dispatch(), name="dispatch"),
+                 asyncio.create_task(self.health.run(), name="camera-health")]
         bound = asyncio.create_task(listening.wait())
         await asyncio.wait([bound, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if listening.is_set():  # ready means clients can connect: the CA sockets are bound
@@ -754,6 +791,7 @@ class FilterIOC:
         await self.source.close()
         await ctx.disconnect()
         self._file_worker.shutdown(wait=False, cancel_futures=True)
+        await self.health.close()
         for t in failed:
             log(_WHO, f"{t.get_name()} stopped on error: {t.exception()!r}")
         b = self.books

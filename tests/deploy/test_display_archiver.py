@@ -93,8 +93,9 @@ def test_display_is_a_phoebus_display_with_the_expected_widgets(tmp_path: Path) 
     widgets, macros = _bob(root)
     assert macros == {"P": P, "S": S}
     types = [w.get("type") for w in widgets]
-    assert types.count("image") == 3 and types.count("combo") == 1 and types.count("choice") == 1
-    assert types.count("led") == 2 and "textentry" in types and "action_button" in types
+    # three frames and the health map; model, callbacks and HealthMapUse; engine, source and camera health
+    assert types.count("image") == 4 and types.count("combo") == 1 and types.count("choice") == 2
+    assert types.count("led") == 3 and "textentry" in types and types.count("action_button") == 3
     assert types.count("textupdate") > 20
     width, height = int(root.findtext("width") or 0), int(root.findtext("height") or 0)
     rects = []
@@ -111,7 +112,11 @@ def test_display_is_a_phoebus_display_with_the_expected_widgets(tmp_path: Path) 
 def test_images_take_shape_and_signedness_from_their_own_pvs() -> None:
     widgets, _ = _bob(build_display(DisplaySpec(prefix=P, source=S, residual_limit=50)))
     images = {w.findtext("pv_name"): w for w in widgets if w.get("type") == "image"}
-    assert set(images) == {"ca://$(S)ArrayData", "ca://$(P)ArrayData", "ca://$(P)Residual:ArrayData"}
+    assert set(images) == {"ca://$(S)ArrayData", "ca://$(P)ArrayData", "ca://$(P)Residual:ArrayData",
+                           "ca://$(P)HealthMap:ArrayData"}
+    health = images.pop("ca://$(P)HealthMap:ArrayData")  # the live bad-pixel map's codes: UInt8, fixed scale
+    assert health.findtext("unsigned") == "true" and health.findtext("autoscale") == "false"
+    assert {r.get("prop_id") for r in health.iter("rule")} == {"data_width", "data_height"}
     for pv, img in images.items():
         meta = pv[: -len("ArrayData")]
         rules = {r.get("prop_id"): r for r in img.iter("rule")}

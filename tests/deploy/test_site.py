@@ -212,3 +212,16 @@ def test_display_and_archiver_list_take_the_camera_from_the_site_file(tmp_path: 
     assert '"pv": "13SIM1:CDAE1:UniqueId_RBV"' in out
     missing = subprocess.run(cdae("display", "-o", str(bob)), capture_output=True, text=True)
     assert missing.returncode == 2 and "--config SITE --name CAMERA" in missing.stderr
+
+
+def test_camera_health_limits_come_from_the_site_file_and_are_checked(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    site = load_site(EXAMPLE).ioc_config("cam1")
+    assert (site.health.limits.new_bad_pixels.minor, site.health.limits.new_bad_pixels.major) == (10, 100)
+    assert site.health.window_frames == 32
+    bad = text.replace("health.limits.new_bad_lines = { minor = 1, major = 3 }",
+                       "health.limits.new_bad_lines = { minor = 3, major = 1 }")
+    line = next(i for i, ln in enumerate(bad.splitlines(), 1) if ln.startswith("health.limits.new_bad_lines"))
+    problems = check_site(_site(tmp_path, bad), check_models=False)
+    assert [(p.line, p.where) for p in problems] == [(line, "cameras.cam1.health.limits.new_bad_lines")], problems
+    assert "below minor" in problems[0].message
