@@ -64,20 +64,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _compare_rerun(reference: str, package: Path) -> int:
-    """``cdae train --compare``: the verdict of a re-run against the package it should reproduce."""
+    """``cdae train --compare``: the verdict of a re-run against the package (or the JSON record of a run:
+    ``weights_sha256``, ``metrics``, ``environment``) it should reproduce."""
+    import json
+
     from cdae.engine.package import ModelRegistry, read_manifest
     from cdae.training.environment import compare_run
 
     ref = Path(reference)
-    if not (ref / "manifest.json").is_file():
+    if ref.is_file() and ref.suffix == ".json":
+        recorded = json.loads(ref.read_text())
+    elif (ref / "manifest.json").is_file():
+        recorded = read_manifest(ref).model_dump(mode="json")
+    elif "/" in reference or ref.exists():
+        print(f"--compare {reference}: no package or run record there to compare with", flush=True)
+        return 0
+    else:
         try:
-            ref = ModelRegistry(_models_dir(None)).resolve(reference)
+            recorded = read_manifest(ModelRegistry(_models_dir(None)).resolve(reference)).model_dump(mode="json")
         except Exception as e:  # noqa: BLE001 - the message says what is missing
             print(f"--compare {reference}: no recorded package to compare with ({e})", flush=True)
             return 0
-    recorded, rerun = (read_manifest(p).model_dump(mode="json") for p in (ref, package))
-    verdict = compare_run(recorded, rerun)
-    print(f"compared with {ref}: {verdict}", flush=True)
+    verdict = compare_run(recorded, read_manifest(package).model_dump(mode="json"))
+    print(f"compared with {reference}: {verdict}", flush=True)
     return 0 if verdict.ok else 1
 
 

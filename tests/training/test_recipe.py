@@ -99,3 +99,9 @@ def test_cdae_train_compare_says_which_and_fails_on_a_difference(tmp_path: Path,
     assert "bit for bit" in capsys.readouterr().out
     assert main([*args[:4], str(tmp_path / "c"), *args[5:], "--set", "seed=1", "--compare", str(ref)]) == 1
     assert "NOT reproduced" in capsys.readouterr().out
+    record = tmp_path / "run.json"  # a run's record (sha256, metrics, environment) stands in for its package
+    record.write_text(json.dumps(_record(ref)))
+    assert main([*args[:4], str(tmp_path / "d"), *args[5:], "--compare", str(record)]) == 0
+    assert "bit for bit" in capsys.readouterr().out
+    assert main([*args[:4], str(tmp_path / "e"), *args[5:], "--compare", str(tmp_path / "none" / "x")]) == 0
+    assert "no package or run record there" in capsys.readouterr().out
