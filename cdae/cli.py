@@ -451,6 +451,14 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
         fields["static_scene"] = True
     if args.shutter_closed:
         fields["shutter_open"] = False
+    if args.pva:
+        from cdae.ioc.pva import p4p_missing
+
+        missing = p4p_missing()
+        if missing:
+            _err(f"cdae sim-camera: error: --pva: {missing}")
+            return 2
+        fields["pva"] = True
     if args.hot_columns:
         fields["hot_columns"] = [int(x) for x in args.hot_columns.split(",")]
     try:
@@ -493,6 +501,8 @@ def cmd_ioc(args: argparse.Namespace) -> int:
         overrides["residual"] = False
     if args.no_defect_map:
         overrides["defect_map"] = False
+    if args.pva:
+        overrides["pva"] = True
     try:
         site = _site(args, "ioc")
         if site is not None:
@@ -503,6 +513,9 @@ def cmd_ioc(args: argparse.Namespace) -> int:
         else:
             config = load_ioc_config(args.config, overrides)
         config.control_endpoint()
+        missing = config.pva_needed()
+        if missing:  # PV Access asked for (--pva, a pva:// source) without p4p: say what to install
+            raise IocError(f"{'--pva' if config.pva else '--source ' + config.source}: {missing}")
     except (ValueError, OSError, IocError, SiteError) as e:
         _err(f"cdae ioc: error: {e}")
         return 2
@@ -932,6 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--hot-columns", help="comma-separated x of extra hot columns (damage the camera got)")
     sc.add_argument("--hot-column-offset-frac", type=float, help="their offset, fraction of the span above bias (0.01)")
     sc.add_argument("--shutter-closed", action="store_true", help="start with the shutter closed (dark frames)")
+    sc.add_argument("--pva", action="store_true", help="also serve frames as an NTNDArray on PREFIX Pva1:Image "
+                    "(PV Access, like NDPluginPva; needs cdae[pva])")
     sc.set_defaults(func=cmd_sim_camera)
     rc = sub.add_parser("record", help="record raw frames (UniqueId, timestamps, camera metadata) from a live camera PV to HDF5")
     rc.add_argument("--source", required=True, help="camera image prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
@@ -973,7 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
     io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")
     io.add_argument("--config", help="TOML file with IocConfig fields, or with --name a site file (flags override it)")
     io.add_argument("--name", help="camera name in the site file ([cameras.NAME])")
-    io.add_argument("--source", help="source prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
+    io.add_argument("--source", help="source prefix (e.g. 13SIM1:image1:), with --width/--height a waveform PV, or "
+                    "pva://CHANNEL: a camera's NTNDArray over PV Access (pva://13SIM1:Pva1: reads 13SIM1:Pva1:Image)")
     io.add_argument("--prefix", help="output prefix (e.g. 13SIM1:CDAE1:)")
     io.add_argument("--engine", help="engine data endpoint(s), comma-separated (default tcp://127.0.0.1:5555)")
     io.add_argument("--control", help="engine control endpoint (default: engine port + 1)")
@@ -989,6 +1005,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "badpixels): filled in the denoised frame; the BadPixelFile PV changes it at run time")
     io.add_argument("--no-residual", action="store_true", help="do not publish Residual:ArrayData")
     io.add_argument("--no-defect-map", action="store_true", help="do not publish DefectMap:ArrayData")
+    io.add_argument("--pva", action="store_true", help="also serve the images over PV Access as NTNDArray: PREFIX "
+                    "Pva1:Image, Pva1:Residual, Pva1:DefectMap (p4p: pip install 'cdae[pva]')")
     io.set_defaults(func=cmd_ioc)
     x = sub.add_parser("export", help="export a model to ONNX or a TensorRT plan, verified against torch")
     x.add_argument("--model", default="cdae-default", help="NAME[:VERSION] (default: the shipped model)")

@@ -12,6 +12,9 @@ A camera can be given damage and noise the shipped model never saw (``hot_column
 ``read_noise_e``), can look at one fixed target (``static_scene``: the same scene, new noise in
 every frame, as a diagnostic camera on a screen) and has a shutter (``ShutterControl``): closed,
 it serves dark frames (bias, read noise, hot pixels and lines, radiation hits; no light).
+
+With ``pva`` the camera also serves each frame as an NTNDArray over PV Access, as areaDetector's
+NDPluginPva does, on ``<prefix>Pva1:Image`` (p4p; ``cdae ioc --source pva://<prefix>Pva1:`` reads it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.ioc.frames import FrameInfo, NDDataType, RateMeter, ca_element_dtype, numpy_dtype, posix_to_epics, to_ca
 from cdae.ioc.publish import write_image
+from cdae.ioc.pva import IMAGE, NTNDArrayServer
 from cdae.ioc.pvs import CameraPVs, camera_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 
@@ -54,6 +58,7 @@ class CameraConfig(BaseModel):
     hot_column_offset_frac: float = Field(0.01, gt=0, le=1, description="their offset, fraction of the span above bias")
     shutter_open: bool = Field(True, description="start with the shutter open (closed: dark frames)")
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
+    pva: bool = Field(False, description="also serve each frame as an NTNDArray (NDPluginPva-like) on <prefix>Pva1:Image")
 
     def max_elements(self) -> int:
         return (self.max_width or self.width) * (self.max_height or self.height)
@@ -122,6 +127,8 @@ class SimCamera:
         self.bank: list[BankFrame] = []
         self.shutter_open = config.shutter_open
         self.served: list[np.ndarray] = []  # bank frames flat in the CA element type
+        self.native: list[np.ndarray] = []  # the same frames (height, width) in their own dtype (for PVA)
+        self.pva: NTNDArrayServer | None = None
         self.acquiring = asyncio.Event()
         self.period_s = 1.0 / config.rate_hz
         self.counter = 0
@@ -170,7 +177,8 @@ class SimCamera:
 
     def _convert(self) -> None:
         dt = numpy_dtype(self.data_type)
-        self.served = [to_ca(np.asarray(f.noisy).astype(dt), self.element) for f in self.bank]
+        self.native = [np.asarray(f.noisy).astype(dt) for f in self.bank]
+        self.served = [to_ca(f, self.element) for f in self.native]
 
     async def publish_next(self) -> None:
         i = self.counter % len(self.bank)
@@ -183,6 +191,8 @@ class SimCamera:
                           NDDataType.Float32, info, self.counter, rate)
         await write_image(self.pvs, self.served[i], self.height, self.width, self.data_type, info, self.counter,
                           rate, itemsize=numpy_dtype(self.data_type).itemsize)
+        if self.pva is not None:
+            self.pva.post(self.config.prefix + IMAGE, self.native[i], self.data_type, info)
 
     async def acquire_loop(self) -> None:
         next_t = time.monotonic()
@@ -211,14 +221,18 @@ class SimCamera:
             self.acquiring.set()
         else:
             await self.pvs.acquire.write("Done")
+        if c.pva:
+            self.pva = NTNDArrayServer([c.prefix + IMAGE], c.interfaces)
         tasks = [asyncio.create_task(serve_pvdb(self.pvs.pvdb, c.interfaces)),
                  asyncio.create_task(self.acquire_loop())]
         print(f"cdae-sim-camera ready prefix={c.prefix} size={c.width}x{c.height} data_type={c.data_type} "
-              f"rate_hz={c.rate_hz:g} port={ca_server_port()}", flush=True)
+              f"rate_hz={c.rate_hz:g} port={ca_server_port()} pva={self.pva.port if self.pva else 'off'}", flush=True)
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
         await cancel_all([stopper, *tasks])
+        if self.pva is not None:
+            self.pva.close()
         for t in failed:
             log("cdae-sim-camera", f"stopped on error: {t.exception()!r}")
         log("cdae-sim-camera", f"stopped after {self.counter} frames")

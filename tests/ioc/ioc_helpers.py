@@ -36,6 +36,24 @@ CA_ENV = {
     "EPICS_CA_CONN_TMO": "2.0",
 }
 os.environ.update(CA_ENV)  # before pyepics/caproto clients are created in this process
+# PV Access the same way: searches to 127.0.0.1 only, each server (camera, filter IOC) on a UDP+TCP port of its own,
+# beacons to loopback only; the clients here (p4p, pvapy) read it from the environment
+CAMERA_PVA_PORT = free_port()
+IOC_PVA_PORT = free_port()
+PVA_ENV = {
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVA_ADDR_LIST": f"127.0.0.1:{CAMERA_PVA_PORT} 127.0.0.1:{IOC_PVA_PORT}",
+    "EPICS_PVA_BROADCAST_PORT": str(free_port()),
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+}
+os.environ.update(PVA_ENV)
+
+
+def pva_server_env(port: int) -> dict[str, str]:
+    """The environment of a child serving PV Access on ``port`` (searches and connections)."""
+    return {"EPICS_PVAS_SERVER_PORT": str(port), "EPICS_PVAS_BROADCAST_PORT": str(port)}
 
 READY = {
     "engine": re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+) .*model=(?P<model>\S+)"),
@@ -138,7 +156,7 @@ class Stack:
         self.ioc_prefix = self.camera_prefix.split(":")[0] + ":CDAE1:"
 
     def _env(self, server_port: int | None = None) -> dict[str, str]:
-        env = {**os.environ, **CA_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **CA_ENV, **PVA_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         if server_port is not None:
             env["EPICS_CAS_SERVER_PORT"] = str(server_port)
         return env
@@ -155,13 +173,15 @@ class Stack:
 
     def camera(self, *args: str, size: str = "64x48", rate: float = 10.0) -> Child:
         return self.start("camera", cdae("sim-camera", "--prefix", self.camera_prefix, "--size", size,
-                                          "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT)
+                                          "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT,
+                          env=pva_server_env(CAMERA_PVA_PORT))
 
-    def ioc(self, engine: Child, *args: str, env: dict[str, str] | None = None) -> Child:
+    def ioc(self, engine: Child, *args: str, env: dict[str, str] | None = None, source: str | None = None) -> Child:
         assert engine.match is not None
-        return self.start("ioc", cdae("ioc", "--source", self.camera_prefix, "--prefix", self.ioc_prefix,
+        return self.start("ioc", cdae("ioc", "--source", source or self.camera_prefix, "--prefix", self.ioc_prefix,
                                        "--engine", engine.match["data"], "--control", engine.match["control"],
-                                       "--engine-timeout-s", "3", *args), "ioc", IOC_PORT, env=env)
+                                       "--engine-timeout-s", "3", *args), "ioc", IOC_PORT,
+                          env={**pva_server_env(IOC_PVA_PORT), **(env or {})})
 
     def stop_all(self) -> None:
         for c in reversed(self.children):
