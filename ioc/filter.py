@@ -41,15 +41,16 @@ from cdae.ioc.frames import (
     LatestSlot,
     NDDataType,
     RateMeter,
+    from_engine,
     numpy_dtype,
     parse_model_ref,
-    from_engine,
     to_ca,
     to_engine,
 )
 from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
 from cdae.ioc.publish import set_alarm, write_image
-from cdae.ioc.pva import DEFECT_MAP, IMAGE, RESIDUAL, NTNDArrayServer, PvaFrameSource, is_pva_source, p4p_missing, pva_channel
+from cdae.ioc.pva import (DEFECT_MAP, IMAGE, RESIDUAL, NTNDArrayServer, PvaFrameSource, is_pva_source, p4p_missing,
+                          pva_channel)
 from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 from cdae.ioc.source import FrameSource, SourceNames

@@ -173,8 +173,9 @@ class NTNDArrayServer:
 
         self._type = NTNDArray.buildType()
         self._value = Value
-        empty = {"alarm": {"severity": int(AlarmSeverity.INVALID_ALARM), "status": _NT_STATUS[AlarmStatus.COMM],
-                           "message": "no frame yet"}}
+        self._alarm: tuple[int, int, str] = (int(AlarmSeverity.INVALID_ALARM), _NT_STATUS[AlarmStatus.COMM],
+                                             "no frame yet")
+        empty = {"alarm": dict(zip(("severity", "status", "message"), self._alarm))}
         self.pvs = {n: SharedPV(initial=Value(self._type, empty)) for n in names}
         conf = {"EPICS_PVAS_INTF_ADDR_LIST": " ".join(interfaces)} if interfaces else None
         self.server = Server(providers=[dict(self.pvs)], conf=conf, useenv=True)
@@ -190,13 +191,17 @@ class NTNDArrayServer:
     def post(self, name: str, pixels: np.ndarray, data_type: NDDataType, info: FrameInfo,
              attributes: Mapping[str, int | float | str] | None = None) -> None:
         self.pvs[name].post(self._value(self._type, ntndarray_fields(pixels, data_type, info, attributes)))
+        self._alarm = (0, 0, "")  # a frame carries no alarm
 
     def set_alarm(self, status: AlarmStatus, severity: AlarmSeverity, message: str = "") -> None:
-        """Every channel's ``alarm`` (only that field changes; the next frame clears it)."""
-        alarm = {"severity": int(severity), "status": _NT_STATUS.get(status, 1),
-                 "message": f"{status.name}: {message}" if message else ""}
+        """Every channel's ``alarm``, posted only when it changes (each post is a monitor update a client may take
+        for a frame); only that field changes, and the next frame clears it."""
+        alarm = (int(severity), _NT_STATUS.get(status, 1), f"{status.name}: {message}" if message else "")
+        if alarm[:2] == self._alarm[:2]:
+            return
+        self._alarm = alarm
         for pv in self.pvs.values():
-            pv.post(self._value(self._type, {"alarm": alarm}))
+            pv.post(self._value(self._type, {"alarm": dict(zip(("severity", "status", "message"), alarm))}))
 
     def close(self) -> None:
         self.server.stop()
@@ -236,7 +241,10 @@ class PvaFrameSource:
             self._ctx = Context("pva", nt=False)
             self._sub = self._ctx.monitor(self.channel, self._on_update, notify_disconnect=True)
         assert self._first is not None
-        await asyncio.wait_for(asyncio.shield(self._first), timeout_s)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first), timeout_s)
+        except asyncio.TimeoutError:  # the builtin TimeoutError the CA source raises (distinct before Python 3.11)
+            raise TimeoutError(f"no frame from {self.channel} within {timeout_s:g} s") from None
 
     async def close(self) -> None:
         if self._sub is not None:

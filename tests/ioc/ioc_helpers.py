@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdae.children import free_port, stop_process
+from cdae.children import free_port, pva_loopback_env, pva_server_env, stop_process
 
 
 CAMERA_PORT = free_port()
@@ -40,20 +40,8 @@ os.environ.update(CA_ENV)  # before pyepics/caproto clients are created in this 
 # beacons to loopback only; the clients here (p4p, pvapy) read it from the environment
 CAMERA_PVA_PORT = free_port()
 IOC_PVA_PORT = free_port()
-PVA_ENV = {
-    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-    "EPICS_PVA_ADDR_LIST": f"127.0.0.1:{CAMERA_PVA_PORT} 127.0.0.1:{IOC_PVA_PORT}",
-    "EPICS_PVA_BROADCAST_PORT": str(free_port()),
-    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-}
+PVA_ENV = pva_loopback_env([CAMERA_PVA_PORT, IOC_PVA_PORT])
 os.environ.update(PVA_ENV)
-
-
-def pva_server_env(port: int) -> dict[str, str]:
-    """The environment of a child serving PV Access on ``port`` (searches and connections)."""
-    return {"EPICS_PVAS_SERVER_PORT": str(port), "EPICS_PVAS_BROADCAST_PORT": str(port)}
 
 READY = {
     "engine": re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+) .*model=(?P<model>\S+)"),
