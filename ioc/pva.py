@@ -271,7 +271,9 @@ class PvaFrameSource:
             if self.element is not None and element != self.element:
                 raise FrameError(f"{info.data_type.name} travels as {element} over Channel Access, but ArrayData "
                                  f"was made for {self.element} when the IOC started (restart it for the new type)")
-        except (FrameError, KeyError, TypeError, ValueError) as e:
+        # any malformed array is a refused frame: an exception escaping here would end p4p's subscription
+        # (its handler logs and stops), and the IOC would hear no more from the camera
+        except Exception as e:  # noqa: BLE001
             uid = _unique_id(value)
             if self.element is None:  # before the PVs exist only the log can say it
                 log("cdae-ioc", f"source {self.channel}: frame {uid} refused: {e}")
