@@ -74,7 +74,7 @@ def resolve_model(models: str | None, model: str | None, tmp: Path) -> tuple[Pat
     from cdae.engine.architecture import build_model
     from cdae.training.config import load_train_config
 
-    arch = load_train_config(ROOT / "training" / "configs" / "default.toml").architecture
+    arch = load_train_config(ROOT / "training" / "configs" / "cdae-default.toml").architecture
     torch.manual_seed(0)
     store = tmp / "models"
     from cdae.engine.package import write_package

@@ -55,8 +55,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {member.name}:{member.version} (seed {seed}) → {models}", flush=True)
         print("effective config: " + member.model_dump_json(), flush=True)
         run_dir = Path(args.run_dir) / f"{member.name}-{member.version}" if args.run_dir else None
-        train(member, models, run_dir, resume=args.resume, progress=not args.no_progress)
+        result = train(member, models, run_dir, resume=args.resume, progress=not args.no_progress)
+        if args.compare:
+            status = _compare_rerun(args.compare, result.package)
+            if status:
+                return status
     return 0
+
+
+def _compare_rerun(reference: str, package: Path) -> int:
+    """``cdae train --compare``: the verdict of a re-run against the package it should reproduce."""
+    from cdae.engine.package import ModelRegistry, read_manifest
+    from cdae.training.environment import compare_run
+
+    ref = Path(reference)
+    if not (ref / "manifest.json").is_file():
+        try:
+            ref = ModelRegistry(_models_dir(None)).resolve(reference)
+        except Exception as e:  # noqa: BLE001 - the message says what is missing
+            print(f"--compare {reference}: no recorded package to compare with ({e})", flush=True)
+            return 0
+    recorded, rerun = (read_manifest(p).model_dump(mode="json") for p in (ref, package))
+    verdict = compare_run(recorded, rerun)
+    print(f"compared with {ref}: {verdict}", flush=True)
+    return 0 if verdict.ok else 1
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -157,6 +179,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 # --- denoise -----------------------------------------------------------------------------------
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    import math
+
     from cdae.engine.package import DEFAULT_MODEL, ModelRegistry
     from cdae.training.calibrate import calibrate_package
 
@@ -164,12 +188,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _err("cdae calibrate: error: --alpha must lie in (0, 1) and --frames be at least 1")
         return 2
     pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model or DEFAULT_MODEL)
-    c = calibrate_package(pkg, frames=args.frames, alpha=args.alpha)
+    if args.delta is not None and not 0 < args.delta < 1:
+        _err("cdae calibrate: error: --delta must lie in (0, 1)")
+        return 2
+    c = calibrate_package(pkg, frames=args.frames, alpha=args.alpha, delta=args.delta)
+    conf = "" if args.delta is None else f" with confidence {1 - args.delta:.0%}"
     if c.defect_threshold is None:
-        print(f"{pkg}: no threshold keeps the risk bound at alpha {args.alpha:g} on {c.frames} frames "
-              f"(at least {int(1 / args.alpha)} frames are needed for any); the head will flag nothing")
+        need = int(1 / args.alpha) if args.delta is None else int(math.log(1 / args.delta) / args.alpha) + 1
+        print(f"{pkg}: no threshold keeps the risk bound at alpha {args.alpha:g}{conf} on {c.frames} frames "
+              f"(at least {need} frames are needed for any); the head will flag nothing")
         return 1
-    print(f"{pkg}: defect threshold {c.defect_threshold:.4f} (alpha {args.alpha:g}, {c.frames} frames: mean share of "
+    print(f"{pkg}: defect threshold {c.defect_threshold:.4f} (alpha {args.alpha:g}{conf}, {c.frames} frames: "
+          f"risk bound {c.risk_bound:.2e}, mean share of "
           f"real bright pixels flagged {c.mean_loss:.2e}, worst frame {c.worst_frame_loss:.2e}; real pixels flagged "
           f"{c.real_pixels_flagged:.2e}, defect pixels {c.defect_pixels_flagged:.3f})")
     return 0
@@ -312,7 +342,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     if args.json:
         print(m.model_dump_json(indent=2))
         return 0
-    held = (m.metrics.get("held_out") or {}) if isinstance(m.metrics, dict) else {}
+    held = m.metrics.get("held_out") or {}
     summary = held.get("summary", {}) if isinstance(held, dict) else {}
     print(f"{m.ref}  ({pkg})")
     print(f"  architecture  {m.architecture.model_dump_json()}")
@@ -831,6 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="folder for checkpoints and logs (default runs/)")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--compare", metavar="PACKAGE",
+                   help="a recorded package (directory or NAME:VERSION) this run should reproduce: says whether it is "
+                        "bit for bit (same environment) or within tolerance (another one); exit 1 if neither")
     t.set_defaults(func=cmd_train)
 
     cal = sub.add_parser("calibrate", help="calibrate a model's defect head for the guard (conformal risk control on "
@@ -840,6 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--frames", type=int, default=192, help="simulated validation frames (default 192)")
     cal.add_argument("--alpha", type=float, default=0.01,
                      help="expected share of a frame's real bright-feature pixels the head may flag (default 0.01)")
+    cal.add_argument("--delta", type=float,
+                     help="hold alpha with confidence 1 - delta over the calibration frames (e.g. 0.1: 90 %%; needs "
+                          "about log(1 / delta) / alpha frames); default: alpha in expectation")
     cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("evaluate", help="held-out evaluation against tuned median/Gaussian baselines")

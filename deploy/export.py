@@ -19,14 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from cdae.engine.backends import (
-    EXPORT_DIR,
-    Backend,
-    OnnxRuntimeBackend,
-    TensorRTBackend,
-    TorchCPUBackend,
-    export_onnx,
-)
+from cdae.engine.artefacts import EXPORT_DIR, export_onnx
+from cdae.engine.backends import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchCPUBackend
 from cdae.engine.config import BackendOptions
 from cdae.engine.errors import BackendError
 from cdae.engine.package import ArtefactRecord, Manifest, load_model, read_manifest, sha256_file, write_manifest

@@ -15,7 +15,7 @@ from cdae.engine.package import DEFAULT_MODEL, Manifest, ModelPackageError, Mode
 
 
 def _metric(manifest: Manifest, *path: str) -> JsonValue:
-    node: JsonValue = manifest.metrics
+    node: JsonValue = manifest.metrics.model_dump(mode="json")
     for key in path:
         if not isinstance(node, dict) or key not in node:
             return None

@@ -19,15 +19,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cdae.engine.config import _TCP, BackendOptions, EngineConfig, default_models_dir
+from cdae import tomlfile
+from cdae.endpoints import is_loopback, parse_tcp
+from cdae.engine.config import BackendOptions, EngineConfig, default_models_dir
 from cdae.ioc.filter import IocConfig
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a systemd instance name (cdae-ioc@NAME)
 _NAME_RULE = "use letters, digits, '_', '.', '-' (the name is a systemd instance name)"
 
@@ -163,8 +159,8 @@ def _read_toml(path: Path) -> tuple[str, dict[str, object]]:
     except OSError as e:
         raise SiteError(f"cannot read the site file {path}: {e.strerror or e}") from e
     try:
-        return text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        return text, tomlfile.loads(text)
+    except tomlfile.TOMLDecodeError as e:
         raise SiteError(f"{path}: not valid TOML: {e}") from e
 
 
@@ -315,8 +311,7 @@ def _curve_checks(name: str, eng: EngineSection, lines: KeyLines) -> Iterator[Pr
     where = f"engines.{name}"
     if eng.curve is None:
         for what, endpoint in (("bind", eng.bind), ("control", eng.control_endpoint())):
-            m = _TCP.match(endpoint)
-            if m and m["host"] not in _LOOPBACK:
+            if not is_loopback(endpoint):
                 yield Problem(lines.find(("engines", name, what)), f"{where}.{what}",
                               f"{endpoint} is reachable from the network without authentication: set "
                               f"[{where}.curve] secret_key_file and allowed_clients_dir (make keys with `cdae keys`), "
@@ -351,13 +346,12 @@ def _model_checks(site: SiteConfig, lines: KeyLines) -> Iterator[Problem]:
 
 
 def _endpoint_key(endpoint: str) -> str | None:
-    m = _TCP.match(endpoint)
-    if m is None:
+    ep = parse_tcp(endpoint)
+    if ep is None:
         return endpoint
-    if m["port"] in ("0", "*"):
+    if ep.any_port:
         return None  # a free port is picked at start: cannot clash
-    host = m["host"]
-    return f"{'*' if host in ('*', '0.0.0.0') else host}:{m['port']}"
+    return f"{'*' if ep.host in ('*', '0.0.0.0') else ep.host}:{ep.port}"
 
 
 class KeyLines:

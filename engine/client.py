@@ -20,7 +20,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 import zmq
@@ -54,57 +54,99 @@ def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
     return eps
 
 
-def _request_parts(frame: np.ndarray, frame_id: int, fields: dict[str, object]) -> list:
-    return encode_request(request_header_for(frame, frame_id, **fields), frame)
+def _connect(ctx: zmq.Context, kind: int, endpoint: str, curve: CurveClientKeys | None) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    if kind == zmq.REQ:  # a timed-out request must not wedge the REQ state machine
+        s.setsockopt(zmq.REQ_RELAXED, 1)
+        s.setsockopt(zmq.REQ_CORRELATE, 1)
+    _secure(s, curve)
+    s.connect(endpoint)
+    return s
 
 
-class EngineClient:
-    """Synchronous client: ``denoise(frame)`` for one frame, or ``submit``/``receive`` to pipeline frames."""
+def _control_timeout(req: ControlRequest, timeout_s: float) -> float:
+    """How long a control request waits: an ``activate`` that waits gets its own timeout and 5 s more."""
+    if req.command == "activate" and req.wait:
+        return max(timeout_s, req.timeout_s + 5.0)
+    return timeout_s
 
-    def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
-                 context: zmq.Context | None = None, curve: CurveClientKeys | None = None) -> None:
+
+W = TypeVar("W")
+
+
+class FrameClientCore(Generic[W]):
+    """What the synchronous and asyncio frame clients share, without any I/O (sans-I/O).
+
+    The endpoints, the window, frame ids, which engine the next frame goes to, and the frames in
+    flight: ``waiting`` maps each one's frame_id to what its client waits on it with (the socket
+    index, or an asyncio future). Replies are matched to them here, and a timeout says the same
+    thing from either client. The subclasses own the sockets and the waiting.
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], window: int, timeout_s: float) -> None:
         if window < 1:
             raise EngineError(f"window must be >= 1, got {window}")
         self.endpoints = _endpoints(endpoints)
         self.window = window
         self.timeout_s = timeout_s
-        self._ctx = context or zmq.Context.instance()
-        self._sockets: list[zmq.Socket] = []
-        for ep in self.endpoints:
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            _secure(s, curve)
-            s.connect(ep)
-            self._sockets.append(s)
-        self._poller = zmq.Poller()
-        for s in self._sockets:
-            self._poller.register(s, zmq.POLLIN)
-        self._next = itertools.cycle(range(len(self._sockets)))
+        self._next = itertools.cycle(range(len(self.endpoints)))
         self._ids = itertools.count()
-        self._in_flight: dict[int, int] = {}  # frame_id → socket index
-        self._ready: deque[FrameReply] = deque()
+        self.waiting: dict[int, W] = {}
         self.unmatched = 0  # replies to frames this client did not send (or sent before a reset)
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self.waiting)
+
+    def _request(self, frame: np.ndarray, frame_id: int | None, fields: dict[str, object]) -> tuple[int, list, int]:
+        """The frame's id (the next one unless given), its message parts, and the engine (index) it goes to."""
+        fid = next(self._ids) if frame_id is None else frame_id
+        parts = encode_request(request_header_for(frame, fid, **fields), frame)
+        return fid, parts, next(self._next)
+
+    def _match(self, parts: list) -> tuple[FrameReply, W | None]:
+        """A received reply (raises on a broken one) and what waits for it; None, counted, if nothing does."""
+        reply = decode_reply(parts)
+        waiter = self.waiting.pop(reply.frame_id, None) if reply.frame_id is not None else None
+        if waiter is None:
+            self.unmatched += 1
+        return reply, waiter
+
+    def _timeout(self, timeout_s: float, frame_id: int | None = None) -> EngineTimeout:
+        if frame_id is None:
+            return EngineTimeout(f"no reply from {', '.join(self.endpoints)} within {timeout_s:g} s "
+                                 f"({len(self.waiting)} frames in flight)")
+        return EngineTimeout(f"no reply to frame {frame_id} from {', '.join(self.endpoints)} within {timeout_s:g} s")
+
+
+class EngineClient(FrameClientCore[int]):
+    """Synchronous client: ``denoise(frame)`` for one frame, or ``submit``/``receive`` to pipeline frames."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
+                 context: zmq.Context | None = None, curve: CurveClientKeys | None = None) -> None:
+        super().__init__(endpoints, window, timeout_s)
+        self._ctx = context or zmq.Context.instance()
+        self._sockets = [_connect(self._ctx, zmq.DEALER, ep, curve) for ep in self.endpoints]
+        self._poller = zmq.Poller()
+        for s in self._sockets:
+            self._poller.register(s, zmq.POLLIN)
+        self._ready: deque[FrameReply] = deque()
 
     def submit(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
                timestamp: float | None = None, model: str | None = None, bit_depth: int | None = None,
                want_residual: bool = False, want_defect_map: bool = False, want_flags: bool = False,
                defect_map_dtype: Literal["float32", "uint8"] = "float32", bad_pixels: str | None = None) -> int:
         """Send one frame (waiting for a reply first if the window is full); returns its frame_id."""
-        while len(self._in_flight) >= self.window:
+        while self.in_flight >= self.window:
             self._ready.append(self._receive_one(self.timeout_s))
-        fid = next(self._ids) if frame_id is None else frame_id
-        parts = _request_parts(frame, fid, dict(
+        fid, parts, i = self._request(frame, frame_id, dict(
             unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth, bad_pixels=bad_pixels,
             want_residual=want_residual, want_defect_map=want_defect_map, want_flags=want_flags,
             defect_map_dtype=defect_map_dtype,
         ))
-        i = next(self._next)
         self._sockets[i].send_multipart(parts, copy=False)
-        self._in_flight[fid] = i
+        self.waiting[fid] = i
         return fid
 
     def receive(self, timeout_s: float | None = None) -> FrameReply:
@@ -132,16 +174,10 @@ class EngineClient:
             left = deadline - time.monotonic()
             events = dict(self._poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
             if not events:
-                raise EngineTimeout(
-                    f"no reply from {', '.join(self.endpoints)} within {timeout_s:g} s "
-                    f"({len(self._in_flight)} frames in flight)"
-                )
+                raise self._timeout(timeout_s)
             for s in self._sockets:
                 if s in events:
-                    reply = decode_reply(s.recv_multipart(copy=False))
-                    if self._in_flight.pop(reply.frame_id, None) is None:  # type: ignore[arg-type]
-                        self.unmatched += 1
-                    return reply
+                    return self._match(s.recv_multipart(copy=False))[0]
 
     def close(self) -> None:
         for s in self._sockets:
@@ -155,7 +191,7 @@ class EngineClient:
         self.close()
 
 
-class AsyncEngineClient:
+class AsyncEngineClient(FrameClientCore["asyncio.Future[FrameReply]"]):
     """asyncio client (zmq.asyncio): ``await denoise(frame)``; run many concurrently to pipeline.
 
     At most ``window`` frames are in flight; further calls wait for a free slot.
@@ -163,29 +199,12 @@ class AsyncEngineClient:
 
     def __init__(self, endpoints: str | Sequence[str], *, window: int = 4, timeout_s: float = 30.0,
                  context: zmq.asyncio.Context | None = None, curve: CurveClientKeys | None = None) -> None:
-        if window < 1:
-            raise EngineError(f"window must be >= 1, got {window}")
-        self.endpoints = _endpoints(endpoints)
-        self.window = window
-        self.timeout_s = timeout_s
+        super().__init__(endpoints, window, timeout_s)
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sockets: list[zmq.asyncio.Socket] = []
-        for ep in self.endpoints:
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            _secure(s, curve)
-            s.connect(ep)
-            self._sockets.append(s)
-        self._next = itertools.cycle(range(len(self._sockets)))
-        self._ids = itertools.count()
-        self._pending: dict[int, asyncio.Future[FrameReply]] = {}
+        self._sockets: list[zmq.asyncio.Socket] = [_connect(self._ctx, zmq.DEALER, ep, curve)  # type: ignore[misc]
+                                                   for ep in self.endpoints]
         self._slots: asyncio.Semaphore | None = None
         self._readers: list[asyncio.Task[None]] = []
-        self.unmatched = 0
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def _start(self) -> asyncio.Semaphore:
         if self._slots is None:
@@ -197,16 +216,13 @@ class AsyncEngineClient:
         while True:
             parts = await sock.recv_multipart(copy=False)
             try:
-                reply = decode_reply(parts)
+                reply, fut = self._match(parts)
             except EngineError as e:  # a broken reply fails every frame waiting on this engine
-                for f in self._pending.values():
+                for f in self.waiting.values():
                     if not f.done():
                         f.set_exception(e)
                 continue
-            fut = self._pending.pop(reply.frame_id, None) if reply.frame_id is not None else None
-            if fut is None:
-                self.unmatched += 1
-            elif not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_result(reply)
 
     async def denoise(self, frame: np.ndarray, *, frame_id: int | None = None, unique_id: int = 0,
@@ -217,22 +233,20 @@ class AsyncEngineClient:
         """Send one frame and wait for its reply (an error reply, e.g. "dropped", is returned, not raised)."""
         slots = self._start()
         async with slots:
-            fid = next(self._ids) if frame_id is None else frame_id
-            parts = _request_parts(frame, fid, dict(
+            fid, parts, i = self._request(frame, frame_id, dict(
                 unique_id=unique_id, timestamp=timestamp, model=model, bit_depth=bit_depth, bad_pixels=bad_pixels,
                 want_residual=want_residual, want_defect_map=want_defect_map, want_flags=want_flags,
-            defect_map_dtype=defect_map_dtype,
+                defect_map_dtype=defect_map_dtype,
             ))
             fut: asyncio.Future[FrameReply] = asyncio.get_running_loop().create_future()
-            self._pending[fid] = fut
+            self.waiting[fid] = fut
             try:
-                await self._sockets[next(self._next)].send_multipart(parts, copy=False)
+                await self._sockets[i].send_multipart(parts, copy=False)
                 return await asyncio.wait_for(fut, self.timeout_s)
             except asyncio.TimeoutError as e:
-                raise EngineTimeout(f"no reply to frame {fid} from {', '.join(self.endpoints)} "
-                                    f"within {self.timeout_s:g} s") from e
+                raise self._timeout(self.timeout_s, fid) from e
             finally:
-                self._pending.pop(fid, None)
+                self.waiting.pop(fid, None)
 
     async def close(self) -> None:
         for t in self._readers:
@@ -261,20 +275,12 @@ class ControlClient:
                  curve: CurveClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._sock = (context or zmq.Context.instance()).socket(zmq.REQ)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        # a timed-out request must not wedge the REQ state machine
-        self._sock.setsockopt(zmq.REQ_RELAXED, 1)
-        self._sock.setsockopt(zmq.REQ_CORRELATE, 1)
-        _secure(self._sock, curve)
-        self._sock.connect(endpoint)
+        self._sock = _connect(context or zmq.Context.instance(), zmq.REQ, endpoint, curve)
 
     def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
         req = ControlRequest(command=command, **fields)  # type: ignore[arg-type]
         self._sock.send(encode_control_request(req))
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        if command == "activate" and req.wait:
-            timeout = max(timeout, req.timeout_s + 5.0)
+        timeout = _control_timeout(req, self.timeout_s if timeout_s is None else timeout_s)
         if not self._sock.poll(int(timeout * 1000)):
             raise EngineTimeout(f"no control reply from {self.endpoint} within {timeout:g} s")
         return decode_control_reply(self._sock.recv())
@@ -312,19 +318,13 @@ class AsyncControlClient:
                  curve: CurveClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._sock = (context or zmq.asyncio.Context.instance()).socket(zmq.REQ)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.REQ_RELAXED, 1)
-        self._sock.setsockopt(zmq.REQ_CORRELATE, 1)
-        _secure(self._sock, curve)
-        self._sock.connect(endpoint)
+        self._sock: zmq.asyncio.Socket = _connect(context or zmq.asyncio.Context.instance(), zmq.REQ,  # type: ignore[assignment]
+                                                  endpoint, curve)
 
     async def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
         req = ControlRequest(command=command, **fields)  # type: ignore[arg-type]
         await self._sock.send(encode_control_request(req))
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        if command == "activate" and req.wait:
-            timeout = max(timeout, req.timeout_s + 5.0)
+        timeout = _control_timeout(req, self.timeout_s if timeout_s is None else timeout_s)
         try:
             raw = await asyncio.wait_for(self._sock.recv(), timeout)
         except asyncio.TimeoutError as e:

@@ -6,6 +6,7 @@ settings against these models without pulling in torch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -13,19 +14,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cdae.endpoints import control_endpoint_for
 from cdae.engine.guard import GuardConfig
 from cdae.engine.kinds import BackendKind
 from cdae.engine.protocol import DEFAULT_MAX_FRAME_PIXELS, MAX_HEADER_BYTES
-
-_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 
 DEFAULT_MODEL = "cdae-default"
 
 
 def default_models_dir() -> Path:
-    """``$CDAE_MODELS`` if set, else the source tree's ``models/`` (where the shipped model lives)."""
+    """``$CDAE_MODELS`` if set, else the store an install brings (``cdae.models``: the shipped default and one
+    rollback; in a source checkout, its ``models/``)."""
     env = os.environ.get("CDAE_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("cdae.models")  # found, not imported: the store holds no code
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "models"
 
 
 
@@ -129,12 +135,4 @@ class EngineConfig(BaseModel):
         """The control endpoint: as configured, else the data port + 1 on the same host."""
         if self.control:
             return self.control
-        m = _TCP.match(self.bind)
-        if m:
-            port = m["port"]
-            if port in ("0", "*"):
-                return self.bind
-            return f"tcp://{m['host']}:{int(port) + 1}"
-        if self.bind.startswith(("ipc://", "inproc://")):
-            return self.bind + ".control"
-        raise ValueError(f"cannot derive a control endpoint from {self.bind!r}; give one")
+        return control_endpoint_for(self.bind)

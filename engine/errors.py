@@ -1,4 +1,12 @@
-"""The engine's exception hierarchy (model packages and normalisation keep their own, older ones)."""
+"""The engine's exception hierarchy: every error the engine raises on purpose is an :class:`EngineError`.
+
+Defined here (standard library only): ``BackendError`` and ``BackendUnavailable``, ``EngineTimeout``.
+Defined beside the code that raises them, each an ``EngineError``: ``ModelPackageError``
+(:mod:`cdae.engine.package`), ``NormalisationError`` (:mod:`cdae.engine.normalise`) and ``TilingError``
+(:mod:`cdae.engine.tiling`), both ValueErrors as well, as callers catch them; ``ProtocolError``
+(:mod:`cdae.engine.protocol`), ``BadPixelError`` (:mod:`cdae.engine.badpixels`) and
+``ArtefactIntegrityError`` (a ``BackendError``, :mod:`cdae.engine.artefacts`).
+"""
 
 from __future__ import annotations
 

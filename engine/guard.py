@@ -32,6 +32,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.ndimage import uniform_filter1d
 
+from cdae.engine.robust import mad_sigma
+
 #: The defect head's calibrated threshold, beside a model package's manifest (``cdae calibrate``).
 CALIBRATION_FILE = "guard-calibration.json"
 
@@ -160,9 +162,8 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
         d = d[smooth]
         if d.size < 16:
             continue
-        mad = float(np.median(np.abs(d - np.median(d))))
         xs.append(float(np.median(lv[smooth])))
-        vs.append((1.4826 * mad) ** 2)
+        vs.append(mad_sigma(d) ** 2)
         ns.append(d.size)
     x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
     slope, intercept = _fit_variance(x - offset, v, n)

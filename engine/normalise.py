@@ -15,12 +15,15 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from cdae.engine.errors import EngineError
+from cdae.engine.robust import mad_sigma
+
 F32_MAX = float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "uint32", "int8")
 
 
-class NormalisationError(ValueError):
-    """A frame cannot be normalised (wrong type, non-finite values, bad bit depth)."""
+class NormalisationError(EngineError, ValueError):
+    """A frame cannot be normalised (wrong type, non-finite values, bad bit depth); a ValueError too, as before."""
 
 
 class NormalisationConfig(BaseModel):
@@ -105,12 +108,6 @@ FULL_WELL_MAX_VARIANCE_RATIO = 0.05
 FULL_WELL_MAX_DARK_RATIO = 2.0
 
 
-def _mad_sigma(a: np.ndarray, median: float | None = None) -> float:
-    if not a.size:
-        return 0.0
-    return 1.4826 * float(np.median(np.abs(a - (np.median(a) if median is None else median))))
-
-
 def _pairs(frame: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Horizontally adjacent pixel pairs on a ``step`` grid (the scene nearly cancels in a - b)."""
     rows = np.asarray(frame[::step], dtype=np.float32)
@@ -136,7 +133,7 @@ def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
         return 0.0
     dark = np.maximum(a, b) <= np.percentile(a, 10)
     d = (a - b)[dark]
-    return _mad_sigma(d) / math.sqrt(2.0) if d.size >= 16 else 0.0
+    return mad_sigma(d) / math.sqrt(2.0) if d.size >= 16 else 0.0
 
 
 def find_full_well(
@@ -181,7 +178,7 @@ def find_full_well(
         if near.size < 16:
             return None
         median = np.median(near)
-        new_level, new_half = float(median), 4.0 * max(_mad_sigma(near, median), 0.5)
+        new_level, new_half = float(median), 4.0 * max(mad_sigma(near, median), 0.5)
         if (new_level, new_half) == (level, half):
             break  # converged: the same window again
         level, half = new_level, new_half

@@ -14,11 +14,12 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -26,9 +27,12 @@ from torch import nn
 from cdae import __version__
 from cdae.engine.architecture import ArchitectureConfig, build_model
 from cdae.engine.config import DEFAULT_MODEL, default_models_dir  # noqa: F401  (re-exported: part of the store API)
+from cdae.engine.errors import EngineError
 from cdae.engine.normalise import NormalisationConfig
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # the package's layout (weights.safetensors beside manifest.json)
+#: The manifest's schema. Older manifests are migrated when read (``migrate_manifest``), never rewritten.
+SCHEMA_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -36,7 +40,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MetricValue = Union[float, int, str, None]
 
 
-class ModelPackageError(Exception):
+class ModelPackageError(EngineError):
     """A model package is missing, malformed, tampered with or of an unknown architecture."""
 
 
@@ -80,12 +84,97 @@ class DataProvenance(BaseModel):
     camera_profile_sha256: str | None = Field(None, description="the camera profile used (saved in the package)")
 
 
+class _Record(BaseModel):
+    """A typed record with room for more: known keys are checked, any other is kept as it came (extra="allow").
+
+    It is written back with exactly the keys it was given (a known key never given is not written as
+    null), and reads like the dict it was before schema 2: a read-only :class:`~collections.abc.Mapping`
+    of the keys it was given (``r["key"]``, ``r.get(key)``, ``key in r``, ``{**r}``, ``Model.model_validate(r)``).
+    """
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_serializer(mode="wrap")
+    def _given_keys_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+    def keys(self) -> KeysView[str]:
+        return self.model_dump().keys()
+
+    def values(self) -> ValuesView[Any]:
+        return self.model_dump().values()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self.model_dump().items()
+
+    def __getitem__(self, key: str) -> Any:  # noqa: ANN401 - a JSON value
+        if key not in self.model_fields_set:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.model_fields_set
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override] - a Mapping's keys, not BaseModel's (name, value) pairs
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.model_fields_set)
+
+    def get(self, key: str, default: Any = None) -> Any:  # noqa: ANN401 - a JSON value
+        return self[key] if key in self else default
+
+
+Mapping.register(_Record)
+
+
+class TrainingConfigRecord(_Record):
+    """The effective training configuration a package was made with (``cdae.training.config.TrainConfig``'s
+    JSON; the engine types its top level, the sections stay JSON as they were written)."""
+
+    name: str | None = None
+    version: str | None = None
+    seed: int | None = None
+    threads: int | None = None
+    device: str | None = None
+    init_from: str | None = Field(None, description="NAME:VERSION the weights started from")
+    architecture: dict[str, JsonValue] | None = None
+    normalisation: dict[str, JsonValue] | None = None
+    data: dict[str, JsonValue] | None = None
+    optim: dict[str, JsonValue] | None = None
+    loss: dict[str, JsonValue] | None = None
+    stages: list[dict[str, JsonValue]] | None = Field(None, description="a staged recipe: each stage trains on from the last")
+    real: dict[str, JsonValue] | None = Field(None, description="fine-tuning on a camera's recordings")
+
+
+class MetricsRecord(_Record):
+    """What training, evaluation and fine-tuning measured (each adds its keys); ``val_<baseline>_psnr_db``
+    and others are kept as extra keys."""
+
+    val_loss: float | None = None
+    val_psnr_db: float | None = None
+    val_noisy_psnr_db: float | None = None
+    val_median3_psnr_db: float | None = None
+    train_seconds: float | None = None
+    cpu_seconds: float | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    stages: list[dict[str, JsonValue]] | None = Field(None, description="each stage's last validation")
+    held_out: dict[str, JsonValue] | None = Field(None, description="`cdae evaluate` on the held-out simulated set")
+    real_held_out: dict[str, JsonValue] | None = None
+    sim_held_out: dict[str, JsonValue] | None = None
+    real_objective: str | None = None
+    finetune_gate: dict[str, JsonValue] | None = None
+
+
 class Manifest(BaseModel):
     """Everything needed to know how a model was made and how to run it."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format: int = MANIFEST_FORMAT
+    schema_version: int = Field(SCHEMA_VERSION, ge=SCHEMA_VERSION, le=SCHEMA_VERSION,
+                                description="older schemas are migrated when read (migrate_manifest)")
     name: str
     version: str
     architecture: ArchitectureConfig
@@ -100,8 +189,13 @@ class Manifest(BaseModel):
         default_factory=list,
         description="real recordings the weights were fitted to (simulated data is named by seed and generator version)",
     )
-    training_config: dict[str, JsonValue] = Field(default_factory=dict)
-    metrics: dict[str, JsonValue] = Field(default_factory=dict)
+    training_config: TrainingConfigRecord = Field(default_factory=TrainingConfigRecord)
+    metrics: MetricsRecord = Field(default_factory=MetricsRecord)
+    environment: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="what the weights were trained with (Python, torch, numpy, scipy, CPU, threads): a re-run "
+        "is bit for bit only where this matches",
+    )
     weights_sha256: str
     weights_bytes: int
     parameters: int
@@ -112,6 +206,40 @@ class Manifest(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Manifest:
+        """A copy; the fields in ``update`` are validated (a plain dict of metrics becomes a :class:`MetricsRecord`)."""
+        copy = super().model_copy(deep=deep)
+        if not update:
+            return copy
+        return type(self).model_validate({**dict(copy), **update})
+
+
+# --- older manifests ---------------------------------------------------------------------------
+
+def _schema_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 (no ``schema_version``; ``training_config`` and ``metrics`` free-form dicts) → 2, where both
+    are typed records that keep every other key: the old contents validate as they are."""
+    return {**data, "schema_version": 2}
+
+
+#: One explicit step from each older schema to the next.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _schema_1_to_2}
+
+
+def migrate_manifest(data: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's JSON in any schema this engine knows, brought to :data:`SCHEMA_VERSION` step by step.
+
+    A manifest without ``schema_version`` is schema 1. The input is not modified.
+    """
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise ModelPackageError(f"manifest schema {version!r}: this engine reads schemas 1 to {SCHEMA_VERSION}")
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        assert data["schema_version"] == version + 1, f"migration from schema {version} skipped a step"
+        version += 1
+    return data
 
 
 def validate_name(kind: str, value: str) -> str:
@@ -204,6 +332,10 @@ def read_manifest(pkg: Path | str) -> Manifest:
             raise ModelPackageError(f"{path}: unknown architecture {arch.get('name')!r}; this engine knows 'cdae-unet'")
         if data.get("format") not in (None, MANIFEST_FORMAT):
             raise ModelPackageError(f"{path}: manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
+        try:
+            data = migrate_manifest(data)
+        except ModelPackageError as e:
+            raise ModelPackageError(f"{path}: {e}") from e
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:

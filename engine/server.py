@@ -25,7 +25,6 @@ clients whose public keys are allowed get any answer (:mod:`cdae.engine.curve`).
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import sys
 import threading
 import time
@@ -34,18 +33,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
 
-import numpy as np
 import zmq
 from pydantic import JsonValue
 
 from cdae import __version__
+from cdae.endpoints import is_loopback, parse_tcp
 from cdae.engine.backends import Backend, load_backend
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
 from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
+from cdae.engine.frame_queue import FrameQueue
 from cdae.engine.guard import GuardConfig, for_package
 from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import ModelRegistry, read_manifest
@@ -65,11 +64,10 @@ from cdae.engine.protocol import (
     error_reply_for,
     ok_reply,
 )
+from cdae.engine.stats import EngineStats
 from cdae.notify import Notifier
 
 Log = Callable[[str], None]
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 
 
 def _stderr(msg: str) -> None:
@@ -81,169 +79,14 @@ def _utc_now() -> str:
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
-    m = _TCP.match(endpoint)
-    if m and m["port"] == "0":
-        endpoint = f"tcp://{m['host']}:*"  # libzmq's spelling of "any free port"
+    ep = parse_tcp(endpoint)
+    if ep and ep.port == "0":
+        endpoint = f"tcp://{ep.host}:*"  # libzmq's spelling of "any free port"
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as e:
         raise EngineError(f"cannot bind {endpoint}: {e}") from e
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def _is_loopback(endpoint: str) -> bool:
-    m = _TCP.match(endpoint)
-    return m is None or m["host"] in _LOOPBACK
-
-
-# --- bounded pending frames --------------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-class FrameQueue(Generic[T]):
-    """Bounded per-client pending frames, served round-robin; when a client's slot is full the newest wins.
-
-    ``put`` returns the items it pushed out (the caller answers them "dropped"); nothing ever
-    blocks the producer, at most ``per_client * max_clients`` items wait, and at most ``max_bytes``
-    of them (the ``nbytes`` each was put with): a frame that would go beyond is refused.
-    """
-
-    def __init__(self, per_client: int, max_clients: int, max_bytes: int | None = None) -> None:
-        self.per_client = per_client
-        self.max_clients = max_clients
-        self.max_bytes = max_bytes
-        self._slots: dict[bytes, deque[tuple[T, int]]] = {}
-        self._order: deque[bytes] = deque()  # clients with frames waiting, in service order
-        self._cond = threading.Condition()
-        self._depth = 0
-        self._bytes = 0
-        self.high_water = 0
-        self.bytes_high_water = 0
-        self.refused_for = ""  # why put last refused its own item: "clients" or "bytes"
-
-    def put(self, client: bytes, item: T, nbytes: int = 0) -> list[T]:
-        with self._cond:
-            slot = self._slots.get(client)
-            own = sum(size for _, size in slot) if slot else 0
-            if self.max_bytes is not None and self._bytes - own + nbytes > self.max_bytes:
-                self.refused_for = "bytes"  # even without this client's older frames it would not fit
-                return [item]
-            if slot is None:
-                if len(self._slots) >= self.max_clients:
-                    self.refused_for = "clients"
-                    return [item]  # too many clients waiting: refuse rather than grow
-                slot = self._slots[client] = deque()
-                self._order.append(client)
-            evicted = []
-            while len(slot) >= self.per_client or (self.max_bytes is not None and self._bytes + nbytes > self.max_bytes):
-                old, size = slot.popleft()  # the client's own older frames make room: the newest wins
-                evicted.append(old)
-                self._depth -= 1
-                self._bytes -= size
-            slot.append((item, nbytes))
-            self._depth += 1
-            self._bytes += nbytes
-            self.high_water = max(self.high_water, self._depth)
-            self.bytes_high_water = max(self.bytes_high_water, self._bytes)
-            self._cond.notify()
-            return evicted
-
-    def get(self, timeout: float | None = None) -> T | None:
-        with self._cond:
-            if not self._order and not self._cond.wait_for(lambda: bool(self._order), timeout):
-                return None
-            client = self._order.popleft()
-            slot = self._slots[client]
-            item, size = slot.popleft()
-            self._depth -= 1
-            self._bytes -= size
-            if slot:
-                self._order.append(client)  # round robin: this client goes to the back
-            else:
-                del self._slots[client]
-            return item
-
-    def drain(self) -> list[T]:
-        with self._cond:
-            items = [i for s in self._slots.values() for i, _ in s]
-            self._slots.clear()
-            self._order.clear()
-            self._depth = 0
-            self._bytes = 0
-            return items
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return self._depth
-
-
-# --- counters ----------------------------------------------------------------------------------
-
-class EngineStats:
-    """Counters and rolling timing windows, shared by the I/O, worker and control threads."""
-
-    def __init__(self, window: int) -> None:
-        self._lock = threading.Lock()
-        self.received = 0
-        self.processed = 0
-        self.dropped = 0
-        self.errors = 0
-        self.errors_by_code: dict[str, int] = {}
-        self.tiled_frames = 0
-        self.by_model: dict[str, int] = {}
-        self._timings: dict[str, deque[float]] = {k: deque(maxlen=window) for k in ("queue_ms", "inference_ms", "total_ms")}
-        self._done_at: deque[float] = deque(maxlen=window)
-        self.started = time.monotonic()
-
-    def count_received(self) -> None:
-        with self._lock:
-            self.received += 1
-
-    def count_dropped(self) -> None:
-        with self._lock:
-            self.dropped += 1
-
-    def count_error(self, code: str) -> None:
-        with self._lock:
-            self.errors += 1
-            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
-
-    def count_processed(self, timings: Timings, model: str, tiles: int) -> None:
-        with self._lock:
-            self.processed += 1
-            self.by_model[model] = self.by_model.get(model, 0) + 1
-            if tiles > 1:
-                self.tiled_frames += 1
-            for k, q in self._timings.items():
-                q.append(getattr(timings, k))
-            self._done_at.append(time.monotonic())
-
-    def counters(self) -> dict[str, int]:
-        with self._lock:
-            return {"received": self.received, "processed": self.processed, "dropped": self.dropped,
-                    "errors": self.errors}
-
-    def timings(self, percentiles: tuple[float, ...] = (50, 99)) -> dict[str, dict[str, float | None]]:
-        with self._lock:
-            data = {k: np.asarray(q, dtype=np.float64) for k, q in self._timings.items()}
-        out: dict[str, dict[str, float | None]] = {}
-        for k, a in data.items():
-            out[k] = {f"p{p:g}": (round(float(np.percentile(a, p)), 3) if a.size else None) for p in percentiles}
-        return out
-
-    def metrics(self) -> dict[str, JsonValue]:
-        with self._lock:
-            done = list(self._done_at)
-            rate = (len(done) - 1) / (done[-1] - done[0]) if len(done) >= 2 and done[-1] > done[0] else 0.0
-            extra = {"errors_by_code": dict(self.errors_by_code), "tiled_frames": self.tiled_frames,
-                     "processed_by_model": dict(self.by_model)}
-        timings = self.timings((50, 90, 99, 100))
-        return {"counters": self.counters(), **extra, "rate_hz": round(rate, 3),  # type: ignore[dict-item]
-                "timings_ms": timings, "uptime_s": round(time.monotonic() - self.started, 3)}  # type: ignore[dict-item]
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -351,7 +194,7 @@ class EngineServer:
             self._active.backend.close()
             raise
         for ep in (self.data_endpoint, self.control_endpoint):
-            if not _is_loopback(ep) and self._curve is None:
+            if not is_loopback(ep) and self._curve is None:
                 self.log(f"warning: {ep} is reachable from the network and has no CURVE authentication: "
                          "anyone who reaches it can send frames and swap models (set curve keys: `cdae keys`)")
         if self._curve is not None:

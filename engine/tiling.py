@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cdae.engine.errors import EngineError
 
-class TilingError(ValueError):
-    """The tile budget cannot hold a tile with the required margin."""
+
+class TilingError(EngineError, ValueError):
+    """The tile budget cannot hold a tile with the required margin; a ValueError too, as before."""
 
 
 @dataclass(frozen=True)

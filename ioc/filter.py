@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,6 +27,8 @@ from caproto import AlarmSeverity, AlarmStatus
 from caproto.asyncio.client import Context as ClientContext
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cdae import tomlfile
+from cdae.endpoints import control_endpoint_for, parse_tcp
 from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.config import CurveClientKeys
@@ -51,12 +52,11 @@ from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
 from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pva import (DEFECT_MAP, IMAGE, RESIDUAL, NTNDArrayServer, PvaFrameSource, is_pva_source, p4p_missing,
                           pva_channel)
-from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
+from cdae.ioc.pvs import QUEUE_SIZE_MAX, QUEUE_SIZE_MIN, STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 from cdae.ioc.source import FrameSource, SourceNames
 from cdae.notify import Notifier
 
-_TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+)$")
 _WHO = "cdae-ioc"
 STATUS_PERIOD_S = 5.0  # how often ``systemctl status`` gets fresh counters (and, at most, the watchdog period)
 BAD_PIXEL_LOAD_TIMEOUT_S = 10.0  # reading and checking a bad-pixel file; longer: refused
@@ -87,7 +87,7 @@ class IocConfig(BaseModel):
     height: int | None = Field(None, ge=1, description="plain waveform source: frame height")
     data_type: NDDataType | None = Field(None, description="plain waveform source: data type (default from CA type)")
     bit_depth: int | None = Field(None, ge=1, le=32, description="camera bit depth when the container is wider")
-    queue_size: int = Field(2, ge=1, le=64, description="frames in flight to the engine")
+    queue_size: int = Field(2, ge=QUEUE_SIZE_MIN, le=QUEUE_SIZE_MAX, description="frames in flight to the engine")
     engine_timeout_s: float = Field(10.0, gt=0, description="no reply within this: the engine counts as down")
     status_period_s: float = Field(0.5, gt=0, description="engine control-channel poll period")
     residual: bool = Field(True, description="publish Residual:ArrayData")
@@ -140,21 +140,17 @@ class IocConfig(BaseModel):
         """As configured, else the first engine's data port + 1 (the engine's own default)."""
         if self.control:
             return self.control
-        m = _TCP.match(self.engine[0])
-        if not m:
+        ep = parse_tcp(self.engine[0])
+        if ep is None or ep.any_port:  # the IOC connects: it needs the engine's real port
             raise IocError(f"cannot derive the control endpoint from {self.engine[0]!r}; give --control")
-        return f"tcp://{m['host']}:{int(m['port']) + 1}"
+        return control_endpoint_for(self.engine[0])
 
 
 def load_ioc_config(path: str | Path | None, overrides: Mapping[str, object]) -> IocConfig:
     """A TOML file (optional) with flags on top; validated once."""
     data: dict[str, object] = {}
     if path is not None:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(Path(path).read_text())
+        data = tomlfile.load(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return IocConfig.model_validate(data)
 

@@ -34,6 +34,7 @@ ACQUIRE_STRINGS = ("Done", "Acquire")
 SHUTTER_CONTROL_STRINGS = ("Close", "Open")  # ADBase.template's ShutterControl (bo ZNAM/ONAM)
 SHUTTER_STATUS_STRINGS = ("Closed", "Open")  # ADBase.template's ShutterStatus_RBV
 STRING_MAX = 40  # DBR_STRING holds 39 characters and a NUL
+QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 1, 64  # QueueSize: frames in flight to the engine (the PV and IocConfig)
 
 _CA_TYPES: dict[str, ChannelType] = {
     "uint8": ChannelType.CHAR,
@@ -217,7 +218,7 @@ class FilterPVs(NDArrayPVs):
     blocking_callbacks = pvproperty(name="BlockingCallbacks", value="No", dtype=ChannelType.ENUM, enum_strings=YES_NO)
     blocking_callbacks_rbv = pvproperty(name="BlockingCallbacks_RBV", value="No", dtype=ChannelType.ENUM,
                                         enum_strings=YES_NO, read_only=True)
-    queue_size = pvproperty(name="QueueSize", value=2, lower_ctrl_limit=1, upper_ctrl_limit=64,
+    queue_size = pvproperty(name="QueueSize", value=2, lower_ctrl_limit=QUEUE_SIZE_MIN, upper_ctrl_limit=QUEUE_SIZE_MAX,
                             doc="frames in flight to the engine")
     queue_size_rbv = pvproperty(name="QueueSize_RBV", value=2, read_only=True)
     queue_free = pvproperty(name="QueueFree", value=2, read_only=True)
@@ -291,8 +292,8 @@ class FilterPVs(NDArrayPVs):
 
     @queue_size.putter
     async def queue_size(self, instance: object, value: int) -> int:
-        if not 1 <= value <= 64:
-            raise ValueError(f"QueueSize: expected 1..64 frames in flight, got {value}")
+        if not QUEUE_SIZE_MIN <= value <= QUEUE_SIZE_MAX:
+            raise ValueError(f"QueueSize: expected {QUEUE_SIZE_MIN}..{QUEUE_SIZE_MAX} frames in flight, got {value}")
         if self.controller is not None:
             await self.controller.set_queue_size(value)
         await self.queue_size_rbv.write(value)

@@ -10,6 +10,13 @@ would flag: what the issue calls painting real structure over. The frames are th
 validation frames (the held-out set stays for evaluation), so the guarantee holds for scenes like
 those; the real-scene evaluation says how far it carries.
 
+With a confidence ``1 - delta`` (``delta`` given), the threshold is instead chosen as a risk-
+controlling prediction set (Bates, Angelopoulos, Lei, Malik, Jordan, 2021): scanning thresholds from
+the top down, the lowest before the first whose Hoeffding-Bentkus upper confidence bound on the mean
+loss exceeds ``alpha``; then, with probability at least ``1 - delta`` over the calibration frames,
+the expected share of a new frame's real bright pixels flagged is at most ``alpha``. This needs more
+frames: even with no loss at all the bound is ``1 - delta^(1/n)``, about ``log(1 / delta) / n``.
+
 Writes ``guard-calibration.json`` beside the package's manifest (the weights and manifest are not
 touched), which the guard reads when its threshold is ``"calibrated"`` (the default).
 """
@@ -24,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binom
 
 from cdae import __version__
 from cdae.engine.guard import CALIBRATION_FILE
@@ -43,19 +51,81 @@ class Calibration:
     alpha: float
     frames: int
     frames_with_bright: int
-    risk_bound: float  # n / (n + 1) * mean loss + 1 / (n + 1) at the threshold
+    risk_bound: float  # at the threshold: n / (n + 1) * mean loss + 1 / (n + 1), or the UCB with delta
     mean_loss: float  # mean share of a frame's real bright pixels flagged
     worst_frame_loss: float
     real_pixels_flagged: float  # share of all real pixels flagged, pooled
     defect_pixels_flagged: float  # recall of the head on true defect pixels, pooled
+    delta: float | None = None  # None: in expectation over calibration sets; else with confidence 1 - delta
 
 
 def _losses(probabilities: Sequence[np.ndarray], brights: Sequence[np.ndarray], t: float) -> np.ndarray:
     return np.array([float((p[b] > t).mean()) if b.any() else 0.0 for p, b in zip(probabilities, brights)])
 
 
-def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.01) -> Calibration:
-    """The smallest threshold whose conformal risk bound on ``frames`` is at most ``alpha``."""
+def hoeffding_bentkus_ucb(mean_loss: float, n: int, delta: float) -> float:
+    """An upper confidence bound at level ``1 - delta`` on the mean of ``n`` i.i.d. losses in [0, 1] with
+    empirical mean ``mean_loss`` (Bates et al. 2021, eq. 9: the smaller of Hoeffding's and Bentkus' tail
+    bounds, inverted by bisection)."""
+    r_hat = min(max(float(mean_loss), 0.0), 1.0)
+
+    def p_value(r: float) -> float:
+        a = min(r_hat, r)
+        if r >= 1.0:
+            return 0.0
+        h1 = (a * math.log(a / r) if a > 0 else 0.0) + ((1 - a) * math.log((1 - a) / (1 - r)) if a < 1 else 0.0)
+        hoeffding = math.exp(-n * h1)
+        bentkus = math.e * float(binom.cdf(math.ceil(n * r_hat), n, r))
+        return min(hoeffding, bentkus)
+
+    lo, hi = r_hat, 1.0
+    if p_value(lo) <= delta:
+        return lo
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if p_value(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def choose_threshold(probabilities: Sequence[np.ndarray], brights: Sequence[np.ndarray], alpha: float,
+                     delta: float | None = None) -> tuple[float | None, float]:
+    """The defect threshold and its risk bound: conformal risk control (``delta`` None: the smallest ``t``
+    whose bound meets ``alpha``), or with confidence ``1 - delta`` the RCPS choice (thresholds from the top
+    down, the lowest before the first whose upper confidence bound exceeds ``alpha``). (None, bound at
+    the highest candidate) when no threshold meets ``alpha``."""
+    if not 0 < alpha < 1 or (delta is not None and not 0 < delta < 1):
+        raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
+    n = len(probabilities)
+    candidates = np.unique(np.concatenate([np.linspace(0.5, 0.999, 500)] +
+                                          [p[b] for p, b in zip(probabilities, brights) if b.any()]))
+    candidates = candidates[(candidates >= 0.5) & (candidates < 1.0)]
+
+    def bound(t: float) -> float:
+        mean = float(_losses(probabilities, brights, t).mean())
+        return n / (n + 1) * mean + 1.0 / (n + 1) if delta is None else hoeffding_bentkus_ucb(mean, n, delta)
+
+    # losses fall as t grows, and so does either bound: bisect for the smallest t that meets alpha (for the
+    # confidence bound this is the fixed-sequence choice from the top: every t above it meets alpha too)
+    top = bound(float(candidates[-1]))
+    if top > alpha:
+        return None, top
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bound(float(candidates[mid])) <= alpha:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = float(candidates[lo])
+    return chosen, bound(chosen)
+
+
+def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.01,
+              delta: float | None = None) -> Calibration:
+    """The threshold of :func:`choose_threshold` on ``frames``, with what it flags there."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     probs, brights, reals, defects = [], [], [], []
@@ -68,15 +138,7 @@ def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.
         reals.append((fr.defect_mask == 0) & ~lost)
         defects.append((fr.defect_mask != 0) & ~lost)
     n = len(frames)
-    candidates = np.unique(np.concatenate([np.linspace(0.5, 0.999, 500)] +
-                                          [p[b] for p, b in zip(probs, brights) if b.any()]))
-    candidates = candidates[(candidates >= 0.5) & (candidates < 1.0)]
-    chosen = None
-    for t in candidates:  # losses fall as t grows: the first that meets the bound is the smallest
-        bound = n / (n + 1) * float(_losses(probs, brights, float(t)).mean()) + 1.0 / (n + 1)
-        if bound <= alpha:
-            chosen = float(t)
-            break
+    chosen, risk = choose_threshold(probs, brights, alpha, delta)
     t_eval = chosen if chosen is not None else 1.0
     losses = _losses(probs, brights, t_eval)
     real_flagged = sum(int((p[m] > t_eval).sum()) for p, m in zip(probs, reals)) / max(sum(int(m.sum()) for m in reals), 1)
@@ -84,21 +146,28 @@ def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.
         sum(int(m.sum()) for m in defects), 1)
     return Calibration(
         defect_threshold=chosen, alpha=alpha, frames=n, frames_with_bright=sum(int(b.any()) for b in brights),
-        risk_bound=n / (n + 1) * float(losses.mean()) + 1.0 / (n + 1), mean_loss=float(losses.mean()),
+        risk_bound=risk if chosen is not None else (n / (n + 1) * float(losses.mean()) + 1.0 / (n + 1)
+                                                   if delta is None else risk),
+        mean_loss=float(losses.mean()),
         worst_frame_loss=float(losses.max()) if losses.size else math.nan, real_pixels_flagged=real_flagged,
-        defect_pixels_flagged=defect_flagged,
+        defect_pixels_flagged=defect_flagged, delta=delta,
     )
 
 
-def calibrate_package(pkg: Path, frames: int = 192, alpha: float = 0.01, data: DataConfig | None = None) -> Calibration:
+def calibrate_package(pkg: Path, frames: int = 192, alpha: float = 0.01, data: DataConfig | None = None,
+                      delta: float | None = None) -> Calibration:
     """Calibrate the package's head on ``frames`` validation frames; write ``CALIBRATION_FILE`` beside it."""
     data = data or DataConfig()
     den = Denoiser.from_package(pkg)
-    result = calibrate(den, simulated_frames(data, data.val_seed, 0, frames, DEFAULT_SIZES), alpha)
+    result = calibrate(den, simulated_frames(data, data.val_seed, 0, frames, DEFAULT_SIZES), alpha, delta)
+    method = ("conformal risk control (Angelopoulos et al. 2022): E[share of a new frame's real bright-feature "
+              "pixels flagged] <= alpha for frames like the calibration frames") if delta is None else (
+              "risk-controlling threshold (Bates et al. 2021, Hoeffding-Bentkus bound): with probability >= 1 - "
+              "delta over the calibration frames, E[share of a new frame's real bright-feature pixels flagged] "
+              "<= alpha for frames like them")
     record = {
         **asdict(result),
-        "method": "conformal risk control (Angelopoulos et al. 2022): E[share of a new frame's real bright-feature "
-                  "pixels flagged] <= alpha for frames like the calibration frames",
+        "method": method,
         "calibration_frames": {"generator": GENERATOR_VERSION, "seed": data.val_seed, "frames": frames,
                                "sizes": [list(s) for s in DEFAULT_SIZES]},
         "model": den.manifest.ref, "cdae_version": __version__,

@@ -35,11 +35,11 @@ from scipy import ndimage
 
 from cdae import __version__
 from cdae.engine.badpixels import BadPixelError
+from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma
 from cdae.recording import Run, read_runs
 from cdae.training.defects import BAD_LINE, DEAD, HOT, BadLine, DefectLayout
 
 PROFILE_FORMAT = 1
-_MAD_TO_SIGMA = 1.4826
 #: var(MAD-based variance of n Gaussian samples) ≈ this × variance² / n (2 for the sample variance;
 #: the MAD is 37 % efficient).
 _MAD_VARIANCE_FACTOR = 5.4
@@ -189,9 +189,7 @@ def robust_sigma(values: np.ndarray) -> float:
     """1.4826 × median absolute deviation: the standard deviation of the Gaussian part."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
-    if v.size == 0:
-        return math.nan
-    return float(_MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
+    return mad_sigma(v) if v.size else math.nan
 
 
 def clipped_sigma(values: np.ndarray, clip: float = 5.0) -> float:
@@ -658,7 +656,7 @@ def _light_pixels(light: np.ndarray, run_of: list[int], light_med: np.ndarray, m
         is_static_pair(light[i], light[i + 1], cfg.static_ratio) for i in range(min(len(light) - 1, 3)))
     noise_med = 1.2533 * math.sqrt(read_dn**2 + 1.0) / math.sqrt(len(light))  # of a temporal median
     # textured scenes (turbulence, speckle) have pixel-scale bumps of their own: judge against the local texture
-    local = _MAD_TO_SIGMA * np.sqrt(ndimage.median_filter(residual**2, size=7, mode="reflect") / 0.4549)
+    local = MAD_TO_SIGMA * np.sqrt(ndimage.median_filter(residual**2, size=7, mode="reflect") / 0.4549)
     for r, c in zip(*np.nonzero((residual > cfg.pixel_sigma * np.maximum(sigma, local)) & ~known)):
         if temporal_var[r, c] < 0.05 * (read_dn**2 + 1.0):  # no noise at all: stuck
             stuck.append((int(r), int(c), float(light_med[r, c])))

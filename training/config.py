@@ -7,23 +7,18 @@ code version) to reproduce the run.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
+from cdae import tomlfile
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.normalise import NormalisationConfig
 from cdae.engine.package import Manifest
 from cdae.training.defects import MASK_BITS, MASK_SUBCLASSES, DefectConfig
 from cdae.training.simulate import SceneConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -105,8 +100,30 @@ class LossConfig(_Strict):
         return self
 
 
+class StageConfig(_Strict):
+    """One stage of a staged recipe: the run's config with these sections changed, trained on from the
+    previous stage's weights with a fresh optimiser and learning-rate schedule."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    data: dict[str, JsonValue] = Field(default_factory=dict, description="changes to [data] for this stage")
+    optim: dict[str, JsonValue] = Field(default_factory=dict, description="changes to [optim] for this stage")
+    loss: dict[str, JsonValue] = Field(default_factory=dict, description="changes to [loss] for this stage")
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class TrainConfig(_Strict):
-    """One training run; ``seed`` drives weight initialisation and the data stream."""
+    """One training run; ``seed`` drives weight initialisation and the data stream.
+
+    With ``stages`` the run is a staged recipe from one config: stage ``i`` is this config with the
+    stage's sections changed, and starts from stage ``i - 1``'s weights (the first from ``init_from``
+    or from scratch); one package is written at the end, with every stage recorded.
+    """
 
     name: str = "cdae"
     version: str = "1"
@@ -124,6 +141,30 @@ class TrainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> TrainConfig:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must differ, got {names}")
+        self.stage_configs()  # each stage must be a valid config of its own
+        return self
+
+    def stage_configs(self) -> list[TrainConfig]:
+        """The stages as plain (unstaged) configs, in order; ``[self]`` for an unstaged run."""
+        if not self.stages:
+            return [self]
+        base = self.model_dump(mode="json", exclude={"stages"})
+        out = []
+        for st in self.stages:
+            data = _merged(base, {"data": st.data, "optim": st.optim, "loss": st.loss})
+            try:
+                out.append(TrainConfig.model_validate(data))
+            except ValidationError as e:
+                fields = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"stage {st.name!r}: {fields}") from None
+        return out
 
 
 def recorded_training_config(manifest: Manifest) -> dict:
@@ -133,7 +174,7 @@ def recorded_training_config(manifest: Manifest) -> dict:
     validated; where those defaults changed the frames, the old behaviour is filled in here:
     generator 1.1 drew plasma without an optical PSF (``plasma_psf_sigma_px = (0, 0)``).
     """
-    cfg = json.loads(json.dumps(manifest.training_config))
+    cfg = manifest.training_config.model_dump(mode="json")  # a deep copy: the record itself stays untouched
     data = cfg.get("data")
     if manifest.data_generator_version == "1.1" and isinstance(data, dict):
         scene = data.setdefault("scene", {})
@@ -157,12 +198,12 @@ def read_config_file(path: Path | str) -> dict:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
     try:
         if path.suffix == ".toml":
-            return tomllib.loads(text)
+            return tomlfile.loads(text)
         if path.suffix in (".yaml", ".yml"):
             return yaml.safe_load(text) or {}
         if path.suffix == ".json":
             return json.loads(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (tomlfile.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from e
     raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
 

@@ -18,6 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from scipy import ndimage
 
+from cdae.engine.robust import mad_sigma
+
 __all__ = [
     "EvalFrame",
     "FrameMetrics",
@@ -168,8 +170,7 @@ def bright_feature_mask(
         return np.zeros(ref.shape, dtype=bool)
     median = float(np.median(ref))
     if margin_dn is None:
-        mad = float(np.median(np.abs(ref - median)))
-        margin_dn = max(1.4826 * mad, 1e-6 * max(abs(median), 1.0))
+        margin_dn = max(mad_sigma(ref, median), 1e-6 * max(abs(median), 1.0))
     threshold = float(np.quantile(ref, quantile))
     return (ref >= threshold) & (ref > median + margin_dn) & ~defects
 

@@ -32,6 +32,7 @@ from cdae.engine.package import ModelRegistry, code_version, load_package, write
 from cdae.training.baselines import make_baseline
 from cdae.training.config import TrainConfig
 from cdae.training.dataset import simulated_frames
+from cdae.training.environment import training_environment
 from cdae.training.defects import mask_subclass
 from cdae.training.metrics import EvalFrame, bright_feature_mask, psnr
 from cdae.training.report import save_loss_curves
@@ -228,40 +229,24 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, models_root: Path) -> str 
     return manifest.ref
 
 
-def train(
+def _train_stage(
     cfg: TrainConfig,
-    models_root: Path | str = "models",
-    run_dir: Path | str | None = None,
+    model: CDAE,
+    device: torch.device,
+    run_dir: Path,
+    csv_path: Path,
     *,
-    resume: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-    stop_after_epochs: int | None = None,
-    log: Callable[[str], None] = print,
-    step_loss: StepLoss | None = None,
-    manifest_fields: dict[str, object] | None = None,
-) -> TrainResult:
-    """Train one model and write it as a package ``models_root/<name>/<version>``.
-
-    ``run_dir`` holds checkpoints and logs (default ``runs/<name>-<version>``); ``resume`` continues
-    from its last checkpoint. ``stop_after_epochs`` ends early (used to test resumption).
-    ``step_loss(model, first)`` replaces the simulated batch's loss (``first``: index of the batch's
-    first frame in the run; fine-tuning mixes in real frames this way); ``manifest_fields`` go into
-    the package's manifest.
-    """
-    models_root = Path(models_root)
-    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{cfg.version}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    device = training_device(cfg)
-    set_determinism(cfg)
-    t0 = time.perf_counter()
-    code = code_version()  # the code that starts the run is the code that made the weights
-
-    model = CDAE(cfg.architecture)
-    parent = _init_weights(model, cfg, models_root)
-    model.to(device)
-    model.train()
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    step_loss: StepLoss | None,
+    budget: int | None,
+    epoch_offset: int,
+    step_offset: int,
+    stage: str | None,
+    t0: float,
+) -> dict[str, object]:
+    """One stage (or the whole of an unstaged run): its optimiser, schedule, checkpoints and validation."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     steps_per_epoch = cfg.data.frames_per_epoch // cfg.optim.batch_size
     total_steps = steps_per_epoch * cfg.optim.epochs
@@ -269,18 +254,15 @@ def train(
     val_frames = simulated_frames(cfg.data, cfg.data.val_seed, 0, cfg.data.val_frames, [(cfg.data.val_size,) * 2])
     reference = reference_psnr(val_frames)
     log("validation references: " + ", ".join(f"{k} {v:.2f} dB" for k, v in reference.items()))
-    csv_path = run_dir / LOSS_CSV
     start_epoch, step = 0, 0
     if resume and (run_dir / "checkpoint.json").is_file():
         start_epoch, step = load_checkpoint(run_dir, model, opt)
         log(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
-    else:
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(LOSS_COLUMNS)
 
     data_seed = member_data_seed(cfg)
     val_loss = val_psnr = float("nan")
-    end_epoch = cfg.optim.epochs if stop_after_epochs is None else min(cfg.optim.epochs, stop_after_epochs)
+    end_epoch = cfg.optim.epochs if budget is None else min(cfg.optim.epochs, budget)
+    s0 = time.perf_counter()
     for epoch in range(start_epoch, end_epoch):
         running, n = 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
@@ -302,18 +284,92 @@ def train(
             n += 1
             bar.set_postfix(loss=f"{running / n:.4f}")
         val_loss, val_psnr = validate(model, val_frames, cfg)
-        row = [epoch + 1, step, running / max(n, 1), val_loss, val_psnr, lr_at(step - 1, total_steps, cfg),
-               round(time.perf_counter() - t0, 1)]
+        row = [epoch_offset + epoch + 1, step_offset + step, running / max(n, 1), val_loss, val_psnr,
+               lr_at(step - 1, total_steps, cfg), round(time.perf_counter() - t0, 1)]
         with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow(row)
+            csv.writer(f).writerow(row + ([stage] if stage else []))
         log(f"epoch {epoch + 1}/{cfg.optim.epochs}: train {running / max(n, 1):.4f}  val {val_loss:.4f}  "
             f"val PSNR {val_psnr:.2f} dB")
         save_checkpoint(run_dir, model, opt, epoch + 1, step)
-
-    seconds = time.perf_counter() - t0
-    save_loss_curves(run_dir / "loss.png", csv_path)
     if math.isnan(val_loss):  # resumed at the end: nothing trained in this call
         val_loss, val_psnr = validate(model, val_frames, cfg)
+    return {"epochs": cfg.optim.epochs, "steps": step, "val_loss": val_loss, "val_psnr_db": val_psnr,
+            "reference": reference, "seconds": round(time.perf_counter() - s0, 1)}
+
+
+def train(
+    cfg: TrainConfig,
+    models_root: Path | str = "models",
+    run_dir: Path | str | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+    step_loss: StepLoss | None = None,
+    manifest_fields: dict[str, object] | None = None,
+) -> TrainResult:
+    """Train one model and write it as a package ``models_root/<name>/<version>``.
+
+    ``run_dir`` holds checkpoints and logs (default ``runs/<name>-<version>``); ``resume`` continues
+    from its last checkpoint. ``stop_after_epochs`` ends early, counted over all stages (used to
+    test resumption). A staged config (``cfg.stages``) trains its stages in order on one model, each
+    with its own optimiser, schedule and checkpoint folder (``run_dir/stage-N-NAME``).
+    ``step_loss(model, first)`` replaces the simulated batch's loss (``first``: index of the batch's
+    first frame in the run; fine-tuning mixes in real frames this way); ``manifest_fields`` go into
+    the package's manifest.
+    """
+    models_root = Path(models_root)
+    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{cfg.version}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    device = training_device(cfg)
+    set_determinism(cfg)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    code = code_version()  # the code that starts the run is the code that made the weights
+
+    model = CDAE(cfg.architecture)
+    parent = _init_weights(model, cfg, models_root)
+    model.to(device)
+    model.train()
+    stages = cfg.stage_configs()
+    csv_path = run_dir / LOSS_CSV
+    columns = LOSS_COLUMNS + (["stage"] if cfg.stages else [])
+    if not (resume and csv_path.is_file()):
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+
+    done_epochs = done_steps = 0
+    records: list[dict[str, object]] = []
+    for i, scfg in enumerate(stages):
+        name = cfg.stages[i].name if cfg.stages else None
+        stage_dir = run_dir / f"stage-{i + 1}-{name}" if name else run_dir
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        budget = None if stop_after_epochs is None else stop_after_epochs - done_epochs
+        if budget is not None and budget <= 0:
+            break
+        if name:
+            log(f"stage {i + 1}/{len(stages)} {name!r}: {scfg.optim.epochs} epochs, lr {scfg.optim.lr:g}")
+        rec = _train_stage(scfg, model, device, stage_dir, csv_path, resume=resume, progress=progress, log=log,
+                           step_loss=step_loss, budget=budget, epoch_offset=done_epochs, step_offset=done_steps,
+                           stage=name, t0=t0)
+        records.append({"name": name, **rec})
+        done_epochs += scfg.optim.epochs
+        done_steps += int(rec["steps"])
+    if not records:
+        raise TrainingError(f"stop_after_epochs={stop_after_epochs}: nothing to train")
+    last = records[-1]
+    val_loss, val_psnr, reference = float(last["val_loss"]), float(last["val_psnr_db"]), last["reference"]
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    save_loss_curves(run_dir / "loss.png", csv_path)
+    metrics: dict[str, object] = {
+        "val_loss": val_loss, "val_psnr_db": val_psnr, **{f"val_{k}_psnr_db": v for k, v in reference.items()},
+        "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+        "epochs": sum(s.optim.epochs for s in stages), "steps": done_steps,
+    }
+    if cfg.stages:
+        metrics["stages"] = [{k: v for k, v in r.items() if k != "reference"} for r in records]
     pkg = write_package(
         models_root,
         name=cfg.name,
@@ -327,9 +383,8 @@ def train(
         code_version=code,
         command=command or shlex.join(["cdae", *sys.argv[1:]]),
         training_config=json.loads(cfg.model_dump_json()),
-        metrics={"val_loss": val_loss, "val_psnr_db": val_psnr, **{f"val_{k}_psnr_db": v for k, v in reference.items()},
-                 "train_seconds": round(seconds, 1),
-                 "epochs": cfg.optim.epochs, "steps": step},
+        metrics=metrics,
+        environment=training_environment(cfg.threads, cfg.device),
         parent=parent,
         **(manifest_fields or {}),
     )

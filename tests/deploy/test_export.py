@@ -33,8 +33,8 @@ def store(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A writable copy of the shipped default model (export writes beside the package)."""
-    dst = tmp_path_factory.mktemp("shipped") / "cdae-default" / "2"
-    shutil.copytree(REPO / "models" / "cdae-default" / "2", dst, ignore=shutil.ignore_patterns("cache", "artefacts"))
+    dst = tmp_path_factory.mktemp("shipped") / "cdae-default" / "7"
+    shutil.copytree(REPO / "models" / "cdae-default" / "7", dst, ignore=shutil.ignore_patterns("cache", "artefacts"))
     return dst
 
 
@@ -42,7 +42,7 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_shipped_model_exports_to_onnx_that_reproduces_torch(shipped: Path) -> None:
     record = export_package(shipped, "onnx", frames=4)
     onnx_file = shipped / record.path
-    assert onnx_file.is_file() and record.path == "artefacts/cdae-default-2.onnx"
+    assert onnx_file.is_file() and record.path == "artefacts/cdae-default-7.onnx"
     par = record.parity
     assert par["passed"] is True and par["frames"] == 4
     # in DN of a 16-bit camera at most: float rounding, far below one DN

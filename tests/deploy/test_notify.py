@@ -44,9 +44,9 @@ def test_watchdog_timeout_from_environment(env: dict[str, str], pid: int, expect
 
 
 def test_message_round_trip_keeps_one_line_per_key() -> None:
-    data = format_message({"READY": 1, "STATUS": "model cdae-default:2\nserving"})
-    assert data == b"READY=1\nSTATUS=model cdae-default:2 serving\n"
-    assert parse_message(data) == {"READY": "1", "STATUS": "model cdae-default:2 serving"}
+    data = format_message({"READY": 1, "STATUS": "model cdae-default:8\nserving"})
+    assert data == b"READY=1\nSTATUS=model cdae-default:8 serving\n"
+    assert parse_message(data) == {"READY": "1", "STATUS": "model cdae-default:8 serving"}
     with pytest.raises(ValueError, match="notification key"):
         format_message({"BAD=KEY": 1})
 

@@ -26,8 +26,7 @@ from cdae.notify import Notifier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ioc"))
 from ioc_helpers import Child, Stack, ca_read  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = "cdae-default:2"
+MODEL = "tiny:1"  # the conftest's tiny package: these tests are about the services, not the weights
 ENGINE_READY = re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+) ")
 
 
@@ -35,10 +34,10 @@ def _first(messages: list[dict[str, str]], key: str) -> int:
     return next(i for i, m in enumerate(messages) if key in m)
 
 
-def test_engine_notifies_ready_watchdog_and_stopping(tmp_path: Path, notify_listener) -> None:
+def test_engine_notifies_ready_watchdog_and_stopping(tmp_path: Path, notify_listener, tiny_package: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **notify_listener.env(1_000_000)}
     cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--threads", "1",
-           "--backend", "torch-cpu", "--models", str(REPO / "models"), "--model", MODEL]
+           "--backend", "torch-cpu", "--models", str(tiny_package.parents[1]), "--model", MODEL]
     engine = ChildProcess("engine", cmd, env, ENGINE_READY.pattern, tmp_path / "engine.log")
     try:
         ready = notify_listener.wait_for(lambda m: "READY" in m, "READY=1")
@@ -74,8 +73,8 @@ def test_engine_notifies_ready_watchdog_and_stopping(tmp_path: Path, notify_list
         engine.stop()
 
 
-def test_ioc_waits_for_its_camera_then_notifies_ready_watchdog_and_stopping(notify_listener) -> None:
-    stack = Stack(REPO / "models")
+def test_ioc_waits_for_its_camera_then_notifies_ready_watchdog_and_stopping(notify_listener, tiny_package: Path) -> None:
+    stack = Stack(tiny_package.parents[1])
     try:
         engine = stack.engine("--backend", "passthrough", model=MODEL)
         started: list[Child] = []
@@ -126,8 +125,9 @@ def test_ioc_waits_for_its_camera_then_notifies_ready_watchdog_and_stopping(noti
         stack.stop_all()
 
 
-def test_engine_withholds_the_watchdog_while_its_worker_is_wedged(notify_listener) -> None:
-    config = EngineConfig(bind="tcp://127.0.0.1:0", backend="passthrough", models_dir=REPO / "models", model=MODEL)
+def test_engine_withholds_the_watchdog_while_its_worker_is_wedged(notify_listener, tiny_package: Path) -> None:
+    config = EngineConfig(bind="tcp://127.0.0.1:0", backend="passthrough", models_dir=tiny_package.parents[1],
+                          model=MODEL)
     server = EngineServer(config, log=lambda s: None)
     server.start()
     notifier = Notifier(env=notify_listener.env(1_000_000), log=lambda s: None)

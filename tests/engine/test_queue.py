@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from cdae.engine.config import EngineConfig
-from cdae.engine.server import FrameQueue
+from cdae.engine.frame_queue import FrameQueue
 
 
 def test_newest_frame_wins_and_evictions_are_returned() -> None:

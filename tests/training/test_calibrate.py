@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 from cdae.engine.guard import CALIBRATION_FILE, GuardConfig, for_package
 from cdae.engine.inference import Denoiser
@@ -39,3 +41,34 @@ def test_a_package_without_calibration_flags_nothing_learned(tmp_path: Path) -> 
     assert for_package(GuardConfig(), tmp_path).defect_threshold is None
     (tmp_path / CALIBRATION_FILE).write_text("not json")
     assert for_package(GuardConfig(), tmp_path).defect_threshold is None
+
+
+def test_the_confidence_bound_is_valid_and_tighter_than_hoeffding() -> None:
+    import math
+
+    from cdae.training.calibrate import hoeffding_bentkus_ucb
+
+    for n, mean in ((200, 0.0), (1000, 0.001), (500, 0.05)):
+        ucb = hoeffding_bentkus_ucb(mean, n, 0.1)
+        assert mean <= ucb <= mean + math.sqrt(math.log(10) / (2 * n))  # never looser than Hoeffding's
+    assert abs(hoeffding_bentkus_ucb(0.0, 1000, 0.1) - math.log(1 / 0.1) / 1000) < 5e-5  # no loss: (1 - R)^n = delta
+    # coverage: over many calibration sets of Bernoulli(p) losses, the bound falls below p at most delta of the time
+    rng = np.random.default_rng(0)
+    p, n = 0.02, 300
+    below = sum(hoeffding_bentkus_ucb(float(rng.binomial(n, p)) / n, n, 0.1) < p for _ in range(200))
+    assert below / 200 <= 0.1
+
+
+def test_with_confidence_the_threshold_is_higher_and_needs_more_frames() -> None:
+    from cdae.training.calibrate import choose_threshold
+
+    rng = np.random.default_rng(1)
+    probs, brights = [], []
+    for _ in range(200):  # a head that gives real bright pixels low probabilities, with a tail
+        probs.append(rng.beta(1, 12, size=(16, 16)).astype(np.float32))
+        brights.append(rng.random((16, 16)) < 0.3)
+    t_exp, b_exp = choose_threshold(probs, brights, alpha=0.02)
+    t_conf, b_conf = choose_threshold(probs, brights, alpha=0.02, delta=0.1)
+    assert t_exp is not None and t_conf is not None and t_conf >= t_exp and b_conf <= 0.02 and b_exp <= 0.02
+    # 40 frames cannot give 90 % confidence at alpha 0.02 (log(1 / 0.1) / 0.02 = 116 frames at least)
+    assert choose_threshold(probs[:40], brights[:40], alpha=0.02, delta=0.1)[0] is None

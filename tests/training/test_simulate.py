@@ -187,7 +187,7 @@ def test_plasma_is_seen_through_the_optics() -> None:
 
 @pytest.mark.parametrize(("index", "total"), [(0, 554.9508948905859), (5, 1330.397471478209)])
 def test_unblurred_plasma_gives_generator_1_1_scenes(index: int, total: float) -> None:
-    # Shipped models up to cdae-default:5 were trained on generator 1.1; their recipes set
+    # Models up to cdae-default:5 (the chain, experiments/chain/) were trained on generator 1.1; their recipes set
     # plasma_psf_sigma_px = (0, 0), which must give 1.1's scenes bit for bit, the components drawn
     # after the plasma included (sums recorded with generator 1.1's code).
     s = generate_scene(scene_rng(7, index), 64, 80, SceneConfig(plasma_psf_sigma_px=(0.0, 0.0)), "mixed")
@@ -205,5 +205,5 @@ def test_shipped_recipes_keep_the_scenes_they_were_trained_on(version: str) -> N
     from cdae.training.config import load_train_config
 
     root = Path(__file__).resolve().parents[2]
-    cfg = load_train_config(root / "training" / "configs" / f"cdae-default-{version}.toml")
+    cfg = load_train_config(root / "experiments" / "chain" / f"cdae-default-{version}.toml")
     assert cfg.data.scene.plasma_psf_sigma_px == (0.0, 0.0)

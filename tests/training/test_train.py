@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cdae.engine.package import load_package, sha256_file
+from cdae.engine.package import Manifest, load_package, sha256_file
 from cdae.training.config import ConfigError, load_train_config
 from cdae.training.train import train
 
@@ -114,7 +114,8 @@ def test_recorded_distribution_of_an_older_generator(tiny_package: Path) -> None
                                                                                  "scene": scene}}})
     assert recorded_data_config(old).scene.plasma_psf_sigma_px == (0.0, 0.0)
     assert "plasma_psf_sigma_px" not in old.training_config["data"]["scene"]  # the record itself untouched
-    shipped = read_manifest(Path(__file__).resolve().parents[2] / "models" / "cdae-default" / "5")
+    # cdae-default:5's manifest as shipped (generator 1.1; the package itself is in git history)
+    shipped = Manifest.model_validate_json((Path(__file__).parent / "data" / "cdae-default-5.manifest.json").read_text())
     assert recorded_data_config(shipped).scene.plasma_psf_sigma_px == (0.0, 0.0)
 
 

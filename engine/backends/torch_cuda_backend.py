@@ -1,0 +1,129 @@
+"""``torch-cuda``: FP16/BF16 autocast, channels-last, pinned host buffers, CUDA graphs captured for each
+steady input shape."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdae.engine.backends.base import Backend, HostStaging, require_cuda
+from cdae.engine.config import BackendOptions
+from cdae.engine.errors import BackendError
+from cdae.engine.package import Manifest
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type for a precision setting; None means plain FP32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    with torch.cuda.device(device):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    static_in: torch.Tensor
+    static_restored: torch.Tensor
+    static_prob: torch.Tensor
+
+
+class TorchCUDABackend(Backend):
+    """The package's network on a CUDA GPU: autocast, channels-last, pinned memory, CUDA graphs."""
+
+    name = "torch-cuda"
+    GRAPH_AFTER = 2  # capture a shape's graph the second time it is seen (a steady shape)
+
+    def __init__(self, manifest: Manifest, model: nn.Module, options: BackendOptions) -> None:
+        require_cuda(self.name)
+        dev = torch.device(options.device)
+        if dev.type != "cuda":
+            raise BackendError(f"torch-cuda backend: device must be cuda[:N], got {options.device!r}")
+        super().__init__(manifest, str(dev))
+        self.torch_device = dev
+        self.autocast = autocast_dtype(options.precision, dev)
+        self.use_graphs = options.cuda_graphs
+        self.max_graphs = options.max_cuda_graphs
+        torch.backends.cudnn.benchmark = True  # steady shapes: let cuDNN pick the fastest kernels once
+        with torch.cuda.device(dev):
+            self.model = model.to(dev).eval().to(memory_format=torch.channels_last)
+            self.stream = torch.cuda.Stream(dev)  # each backend its own: a swap warms up beside the live one
+        self._staging = HostStaging(dev)
+        self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
+        self._seen: dict[tuple[int, ...], int] = {}
+        self.graph_captures = 0
+
+    def describe(self) -> dict[str, str | int | float | bool | None]:
+        return {
+            **super().describe(), "gpu": torch.cuda.get_device_name(self.torch_device),
+            "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
+            "cuda_graphs": self.use_graphs, "graph_captures": self.graph_captures,
+        }
+
+    def _forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # cache_enabled=False: autocast's weight cache must not outlive a CUDA graph capture
+        with torch.autocast("cuda", dtype=self.autocast or torch.float32, enabled=self.autocast is not None,
+                            cache_enabled=False):
+            restored, logit = self.model(t)
+        # restored = frame (float32) + correction: type promotion keeps the sum in float32
+        return restored.float(), torch.sigmoid(logit.float())
+
+    def _capture(self, static_in: torch.Tensor) -> _Graph:
+        # warm up on the side stream first (cuDNN autotuning, allocator), as torch's graph docs ask
+        for _ in range(2):
+            self._forward(static_in)
+        self.stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the serving thread may run another model while a swap captures this one
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            restored, prob = self._forward(static_in)
+        self.graph_captures += 1
+        return _Graph(graph, static_in, restored, prob)
+
+    def _graph_for(self, padded: torch.Tensor) -> _Graph | None:
+        if not self.use_graphs:
+            return None
+        key = tuple(padded.shape)
+        g = self._graphs.pop(key, None)
+        if g is None:
+            if len(self._seen) > 1024:  # shapes that never settle: forget them rather than grow
+                self._seen.clear()
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < self.GRAPH_AFTER:
+                return None
+            static_in = torch.empty_like(padded, memory_format=torch.channels_last)
+            static_in.copy_(padded)
+            g = self._capture(static_in)
+        self._graphs[key] = g
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return g
+
+    @torch.no_grad()
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, h, w = x.shape
+        with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
+            padded = self._staging.upload(x, self.multiple, torch.channels_last)
+            g = self._graph_for(padded)
+            if g is not None:
+                g.static_in.copy_(padded)
+                g.graph.replay()
+                restored, prob = g.static_restored, g.static_prob
+            else:
+                restored, prob = self._forward(padded)
+            return self._staging.download(restored, prob, h, w, self.stream)
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._staging.clear()
+        self.model = None  # type: ignore[assignment]
+        torch.cuda.empty_cache()
+

@@ -1,0 +1,77 @@
+"""Helpers every package shares: one tcp:// parser and control-port rule (cdae.endpoints), one TOML reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdae import tomlfile
+from cdae.engine.config import EngineConfig
+from cdae.endpoints import TcpEndpoint, control_endpoint_for, is_loopback, parse_tcp
+
+
+def test_parse_tcp() -> None:
+    assert parse_tcp("tcp://127.0.0.1:5555") == TcpEndpoint("127.0.0.1", "5555")
+    assert parse_tcp("tcp://[::1]:*") == TcpEndpoint("[::1]", "*")
+    assert parse_tcp("tcp://host:0").any_port and parse_tcp("tcp://host:*").any_port  # type: ignore[union-attr]
+    assert not parse_tcp("tcp://host:7").any_port  # type: ignore[union-attr]
+    for other in ("ipc:///tmp/e", "inproc://x", "tcp://host", "tcp://host:port"):
+        assert parse_tcp(other) is None
+
+
+def test_loopback() -> None:
+    assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("ipc:///tmp/e")
+    assert not is_loopback("tcp://0.0.0.0:5555") and not is_loopback("tcp://10.0.0.2:5555")
+
+
+def test_control_port_rule_is_the_engines_and_the_iocs() -> None:
+    from cdae.ioc.filter import IocConfig, IocError
+
+    assert control_endpoint_for("tcp://10.0.0.2:5555") == "tcp://10.0.0.2:5556"
+    assert control_endpoint_for("tcp://127.0.0.1:*") == "tcp://127.0.0.1:*"
+    assert control_endpoint_for("inproc://e") == "inproc://e.control"
+    with pytest.raises(ValueError, match="cannot derive"):
+        control_endpoint_for("udp://x:1")
+    for bind in ("tcp://10.0.0.2:5555", "ipc:///tmp/e"):
+        assert EngineConfig(bind=bind).control_endpoint() == control_endpoint_for(bind)
+    ioc = IocConfig(source="S:", prefix="P:", engine=["tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"])
+    assert ioc.control_endpoint() == "tcp://10.0.0.2:5556"
+    for engine in ("ipc:///tmp/e", "tcp://10.0.0.2:*"):  # the IOC connects: it needs a real port
+        with pytest.raises(IocError, match="give --control"):
+            IocConfig(source="S:", prefix="P:", engine=[engine]).control_endpoint()
+
+
+def test_one_toml_reader(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('[t]\nx = 1\n')
+    assert tomlfile.load(tmp_path / "a.toml") == tomlfile.loads('[t]\nx = 1\n') == {"t": {"x": 1}}
+    with pytest.raises(tomlfile.TOMLDecodeError):
+        tomlfile.loads("x = ")
+
+
+def test_one_robust_sigma() -> None:
+    import numpy as np
+
+    from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma
+
+    a = np.array([1.0, 2.0, 3.0, 4.0, 100.0], np.float32)
+    assert mad_sigma(a) == MAD_TO_SIGMA * 1.0 and mad_sigma(a, median=2.0) == MAD_TO_SIGMA * 1.0
+    assert mad_sigma(np.zeros(0)) == 0.0
+    rng = np.random.default_rng(0)
+    assert abs(mad_sigma(rng.normal(0.0, 3.0, 100_000)) - 3.0) < 0.05
+
+
+def test_one_queue_size_range() -> None:
+    """QueueSize's PV limits and the IOC configuration's bounds are the same two numbers."""
+    from pydantic import ValidationError
+
+    from cdae.ioc.filter import IocConfig
+    from cdae.ioc.pvs import QUEUE_SIZE_MAX, QUEUE_SIZE_MIN, FilterPVs
+
+    for ok in (QUEUE_SIZE_MIN, QUEUE_SIZE_MAX):
+        assert IocConfig(source="S:", prefix="P:", queue_size=ok).queue_size == ok
+    for bad in (QUEUE_SIZE_MIN - 1, QUEUE_SIZE_MAX + 1):
+        with pytest.raises(ValidationError):
+            IocConfig(source="S:", prefix="P:", queue_size=bad)
+    limits = FilterPVs.queue_size.pvspec.cls_kwargs
+    assert (limits["lower_ctrl_limit"], limits["upper_ctrl_limit"]) == (QUEUE_SIZE_MIN, QUEUE_SIZE_MAX)

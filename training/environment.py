@@ -1,0 +1,115 @@
+"""The environment a model was trained in, and what a re-run of its recipe can promise.
+
+Training on the CPU is bit-reproducible for a fixed config, seed and thread count *in one
+environment*: the float reductions of torch's kernels depend on the torch build, the instruction
+set it dispatches to and the CPU, and the simulated data on numpy and scipy. So every package
+records that environment, and a re-run is judged by one rule:
+
+- the recorded environment matches this one: the weights' sha256 must be the same (bit for bit);
+- it does not: the validation metrics must agree within :data:`TOLERANCE` (the weights cannot).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+#: What must be equal for a bit-for-bit promise (the rest of the record is for the reader).
+MATCH_KEYS = ("python", "torch", "numpy", "scipy", "cpu_capability", "cpu_model", "threads", "device")
+
+#: Elsewhere, the metrics of a re-run must agree within these: absolute dB for PSNR, relative for loss.
+TOLERANCE = {"val_psnr_db": 0.3, "val_loss_relative": 0.05}
+
+_PACKAGES = ("torch", "numpy", "scipy", "safetensors", "pydantic")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def training_environment(threads: int, device: str = "cpu") -> dict[str, Any]:
+    """This process's environment as a manifest records it."""
+    import torch
+
+    env: dict[str, Any] = {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        **{p: _version(p) for p in _PACKAGES},
+        "torch_build": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": _cpu_model(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "threads": threads,
+        "device": device,
+    }
+    return env
+
+
+def environment_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The :data:`MATCH_KEYS` on which two environments differ, as ``key: recorded -> current``."""
+    return [f"{k}: {recorded.get(k)} -> {current.get(k)}" for k in MATCH_KEYS if recorded.get(k) != current.get(k)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a re-run compares with its recorded result."""
+
+    kind: str  # "bit-for-bit", "within-tolerance", "different"
+    reasons: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.kind != "different"
+
+    def __str__(self) -> str:
+        head = {
+            "bit-for-bit": "reproduced bit for bit (same environment, same sha256)",
+            "within-tolerance": "reproduced within tolerance (the environment differs, so the weights may; "
+            "the metrics agree)",
+            "different": "NOT reproduced",
+        }[self.kind]
+        return head + "".join(f"\n  {r}" for r in self.reasons)
+
+
+def compare_run(recorded: dict[str, Any], rerun: dict[str, Any]) -> Verdict:
+    """Judge a re-run against a recorded one; each is ``{"weights_sha256", "metrics", "environment"}``."""
+    diffs = environment_differences(recorded.get("environment") or {}, rerun.get("environment") or {})
+    if not diffs:
+        if recorded["weights_sha256"] == rerun["weights_sha256"]:
+            return Verdict("bit-for-bit", ())
+        return Verdict("different", (
+            f"the environment matches but the weights differ: sha256 {recorded['weights_sha256'][:12]} -> "
+            f"{rerun['weights_sha256'][:12]} (the code, the config or the data changed)",))
+    reasons = ["environment differs: " + "; ".join(diffs)]
+    rec_m, new_m = recorded.get("metrics") or {}, rerun.get("metrics") or {}
+    bad = []
+    dpsnr = abs(float(new_m.get("val_psnr_db", math.nan)) - float(rec_m.get("val_psnr_db", math.nan)))
+    if not dpsnr <= TOLERANCE["val_psnr_db"]:
+        bad.append(f"val_psnr_db {rec_m.get('val_psnr_db')} -> {new_m.get('val_psnr_db')} "
+                   f"(allowed +-{TOLERANCE['val_psnr_db']} dB)")
+    old_loss, new_loss = float(rec_m.get("val_loss", math.nan)), float(new_m.get("val_loss", math.nan))
+    if not abs(new_loss - old_loss) <= TOLERANCE["val_loss_relative"] * abs(old_loss):
+        bad.append(f"val_loss {old_loss} -> {new_loss} (allowed +-{TOLERANCE['val_loss_relative']:.0%})")
+    if bad:
+        return Verdict("different", tuple(reasons + bad))
+    reasons.append(f"val_psnr_db {rec_m.get('val_psnr_db'):.3f} -> {new_m.get('val_psnr_db'):.3f} dB, "
+                   f"val_loss {old_loss:.5f} -> {new_loss:.5f}")
+    return Verdict("within-tolerance", tuple(reasons))
