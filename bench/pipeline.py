@@ -18,6 +18,17 @@ same protocol and IOC path), each as real processes on loopback with their own C
     python bench/pipeline.py --seconds 5 --sizes 512  # smoke
 
 Writes ``bench/results/pipeline-<device>.json`` and ``pipeline-<device>.png``.
+
+``--outputs ca,pva,both`` measures the output side instead, on the pass-through engine, once per
+output: the denoised frames read by a CA client only (``ArrayData``, caproto), by a PVA client only
+(``Pva1:Image``, p4p; the IOC runs with ``--pva``), or by both at once. The camera stays on CA.
+Reported per output: the max sustained rate (no drops, and every client received at least 90 %
+of the camera's frames), latency p50/p99 per client (raw timestamp → received here), and the
+IOC's CPU time per published frame (``/proc/PID/stat``), each as a ratio against CA only.
+
+    python bench/pipeline.py --outputs ca,pva,both --sizes 1024,2048
+
+Writes ``bench/results/pipeline-pva-<device>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from cdae.children import ChildProcess, free_port
+from cdae.children import ChildProcess, free_port, pva_loopback_env, pva_server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -49,7 +61,7 @@ def _engine_bench() -> object:
     return mod
 
 
-CAM_PORT, IOC_PORT = free_port(), free_port()
+CAM_PORT, IOC_PORT, IOC_PVA_PORT = free_port(), free_port(), free_port()
 CA_ENV = {
     "EPICS_CA_AUTO_ADDR_LIST": "NO",
     "EPICS_CA_ADDR_LIST": f"127.0.0.1:{CAM_PORT} 127.0.0.1:{IOC_PORT}",
@@ -58,13 +70,17 @@ CA_ENV = {
     "EPICS_CA_MAX_ARRAY_BYTES": str(256 * 1024 * 1024),
 }
 os.environ.update(CA_ENV)
+# PV Access on loopback only: this process searches the filter IOC's own port; beacons stay on 127.0.0.1
+os.environ.update(pva_loopback_env([IOC_PVA_PORT]))
+OUTPUTS = ("ca", "pva", "both")
 
 
 class Proc(ChildProcess):
     """``cdae <args>`` as a child, waited for by its ready line; ``port`` is its CA server port."""
 
-    def __init__(self, name: str, args: list[str], ready: str, log_dir: Path, port: int | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, name: str, args: list[str], ready: str, log_dir: Path, port: int | None = None,
+                 env_extra: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
         if port is not None:
             env.update(EPICS_CA_SERVER_PORT=str(port), EPICS_CAS_SERVER_PORT=str(port))
         super().__init__(name, [sys.executable, "-m", "cdae.cli", *args], env, ready, log_dir / f"{name}.log")
@@ -79,36 +95,53 @@ def _pct(v: list[float], p: float) -> float | None:
     return round(float(np.percentile(v, p)), 3) if v else None
 
 
-def run_one(size: int, backend: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> dict:
+def start_stack(size: int, backend: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path,
+                procs: list[Proc], ioc_args: tuple[str, ...] = ()) -> tuple[str, str, str]:
+    """Engine, camera (at ``--latency-rate``) and filter IOC, appended to ``procs`` as they start; returns
+    the camera's and the IOC's prefixes and the engine's backend once the IOC has published two frames."""
     from caproto.threading.client import Context
 
     cam_p, ioc_p = f"BENCH{size}:image1:", f"BENCH{size}:CDAE1:"
-    procs: list[Proc] = []
+    eng = Proc("engine", ["engine", "--bind", "tcp://127.0.0.1:0", "--backend", backend, "--models", str(store),
+                          "--model", ref], r"^cdae-engine ready ", log_dir)
+    procs.append(eng)
+    m = re.search(r"data=(\S+) control=(\S+) backend=(\S+)", eng.line)
+    assert m is not None
+    data_ep, control_ep, used_backend = m.groups()
+    procs.append(Proc("camera", ["sim-camera", "--prefix", cam_p, "--size", f"{size}x{size}", "--rate",
+                                 str(args.latency_rate), "--bank", "2"], r"^cdae-sim-camera ready ", log_dir,
+                      CAM_PORT))
+    procs.append(Proc("ioc", ["ioc", "--source", cam_p, "--prefix", ioc_p, "--engine", data_ep, "--control",
+                              control_ep, "--bit-depth", "12", *ioc_args], r"^cdae-ioc ready ", log_dir, IOC_PORT,
+                      env_extra=pva_server_env(IOC_PVA_PORT)))
     ctx = Context(timeout=10.0)
     try:
-        eng = Proc("engine", ["engine", "--bind", "tcp://127.0.0.1:0", "--backend", backend, "--models", str(store),
-                              "--model", ref], r"^cdae-engine ready ", log_dir)
-        procs.append(eng)
-        m = re.search(r"data=(\S+) control=(\S+) backend=(\S+)", eng.line)
-        assert m is not None
-        data_ep, control_ep, used_backend = m.groups()
-        procs.append(Proc("camera", ["sim-camera", "--prefix", cam_p, "--size", f"{size}x{size}", "--rate",
-                                     str(args.latency_rate), "--bank", "2"], r"^cdae-sim-camera ready ", log_dir,
-                          CAM_PORT))
-        procs.append(Proc("ioc", ["ioc", "--source", cam_p, "--prefix", ioc_p, "--engine", data_ep, "--control",
-                                  control_ep, "--bit-depth", "12"], r"^cdae-ioc ready ", log_dir, IOC_PORT))
-        names = ["ArrayData", "ArrayCounter_RBV", "DroppedArrays_RBV", "ExecutionTime_RBV", "EngineConnected_RBV"]
-        pvs = dict(zip(names, ctx.get_pvs(*(ioc_p + n for n in names), timeout=10.0)))
-        cam_rate, cam_count = ctx.get_pvs(cam_p + "FrameRate", cam_p + "ArrayCounter_RBV", timeout=10.0)
-
-        def val(pv: object) -> float:
-            return float(pv.read(timeout=10.0).data[0])  # type: ignore[attr-defined]
-
+        (counter,) = ctx.get_pvs(ioc_p + "ArrayCounter_RBV", timeout=10.0)
         deadline = time.monotonic() + 120
-        while val(pvs["ArrayCounter_RBV"]) < 2:
+        while float(counter.read(timeout=10.0).data[0]) < 2:
             if time.monotonic() > deadline:
                 raise RuntimeError("no denoised frames within 120 s")
             time.sleep(0.2)
+    finally:
+        ctx.disconnect()
+    return cam_p, ioc_p, used_backend
+
+
+def _val(pv: object) -> float:
+    return float(pv.read(timeout=10.0).data[0])  # type: ignore[attr-defined]
+
+
+def run_one(size: int, backend: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    from caproto.threading.client import Context
+
+    procs: list[Proc] = []
+    ctx = Context(timeout=10.0)
+    try:
+        cam_p, ioc_p, used_backend = start_stack(size, backend, store, ref, args, log_dir, procs)
+        names = ["ArrayData", "ArrayCounter_RBV", "DroppedArrays_RBV", "ExecutionTime_RBV", "EngineConnected_RBV"]
+        pvs = dict(zip(names, ctx.get_pvs(*(ioc_p + n for n in names), timeout=10.0)))
+        cam_rate, cam_count = ctx.get_pvs(cam_p + "FrameRate", cam_p + "ArrayCounter_RBV", timeout=10.0)
+        val = _val
         # latency: raw CA timestamp → update received here
         lat: list[float] = []
         exe: list[float] = []
@@ -125,26 +158,9 @@ def run_one(size: int, backend: str, store: Path, ref: str, args: argparse.Names
         sub.clear()
         lat = lat[1:]  # the first update is the subscription's current value, not a fresh frame
         # the rate ramp: counters only (no image traffic to this process)
-        sustained, steps = 0.0, []
-        for rate in RATES:
-            if rate > args.max_rate:
-                break
-            cam_rate.write([rate], wait=True, timeout=10.0)
-            time.sleep(min(1.0, args.step_seconds / 3))  # let the new rate reach the filter
-            d0, o0, c0, t0 = val(pvs["DroppedArrays_RBV"]), val(pvs["ArrayCounter_RBV"]), val(cam_count), time.monotonic()
-            time.sleep(args.step_seconds)
-            d1, o1, c1, t1 = val(pvs["DroppedArrays_RBV"]), val(pvs["ArrayCounter_RBV"]), val(cam_count), time.monotonic()
-            sent, out = c1 - c0, o1 - o0
-            ok = d1 == d0 and sent > 0 and out >= 0.9 * sent
-            steps.append({"rate_hz": rate, "camera_hz": round(sent / (t1 - t0), 2), "out_hz": round(out / (t1 - t0), 2),
-                          "dropped": int(d1 - d0), "sustained": ok})
-            print(f"  {size}² {used_backend:11s} camera {rate:6.1f} Hz (achieved {sent / (t1 - t0):6.1f}) → out "
-                  f"{out / (t1 - t0):6.1f} Hz, dropped {int(d1 - d0)}", flush=True)
-            if not ok:
-                break
-            sustained = round(sent / (t1 - t0), 2)
-            if sent / (t1 - t0) < 0.8 * rate:  # the camera itself cannot go faster
-                break
+        ioc_pid = procs[-1].proc.pid
+        sustained, steps = rate_ramp(args, cam_rate, lambda: (time.monotonic(), val(cam_count), val(
+            pvs["ArrayCounter_RBV"]), val(pvs["DroppedArrays_RBV"]), cpu_s(ioc_pid)), {}, f"{size}² {used_backend:11s}")
         return {"size": size, "backend": used_backend, "frames": len(lat), "latency_ms": {"p50": _pct(lat, 50),
                 "p99": _pct(lat, 99)}, "engine_execution_ms_p50": _pct(exe, 50),
                 "max_sustained_rate_hz": sustained, "camera_limited": bool(steps and steps[-1]["sustained"]),
@@ -155,28 +171,226 @@ def run_one(size: int, backend: str, store: Path, ref: str, args: argparse.Names
             p.stop()
 
 
-def plot(results: dict, path: Path) -> None:
+def rate_ramp(args: argparse.Namespace, cam_rate: object, books: Callable[[], tuple[float, ...]],
+              clients: dict[str, int], label: str) -> tuple[float, list[dict]]:
+    """Step the camera's ``FrameRate`` up until a step is not sustained; returns the highest sustained rate and the steps.
+
+    ``books()``: (monotonic time, camera frames, published, dropped, IOC CPU s, then what each client received, at
+    the index ``clients`` gives). Sustained: nothing dropped, and the IOC published and every client received at
+    least 90 % of what the camera sent, less one frame (still in flight when the step's window closes: at 2 Hz
+    a 4 s step is 8 frames, and a 2048² frame takes a few hundred ms end to end)."""
+    sustained, steps = 0.0, []
+    for rate in RATES:
+        if rate > args.max_rate:
+            break
+        cam_rate.write([rate], wait=True, timeout=10.0)  # type: ignore[attr-defined]
+        time.sleep(min(1.0, args.step_seconds / 3))  # let the new rate reach the filter
+        b0 = books()
+        time.sleep(args.step_seconds)
+        b1 = books()
+        dt, sent, out, drops = b1[0] - b0[0], b1[1] - b0[1], b1[2] - b0[2], int(b1[3] - b0[3])
+        got = {k: b1[5 + i] - b0[5 + i] for k, i in clients.items()}
+        enough = 0.9 * sent - 1
+        ok = drops == 0 and sent > 0 and out >= enough and all(g >= enough for g in got.values())
+        steps.append({"rate_hz": rate, "camera_hz": round(sent / dt, 2), "out_hz": round(out / dt, 2),
+                      "received_hz": {k: round(g / dt, 2) for k, g in got.items()}, "dropped": drops,
+                      "ioc_cpu_ms_per_frame": round((b1[4] - b0[4]) / out * 1e3, 3) if out else None,
+                      "ioc_cpu_fraction": round((b1[4] - b0[4]) / dt, 3), "sustained": ok})
+        received = "".join(f", {k} client {g / dt:.1f} Hz" for k, g in got.items())
+        print(f"  {label} camera {rate:6.1f} Hz (achieved {sent / dt:6.1f}) → out {out / dt:6.1f} Hz{received}, "
+              f"dropped {drops}, IOC {steps[-1]['ioc_cpu_ms_per_frame']} ms CPU/frame", flush=True)
+        if not ok:
+            break
+        sustained = round(sent / dt, 2)
+        if sent / dt < 0.8 * rate:  # the camera itself cannot go faster
+            break
+    return sustained, steps
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat`` utime and stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Client:
+    """One consumer of the denoised frames in this process: CA (caproto, ``ArrayData``) or PVA (p4p, ``Pva1:Image``).
+
+    Counts what it received and the latency of each frame: the raw frame's timestamp → received here."""
+
+    def __init__(self, kind: str, ioc_p: str, ca_ctx: object) -> None:
+        import threading
+
+        self.kind, self.received, self.lat = kind, 0, []
+        self.recording = False
+        self._lock = threading.Lock()
+        if kind == "ca":
+            (pv,) = ca_ctx.get_pvs(ioc_p + "ArrayData", timeout=10.0)  # type: ignore[attr-defined]
+            self._sub = pv.subscribe(data_type="time", data_count=0)
+            self._sub.add_callback(self._on_ca)  # held weakly by caproto: a bound method of this object
+        else:
+            from p4p.client.thread import Context
+
+            self._pva = Context("pva", nt=False)
+            self._sub = self._pva.monitor(ioc_p + "Pva1:Image", self._on_pva)
+
+    def _record(self, stamp_s: float) -> None:
+        ms = (time.time() - stamp_s) * 1e3
+        with self._lock:
+            self.received += 1
+            if self.recording:
+                self.lat.append(ms)
+
+    def _on_ca(self, sub: object, r: object) -> None:
+        self._record(r.metadata.timestamp)  # type: ignore[attr-defined]
+
+    def _on_pva(self, v: object) -> None:
+        if isinstance(v, Exception) or v["value"] is None:  # type: ignore[index]
+            return
+        ts = v["timeStamp"]  # type: ignore[index]
+        self._record(ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9)
+
+    def count(self) -> int:
+        with self._lock:
+            return self.received
+
+    def close(self) -> None:
+        if self.kind == "ca":
+            self._sub.clear()
+        else:
+            self._sub.close()
+            self._pva.close()
+
+
+def run_outputs(size: int, output: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    """The pass-through pipeline with the denoised frames read over CA, PVA or both (see the module's doc)."""
+    from caproto.threading.client import Context
+
+    procs: list[Proc] = []
+    clients: list[Client] = []
+    ctx = Context(timeout=10.0)
+    load = [round(x, 2) for x in os.getloadavg()]
+    try:
+        cam_p, ioc_p, _ = start_stack(size, "passthrough", store, ref, args, log_dir, procs,
+                                      ("--pva",) if output != "ca" else ())
+        ioc_pid = procs[-1].proc.pid
+        counter, dropped = ctx.get_pvs(ioc_p + "ArrayCounter_RBV", ioc_p + "DroppedArrays_RBV", timeout=10.0)
+        cam_rate, cam_count = ctx.get_pvs(cam_p + "FrameRate", cam_p + "ArrayCounter_RBV", timeout=10.0)
+        clients = [Client(k, ioc_p, ctx) for k in (("ca", "pva") if output == "both" else (output,))]
+        time.sleep(1.0)
+
+        def books() -> tuple[float, ...]:
+            return (time.monotonic(), _val(cam_count), _val(counter), _val(dropped), cpu_s(ioc_pid),
+                    *(c.count() for c in clients))
+
+        # latency (and CPU per frame) at a rate where nothing queues
+        for c in clients:
+            c.recording = True
+        b0 = books()
+        time.sleep(args.seconds)
+        b1 = books()
+        for c in clients:
+            c.recording = False
+        latency = {c.kind: {"p50": _pct(c.lat[1:], 50), "p99": _pct(c.lat[1:], 99), "frames": len(c.lat)}
+                   for c in clients}
+        published = b1[2] - b0[2]
+        cpu_latency = round((b1[4] - b0[4]) / published * 1e3, 3) if published else None
+        sustained, steps = rate_ramp(args, cam_rate, books, {c.kind: i for i, c in enumerate(clients)},
+                                     f"{size}² {output:4s}")
+        return {"size": size, "output": output, "latency_ms": latency, "latency_rate_hz": args.latency_rate,
+                "ioc_cpu_ms_per_frame_at_latency_rate": cpu_latency, "max_sustained_rate_hz": sustained,
+                "camera_limited": bool(steps and steps[-1]["sustained"]), "steps": steps,
+                "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    finally:
+        for c in clients:
+            c.close()
+        ctx.disconnect()
+        for p in reversed(procs):
+            p.stop()
+
+
+def output_ratios(runs: list[dict]) -> list[dict]:
+    """Each output against CA only at the same size: sustained rate, latency (each client) and IOC CPU per frame;
+    the CPU per frame compared at the highest camera rate every output sustained."""
+    out = []
+    for size in sorted({r["size"] for r in runs}):
+        by = {r["output"]: r for r in runs if r["size"] == size}
+        ca = by.get("ca")
+        if ca is None:
+            continue
+        common = [s["rate_hz"] for s in ca["steps"] if s["sustained"]
+                  and all(any(t["rate_hz"] == s["rate_hz"] and t["sustained"] for t in r["steps"]) for r in by.values())]
+        ref_rate = max(common) if common else None
+
+        def cpu_at(r: dict) -> float | None:
+            return next((s["ioc_cpu_ms_per_frame"] for s in r["steps"] if s["rate_hz"] == ref_rate), None)
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return round(a / b, 3) if a and b else None
+
+        for name, r in by.items():
+            row: dict = {"size": size, "output": name, "max_sustained_rate_hz": r["max_sustained_rate_hz"],
+                         "fps_ratio_vs_ca": ratio(r["max_sustained_rate_hz"], ca["max_sustained_rate_hz"]),
+                         "cpu_reference_rate_hz": ref_rate, "ioc_cpu_ms_per_frame": cpu_at(r),
+                         "cpu_ratio_vs_ca": ratio(cpu_at(r), cpu_at(ca)),
+                         "mb_per_s_sustained": round(r["max_sustained_rate_hz"] * size * size * 2 / 1e6, 1)}
+            for kind, lat in r["latency_ms"].items():
+                row[f"latency_{kind}_ms"] = {"p50": lat["p50"], "p99": lat["p99"]}
+                row[f"latency_{kind}_p50_ratio_vs_ca"] = ratio(lat["p50"], ca["latency_ms"]["ca"]["p50"])
+                row[f"latency_{kind}_p99_ratio_vs_ca"] = ratio(lat["p99"], ca["latency_ms"]["ca"]["p99"])
+            out.append(row)
+    return out
+
+
+def _bars(rows: list[dict], label: str, columns: int, width: float) -> tuple[object, object, np.ndarray]:
+    """A row of bar charts, one bar group per run (labelled by its size and ``label``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = results["runs"]
-    fig = Figure(figsize=(10, 3.6))
+    fig = Figure(figsize=(width, 3.6))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    labels = [f"{r['size']}²\n{r['backend']}" for r in rows]
+    axes = fig.subplots(1, columns)
     x = np.arange(len(rows))
+    for ax in axes:
+        ax.set_xticks(x, [f"{r['size']}²\n{r[label]}" for r in rows], fontsize=7)
+    return fig, axes, x
+
+
+def _save(fig: object, title: str, path: Path) -> None:
+    fig.suptitle(title, fontsize=9)  # type: ignore[attr-defined]
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
+
+
+def plot_outputs(results: dict, path: Path) -> None:
+    rows = results["ratios"]
+    fig, axes, x = _bars(rows, "output", 3, 12)
+    axes[0].bar(x, [r["max_sustained_rate_hz"] for r in rows], 0.5)
+    axes[0].set_ylabel("max sustained camera rate, no drops (Hz)")
+    for i, (kind, shift) in enumerate((("ca", -0.2), ("pva", 0.2))):
+        lat = [(r.get(f"latency_{kind}_ms") or {}) for r in rows]
+        axes[1].bar(x + shift, [v.get("p50") or 0 for v in lat], 0.4, label=f"{kind} client p50", color=f"C{i}")
+        axes[1].scatter(x + shift, [v.get("p99") or np.nan for v in lat], marker="_", s=200, color="k",
+                        label="p99" if i == 0 else None)
+    axes[1].set_ylabel("raw timestamp → received (ms)")
+    axes[1].legend(fontsize=7)
+    axes[2].bar(x, [r["ioc_cpu_ms_per_frame"] or 0 for r in rows], 0.5)
+    axes[2].set_ylabel("IOC CPU per frame (ms)")
+    axes[2].set_title("at the highest rate every output sustained", fontsize=8)
+    _save(fig, f"cdae filter IOC outputs on {results['device']}: CA only, PVA only, both (pass-through engine, "
+               f"camera over CA; load {results['loadavg_start']})", path)
+
+
+def plot(results: dict, path: Path) -> None:
+    rows = results["runs"]
+    fig, axes, x = _bars(rows, "backend", 2, 10)
     axes[0].bar(x - 0.2, [r["latency_ms"]["p50"] or 0 for r in rows], 0.4, label="p50")
     axes[0].bar(x + 0.2, [r["latency_ms"]["p99"] or 0 for r in rows], 0.4, label="p99")
     axes[0].set_ylabel("raw timestamp → denoised received (ms)")
     axes[1].bar(x, [r["max_sustained_rate_hz"] for r in rows], 0.5)
     axes[1].set_ylabel("max sustained camera rate, no drops (Hz)")
-    for ax in axes:
-        ax.set_xticks(x, labels, fontsize=7)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"cdae pipeline on {results['device']} — model {results['model']} ({results['model_note']})",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, f"cdae pipeline on {results['device']} — model {results['model']} ({results['model_note']})", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-seconds", type=float, default=3.0, help="seconds per rate step")
     p.add_argument("--max-rate", type=float, default=320.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--outputs", help="compare the outputs instead (pass-through engine): e.g. ca,pva,both")
     args = p.parse_args(argv)
     eb = _engine_bench()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = eb.device_name()  # type: ignore[attr-defined]
+    if args.outputs:
+        return main_outputs(args, eb, out, device)
     with tempfile.TemporaryDirectory() as tmp:
         store, ref, note = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
         results: dict = {"device": device, "model": ref, "model_note": note, "cpu_count": os.cpu_count(),
@@ -225,6 +442,48 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"pipeline-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"pipeline-{device}.png")
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    return 0
+
+
+ANCHOR = {"what": "pvapy's own streaming framework, one consumer on loopback", "frames_per_s": 170,
+          "frame": "4096x4096 uint8", "mb_per_s": 2850}
+
+
+def main_outputs(args: argparse.Namespace, eb: object, out: Path, device: str) -> int:
+    outputs = [o for o in args.outputs.split(",") if o]
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown or "ca" not in outputs:
+        raise SystemExit(f"--outputs: expected ca and any of {', '.join(OUTPUTS)}, got {args.outputs}")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        store, ref, note = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
+        results: dict = {"device": device, "engine": "passthrough", "camera": "cdae sim-camera over CA, UInt16 12-bit",
+                         "clients": "in this process: caproto threading client (CA), p4p thread client (PVA)",
+                         "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+                         "load_note": "a shared 2-core machine: other developers' tests and a training job ran beside it",
+                         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                         "seconds": args.seconds, "step_seconds": args.step_seconds, "runs": [], "anchor": ANCHOR}
+        for size in (int(s) for s in args.sizes.split(",")):
+            for output in outputs:
+                log_dir = Path(tmp) / f"{size}-{output}"
+                log_dir.mkdir()
+                print(f"{size}x{size} uint16, pass-through, output {output} ...", flush=True)
+                r = run_outputs(size, output, store, ref, args, log_dir)
+                results["runs"].append(r)
+                print(f"  latency {r['latency_ms']}; max sustained {r['max_sustained_rate_hz']} Hz", flush=True)
+    results["ratios"] = output_ratios(results["runs"])
+    best = max(results["ratios"], key=lambda r: r["mb_per_s_sustained"])
+    results["anchor"]["best_here_mb_per_s"] = best["mb_per_s_sustained"]
+    results["anchor"]["best_here"] = f"{best['size']}² {best['output']}"
+    results["anchor"]["ratio_best_here_vs_anchor"] = round(best["mb_per_s_sustained"] / ANCHOR["mb_per_s"], 4)
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["wall_s"] = round(time.monotonic() - t0, 1)
+    for row in results["ratios"]:
+        print(row, flush=True)
+    json_path = out / f"pipeline-pva-{device}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot_outputs(results, json_path.with_suffix(".png"))
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return 0
 

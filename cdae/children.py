@@ -30,6 +30,25 @@ def free_port() -> int:
     raise OSError("no free port on 127.0.0.1")
 
 
+def pva_loopback_env(server_ports: list[int]) -> dict[str, str]:
+    """PV Access on loopback only, for the tests and benchmarks: clients search ``127.0.0.1:PORT`` of each
+    server (each serves searches and connections on its own port: :func:`pva_server_env`), servers listen
+    and send beacons on 127.0.0.1 only, and this process's client has a broadcast port of its own."""
+    return {
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_ADDR_LIST": " ".join(f"127.0.0.1:{p}" for p in server_ports),
+        "EPICS_PVA_BROADCAST_PORT": str(free_port()),
+        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+    }
+
+
+def pva_server_env(port: int) -> dict[str, str]:
+    """The environment of a child serving PV Access on ``port`` (UDP searches and TCP connections)."""
+    return {"EPICS_PVAS_SERVER_PORT": str(port), "EPICS_PVAS_BROADCAST_PORT": str(port)}
+
+
 def stop_process(proc: subprocess.Popen, sigint_wait_s: float = 10.0) -> int:
     """SIGINT (a clean stop), then terminate, then kill; returns the exit status."""
     if proc.poll() is None:

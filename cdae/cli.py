@@ -550,6 +550,14 @@ def cmd_sim_camera(args: argparse.Namespace) -> int:
         fields["static_scene"] = True
     if args.shutter_closed:
         fields["shutter_open"] = False
+    if args.pva:
+        from cdae.ioc.pva import p4p_missing
+
+        missing = p4p_missing()
+        if missing:
+            _err(f"cdae sim-camera: error: --pva: {missing}")
+            return 2
+        fields["pva"] = True
     if args.hot_columns:
         fields["hot_columns"] = [int(x) for x in args.hot_columns.split(",")]
     if args.fresh_noise:
@@ -600,6 +608,8 @@ def cmd_ioc(args: argparse.Namespace) -> int:
         overrides["residual"] = False
     if args.no_defect_map:
         overrides["defect_map"] = False
+    if args.pva:
+        overrides["pva"] = True
     try:
         site = _site(args, "ioc")
         if site is not None:
@@ -610,6 +620,9 @@ def cmd_ioc(args: argparse.Namespace) -> int:
         else:
             config = load_ioc_config(args.config, overrides)
         config.control_endpoint()
+        missing = config.pva_needed()
+        if missing:  # PV Access asked for (--pva, a pva:// source) without p4p: say what to install
+            raise IocError(f"{'--pva' if config.pva else '--source ' + config.source}: {missing}")
     except (ValueError, OSError, IocError, SiteError) as e:
         _err(f"cdae ioc: error: {e}")
         return 2
@@ -1069,6 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a static point source (peak in relative intensity, 1 = full well), blurred by the "
                     "camera's optics (--point-sigma); repeatable")
     sc.add_argument("--point-sigma", dest="point_sigma_px", type=float, help="the point sources' PSF sigma, px (0.7)")
+    sc.add_argument("--pva", action="store_true", help="also serve frames as an NTNDArray on PREFIX Pva1:Image "
+                    "(PV Access, like NDPluginPva; needs cdae[pva])")
     sc.set_defaults(func=cmd_sim_camera)
     rc = sub.add_parser("record", help="record raw frames (UniqueId, timestamps, camera metadata) from a live camera PV to HDF5")
     rc.add_argument("--source", required=True, help="camera image prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
@@ -1110,7 +1125,8 @@ def build_parser() -> argparse.ArgumentParser:
     io = sub.add_parser("ioc", help="the filter IOC: camera PV in, engine, denoised areaDetector-style PVs out")
     io.add_argument("--config", help="TOML file with IocConfig fields, or with --name a site file (flags override it)")
     io.add_argument("--name", help="camera name in the site file ([cameras.NAME])")
-    io.add_argument("--source", help="source prefix (e.g. 13SIM1:image1:) or, with --width/--height, a waveform PV")
+    io.add_argument("--source", help="source prefix (e.g. 13SIM1:image1:), with --width/--height a waveform PV, or "
+                    "pva://CHANNEL: a camera's NTNDArray over PV Access (pva://13SIM1:Pva1: reads 13SIM1:Pva1:Image)")
     io.add_argument("--prefix", help="output prefix (e.g. 13SIM1:CDAE1:)")
     io.add_argument("--engine", help="engine data endpoint(s), comma-separated (default tcp://127.0.0.1:5555)")
     io.add_argument("--control", help="engine control endpoint (default: engine port + 1)")
@@ -1126,6 +1142,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "badpixels): filled in the denoised frame; the BadPixelFile PV changes it at run time")
     io.add_argument("--no-residual", action="store_true", help="do not publish Residual:ArrayData")
     io.add_argument("--no-defect-map", action="store_true", help="do not publish DefectMap:ArrayData")
+    io.add_argument("--pva", action="store_true", help="also serve the images over PV Access as NTNDArray: PREFIX "
+                    "Pva1:Image, Pva1:Residual, Pva1:DefectMap (p4p: pip install 'cdae[pva]')")
     io.set_defaults(func=cmd_ioc)
     x = sub.add_parser("export", help="export a model to ONNX or a TensorRT plan, verified against torch")
     x.add_argument("--model", default="cdae-default", help="NAME[:VERSION] (default: the shipped model)")

@@ -19,6 +19,8 @@ stuck pixels from frame N on, a hot or dead column from frame M on, a radiation 
 (``fresh_noise``: otherwise a noise outlier of the bank recurs every ``bank`` frames, as a
 defect would), and show static point sources (``point_sources``, blurred by optics wider than
 the guard's narrowest PSF). :func:`apply_damage` is the same for ``bench/health.py``.
+With ``pva`` the camera also serves each frame as an NTNDArray over PV Access, as areaDetector's
+NDPluginPva does, on ``<prefix>Pva1:Image`` (p4p; ``cdae ioc --source pva://<prefix>Pva1:`` reads it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdae.ioc.frames import FrameInfo, NDDataType, RateMeter, ca_element_dtype, numpy_dtype, posix_to_epics, to_ca
 from cdae.ioc.publish import write_image
+from cdae.ioc.pva import IMAGE, NTNDArrayServer
 from cdae.ioc.pvs import CameraPVs, camera_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 
@@ -186,6 +189,7 @@ class CameraConfig(BaseModel):
         if self.damage and self.data_type == "Float32":
             raise ValueError("damage is simulated on integer cameras only (UInt8, Int16, UInt16)")
         return self
+    pva: bool = Field(False, description="also serve each frame as an NTNDArray (NDPluginPva-like) on <prefix>Pva1:Image")
 
     def max_elements(self) -> int:
         return (self.max_width or self.width) * (self.max_height or self.height)
@@ -292,6 +296,8 @@ class SimCamera:
         self._where: list[tuple[np.ndarray, np.ndarray]] = []
         self.shutter_open = config.shutter_open
         self.served: list[np.ndarray] = []  # bank frames flat in the CA element type
+        self.native: list[np.ndarray] = []  # the same frames (height, width) in their own dtype (for PVA)
+        self.pva: NTNDArrayServer | None = None
         self.acquiring = asyncio.Event()
         self.period_s = 1.0 / config.rate_hz
         self.counter = 0
@@ -341,7 +347,8 @@ class SimCamera:
 
     def _convert(self) -> None:
         dt = numpy_dtype(self.data_type)
-        self.served = [to_ca(np.asarray(f.noisy).astype(dt), self.element) for f in self.bank]
+        self.native = [np.asarray(f.noisy).astype(dt) for f in self.bank]
+        self.served = [to_ca(f, self.element) for f in self.native]
 
     @property
     def per_frame(self) -> bool:
@@ -367,6 +374,8 @@ class SimCamera:
                           NDDataType.Float32, info, self.counter, rate)
         await write_image(self.pvs, served, self.height, self.width, self.data_type, info, self.counter,
                           rate, itemsize=numpy_dtype(self.data_type).itemsize)
+        if self.pva is not None:
+            self.pva.post(self.config.prefix + IMAGE, self.native[i], self.data_type, info)
 
     async def acquire_loop(self) -> None:
         next_t = time.monotonic()
@@ -395,14 +404,18 @@ class SimCamera:
             self.acquiring.set()
         else:
             await self.pvs.acquire.write("Done")
+        if c.pva:
+            self.pva = NTNDArrayServer([c.prefix + IMAGE], c.interfaces)
         tasks = [asyncio.create_task(serve_pvdb(self.pvs.pvdb, c.interfaces)),
                  asyncio.create_task(self.acquire_loop())]
         print(f"cdae-sim-camera ready prefix={c.prefix} size={c.width}x{c.height} data_type={c.data_type} "
-              f"rate_hz={c.rate_hz:g} port={ca_server_port()}", flush=True)
+              f"rate_hz={c.rate_hz:g} port={ca_server_port()} pva={self.pva.port if self.pva else 'off'}", flush=True)
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
         await cancel_all([stopper, *tasks])
+        if self.pva is not None:
+            self.pva.close()
         for t in failed:
             log("cdae-sim-camera", f"stopped on error: {t.exception()!r}")
         log("cdae-sim-camera", f"stopped after {self.counter} frames")

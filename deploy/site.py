@@ -33,7 +33,8 @@ class SiteError(Exception):
 
 
 class EpicsSettings(BaseModel):
-    """The Channel Access environment every IOC of the site runs with (``EPICS_CA_*``, ``EPICS_CAS_*``)."""
+    """The EPICS environment every IOC of the site runs with (``EPICS_CA_*``, ``EPICS_CAS_*``, and for PV Access
+    ``EPICS_PVA_*``, ``EPICS_PVAS_*``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +49,9 @@ class EpicsSettings(BaseModel):
         default_factory=list, description="EPICS_CAS_INTF_ADDR_LIST: interfaces the IOCs serve on (default: all)"
     )
     beacon_addr_list: list[str] = Field(default_factory=list, description="EPICS_CAS_BEACON_ADDR_LIST")
+    pva_addr_list: list[str] = Field(default_factory=list,
+                                     description="EPICS_PVA_ADDR_LIST: where a pva:// source searches for its camera")
+    pva_auto_addr_list: bool = Field(True, description="EPICS_PVA_AUTO_ADDR_LIST: also search every broadcast address")
 
     def environment(self) -> dict[str, str]:
         """The variables to export, in the spelling EPICS (and caproto, pyepics) read."""
@@ -61,8 +65,12 @@ class EpicsSettings(BaseModel):
             env["EPICS_CA_SERVER_PORT"] = str(self.server_port)
         if self.repeater_port is not None:
             env["EPICS_CA_REPEATER_PORT"] = str(self.repeater_port)
-        if self.server_interfaces:
+        if self.server_interfaces:  # the interfaces the IOCs serve on, CA and PVA (--pva) alike
             env["EPICS_CAS_INTF_ADDR_LIST"] = " ".join(self.server_interfaces)
+            env["EPICS_PVAS_INTF_ADDR_LIST"] = " ".join(self.server_interfaces)
+        env["EPICS_PVA_AUTO_ADDR_LIST"] = "YES" if self.pva_auto_addr_list else "NO"
+        if self.pva_addr_list:
+            env["EPICS_PVA_ADDR_LIST"] = " ".join(self.pva_addr_list)
         if self.beacon_addr_list:
             env["EPICS_CAS_BEACON_ADDR_LIST"] = " ".join(self.beacon_addr_list)
         return env

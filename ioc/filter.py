@@ -42,6 +42,7 @@ from cdae.ioc.frames import (
     LatestSlot,
     NDDataType,
     RateMeter,
+    from_engine,
     numpy_dtype,
     parse_model_ref,
     to_ca,
@@ -51,6 +52,8 @@ from cdae.health import HealthConfig
 from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
 from cdae.ioc.health import HealthMonitor, default_state_dir, with_health
 from cdae.ioc.publish import set_alarm, write_image
+from cdae.ioc.pva import (DEFECT_MAP, IMAGE, RESIDUAL, NTNDArrayServer, PvaFrameSource, is_pva_source, p4p_missing,
+                          pva_channel)
 from cdae.ioc.pvs import QUEUE_SIZE_MAX, QUEUE_SIZE_MIN, STRING_MAX, FilterPVs, filter_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
 from cdae.ioc.source import FrameSource, SourceNames
@@ -73,8 +76,9 @@ class IocConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    source: str = Field(description="source prefix (an NDStdArrays plugin, e.g. 13SIM1:image1:) or, with "
-                                    "width and height, the full name of a plain waveform PV")
+    source: str = Field(description="source prefix (an NDStdArrays plugin, e.g. 13SIM1:image1:), with width and "
+                                    "height the full name of a plain waveform PV, or pva://CHANNEL (an NTNDArray, "
+                                    "e.g. pva://13SIM1:Pva1:Image; pva://13SIM1:Pva1: adds Image) read over PV Access")
     prefix: str = Field(description="output prefix, e.g. 13SIM1:CDAE1:")
     engine: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5555"], min_length=1,
                               description="engine data endpoints (frames are spread over them)")
@@ -90,6 +94,8 @@ class IocConfig(BaseModel):
     status_period_s: float = Field(0.5, gt=0, description="engine control-channel poll period")
     residual: bool = Field(True, description="publish Residual:ArrayData")
     defect_map: bool = Field(True, description="publish DefectMap:ArrayData")
+    pva: bool = Field(False, description="also serve the images over PV Access as NTNDArray (p4p, cdae[pva]): "
+                                         "P Pva1:Image, P Pva1:Residual, P Pva1:DefectMap")
     bad_pixel_file: Path | None = Field(
         None, description="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from cdae badpixels): "
         "listed pixels are filled in the denoised frame and marked certain in DefectMap; BadPixelFile changes it")
@@ -117,9 +123,24 @@ class IocConfig(BaseModel):
     def _data_type_name(cls, v: object) -> object:
         return NDDataType[v] if isinstance(v, str) else v
 
+    @field_validator("source")
+    @classmethod
+    def _pva_channel(cls, v: str) -> str:
+        if is_pva_source(v):
+            pva_channel(v)  # refuses an empty or spaced channel name
+        return v
+
     @property
     def plain_waveform(self) -> bool:
         return self.width is not None and self.height is not None
+
+    @property
+    def pva_source(self) -> bool:
+        return is_pva_source(self.source)
+
+    def pva_needed(self) -> str | None:
+        """None when this configuration runs without p4p or p4p is there; else what to install."""
+        return p4p_missing() if self.pva or self.pva_source else None
 
     def control_endpoint(self) -> str:
         """As configured, else the first engine's data port + 1 (the engine's own default)."""
@@ -148,12 +169,21 @@ class FilterIOC:
 
     def __init__(self, config: IocConfig) -> None:
         self.config = config
-        names = (SourceNames(array=config.source) if config.plain_waveform
-                 else SourceNames.nd_std_arrays(config.source, config.array_suffix))
-        self.source = FrameSource(names, self.on_frame, self.on_frame_error, self.on_source_connection,
-                                  width=config.width, height=config.height, data_type=config.data_type,
-                                  on_bad_frame=self.on_bad_frame)
+        missing = config.pva_needed()
+        if missing:
+            raise IocError(missing)
+        self.source: FrameSource | PvaFrameSource
+        if config.pva_source:
+            self.source = PvaFrameSource(config.source, self.on_frame, self.on_frame_error, self.on_source_connection,
+                                         on_bad_frame=self.on_bad_frame)
+        else:
+            names = (SourceNames(array=config.source) if config.plain_waveform
+                     else SourceNames.nd_std_arrays(config.source, config.array_suffix))
+            self.source = FrameSource(names, self.on_frame, self.on_frame_error, self.on_source_connection,
+                                      width=config.width, height=config.height, data_type=config.data_type,
+                                      on_bad_frame=self.on_bad_frame)
         self.pvs: FilterPVs | None = None
+        self.pva: NTNDArrayServer | None = None  # the NTNDArray images, when config.pva
         self.element: np.dtype | None = None
         self.slot: LatestSlot[tuple[int, np.ndarray, FrameInfo]] = LatestSlot()
         self.frame_ready = asyncio.Event()
@@ -227,7 +257,8 @@ class FilterIOC:
         self.frame_ready.set()
         self._soon(self._write_counters())
 
-    def on_bad_frame(self, unique_id: int, message: str) -> None:
+    def on_bad_frame(self, unique_id: int, message: str,
+                     alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         """A source frame that could not be assembled: received, and counted as an error."""
         if self.pvs is None:
             return
@@ -235,7 +266,7 @@ class FilterIOC:
         if not self.enabled:
             return
         self.books.received += 1
-        self.on_frame_error(message)
+        self.on_frame_error(message, alarm=alarm)
 
     def _see(self, unique_id: int) -> None:
         last = self.books.last_unique_id
@@ -278,8 +309,7 @@ class FilterIOC:
         await p.last_error.write(message[:255])
         await self._write_counters()
         if alarm is not None and self.engine_ok:  # engine down: the COMM alarm stays, it says more
-            for group in self._image_groups():
-                await set_alarm(group, *alarm)
+            await self._image_alarm(*alarm, message)
 
     async def _write_source_state(self, connected: bool) -> None:
         p = self._require_pvs()
@@ -473,8 +503,7 @@ class FilterIOC:
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
         await p.status.write(f"engine down ({why[:180]}); reconnecting")
         await p.last_error.write(f"engine: {why}"[:255])
-        for group in self._image_groups():
-            await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+        await self._image_alarm(AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM, f"engine down: {why}")
 
     async def _engine_found(self, status: Mapping[str, object]) -> None:
         p = self._require_pvs()
@@ -487,13 +516,16 @@ class FilterIOC:
         log(_WHO, f"engine connected: {status.get('model')} on {status.get('backend')}")
         await p.engine_connected.write("Connected", status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
         await p.status.write("running")
-        for group in self._image_groups():
-            await set_alarm(group, AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+        await self._image_alarm(AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
         self.engine_up.set()
 
-    def _image_groups(self) -> list[FilterPVs]:
+    async def _image_alarm(self, status: AlarmStatus, severity: AlarmSeverity, message: str = "") -> None:
+        """The images' alarm, on the CA image PVs and the NTNDArray channels alike (the next frame clears it)."""
         p = self._require_pvs()
-        return [p, p.residual, p.defect_map]  # type: ignore[list-item]
+        for group in (p, p.residual, p.defect_map):
+            await set_alarm(group, status, severity)  # type: ignore[arg-type]
+        if self.pva is not None:
+            self.pva.set_alarm(status, severity, message)
 
     async def monitor_engine(self) -> None:
         """Poll the control channel: connection state, backend, available models; recover by itself."""
@@ -658,18 +690,29 @@ class FilterIOC:
         self.counter += 1
         self.rate.tick()
         rate = self.rate.rate_hz()
+        counts = reply.header.flag_counts
+        flagged = None if counts is None else {"FlaggedPixels": sum(counts.values()),
+                                               "SaturatedPixels": counts.get("saturated", 0),
+                                               "ImpulsePixels": counts.get("impulse", 0)}
+        # one published frame, both protocols: each image's CA PVs, then its NTNDArray, from the same arrays
+        attributes = {"CdaeModel": reply.model or "", **(flagged or {})}
+        pva = self.pva
         if residual is not None:
             await write_image(p.residual, residual.reshape(-1), h, w, NDDataType.Float32, info,  # type: ignore[arg-type]
                               self.counter, rate)
+            if pva is not None:
+                pva.post(self.config.prefix + RESIDUAL, residual, NDDataType.Float32, info, attributes)
         if reply.flags is not None:  # a guarding engine: the reason each pixel moved beyond the noise, by class
             defect_map = reply.flags
         if defect_map is not None:
             await write_image(p.defect_map, defect_map.reshape(-1), h, w, NDDataType.UInt8, info,  # type: ignore[arg-type]
                               self.counter, rate)
-        counts = reply.header.flag_counts
-        if counts is not None:
-            await _post_changed(((p.flagged_pixels, sum(counts.values())), (p.saturated_pixels, counts.get("saturated", 0)),
-                                 (p.impulse_pixels, counts.get("impulse", 0))), timestamp=info.stamp)
+            if pva is not None:
+                pva.post(self.config.prefix + DEFECT_MAP, defect_map, NDDataType.UInt8, info, attributes)
+        if flagged is not None:
+            await _post_changed(((p.flagged_pixels, flagged["FlaggedPixels"]),
+                                 (p.saturated_pixels, flagged["SaturatedPixels"]),
+                                 (p.impulse_pixels, flagged["ImpulsePixels"])), timestamp=info.stamp)
         model = (reply.model or "")[: STRING_MAX - 1]
         if p.model_rbv.value != model:
             await p.model_rbv.write(model, timestamp=info.stamp)
@@ -677,6 +720,8 @@ class FilterIOC:
         pixels = to_ca(denoised, self.element)
         await write_image(p, pixels, h, w, info.data_type, info, self.counter, rate,
                           itemsize=numpy_dtype(info.data_type).itemsize)
+        if pva is not None:
+            pva.post(self.config.prefix + IMAGE, from_engine(denoised, info.data_type), info.data_type, info, attributes)
         await p.latency.write(round((time.time() - info.timestamp) * 1e3, 3), timestamp=info.stamp)
         await self._write_counters()
 
@@ -762,8 +807,11 @@ class FilterIOC:
         if c.bad_pixel_file is not None:
             await self._initial_bad_pixels(c.bad_pixel_file)
         await p.engine_connected.write("Disconnected", status=AlarmStatus.COMM, severity=AlarmSeverity.MAJOR_ALARM)
-        for group in self._image_groups():
-            await set_alarm(group, AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+        if c.pva:
+            self.pva = NTNDArrayServer([c.prefix + n for n in (IMAGE, RESIDUAL, DEFECT_MAP)], c.interfaces)
+            log(_WHO, f"serving PV Access on {self.pva.interfaces}: {c.prefix}{IMAGE}, {c.prefix}{RESIDUAL}, "
+                      f"{c.prefix}{DEFECT_MAP}")
+        await self._image_alarm(AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM, "waiting for the engine")
         served = c.interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
         if served:
             log(_WHO, f"serving Channel Access on {', '.join(served)}")
@@ -779,7 +827,8 @@ class FilterIOC:
         await asyncio.wait([bound, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if listening.is_set():  # ready means clients can connect: the CA sockets are bound
             print(f"cdae-ioc ready prefix={c.prefix} source={c.source} element={self.element.name} "
-                  f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()}", flush=True)
+                  f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()} "
+                  f"pva={self.pva.port if self.pva is not None else 'off'}", flush=True)
             notifier.ready(self.status_line())
             ready.set()
             await asyncio.wait([stopper, *tasks, *keepalive], return_when=asyncio.FIRST_COMPLETED)
@@ -790,6 +839,8 @@ class FilterIOC:
             await self.client.close()
         await self.source.close()
         await ctx.disconnect()
+        if self.pva is not None:
+            self.pva.close()
         self._file_worker.shutdown(wait=False, cancel_futures=True)
         await self.health.close()
         for t in failed:

@@ -158,6 +158,19 @@ def to_engine(frame: np.ndarray, data_type: NDDataType | int) -> np.ndarray:
     return np.ascontiguousarray(frame, dtype=engine_dtype(data_type))
 
 
+def from_engine(frame: np.ndarray, data_type: NDDataType | int) -> np.ndarray:
+    """A frame from the engine in its data type's own dtype (what an NTNDArray carries): the same array when
+    the engine's dtype is that already (UInt8, UInt16, Int16, Int32, Float32), else converted, clipped into range."""
+    target = numpy_dtype(data_type)
+    a = np.asarray(frame)
+    if a.dtype == target:
+        return a
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        a = np.clip(np.rint(a) if a.dtype.kind == "f" else a, info.min, info.max)
+    return a.astype(target)
+
+
 def to_ca(frame: np.ndarray, element: np.dtype | str) -> np.ndarray:
     """Flatten a frame into the CA element type it is served as (UInt16 → int16 wraps, as areaDetector)."""
     el = np.dtype(element)
@@ -194,6 +207,9 @@ class FrameInfo:
     stamp: tuple[int, int]  # the CA timestamp of the source's ArrayData: (sec past the EPICS epoch, nsec)
     data_type: NDDataType
     color_mode: int = 0
+    #: an NTNDArray source's ``dataTimeStamp`` (the NDArray's own ``timeStamp``), EPICS epoch like ``stamp``;
+    #: None from a CA source, whose ``TimeStamp_RBV`` is ``stamp`` itself
+    data_stamp: tuple[int, int] | None = None
 
     @property
     def timestamp(self) -> float:

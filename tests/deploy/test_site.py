@@ -116,6 +116,7 @@ source = "X:image1:"
 prefix = "X:CDAE1:"
 engine = ["a", "b"]
 queue_size = 4
+pva = true
 """))
     eng = site.engine_config("a")
     assert eng.models_dir == tmp_path / "store"  # relative to the file
@@ -123,7 +124,7 @@ queue_size = 4
     ioc = site.ioc_config("c")
     assert ioc.engine == ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7003"]
     assert ioc.control_endpoint() == "tcp://127.0.0.1:7002"  # the first engine's control channel
-    assert ioc.queue_size == 4
+    assert ioc.queue_size == 4 and ioc.pva
     with pytest.raises(SiteError, match="no camera named 'd'.*known: c"):
         site.ioc_config("d")
 
@@ -133,6 +134,9 @@ def test_epics_environment_file() -> None:
     assert 'EPICS_CA_AUTO_ADDR_LIST="NO"' in text
     assert 'EPICS_CA_ADDR_LIST="127.0.0.1"' in text
     assert 'EPICS_CA_MAX_ARRAY_BYTES="100000000"' in text
+    # PV Access: served on the same interfaces as CA, searched where the site says
+    assert 'EPICS_PVAS_INTF_ADDR_LIST="127.0.0.1"' in text and 'EPICS_PVA_AUTO_ADDR_LIST="NO"' in text
+    assert 'EPICS_PVA_ADDR_LIST="127.0.0.1"' in text
 
 
 def test_key_lines_follow_tables_and_dotted_keys() -> None:

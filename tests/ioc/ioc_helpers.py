@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdae.children import free_port, stop_process
+from cdae.children import free_port, pva_loopback_env, pva_server_env, stop_process
 
 
 CAMERA_PORT = free_port()
@@ -36,6 +36,12 @@ CA_ENV = {
     "EPICS_CA_CONN_TMO": "2.0",
 }
 os.environ.update(CA_ENV)  # before pyepics/caproto clients are created in this process
+# PV Access the same way: searches to 127.0.0.1 only, each server (camera, filter IOC) on a UDP+TCP port of its own,
+# beacons to loopback only; the clients here (p4p, pvapy) read it from the environment
+CAMERA_PVA_PORT = free_port()
+IOC_PVA_PORT = free_port()
+PVA_ENV = pva_loopback_env([CAMERA_PVA_PORT, IOC_PVA_PORT])
+os.environ.update(PVA_ENV)
 
 READY = {
     "engine": re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+) .*model=(?P<model>\S+)"),
@@ -138,7 +144,7 @@ class Stack:
         self.ioc_prefix = self.camera_prefix.split(":")[0] + ":CDAE1:"
 
     def _env(self, server_port: int | None = None) -> dict[str, str]:
-        env = {**os.environ, **CA_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **CA_ENV, **PVA_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         if server_port is not None:
             env["EPICS_CAS_SERVER_PORT"] = str(server_port)
         return env
@@ -155,13 +161,15 @@ class Stack:
 
     def camera(self, *args: str, size: str = "64x48", rate: float = 10.0) -> Child:
         return self.start("camera", cdae("sim-camera", "--prefix", self.camera_prefix, "--size", size,
-                                          "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT)
+                                          "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT,
+                          env=pva_server_env(CAMERA_PVA_PORT))
 
-    def ioc(self, engine: Child, *args: str, env: dict[str, str] | None = None) -> Child:
+    def ioc(self, engine: Child, *args: str, env: dict[str, str] | None = None, source: str | None = None) -> Child:
         assert engine.match is not None
-        return self.start("ioc", cdae("ioc", "--source", self.camera_prefix, "--prefix", self.ioc_prefix,
+        return self.start("ioc", cdae("ioc", "--source", source or self.camera_prefix, "--prefix", self.ioc_prefix,
                                        "--engine", engine.match["data"], "--control", engine.match["control"],
-                                       "--engine-timeout-s", "3", *args), "ioc", IOC_PORT, env=env)
+                                       "--engine-timeout-s", "3", *args), "ioc", IOC_PORT,
+                          env={**pva_server_env(IOC_PVA_PORT), **(env or {})})
 
     def stop_all(self) -> None:
         for c in reversed(self.children):

@@ -148,10 +148,11 @@ def test_ioc_config_from_toml(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_ioc_package_does_not_import_torch() -> None:
-    code = ("import sys, cdae.ioc, cdae.ioc.filter, cdae.simcamera, cdae.ioc.pvs, cdae.cli; "
-            "print('torch' in sys.modules)")
+    """Nor p4p: PV Access is opt-in, imported when a configuration asks for it."""
+    code = ("import sys, cdae.ioc, cdae.ioc.filter, cdae.ioc.pva, cdae.simcamera, cdae.ioc.pvs, cdae.cli; "
+            "print('torch' in sys.modules, 'p4p' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 def test_pv_contract_names() -> None:
