@@ -51,7 +51,7 @@ class Calibration:
     alpha: float
     frames: int
     frames_with_bright: int
-    risk_bound: float  # at the threshold: n / (n + 1) * mean loss + 1 / (n + 1), or the UCB with delta
+    risk_bound: float  # :func:`risk_bound` at the threshold (at t = 1 without one)
     mean_loss: float  # mean share of a frame's real bright pixels flagged
     worst_frame_loss: float
     real_pixels_flagged: float  # share of all real pixels flagged, pooled
@@ -90,6 +90,12 @@ def hoeffding_bentkus_ucb(mean_loss: float, n: int, delta: float) -> float:
     return hi
 
 
+def risk_bound(mean_loss: float, n: int, delta: float | None) -> float:
+    """The bound a threshold is held to on ``n`` frames: conformal (``n / (n + 1) * mean + 1 / (n + 1)``) or,
+    with ``delta``, the Hoeffding-Bentkus upper confidence bound."""
+    return n / (n + 1) * mean_loss + 1.0 / (n + 1) if delta is None else hoeffding_bentkus_ucb(mean_loss, n, delta)
+
+
 def choose_threshold(probabilities: Sequence[np.ndarray], brights: Sequence[np.ndarray], alpha: float,
                      delta: float | None = None) -> tuple[float | None, float]:
     """The defect threshold and its risk bound: conformal risk control (``delta`` None: the smallest ``t``
@@ -104,8 +110,7 @@ def choose_threshold(probabilities: Sequence[np.ndarray], brights: Sequence[np.n
     candidates = candidates[(candidates >= 0.5) & (candidates < 1.0)]
 
     def bound(t: float) -> float:
-        mean = float(_losses(probabilities, brights, t).mean())
-        return n / (n + 1) * mean + 1.0 / (n + 1) if delta is None else hoeffding_bentkus_ucb(mean, n, delta)
+        return risk_bound(float(_losses(probabilities, brights, t).mean()), n, delta)
 
     # losses fall as t grows, and so does either bound: bisect for the smallest t that meets alpha (for the
     # confidence bound this is the fixed-sequence choice from the top: every t above it meets alpha too)
@@ -125,9 +130,8 @@ def choose_threshold(probabilities: Sequence[np.ndarray], brights: Sequence[np.n
 
 def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.01,
               delta: float | None = None) -> Calibration:
-    """The threshold of :func:`choose_threshold` on ``frames``, with what it flags there."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    """The threshold of :func:`choose_threshold` on ``frames``, with what it flags there (with no threshold:
+    what flagging nothing, ``t = 1``, gives)."""
     probs, brights, reals, defects = [], [], [], []
     for fr in frames:
         r = denoise_frame(np.asarray(fr.noisy, np.float32), denoiser.backend, adc_max=float(fr.adc_max),
@@ -138,7 +142,7 @@ def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.
         reals.append((fr.defect_mask == 0) & ~lost)
         defects.append((fr.defect_mask != 0) & ~lost)
     n = len(frames)
-    chosen, risk = choose_threshold(probs, brights, alpha, delta)
+    chosen, _ = choose_threshold(probs, brights, alpha, delta)
     t_eval = chosen if chosen is not None else 1.0
     losses = _losses(probs, brights, t_eval)
     real_flagged = sum(int((p[m] > t_eval).sum()) for p, m in zip(probs, reals)) / max(sum(int(m.sum()) for m in reals), 1)
@@ -146,8 +150,7 @@ def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.
         sum(int(m.sum()) for m in defects), 1)
     return Calibration(
         defect_threshold=chosen, alpha=alpha, frames=n, frames_with_bright=sum(int(b.any()) for b in brights),
-        risk_bound=risk if chosen is not None else (n / (n + 1) * float(losses.mean()) + 1.0 / (n + 1)
-                                                   if delta is None else risk),
+        risk_bound=risk_bound(float(losses.mean()), n, delta),
         mean_loss=float(losses.mean()),
         worst_frame_loss=float(losses.max()) if losses.size else math.nan, real_pixels_flagged=real_flagged,
         defect_pixels_flagged=defect_flagged, delta=delta,

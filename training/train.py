@@ -344,11 +344,11 @@ def train(
     records: list[dict[str, object]] = []
     for i, scfg in enumerate(stages):
         name = cfg.stages[i].name if cfg.stages else None
-        stage_dir = run_dir / f"stage-{i + 1}-{name}" if name else run_dir
-        stage_dir.mkdir(parents=True, exist_ok=True)
         budget = None if stop_after_epochs is None else stop_after_epochs - done_epochs
         if budget is not None and budget <= 0:
             break
+        stage_dir = run_dir / f"stage-{i + 1}-{name}" if name else run_dir
+        stage_dir.mkdir(parents=True, exist_ok=True)
         if name:
             log(f"stage {i + 1}/{len(stages)} {name!r}: {scfg.optim.epochs} epochs, lr {scfg.optim.lr:g}")
         rec = _train_stage(scfg, model, device, stage_dir, csv_path, resume=resume, progress=progress, log=log,
