@@ -86,13 +86,17 @@ def resolve_model(models: str | None, model: str | None, tmp: Path) -> tuple[Pat
 class Engine(ChildProcess):
     """One ``cdae engine`` process, started and waited for by its ready line."""
 
-    def __init__(self, backend: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
+    def __init__(self, spec: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
+        backend, _, precision = spec.partition("@")
         cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
                "--model", ref, "--backend", backend, "--queue", str(max(2, args.window)),
                "--max-pixels", str(max(s for s in args.sizes) ** 2)]
+        if precision:
+            cmd += ["--precision", precision]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        super().__init__(f"engine-{backend}", cmd, {**os.environ}, READY.pattern, log_dir / f"engine-{backend}.log")
+        name = spec.replace("@", "-")
+        super().__init__(f"engine-{name}", cmd, {**os.environ}, READY.pattern, log_dir / f"engine-{name}.log")
         self.wait_ready(args.start_timeout)
         m = READY.match(self.ready_line)
         assert m is not None
@@ -176,7 +180,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", help="comma list (default: every backend available here); passthrough is always added")
+    p.add_argument("--backends", help="comma list of BACKEND[@PRECISION] (default: every backend available here, "
+                   "torch-cpu in fp32 and, where the CPU has native BF16, bf16); passthrough is always added")
     p.add_argument("--sizes", default="256,512,1024,2048", help="square frame sides")
     p.add_argument("--frames", type=int, default=200, help="frames per size and phase")
     p.add_argument("--window", type=int, default=2, help="frames in flight in the throughput phase")
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cdae.engine.backends import AUTO_ORDER, cuda_available, tensorrt_importable
+    from cdae.engine.backends import AUTO_ORDER, cpu_bf16_native, cuda_available, tensorrt_importable
     from cdae.engine.package import code_version
 
     if args.backends:
@@ -198,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backends = [b for b in AUTO_ORDER if b == "torch-cpu" or cuda_available()
                     and (b != "tensorrt" or tensorrt_importable())]
+        cpu = backends.index("torch-cpu")
+        backends[cpu:cpu + 1] = ["torch-cpu@fp32", *(["torch-cpu@bf16"] if cpu_bf16_native() else [])]
         if importlib.util.find_spec("onnxruntime") is not None:
             backends.append("onnxruntime")  # the exported graph on the CPU, beside torch-cpu
     backends.append("passthrough")
@@ -235,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             b = base.get(r["size"])
             if b:
                 r["model_cost_ms_p50"] = round(r["latency_ms"]["p50"] - b["latency_ms"]["p50"], 3)
+    fp32 = {r["size"]: r for r in results["backends"].get("torch-cpu@fp32", [])}
+    for backend, rows in results["backends"].items():
+        for r in rows:
+            ref_row = fp32.get(r["size"])
+            if ref_row and backend != "torch-cpu@fp32":
+                r["vs_torch_cpu_fp32"] = {
+                    "frames_per_s": round(r["pipelined"]["frames_per_s"] / ref_row["pipelined"]["frames_per_s"], 3),
+                    "latency_p50": round(r["latency_ms"]["p50"] / ref_row["latency_ms"]["p50"], 3)}
     json_path = out / f"engine-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"engine-{device}.png")

@@ -388,7 +388,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model)
     record = export_package(pkg, args.to, fp16=args.fp16, frames=args.frames, device=args.device,
                             max_side=args.max_side, opt_side=args.opt_side, log=_err)
-    print(f"wrote {pkg / record.path} (sha256 {record.sha256[:12]}, parity passed), recorded in {pkg}/manifest.json")
+    if record.kind == "torch-bf16":
+        print(f"{pkg.name}: bf16 on this CPU reproduces fp32 (parity and held-out quality passed), recorded in "
+              f"{pkg}/manifest.json")
+    else:
+        print(f"wrote {pkg / record.path} (sha256 {record.sha256[:12]}, parity passed), recorded in {pkg}/manifest.json")
     return 0
 
 
@@ -1145,9 +1149,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--pva", action="store_true", help="also serve the images over PV Access as NTNDArray: PREFIX "
                     "Pva1:Image, Pva1:Residual, Pva1:DefectMap (p4p: pip install 'cdae[pva]')")
     io.set_defaults(func=cmd_ioc)
-    x = sub.add_parser("export", help="export a model to ONNX or a TensorRT plan, verified against torch")
+    x = sub.add_parser("export", help="export a model to ONNX, a TensorRT plan or checked BF16 on the CPU, "
+                       "verified against torch")
     x.add_argument("--model", default="cdae-default", help="NAME[:VERSION] (default: the shipped model)")
-    x.add_argument("--to", required=True, choices=["onnx", "tensorrt"])
+    x.add_argument("--to", required=True, choices=["onnx", "tensorrt", "torch-bf16"],
+                   help="torch-bf16: check the weights in BF16 on this CPU against FP32 and record it; the engine's "
+                   "torch-cpu backend then runs them in BF16 (precision auto)")
     x.add_argument("--fp16", action="store_true", help="TensorRT: FP16 plan (pointwise frame path kept in FP32)")
     x.add_argument("--models-dir")
     x.add_argument("--frames", type=int, default=8, help="simulated frames of the parity check")

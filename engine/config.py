@@ -43,7 +43,9 @@ class BackendOptions(BaseModel):
 
     device: str = Field("cuda:0", description="CUDA device for torch-cuda and tensorrt")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
-        "auto", description="torch-cuda autocast type (auto: bf16 where supported, else fp16); tensorrt: fp16 or fp32"
+        "auto", description="torch-cuda autocast type (auto: bf16 where supported, else fp16); tensorrt: fp16 or fp32; "
+        "torch-cpu: fp32 or bf16 (auto: bf16 where the CPU has it natively, the manifest records a passed bf16 parity "
+        "check and it is faster here)"
     )
     cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
     max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (tiles of one frame use up to 4)")

@@ -55,15 +55,16 @@ class EnsembleSpec(BaseModel):
 
 
 class ArtefactRecord(BaseModel):
-    """A deployable file derived from the package (``cdae export``): ONNX graph or TensorRT plan."""
+    """A deployable form of the package (``cdae export``): an ONNX graph, a TensorRT plan, or the package's
+    own weights run in BF16 on the CPU (``torch-bf16``: ``path`` is the weights file, checked like the others)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["onnx", "tensorrt"]
+    kind: Literal["onnx", "tensorrt", "torch-bf16"]
     path: str = Field(description="relative to the package folder")
     sha256: str
     bytes: int
-    precision: str = Field(description="fp32 or fp16")
+    precision: str = Field(description="fp32, fp16 or bf16")
     created_utc: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     tools: dict[str, str] = Field(default_factory=dict, description="versions (torch, onnx, tensorrt, GPU...)")
     parity: dict[str, JsonValue] = Field(default_factory=dict, description="comparison with the torch reference")

@@ -5,7 +5,8 @@ computed once per frame by the pipeline) and returns the restored frame, still n
 the defect probability, both (H, W) float32. Normalisation, tiling and dtype handling live in
 the pipeline, so backends differ only in how the network runs:
 
-- ``torch-cpu``: the package's network with channels-last memory (oneDNN); works everywhere.
+- ``torch-cpu``: the package's network with channels-last memory (oneDNN); works everywhere; BF16
+  where the CPU has it natively and the package's manifest records a passed BF16 parity check.
 - ``torch-cuda``: FP16/BF16 autocast, channels-last, pinned host buffers, CUDA graphs captured
   for each steady input shape.
 - ``tensorrt``: the package exported to ONNX with dynamic height/width, built into an FP16 plan
@@ -47,7 +48,7 @@ from cdae.engine.backends.base import Backend, Log, cuda_available, require_cuda
 from cdae.engine.backends.onnx_backend import OnnxRuntimeBackend
 from cdae.engine.backends.passthrough import PassthroughBackend
 from cdae.engine.backends.tensorrt_backend import TensorRTBackend, build_plan, import_tensorrt, tensorrt_importable
-from cdae.engine.backends.torch_backend import TorchBackend, TorchCPUBackend
+from cdae.engine.backends.torch_backend import TorchBackend, TorchCPUBackend, bf16_record, cpu_bf16_native
 from cdae.engine.backends.torch_cuda_backend import TorchCUDABackend, autocast_dtype
 from cdae.engine.config import BackendOptions
 from cdae.engine.errors import BackendError, BackendUnavailable
@@ -58,7 +59,7 @@ __all__ = [
     "AUTO_ORDER", "BACKEND_KINDS", "EXPORT_DIR", "ONNX_EXPORT_FORMAT", "ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUTS",
     "ArtefactIntegrityError", "Backend", "BackendError", "BackendUnavailable", "Log", "OnnxRuntimeBackend",
     "PassthroughBackend", "ShapeProfile", "TensorRTBackend", "TorchBackend", "TorchCPUBackend", "TorchCUDABackend",
-    "artefact_dir", "autocast_dtype", "build_plan", "cuda_available", "export_onnx", "load_backend", "make_backend",
+    "artefact_dir", "autocast_dtype", "bf16_record", "cpu_bf16_native", "build_plan", "cuda_available", "export_onnx", "load_backend", "make_backend",
     "onnx_artefact", "plan_key", "read_verified_artefact", "resolve_kind", "tensorrt_importable",
 ]
 
@@ -102,7 +103,7 @@ def load_backend(kind: str, pkg: Path | str, options: BackendOptions | None = No
 
 def make_backend(kind: str, manifest: Manifest, model: nn.Module, pkg: Path, options: BackendOptions, log: Log) -> Backend:
     if kind == "torch-cpu":
-        return TorchCPUBackend(manifest, model)
+        return TorchCPUBackend(manifest, model, options.precision, log)
     if kind == "passthrough":
         return PassthroughBackend(manifest)
     if kind == "onnxruntime":

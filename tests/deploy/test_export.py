@@ -49,12 +49,12 @@ def test_shipped_model_exports_to_onnx_that_reproduces_torch(shipped: Path) -> N
     assert isinstance(par["max_abs_dn"], float) and par["max_abs_dn"] < 0.5
     assert "300x200" in par["sizes"]  # a size that is not a multiple of the network's: padding checked
     manifest = read_manifest(shipped)
-    assert [a.kind for a in manifest.artefacts] == ["onnx"]
-    assert manifest.artefacts[0].sha256 == record.sha256 and record.tools["onnxruntime"]
+    (onnx_record,) = [a for a in manifest.artefacts if a.kind == "onnx"]
+    assert onnx_record.sha256 == record.sha256 and record.tools["onnxruntime"]
     assert verify_artefacts(shipped) == []
     # exporting again replaces the record, it does not pile up
     export_package(shipped, "onnx", frames=1)
-    assert len(read_manifest(shipped).artefacts) == 1
+    assert len([a for a in read_manifest(shipped).artefacts if a.kind == "onnx"]) == 1
 
 
 @needs_onnx
@@ -195,3 +195,23 @@ def test_models_activate_switches_a_running_engine(store: Path) -> None:
         raise
     finally:
         stack.stop_all()
+
+
+def test_bf16_on_the_cpu_is_checked_against_fp32_and_recorded(shipped: Path) -> None:
+    from cdae.engine.backends import cpu_bf16_native, load_backend
+
+    if not cpu_bf16_native():
+        with pytest.raises(ExportError, match="native BF16"):
+            export_package(shipped, "torch-bf16", frames=1, quality_frames=2, real_scenes=False)
+        return
+    record = export_package(shipped, "torch-bf16", frames=2, quality_frames=4, real_scenes=False)
+    m = read_manifest(shipped)
+    assert record.kind == "torch-bf16" and record.path == "weights.safetensors" and record.sha256 == m.weights_sha256
+    par = record.parity
+    assert par["passed"] is True and 0 < par["max_abs_full_scale"] <= 2.5e-2  # type: ignore[operator]
+    (quality,) = par["quality"]  # type: ignore[misc]
+    assert quality["passed"] is True and quality["frames"] == 4 and abs(quality["psnr_drop_db"]) <= 0.2
+    assert verify_artefacts(shipped) == []
+    # the engine's CPU backend now takes bf16 by itself (where it is faster here), and says why
+    info = load_backend("torch-cpu", shipped).describe()
+    assert info["precision"] == "bf16" or "not faster" in str(info["precision_choice"]), info

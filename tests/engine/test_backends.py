@@ -229,3 +229,44 @@ def test_tensorrt_matches_cpu_and_caches_its_plan(pkg: Path, tmp_path: Path) -> 
     other = load_backend("tensorrt", pkg, opts.model_copy(update={"trt_max_side": 256}), logs.append)
     assert other.plan_path != plan  # type: ignore[attr-defined]  # a new profile, a new plan
     other.close()
+
+
+# --- torch-cpu in BF16 ----------------------------------------------------------------------------
+
+def _with_bf16_record(pkg: Path, sha: str | None = None) -> None:
+    from cdae.engine.package import ArtefactRecord, write_manifest
+
+    m = read_manifest(pkg)
+    record = ArtefactRecord(kind="torch-bf16", path="weights.safetensors", sha256=sha or m.weights_sha256, bytes=1,
+                            precision="bf16", parity={"passed": True})
+    write_manifest(pkg, m.model_copy(update={"artefacts": [record]}))
+
+
+def test_torch_cpu_runs_fp32_unless_the_package_records_bf16_parity(pkg: Path) -> None:
+    backend = load_backend("torch-cpu", pkg)  # precision auto
+    info = backend.describe()
+    assert info["precision"] == "fp32"
+    assert "no native BF16" in str(info["precision_choice"]) or "no passed torch-bf16 parity" in str(info["precision_choice"])
+    with pytest.raises(BackendError, match="fp32 or bf16"):
+        load_backend("torch-cpu", pkg, BackendOptions(precision="fp16"))
+
+
+def test_torch_cpu_auto_takes_bf16_with_a_record_for_these_weights(pkg: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cdae.engine.backends import cpu_bf16_native
+
+    if not cpu_bf16_native():
+        pytest.skip("this CPU has no native BF16 (AVX512-BF16/AMX): auto keeps fp32, bf16 is refused")
+    copy = tmp_path / "b" / "1"
+    shutil.copytree(pkg, copy)
+    _with_bf16_record(copy, sha="0" * 64)  # a record for other weights does not count
+    assert load_backend("torch-cpu", copy).describe()["precision"] == "fp32"
+    _with_bf16_record(copy)
+    fast = load_backend("torch-cpu", copy)
+    info = fast.describe()
+    # on a CPU where BF16 is not faster, auto keeps fp32 and says so
+    assert info["precision"] == "bf16" or "not faster" in str(info["precision_choice"]), info
+    asked = load_backend("torch-cpu", copy, BackendOptions(precision="bf16"))
+    assert asked.describe()["precision"] == "bf16"
+    _compare(asked, pkg, max_tol=5e-2, mean_tol=5e-3)  # the tolerances of the GPU's reduced precisions
