@@ -228,6 +228,13 @@ class Client:
             (pv,) = ca_ctx.get_pvs(ioc_p + "ArrayData", timeout=10.0)  # type: ignore[attr-defined]
             self._sub = pv.subscribe(data_type="time", data_count=0)
             self._sub.add_callback(self._on_ca)  # held weakly by caproto: a bound method of this object
+        elif kind == "pyepics":  # ``ioc_p`` is any areaDetector prefix here: the camera's or the filter's
+            import epics
+
+            # arrays above pyepics' AUTOMONITOR_MAXLENGTH are not monitored unless asked for
+            self._sub = epics.PV(ioc_p + "ArrayData", form="time", auto_monitor=True, callback=self._on_pyepics)
+            if not self._sub.wait_for_connection(timeout=10.0):
+                raise RuntimeError(f"pyepics: {ioc_p}ArrayData did not connect")
         else:
             from p4p.client.thread import Context
 
@@ -244,6 +251,10 @@ class Client:
     def _on_ca(self, sub: object, r: object) -> None:
         self._record(r.metadata.timestamp)  # type: ignore[attr-defined]
 
+    def _on_pyepics(self, timestamp: float | None = None, **kw: object) -> None:
+        if timestamp:
+            self._record(timestamp)
+
     def _on_pva(self, v: object) -> None:
         if isinstance(v, Exception) or v["value"] is None:  # type: ignore[index]
             return
@@ -257,6 +268,9 @@ class Client:
     def close(self) -> None:
         if self.kind == "ca":
             self._sub.clear()
+        elif self.kind == "pyepics":
+            self._sub.clear_callbacks()
+            self._sub.disconnect()
         else:
             self._sub.close()
             self._pva.close()
@@ -307,6 +321,122 @@ def run_outputs(size: int, output: str, store: Path, ref: str, args: argparse.Na
         ctx.disconnect()
         for p in reversed(procs):
             p.stop()
+
+
+def run_raw(size: int, path: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    """One pyepics client on the camera's own ArrayData (``path="raw"``: the camera alone), or on the filter
+    IOC's with the pass-through engine (``path="filter"``); latency at ``--latency-rate``, then the rate ramp."""
+    from caproto.threading.client import Context
+
+    procs: list[Proc] = []
+    clients: list[Client] = []
+    ctx = Context(timeout=10.0)
+    load = [round(x, 2) for x in os.getloadavg()]
+    try:
+        if path == "raw":
+            cam_p = f"BENCH{size}:image1:"
+            procs.append(Proc("camera", ["sim-camera", "--prefix", cam_p, "--size", f"{size}x{size}", "--rate",
+                                         str(args.latency_rate), "--bank", "2"], r"^cdae-sim-camera ready ", log_dir,
+                              CAM_PORT))
+            target = cam_p
+        else:
+            cam_p, target, _ = start_stack(size, "passthrough", store, ref, args, log_dir, procs)
+        server_pid = procs[-1].proc.pid  # the camera (raw) or the filter IOC: the process the client reads from
+        cam_rate, cam_count = ctx.get_pvs(cam_p + "FrameRate", cam_p + "ArrayCounter_RBV", timeout=10.0)
+        if path == "raw":
+            counter = dropped = None
+        else:
+            counter, dropped = ctx.get_pvs(target + "ArrayCounter_RBV", target + "DroppedArrays_RBV", timeout=10.0)
+        client = Client("pyepics", target, ctx)
+        clients.append(client)
+        time.sleep(1.0)
+
+        def books() -> tuple[float, ...]:
+            got = client.count()
+            return (time.monotonic(), _val(cam_count), _val(counter) if counter else got,
+                    _val(dropped) if dropped else 0.0, cpu_s(server_pid), got)
+
+        client.recording = True
+        time.sleep(args.seconds)
+        client.recording = False
+        lat = client.lat[1:]
+        sustained, steps = rate_ramp(args, cam_rate, books, {"pyepics": 0}, f"{size}² {path:6s}")
+        return {"size": size, "path": path, "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99),
+                "frames": len(lat)}, "latency_rate_hz": args.latency_rate, "max_sustained_rate_hz": sustained,
+                "camera_limited": bool(steps and steps[-1]["sustained"]), "steps": steps,
+                "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    finally:
+        for c in clients:
+            c.close()
+        ctx.disconnect()
+        for p in reversed(procs):
+            p.stop()
+
+
+def raw_ratios(runs: list[dict]) -> list[dict]:
+    """The filter (pass-through) against raw CA at each size: sustained rate and the client's latency."""
+    out = []
+    for size in sorted({r["size"] for r in runs}):
+        by = {r["path"]: r for r in runs if r["size"] == size}
+        raw, filt = by.get("raw"), by.get("filter")
+        if not (raw and filt):
+            continue
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return round(a / b, 3) if a and b else None
+
+        drops = sum(s["dropped"] for s in filt["steps"])
+        out.append({"size": size, "raw_hz": raw["max_sustained_rate_hz"], "filter_hz": filt["max_sustained_rate_hz"],
+                    "rate_ratio": ratio(filt["max_sustained_rate_hz"], raw["max_sustained_rate_hz"]),
+                    "raw_latency_ms": raw["latency_ms"], "filter_latency_ms": filt["latency_ms"],
+                    "latency_p50_ratio": ratio(filt["latency_ms"]["p50"], raw["latency_ms"]["p50"]),
+                    "latency_p99_ratio": ratio(filt["latency_ms"]["p99"], raw["latency_ms"]["p99"]),
+                    "filter_dropped_counted": drops,
+                    "goal": "rate_ratio >= 0.8 and latency_p50_ratio <= 1.2"})
+    return out
+
+
+def plot_raw(results: dict, path: Path) -> None:
+    rows = results["runs"]
+    fig, axes, x = _bars(rows, "path", 2, 10)
+    axes[0].bar(x, [r["max_sustained_rate_hz"] for r in rows], 0.5, color=["C0" if r["path"] == "raw" else "C1"
+                                                                          for r in rows])
+    axes[0].set_ylabel("max sustained camera rate (Hz)")
+    axes[1].bar(x - 0.2, [r["latency_ms"]["p50"] or 0 for r in rows], 0.4, label="p50")
+    axes[1].bar(x + 0.2, [r["latency_ms"]["p99"] or 0 for r in rows], 0.4, label="p99")
+    axes[1].set_ylabel("camera timestamp → pyepics callback (ms)")
+    axes[1].legend(fontsize=7)
+    _save(fig, f"raw CA (camera → pyepics) vs the filter IOC with the pass-through engine (camera → IOC → pyepics) "
+               f"on {results['device']}, load {results['loadavg_start']}", path)
+
+
+def main_raw(args: argparse.Namespace, eb: object, out: Path, device: str) -> int:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        store, ref, _ = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
+        results: dict = {"device": device, "engine": "passthrough", "camera": "cdae sim-camera over CA, UInt16 12-bit",
+                         "client": "pyepics in this process, auto_monitor, form=time",
+                         "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+                         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                         "seconds": args.seconds, "step_seconds": args.step_seconds, "runs": []}
+        for size in (int(s) for s in args.sizes.split(",")):
+            for path in ("raw", "filter"):
+                log_dir = Path(tmp) / f"{size}-{path}"
+                log_dir.mkdir()
+                print(f"{size}x{size} uint16, {path} ...", flush=True)
+                r = run_raw(size, path, store, ref, args, log_dir)
+                results["runs"].append(r)
+                print(f"  latency {r['latency_ms']}; max sustained {r['max_sustained_rate_hz']} Hz", flush=True)
+    results["ratios"] = raw_ratios(results["runs"])
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["wall_s"] = round(time.monotonic() - t0, 1)
+    for row in results["ratios"]:
+        print(row, flush=True)
+    json_path = out / f"pipeline-raw-{device}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot_raw(results, json_path.with_suffix(".png"))
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    return 0
 
 
 def output_ratios(runs: list[dict]) -> list[dict]:
@@ -405,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rate", type=float, default=320.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--outputs", help="compare the outputs instead (pass-through engine): e.g. ca,pva,both")
+    p.add_argument("--raw", action="store_true", help="compare the filter IOC (pass-through engine) with raw CA "
+                   "instead: a pyepics client on the camera, then on the filter IOC")
     args = p.parse_args(argv)
     eb = _engine_bench()
     out = Path(args.out)
@@ -412,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     device = eb.device_name()  # type: ignore[attr-defined]
     if args.outputs:
         return main_outputs(args, eb, out, device)
+    if args.raw:
+        return main_raw(args, eb, out, device)
     with tempfile.TemporaryDirectory() as tmp:
         store, ref, note = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
         results: dict = {"device": device, "model": ref, "model_note": note, "cpu_count": os.cpu_count(),
