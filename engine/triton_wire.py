@@ -31,6 +31,8 @@ OUT_HEADER, OUT_DATA = "REPLY", "DATA"  # not "HEADER": an output named as an in
 INPUTS = ((IN_HEADER, "TYPE_UINT8", [-1], False), (IN_FRAME, "TYPE_UINT8", [-1], False),
           (IN_BAD_PIXELS, "TYPE_UINT8", [-1], True))
 OUTPUTS = ((OUT_HEADER, "TYPE_UINT8", [-1]), (OUT_DATA, "TYPE_UINT8", [-1]))
+#: The frame model's config.pbtxt parameter listing the versions its repository holds (what ``Model`` offers).
+VERSIONS_PARAMETER = "cdae_versions"
 
 
 def text_tensor(raw: bytes | str) -> np.ndarray:
