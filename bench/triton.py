@@ -13,7 +13,8 @@ asyncio client code path (``AsyncEngineClient`` / ``AsyncTritonClient``), with u
     python bench/triton.py --sizes 256 --frames 5  # smoke check
 
 Writes ``bench/results/triton-<device>.json`` and ``.png``. Torch threads per process or instance:
-``--threads`` (default 1), so that two instances on two cores are a fair question.
+``--threads`` (default 1), so that two instances on two cores are a fair question; the engine is also
+measured with one torch thread per core, what two single-thread Triton instances compete with.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -150,16 +152,21 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": args.sizes, "window": args.window, "threads": args.threads, "reference": "zeromq-engine",
             "configs": {},
         }
-        print("[zeromq-engine] starting", flush=True)
-        engine_args = argparse.Namespace(window=args.window, sizes=args.sizes, threads=args.threads,
-                                         start_timeout=args.start_timeout)
-        engine = Engine("torch-cpu", store, ref, engine_args, Path(tmp))
-        try:
-            results["configs"]["zeromq-engine"] = _run(
-                lambda: AsyncEngineClient(engine.data, window=args.window, timeout_s=600), args.sizes, args.frames,
-                args.window, "zeromq-engine")
-        finally:
-            engine.stop()
+        # the reference (``--threads`` torch threads, as each Triton instance), and the engine given every core
+        # in torch threads: what two Triton instances of one thread each are up against
+        for name, threads in (("zeromq-engine", args.threads), (f"zeromq-engine-{os.cpu_count()}-threads", os.cpu_count())):
+            if name != "zeromq-engine" and threads == args.threads:
+                continue
+            print(f"[{name}] starting", flush=True)
+            engine_args = argparse.Namespace(window=args.window, sizes=args.sizes, threads=threads,
+                                             start_timeout=args.start_timeout)
+            engine = Engine("torch-cpu", store, ref, engine_args, Path(tmp))
+            try:
+                results["configs"][name] = _run(
+                    lambda: AsyncEngineClient(engine.data, window=args.window, timeout_s=600),  # noqa: B023
+                    args.sizes, args.frames, args.window, name)
+            finally:
+                engine.stop()
         settings = FramePathSettings(backend="torch-cpu", threads=args.threads, max_pixels=max(args.sizes) ** 2,
                                      warmup_shape=(args.sizes[0], args.sizes[0]))
         for instances in (1, 2):
