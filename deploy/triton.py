@@ -347,7 +347,13 @@ class TritonServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self.server.libs), env.get("LD_LIBRARY_PATH")) if p)
+        # the stub links libpython3.X: this interpreter's own where it has one (the same Python as cdae's
+        # packages were installed for), else the system's
+        import sysconfig
+
+        libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self.server.libs), libdir, env.get("LD_LIBRARY_PATH"))
+                                                 if p)
         env["CDAE_PYTHONPATH"] = cdae_pythonpath()
         env.setdefault("OMP_NUM_THREADS", "1")
         return env

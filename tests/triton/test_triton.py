@@ -108,26 +108,41 @@ def test_frames_equal_the_zeromq_engines(triton, stack: Stack) -> None:  # noqa:
     eng = stack.engine(model="tiny:2")  # the version Triton serves at start (the latest)
     assert eng.match is not None
 
+    from cdae.engine.client import ControlClient
+    from cdae.engine.triton_client import AsyncTritonControl
+
+    bad_map = json.dumps({"Bad pixels": [{"Pixel": [3, 4]}, {"Pixel": [10, 20], "Median": [1, 1]}]})
+
     async def through_triton() -> list:
+        ctl = AsyncTritonControl(triton.url, timeout_s=30)
+        key = (await ctl.request("set_bad_pixels", bad_pixels=bad_map)).result["id"]
+        ctl.close()
         async with AsyncTritonClient(triton.url, window=2, timeout_s=30) as c:
             replies = [await c.denoise(f, unique_id=100 + i, timestamp=1.7e9 + i, bit_depth=b, want_residual=True,
                                        want_defect_map=True) for i, (f, b) in enumerate(_frames())]
+            filled = await c.denoise(_frames()[0][0], bit_depth=12, bad_pixels=str(key), want_defect_map=True)
             bad = np.full((8, 8), np.nan, np.float32)
             refused = await c.denoise(bad, unique_id=7)
             after = await c.denoise(_frames()[0][0], bit_depth=12)  # still serving
-            return [*replies, refused, after]
+            return [*replies, filled, refused, after]
 
     got = asyncio.run(through_triton())
-    with EngineClient(eng.match["data"], timeout_s=30) as z:
+    with EngineClient(eng.match["data"], timeout_s=30) as z, ControlClient(eng.match["control"]) as zc:
         want = [z.denoise(f, unique_id=100 + i, timestamp=1.7e9 + i, bit_depth=b, want_residual=True,
                           want_defect_map=True) for i, (f, b) in enumerate(_frames())]
+        key = zc.set_bad_pixels(bad_map).result["id"]
+        want.append(z.denoise(_frames()[0][0], bit_depth=12, bad_pixels=str(key), want_defect_map=True))
+    assert want[-1].defect_map[4, 3] == 1.0 and got[3].defect_map[4, 3] == 1.0  # the map was filled on both
     for i, (t, e) in enumerate(zip(got, want)):
         assert t.ok and t.model == "tiny:2", t.header
-        assert (t.header.unique_id, t.header.timestamp) == (100 + i, 1.7e9 + i)
+        assert (t.header.unique_id, t.header.timestamp) == (e.header.unique_id, e.header.timestamp)
         assert t.denoised.dtype == e.denoised.dtype and t.denoised.shape == e.denoised.shape
         assert np.array_equal(t.denoised, e.denoised), float(np.abs(t.denoised.astype(float) - e.denoised).max())
-        assert np.array_equal(t.residual, e.residual) and np.array_equal(t.defect_map, e.defect_map)
-    refused, after = got[3], got[4]
+        for part in ("residual", "defect_map"):
+            a, b = getattr(t, part), getattr(e, part)
+            assert (a is None and b is None) or np.array_equal(a, b), part
+    assert [r.header.unique_id for r in got[:3]] == [100, 101, 102]
+    refused, after = got[4], got[5]
     assert not refused.ok and refused.error_code == "bad_frame" and refused.header.unique_id == 7
     assert after.ok
 
