@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The CPU build of torch: pip takes it from the local wheel store when present, else from PyPI.
 TORCH_SPEC ?= torch==2.13.0
+# The Triton server the tests run (docs/triton.md): nvidia-pytriton's bundled tritonserver with the Python backend,
+# 55 MB from PyPI, unpacked beside the venv without its dependencies (it asks for numpy<2, which cdae's pins exclude;
+# none of its Python code runs: only the binary, its libraries and the Python-backend stub).
+TRITON_SPEC ?= nvidia-pytriton==0.7.0
 
 .PHONY: venv test test-all demo lint lock train-default evaluate-default clean
 
@@ -17,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/tritonserver "$(TRITON_SPEC)"
 	touch $(STAMP)
 
 test: $(STAMP)

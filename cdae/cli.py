@@ -385,6 +385,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cdae.deploy.export import export_package
     from cdae.engine.package import ModelRegistry
 
+    if args.to == "triton":
+        return _export_triton(args)
+    if args.output or len(args.model or []) > 1 or args.site:
+        _usage_error("-o, --site and more than one --model are for --to triton")
+    args.model = args.model[0] if args.model else "cdae-default"
     pkg = ModelRegistry(_models_dir(args.models_dir)).resolve(args.model)
     record = export_package(pkg, args.to, fp16=args.fp16, frames=args.frames, device=args.device,
                             max_side=args.max_side, opt_side=args.opt_side, log=_err)
@@ -393,6 +398,32 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{pkg}/manifest.json")
     else:
         print(f"wrote {pkg / record.path} (sha256 {record.sha256[:12]}, parity passed), recorded in {pkg}/manifest.json")
+    return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from cdae.deploy.triton import InstancePlan, export_repository
+    from cdae.engine.config import FramePathSettings
+    from cdae.engine.package import ModelRegistry
+
+    if not args.output:
+        _usage_error("--to triton needs -o REPO (the Triton model repository to write)")
+    registry = ModelRegistry(_models_dir(args.models_dir))
+    packages = [registry.resolve(ref) for ref in (args.model or ["cdae-default"])]
+    plan, settings = InstancePlan(), FramePathSettings(backend="torch-cpu")
+    if args.site:
+        from cdae.deploy.site import load_site
+
+        site = load_site(args.site)
+        section = site.triton_section(args.name)
+        plan, settings = section.plan, section.frame_path
+    tensorrt = None if args.tensorrt == "auto" else args.tensorrt == "yes"
+    result = export_repository(packages, Path(args.output), settings=settings, plan=plan, onnx=not args.no_onnx,
+                               tensorrt=tensorrt, frames=args.frames, log=_err)
+    for name, versions in result.models.items():
+        print(f"{result.repo / name}: versions {', '.join(map(str, versions))}")
+    for note in result.notes:
+        _err(note)
     return 0
 
 
@@ -1149,12 +1180,19 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--pva", action="store_true", help="also serve the images over PV Access as NTNDArray: PREFIX "
                     "Pva1:Image, Pva1:Residual, Pva1:DefectMap (p4p: pip install 'cdae[pva]')")
     io.set_defaults(func=cmd_ioc)
-    x = sub.add_parser("export", help="export a model to ONNX, a TensorRT plan or checked BF16 on the CPU, "
-                       "verified against torch")
-    x.add_argument("--model", default="cdae-default", help="NAME[:VERSION] (default: the shipped model)")
-    x.add_argument("--to", required=True, choices=["onnx", "tensorrt", "torch-bf16"],
+    x = sub.add_parser("export", help="export a model to ONNX, a TensorRT plan, a Triton model repository or "
+                       "checked BF16 on the CPU, verified against torch")
+    x.add_argument("--model", action="append", help="NAME[:VERSION] (default: the shipped model); --to triton: "
+                   "repeat for more versions")
+    x.add_argument("--to", required=True, choices=["onnx", "tensorrt", "torch-bf16", "triton"],
                    help="torch-bf16: check the weights in BF16 on this CPU against FP32 and record it; the engine's "
                    "torch-cpu backend then runs them in BF16 (precision auto)")
+    x.add_argument("-o", "--output", help="--to triton: the model repository to write (or add versions to)")
+    x.add_argument("--site", help="--to triton: site file whose [triton.NAME] gives instance groups and settings")
+    x.add_argument("--name", help="--to triton: the [triton.NAME] section of --site (default: the only one)")
+    x.add_argument("--no-onnx", action="store_true", help="--to triton: the frame path only, no NAME-net model")
+    x.add_argument("--tensorrt", choices=["auto", "yes", "no"], default="auto",
+                   help="--to triton: NAME-net-trt plans (auto: where TensorRT and a GPU are)")
     x.add_argument("--fp16", action="store_true", help="TensorRT: FP16 plan (pointwise frame path kept in FP32)")
     x.add_argument("--models-dir")
     x.add_argument("--frames", type=int, default=8, help="simulated frames of the parity check")

@@ -1,4 +1,6 @@
-"""ZeroMQ endpoints: the one parser of ``tcp://HOST:PORT`` and the one rule for the engine's control port.
+"""Engine addresses: the one parser of ``tcp://HOST:PORT`` (cdae's ZeroMQ engine) and of
+``triton://HOST:PORT/MODEL`` (a Triton server's gRPC port and the frame-path model), and the one rule
+for the engine's control port.
 
 Standard library only: the engine, its clients, the IOC and the site configuration all import it.
 """
@@ -9,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
+_TRITON = re.compile(r"^triton://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+):(?P<port>\d{1,5})/(?P<model>[A-Za-z0-9_.-]{1,64})/?$")
+TRITON_SCHEME = "triton://"
 #: Hosts only this machine reaches.
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -31,8 +35,46 @@ def parse_tcp(endpoint: str) -> TcpEndpoint | None:
     return TcpEndpoint(m["host"], m["port"]) if m else None
 
 
+@dataclass(frozen=True)
+class TritonEndpoint:
+    """``triton://HOST:PORT/MODEL``: Triton's gRPC address and the frame-path model's name there."""
+
+    host: str
+    port: int
+    model: str
+
+    @property
+    def grpc_url(self) -> str:
+        """What tritonclient's gRPC client connects to (``HOST:PORT``)."""
+        return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{TRITON_SCHEME}{self.host}:{self.port}/{self.model}"
+
+
+def is_triton(endpoint: str) -> bool:
+    return endpoint.startswith(TRITON_SCHEME)
+
+
+def parse_triton(endpoint: str) -> TritonEndpoint:
+    """``triton://HOST:PORT/MODEL`` → its parts; ValueError saying what is wrong otherwise."""
+    m = _TRITON.match(endpoint)
+    if not m:
+        raise ValueError(f"expected triton://HOST:PORT/MODEL (Triton's gRPC port, e.g. triton://127.0.0.1:8001/"
+                         f"cdae-default), got {endpoint!r}")
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{endpoint!r}: port {port} is not in 1..65535")
+    return TritonEndpoint(m["host"], port, m["model"])
+
+
 def is_loopback(endpoint: str) -> bool:
     """Whether only this machine can reach the endpoint (a loopback host, or not TCP at all)."""
+    if is_triton(endpoint):
+        try:
+            return parse_triton(endpoint).host in LOOPBACK
+        except ValueError:
+            return False
     ep = parse_tcp(endpoint)
     return ep is None or ep.host in LOOPBACK
 

@@ -23,6 +23,7 @@ _USER_ERRORS = (
     ("cdae.training.characterise", "CharacteriseError"),
     ("cdae.deploy.site", "SiteError"),
     ("cdae.deploy.export", "ExportError"),
+    ("cdae.deploy.triton", "TritonError"),
     ("cdae.engine.errors", "BackendUnavailable"),
 )
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdae import tomlfile
-from cdae.endpoints import is_loopback, parse_tcp
-from cdae.engine.config import BackendOptions, EngineConfig, default_models_dir
+from cdae.endpoints import is_loopback, parse_tcp, parse_triton
+from cdae.engine.config import BackendOptions, EngineConfig, FramePathSettings, default_models_dir
 from cdae.ioc.filter import IocConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a systemd instance name (cdae-ioc@NAME)
@@ -82,10 +82,44 @@ class EngineSection(EngineConfig):
     gpu: int | None = Field(None, ge=0, description="GPU index for torch-cuda/tensorrt (sets backend_options.device)")
 
 
+class TritonSection(BaseModel):
+    """A Triton server that serves cdae's frame path (`cdae export --to triton`): cameras name it like an engine.
+
+    ``gpus`` and the instance counts become the exported model's ``instance_group``; ``frame_path``
+    (backend, tiling, guard, threads: the engine's own fields) its ``cdae_settings`` parameter.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="triton://HOST:PORT/MODEL: the server's gRPC port and the frame-path model")
+    gpus: list[int] = Field(default_factory=list, description="GPU indices; one instance group per GPU")
+    instances_per_gpu: int = Field(1, ge=1, le=16)
+    cpu_instances: int = Field(1, ge=1, le=64, description="instances on the CPU when no GPU is listed")
+    metrics_port: int = Field(8002, ge=1, le=65535, description="Triton's Prometheus metrics port (--metrics-port)")
+    frame_path: FramePathSettings = Field(  # type: ignore[valid-type]
+        default_factory=lambda: FramePathSettings(backend="torch-cpu"),
+        description="the engine's frame-path settings inside Triton (backend, max_pixels, guard, threads, ...)")
+    network_trusted: bool = Field(False, description="Triton has no authentication of its own: true only where its "
+                                                     "ports are reachable from a trusted network alone")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parse_triton(v)
+        return v
+
+    @property
+    def plan(self):  # noqa: ANN201 - cdae.deploy.triton.InstancePlan (imported lazily: tritonclient)
+        from cdae.deploy.triton import InstancePlan
+
+        return InstancePlan(gpus=self.gpus, instances_per_gpu=self.instances_per_gpu, cpu_instances=self.cpu_instances)
+
+
 class CameraSection(IocConfig):
     """One camera's filter IOC: the IOC's own config, with engines named instead of addressed."""
 
-    engine: list[str] = Field(min_length=1, description="engine name(s) from [engines.*]; frames are spread over them")
+    engine: list[str] = Field(min_length=1, description="engine name(s) from [engines.*] (frames are spread over "
+                                                        "them), or one server name from [triton.*]")
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -101,9 +135,10 @@ class SiteConfig(BaseModel):
     models_dir: Path = Field(default_factory=default_models_dir, description="model store shared by all engines")
     epics: EpicsSettings = Field(default_factory=EpicsSettings)
     engines: dict[str, EngineSection] = Field(default_factory=dict)
+    triton: dict[str, TritonSection] = Field(default_factory=dict, description="Triton servers of the frame path")
     cameras: dict[str, CameraSection] = Field(default_factory=dict)
 
-    @field_validator("engines", "cameras")
+    @field_validator("engines", "cameras", "triton")
     @classmethod
     def _names(cls, v: dict[str, object]) -> dict[str, object]:
         for name in v:
@@ -122,9 +157,22 @@ class SiteConfig(BaseModel):
             data["backend_options"] = BackendOptions.model_validate(options).model_dump(exclude_unset=True)
         return EngineConfig.model_validate(data)
 
+    def triton_section(self, name: str | None) -> TritonSection:
+        """A ``[triton.NAME]`` section; without a name, the only one."""
+        if name is None:
+            if len(self.triton) != 1:
+                raise SiteError(f"name the [triton.*] section (--name): the site file has {len(self.triton)}")
+            return next(iter(self.triton.values()))
+        return self._get(self.triton, name, "triton server")  # type: ignore[return-value]
+
     def ioc_config(self, name: str) -> IocConfig:
         """What ``cdae ioc --config FILE --name NAME`` runs: engine names resolved to endpoints."""
         section = self._get(self.cameras, name, "camera")
+        if section.engine and section.engine[0] in self.triton:
+            data = section.model_dump(exclude_unset=True)
+            data["engine"] = [self.triton[section.engine[0]].url]
+            data.pop("control", None)
+            return IocConfig.model_validate(data)
         engines = [self.engine_config(e) for e in section.engine]
         data = section.model_dump(exclude_unset=True)
         data["engine"] = [e.bind for e in engines]
@@ -212,9 +260,9 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
             return None
 
     # Sections one by one, so that one bad camera does not hide the problems of the others.
-    top = {k: v for k, v in data.items() if k not in ("engines", "cameras", "epics")}
+    top = {k: v for k, v in data.items() if k not in ("engines", "cameras", "epics", "triton")}
     sections: dict[str, dict[str, object]] = {}
-    for table in ("engines", "cameras"):
+    for table in ("engines", "cameras", "triton"):
         value = data.get(table, {})
         if isinstance(value, dict):
             sections[table] = value
@@ -225,18 +273,22 @@ def _problems(text: str, data: dict[str, object], base: Path, *, check_models: b
     epics = validate(EpicsSettings, data.get("epics", {}), ("epics",))
     engines = {n: validate(EngineSection, v, ("engines", n)) for n, v in sections["engines"].items()}
     cameras = {n: validate(CameraSection, v, ("cameras", n)) for n, v in sections["cameras"].items()}
+    tritons = {n: validate(TritonSection, v, ("triton", n)) for n, v in sections["triton"].items()}
     if shell is None:
         return found
     site = SiteConfig.model_construct(
         models_dir=resolve_models_dir(shell.models_dir, base), epics=epics or EpicsSettings(),
         engines={n: _curve_paths(e, base) for n, e in engines.items() if e is not None},
+        triton={n: t for n, t in tritons.items() if t is not None},
         cameras={n: c for n, c in cameras.items() if c is not None},
     )
-    for table, names in (("engines", sections["engines"]), ("cameras", sections["cameras"])):
+    for table, names in (("engines", sections["engines"]), ("cameras", sections["cameras"]),
+                         ("triton", sections["triton"])):
         for name in names:
             if not _NAME.match(name):
                 found.append(Problem(lines.find((table, name)), f"{table}.{name}", _NAME_RULE))
-    found.extend(_cross_checks(site, lines, check_models, broken_engines={n for n, e in engines.items() if e is None}))
+    broken = {n for n, e in engines.items() if e is None} | {n for n, t in tritons.items() if t is None}
+    found.extend(_cross_checks(site, lines, check_models, broken_engines=broken))
     return sorted(found, key=lambda p: (p.line or 0, p.where))
 
 
@@ -285,11 +337,16 @@ def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
             gpus.setdefault(eng.gpu, name)
     prefixes: dict[str, str] = {}
     for name, cam in site.cameras.items():
+        tritons = [e for e in cam.engine if e in site.triton]
+        if tritons and len(cam.engine) > 1:
+            yield Problem(lines.find(("cameras", name, "engine")), f"cameras.{name}.engine",
+                          f"{tritons[0]} is a Triton server: a camera names one, alone (Triton spreads frames over "
+                          "its own instances)")
         for eng in cam.engine:
-            if eng in broken_engines:
-                continue  # already reported
+            if eng in broken_engines or eng in site.triton:
+                continue  # already reported, or a Triton server (checked below)
             if eng not in site.engines:
-                known = ", ".join(sorted(site.engines)) or "none defined"
+                known = ", ".join(sorted([*site.engines, *site.triton])) or "none defined"
                 yield Problem(lines.find(("cameras", name, "engine")), f"cameras.{name}.engine",
                               f"no engine named {eng!r} (engines: {known})")
             elif _endpoint_key(site.engines[eng].bind) is None:
@@ -302,8 +359,29 @@ def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
         if cam.prefix == cam.source or cam.source.startswith(cam.prefix):
             yield Problem(lines.find(("cameras", name, "prefix")), f"cameras.{name}.prefix",
                           f"the output prefix {cam.prefix!r} would shadow the source {cam.source!r}")
+    yield from _triton_checks(site, lines)
     if check_models:
         yield from _model_checks(site, lines)
+
+
+def _triton_checks(site: SiteConfig, lines: KeyLines) -> Iterator[Problem]:
+    """Triton servers: names apart from the engines', no authentication off loopback unless said trusted,
+    GPUs not shared with a cdae engine."""
+    engine_gpus = {e.gpu: n for n, e in site.engines.items() if e.gpu is not None}
+    for name, t in site.triton.items():
+        where = f"triton.{name}"
+        if name in site.engines:
+            yield Problem(lines.find(("triton", name)), where, f"{name!r} is also an engine name: cameras could not "
+                                                               "tell which they mean")
+        if not is_loopback(t.url) and not t.network_trusted:
+            yield Problem(lines.find(("triton", name, "url")), f"{where}.url",
+                          f"{t.url} is reachable from the network and Triton has no authentication: anyone who "
+                          "reaches it can send frames and load or unload models; bind it to loopback, or put it on "
+                          "a trusted network and set network_trusted = true")
+        for g in t.gpus:
+            if g in engine_gpus:
+                yield Problem(lines.find(("triton", name, "gpus")), f"{where}.gpus",
+                              f"GPU {g} is already used by engine {engine_gpus[g]}")
 
 
 def _curve_checks(name: str, eng: EngineSection, lines: KeyLines) -> Iterator[Problem]:
@@ -337,6 +415,7 @@ def _model_checks(site: SiteConfig, lines: KeyLines) -> Iterator[Problem]:
 
     registry = ModelRegistry(site.models_dir)
     wanted = [(("engines", n, "model"), e.model) for n, e in site.engines.items()]
+    wanted += [(("triton", n, "url"), parse_triton(t.url).model) for n, t in site.triton.items()]
     wanted += [(("cameras", n, "model"), c.model) for n, c in site.cameras.items() if c.model]
     for loc, ref in wanted:
         try:

@@ -220,8 +220,9 @@ def write_units(unit_dir: Path, units: Mapping[str, str]) -> list[Path]:
 
 
 def camera_engines(site: SiteConfig) -> dict[str, list[str]]:
-    """Each camera of a site and the engines it sends frames to (what the drop-ins order)."""
-    return {name: list(cam.engine) for name, cam in site.cameras.items()}
+    """Each camera of a site and the cdae engines it sends frames to (what the drop-ins order; a Triton server
+    runs in its own container, outside these units)."""
+    return {name: [e for e in cam.engine if e in site.engines] for name, cam in site.cameras.items()}
 
 
 def instances(cameras: Mapping[str, list[str]], engines: list[str]) -> list[str]:

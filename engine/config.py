@@ -138,3 +138,20 @@ class EngineConfig(BaseModel):
         if self.control:
             return self.control
         return control_endpoint_for(self.bind)
+
+
+#: What of the engine's configuration a Triton frame-path model runs with (the rest is Triton's: ports,
+#: queueing, model control); written into its config.pbtxt by `cdae export --to triton`.
+FRAME_PATH_FIELDS = ("backend", "backend_options", "max_pixels", "tile_margin", "max_frame_pixels", "threads",
+                     "warmup_shape", "guard")
+
+
+def _frame_path_settings() -> type[BaseModel]:
+    from pydantic import create_model
+
+    fields = {k: (f.annotation, f) for k, f in EngineConfig.model_fields.items() if k in FRAME_PATH_FIELDS}
+    return create_model("FramePathSettings", __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload]
+
+
+#: The engine's own fields, validated the same way: ``backend`` ... ``guard`` (see FRAME_PATH_FIELDS).
+FramePathSettings = _frame_path_settings()

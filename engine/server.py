@@ -39,6 +39,7 @@ from pydantic import JsonValue
 
 from cdae import __version__
 from cdae.endpoints import is_loopback, parse_tcp
+from cdae.engine.answer import answer_frame
 from cdae.engine.backends import Backend, load_backend
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
@@ -46,9 +47,8 @@ from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
 from cdae.engine.frame_queue import FrameQueue
 from cdae.engine.guard import GuardConfig, for_package
-from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import ModelRegistry, read_manifest
-from cdae.engine.pipeline import denoise_frame, warm_up
+from cdae.engine.pipeline import warm_up
 from cdae.engine.protocol import (
     MAX_CONTROL_BYTES,
     ControlReply,
@@ -56,13 +56,11 @@ from cdae.engine.protocol import (
     ErrorCode,
     FrameRequest,
     ProtocolError,
-    Timings,
     decode_control_request,
     decode_request,
     encode_control_reply,
     error_reply,
     error_reply_for,
-    ok_reply,
 )
 from cdae.engine.stats import EngineStats
 from cdae.notify import Notifier
@@ -117,10 +115,6 @@ class _Pending:
     request: FrameRequest
     received: float  # perf_counter
     message: list[zmq.Frame]  # keeps the received buffers alive while the frame is a view of them
-
-
-def _model_matches(requested: str, active: str) -> bool:
-    return requested == active or (":" not in requested and active.split(":", 1)[0] == requested)
 
 
 class EngineServer:
@@ -451,45 +445,21 @@ class EngineServer:
             push.close(0)
 
     def _process(self, item: _Pending) -> list[bytes | memoryview]:
-        started = time.perf_counter()
         active = self._require_active()  # read once: a swap lands between frames, never inside one
         h = item.request.header
-        label = {"model": active.ref, "backend": active.backend.name}
-
-        def fail(code: ErrorCode, message: str) -> list[bytes | memoryview]:
-            self.stats.count_error(code)
-            timings = Timings(queue_ms=(started - item.received) * 1e3,
-                              total_ms=(time.perf_counter() - item.received) * 1e3)
-            return error_reply(code, message, frame_id=h.frame_id, unique_id=h.unique_id, timestamp=h.timestamp,
-                               timings=timings, **label)
-
-        if h.model and not _model_matches(h.model, active.ref):
-            return fail("model_mismatch", f"frame asks for model {h.model}, the engine serves {active.ref}")
-        bad_pixels = None
-        if h.bad_pixels is not None:
-            bad_pixels = self.bad_pixel_maps.get(h.bad_pixels)
-            if bad_pixels is None:
-                return fail("unknown_bad_pixels", f"this engine holds no bad-pixel map {h.bad_pixels} (restarted, or "
-                                                  "the map was evicted): send it again with set_bad_pixels")
-        try:
-            result = denoise_frame(
-                item.request.frame, active.backend, bit_depth=h.bit_depth, max_pixels=self.config.max_pixels,
-                margin=self.config.tile_margin, want_residual=h.flags.want_residual, bad_pixels=bad_pixels,
-                guard_config=active.guard,
-            )
-        except NormalisationError as e:
-            return fail("bad_frame", str(e))
-        except Exception as e:  # the service keeps serving; the error goes back to the client and to status
-            self.last_error = f"inference on {active.ref} ({active.backend.name}) failed: {type(e).__name__}: {e}"
-            self.log(self.last_error)
-            return fail("inference_failed", f"{type(e).__name__}: {e}")
+        answer = answer_frame(item.request, ref=active.ref, backend=active.backend, guard=active.guard,
+                              bad_pixels=self.bad_pixel_maps.get, received=item.received,
+                              max_pixels=self.config.max_pixels, margin=self.config.tile_margin)
+        if answer.error is not None:
+            self.stats.count_error(answer.error)
+            if answer.error == "inference_failed":  # said in status and the log too: the service keeps serving
+                self.last_error = f"inference on {active.ref} ({active.backend.name}) failed: {answer.message}"
+                self.log(self.last_error)
+            return answer.parts
+        assert answer.result is not None
         self._live = (h.shape, h.dtype)
-        timings = Timings(queue_ms=(started - item.received) * 1e3, inference_ms=result.inference_ms,
-                          total_ms=(time.perf_counter() - item.received) * 1e3)
-        self.stats.count_processed(timings, active.ref, result.tiles)
-        return ok_reply(h, denoised=result.denoised, residual=result.residual, defect_map=result.defect_probability,
-                        flags=result.flags, flag_counts=result.flag_counts, timings=timings, tiles=result.tiles,
-                        **label)
+        self.stats.count_processed(answer.timings, active.ref, answer.result.tiles)
+        return answer.parts
 
     def _control_loop(self, sock: zmq.Socket) -> None:
         # A ROUTER, not a REP: a reply can wait (activate with wait) while other requests are answered,

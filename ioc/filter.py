@@ -25,15 +25,16 @@ import numpy as np
 import zmq
 from caproto import AlarmSeverity, AlarmStatus
 from caproto.asyncio.client import Context as ClientContext
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cdae import tomlfile
-from cdae.endpoints import control_endpoint_for, parse_tcp
+from cdae.endpoints import control_endpoint_for, is_triton, parse_tcp, parse_triton
 from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.config import CurveClientKeys
 from cdae.engine.errors import EngineError
 from cdae.engine.protocol import FrameReply
+from cdae.engine.triton_client import AsyncTritonClient, AsyncTritonControl
 from cdae.ioc.frames import (
     FrameError,
     FrameInfo,
@@ -81,7 +82,9 @@ class IocConfig(BaseModel):
                                     "e.g. pva://13SIM1:Pva1:Image; pva://13SIM1:Pva1: adds Image) read over PV Access")
     prefix: str = Field(description="output prefix, e.g. 13SIM1:CDAE1:")
     engine: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5555"], min_length=1,
-                              description="engine data endpoints (frames are spread over them)")
+                              description="engine data endpoints (frames are spread over them), or one "
+                                          "triton://HOST:PORT/MODEL (a Triton server's gRPC port and the model "
+                                          "`cdae export --to triton` wrote)")
     control: str | None = Field(None, description="engine control endpoint (default: first engine's port + 1)")
     model: str | None = Field(None, description="NAME:VERSION to activate at start")
     array_suffix: str = Field("ArrayData", description="the source's image PV after the prefix")
@@ -130,6 +133,22 @@ class IocConfig(BaseModel):
             pva_channel(v)  # refuses an empty or spaced channel name
         return v
 
+    @model_validator(mode="after")
+    def _one_triton(self) -> IocConfig:
+        if any(is_triton(e) for e in self.engine):
+            if len(self.engine) != 1:
+                raise ValueError("a triton:// engine is one URL: Triton spreads frames over its own instances "
+                                 "(instance_group), not the IOC")
+            parse_triton(self.engine[0])  # a malformed URL is refused here, with what is wrong
+            if self.curve is not None:
+                raise ValueError("curve keys are for cdae's ZeroMQ engine; Triton has no CURVE (see docs/triton.md)")
+        return self
+
+    @property
+    def triton(self) -> bool:
+        """Frames and control go to a Triton server (``triton://``), not to cdae's ZeroMQ engine."""
+        return is_triton(self.engine[0])
+
     @property
     def plain_waveform(self) -> bool:
         return self.width is not None and self.height is not None
@@ -144,6 +163,8 @@ class IocConfig(BaseModel):
 
     def control_endpoint(self) -> str:
         """As configured, else the first engine's data port + 1 (the engine's own default)."""
+        if self.triton:  # Triton answers both on its gRPC port
+            return self.engine[0]
         if self.control:
             return self.control
         ep = parse_tcp(self.engine[0])
@@ -194,7 +215,7 @@ class FilterIOC:
         self.in_flight = 0
         self._permits = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.client: AsyncEngineClient | None = None
+        self.client: AsyncEngineClient | AsyncTritonClient | None = None
         self.models: list[str] = []
         self.seq = 0
         self.last_published_seq = 0
@@ -333,8 +354,7 @@ class FilterIOC:
                 raise IocError("the engine is not connected")
             if self.models and ref not in self.models:
                 raise IocError(f"model {ref} is not in the engine's store; available: {', '.join(self.models)}")
-            ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s,
-                                     curve=self.config.curve)
+            ctl = self._control(self.config.engine_timeout_s)
             try:
                 reply = await ctl.request("activate", model=ref, wait=True, timeout_s=600.0)
             finally:
@@ -464,8 +484,7 @@ class FilterIOC:
         bad = self.map_in_use()
         if bad is None:
             return True
-        ctl = AsyncControlClient(self.config.control_endpoint(), timeout_s=self.config.engine_timeout_s,
-                                     curve=self.config.curve)
+        ctl = self._control(self.config.engine_timeout_s)
         try:
             reply = await ctl.request("set_bad_pixels", bad_pixels=bad.to_json())
         except _ENGINE_TROUBLE as e:
@@ -481,10 +500,18 @@ class FilterIOC:
         await self._report_error(f"BadPixelFile: the engine did not take the map: {why}")
         return False
 
-    def _new_client(self) -> AsyncEngineClient:
+    def _new_client(self) -> AsyncEngineClient | AsyncTritonClient:
         # the client's own window never binds: QueueSize permits bound what is in flight
+        if self.config.triton:
+            return AsyncTritonClient(self.config.engine[0], window=64, timeout_s=self.config.engine_timeout_s)
         return AsyncEngineClient(self.config.engine, window=64, timeout_s=self.config.engine_timeout_s,
                                  curve=self.config.curve)
+
+    def _control(self, timeout_s: float) -> AsyncControlClient | AsyncTritonControl:
+        """The engine's control channel: cdae's engine's REQ socket, or Triton's APIs behind the same requests."""
+        if self.config.triton:
+            return AsyncTritonControl(self.config.engine[0], timeout_s=timeout_s)
+        return AsyncControlClient(self.config.control_endpoint(), timeout_s=timeout_s, curve=self.config.curve)
 
     async def _engine_lost(self, why: str) -> None:
         if not self.engine_ok:
@@ -530,8 +557,7 @@ class FilterIOC:
     async def monitor_engine(self) -> None:
         """Poll the control channel: connection state, backend, available models; recover by itself."""
         endpoint = self.config.control_endpoint()
-        ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s),
-                                     curve=self.config.curve)
+        ctl = self._control(max(1.0, 2 * self.config.status_period_s))
         polls = misses = 0
         p = self._require_pvs()
         while True:
@@ -572,8 +598,7 @@ class FilterIOC:
                 else:
                     await self._engine_lost(f"no answer from the control channel {endpoint}: {e}")
                 ctl.close()  # a fresh REQ socket: nothing stale waits in the old one
-                ctl = AsyncControlClient(endpoint, timeout_s=max(1.0, 2 * self.config.status_period_s),
-                                     curve=self.config.curve)
+                ctl = self._control(max(1.0, 2 * self.config.status_period_s))
             await asyncio.sleep(self.config.status_period_s)
 
     async def dispatch(self) -> None:
@@ -604,7 +629,7 @@ class FilterIOC:
             self.in_flight -= 1
             self._permits.notify_all()
 
-    async def _process(self, client: AsyncEngineClient, seq: int, frame: np.ndarray, info: FrameInfo) -> None:
+    async def _process(self, client: AsyncEngineClient | AsyncTritonClient, seq: int, frame: np.ndarray, info: FrameInfo) -> None:
         """One frame to the engine and out; every way out is counted (the ``finally`` catches cancellation
         by :meth:`_engine_lost`)."""
         settled = False

@@ -183,6 +183,7 @@ def test_ioc_talks_to_the_engine_only_through_its_client_and_protocol() -> None:
     from pathlib import Path
 
     allowed = {"cdae.engine.client", "cdae.engine.protocol", "cdae.engine.errors",
+               "cdae.engine.triton_client",  # the client of a triton:// engine: the same requests, no torch
                "cdae.engine.badpixels",  # numpy only: the IOC reads and checks the camera's map, the engine fills it
                "cdae.engine.config"}  # the CURVE key settings the engine client takes
     root = Path(__file__).resolve().parents[2] / "ioc"
