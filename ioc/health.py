@@ -83,7 +83,8 @@ class HealthPVs(PVGroup):
                                read_only=True, doc="OK / DEGRADED (MINOR) / BAD (MAJOR) by the site's health limits")
     health_status = _long_string("HealthStatus_RBV", "starting", doc="why CameraHealth_RBV says what it says")
     health_frames = _count("HealthFrames_RBV", "frames the live map has been fed (since it began)")
-    health_skipped = _count("HealthSkipped_RBV", "frames not analysed: a newer one came while the worker was busy")
+    health_skipped = _count("HealthSkipped_RBV", "frames not analysed: a newer one came while the worker was busy, "
+                            "or within the CPU bound (health.cpu_share) or max_rate_hz")
     baseline = _long_string("HealthBaseline_RBV", doc="the baseline New* count from: accepted (by whom, when) "
                             "or automatic")
     use_map = pvproperty(name="HealthMapUse", value="No", dtype=ChannelType.ENUM, enum_strings=YES_NO,
@@ -179,6 +180,8 @@ class HealthMonitor:
         self._warned_no_state = False
         self._last_failure = ""
         self._last_taken = -1e9
+        self._last_cost = 0.0  # CPU seconds the last analysis took (its worker thread's)
+        self._last_done = -1e9
 
     # --- frames in ---------------------------------------------------------------------------
 
@@ -186,9 +189,10 @@ class HealthMonitor:
         """A raw frame (called in the loop): the newest waits for the worker."""
         if not self.config.enabled:
             return
-        rate = self.config.max_rate_hz
+        rate, share = self.config.max_rate_hz, self.config.cpu_share
         now = time.monotonic()
-        if rate is not None and now - self._last_taken < 1.0 / rate:
+        if (rate is not None and now - self._last_taken < 1.0 / rate) or (
+                share is not None and now < self._last_done + self._last_cost * (1.0 / share - 1.0)):
             self.skipped += 1
             return
         self._last_taken = now
@@ -269,6 +273,14 @@ class HealthMonitor:
 
     def _analyse(self, frame: np.ndarray, info: FrameInfo) -> _Posted:
         """In the worker: one frame through the tracker, and what the PVs need when something changed."""
+        started = time.thread_time()
+        try:
+            return self._analyse_frame(frame, info)
+        finally:
+            self._last_cost = time.thread_time() - started
+            self._last_done = time.monotonic()
+
+    def _analyse_frame(self, frame: np.ndarray, info: FrameInfo) -> _Posted:
         t = self._tracker_for(tuple(frame.shape))  # type: ignore[arg-type]
         fresh = self._dirty
         r = t.update(frame, info.unique_id, info.timestamp)

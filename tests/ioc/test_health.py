@@ -158,3 +158,29 @@ def test_a_camera_that_ages_raises_minor_then_major_and_keeps_its_map(stack: Sta
     assert "accepted" in long_string_of(out + "HealthBaseline_RBV")
     assert int(value_of(out + "NewBadPixels_RBV")) == 0  # type: ignore[arg-type]
     print(f"detection delay (new hot pixels -> CameraHealth MINOR): {delay} frames")
+
+
+def test_the_map_takes_at_most_its_cpu_share() -> None:
+    """After a frame that cost t of the worker's CPU, frames are skipped (and counted) for t/cpu_share - t."""
+    import asyncio
+
+    from cdae.health import HealthConfig
+    from cdae.ioc.frames import FrameInfo, NDDataType
+    from cdae.ioc.health import HealthMonitor
+
+    async def offers(share: float | None) -> tuple[int, int]:
+        mon = HealthMonitor(HealthConfig(cpu_share=share), "cam", None)
+        frame = np.random.default_rng(0).normal(100, 5, (256, 256)).astype(np.float32)
+        info = FrameInfo(1, (1, 0), NDDataType.Float32)
+        mon._analyse(frame, info)  # the worker's first frame: its CPU time is measured
+        taken = 0
+        for _ in range(5):  # at once: within the bound when there is one
+            before = mon.skipped
+            mon.offer(frame, info)
+            taken += mon.skipped == before
+            mon._slot = None  # the worker took it
+        mon._worker.shutdown()
+        return taken, mon.skipped
+
+    assert asyncio.run(offers(None)) == (5, 0)
+    assert asyncio.run(offers(1e-6)) == (0, 5)
