@@ -175,13 +175,11 @@ class HealthConfig(BaseModel):
     noise_every: int = Field(32, ge=1, description="measure the frame's noise on every n-th frame")
     limits: HealthLimits = Field(default_factory=HealthLimits)
     max_rate_hz: float | None = Field(None, gt=0, description="IOC: analyse at most this many frames per second "
-                                      "(the others are skipped and counted): bounds the CPU the map takes on a fast "
-                                      "camera (a 1024x1024 frame costs ~6-9 ms here); None: every frame")
+                                      "(the others are skipped and counted); None: no rate bound")
     cpu_share: float | None = Field(0.1, gt=0, le=1, description="IOC: the map takes at most this share of one "
                                     "core: after a frame that took t s to analyse, none is taken for t/cpu_share - t s "
-                                    "(skipped and counted). A 1024x1024 frame costs ~7 ms here: at most ~14 frames/s, "
-                                    "a pixel's two 32-frame windows in ~5 s; small frames are all analysed. None: no "
-                                    "bound (with max_rate_hz None: every frame the worker can take)")
+                                    "(skipped and counted): large frames from a fast camera are sampled, small ones all "
+                                    "analysed. None: no bound (with max_rate_hz None: every frame the worker can take)")
     save_period_s: float = Field(60.0, gt=0, description="IOC: save the map at most this often (and at stop)")
     map_period_s: float = Field(5.0, gt=0, description="IOC: send a changed live map to the engine at most "
                                 "this often (when HealthMapUse is Yes)")

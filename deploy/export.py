@@ -44,8 +44,8 @@ PARITY_SEED = 7919
 #: Largest |artefact − torch| allowed, as a fraction of the camera's full scale, per precision.
 #: FP32 graphs differ from torch by float rounding only (~1e-6 of full scale); FP16 convolutions
 #: keep ~3 significant digits, and the range compression amplifies that for bright pixels.
-#: BF16 keeps ~2.4 digits: cdae-default:7 measured 1.6e-2 at worst (pixels the defect head is unsure of,
-#: where the output is a blend of the raw and the restored value), 3.2e-4 rms.
+#: BF16 keeps ~2.4 digits, and its worst pixels are those the defect head is unsure of, where the output
+#: blends the raw and the restored value: the check that matters for it is the restoration's quality.
 MAX_ABS_FULL_SCALE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2.5e-2}
 #: Root-mean-square bound, same units: catches a small error everywhere that the maximum would let through.
 RMS_FULL_SCALE = {"fp32": 1e-5, "fp16": 5e-4, "bf16": 1e-3}

@@ -75,9 +75,8 @@ PROFILE_FILE = "camera_profile.json"
 #: (320 steps) at a twentieth of the learning rate, so the parent's weights are a starting point, not
 #: noise, and batches of many small patches: Adam's steps are as large on a noisy batch as on a
 #: clean one, and with a few patches per batch they walk the weights away from what the parent knew.
-#: 1e-4, not 3e-4: over four seeds, the 160-step test fine-tune of cdae-default:7 moved its simulated
-#: held-out PSNR by +0.6, -0.1, 0.0, -0.5 dB at 1e-4 and by -0.2, -0.1, -0.1, -0.9 dB at 3e-4 (the
-#: camera's column was learnt at both: line offset removed 0.58 -> 0.63-0.78 and 0.73-0.95).
+#: 1e-4 rather than 3e-4: it forgets less of the simulated held-out set over seeds while still learning
+#: a camera's new pattern (experiments/README.md, "Fine-tuning `:7` on a camera").
 FINETUNE_DEFAULTS: dict[str, dict[str, object]] = {
     "optim": {"epochs": 4, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10},
     "data": {"frames_per_epoch": 1280, "patch_size": 32},
@@ -86,9 +85,9 @@ FINETUNE_DEFAULTS: dict[str, dict[str, object]] = {
 CAMERA_STREAM = 7919
 #: A simulated patch more than this share under a glint or its bloom is left out of a batch: inside
 #: a saturated blob there is nothing to see, and a small patch that lies wholly in one has a target
-#: hundreds of normalised units from its input (per-patch scale: the floor, a few DN). One such 32x32
-#: patch had a loss of 162 against 0.05 for the rest; its step moved cdae-default:7's simulated
-#: held-out PSNR by -0.8 dB. Training's larger patches (96, 128 px) are never wholly inside one.
+#: hundreds of normalised units from its input (per-patch scale: the floor, a few DN), whose one
+#: step undoes what the parent knew (experiments/README.md). Training's 96/128-px patches are never
+#: wholly inside one.
 MAX_GLINT_SHARE = 0.5
 
 

@@ -4,8 +4,7 @@
 
 BF16 on the CPU: oneDNN runs the convolutions in bfloat16 (autocast) where the CPU has native
 BF16 instructions (AVX512-BF16, AMX); the input's range compression, the residual sum and the
-output stay FP32. On the 2-core AMD EPYC this project is built on, that is ~4x the FP32 speed of
-the network. A package runs in BF16 by ``auto`` only when its manifest holds a passed
+output stay FP32. A package runs in BF16 by ``auto`` only when its manifest holds a passed
 ``torch-bf16`` parity record for its weights (``cdae export --to torch-bf16``: the frame path
 compared with FP32 in DN, and PSNR and bright-feature error on held-out simulated frames), the
 CPU has native BF16, and a timing at load shows it faster on this machine.
@@ -24,7 +23,7 @@ from cdae.engine.backends.base import Backend, Log
 from cdae.engine.errors import BackendError
 from cdae.engine.package import ArtefactRecord, Manifest
 
-#: Frame side of the timing that decides ``auto`` (about 20-80 ms per pass on 2 cores).
+#: Frame side of the timing that decides ``auto``: large enough for oneDNN's steady kernels, quick at load.
 TIMING_SIDE = 256
 
 
