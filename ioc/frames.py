@@ -178,6 +178,9 @@ def to_ca(frame: np.ndarray, element: np.dtype | str) -> np.ndarray:
     if el.kind in "iu" and a.dtype.kind == "f":
         info = np.iinfo(el)
         a = np.clip(np.rint(a), info.min, info.max)
+    if (el.kind in "iu" and a.dtype.kind in "iu" and a.dtype.itemsize == el.itemsize and a.dtype.isnative
+            and el.isnative and a.flags.c_contiguous):
+        return a.view(el).reshape(-1)  # the same bits (UInt16 as CA short wraps): no copy of the frame
     return a.astype(el, copy=False).reshape(-1)
 
 
