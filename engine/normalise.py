@@ -26,6 +26,31 @@ class NormalisationError(EngineError, ValueError):
     """A frame cannot be normalised (wrong type, non-finite values, bad bit depth); a ValueError too, as before."""
 
 
+class FullWellSearch(BaseModel):
+    """How :func:`find_full_well` tells a full-well pile-up from real light; part of the normalisation a
+    model sees, so recorded in every manifest (packages made before it was recorded used these defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_share: float = Field(1e-3, gt=0, lt=1, description="a pile-up holds at least this share of the "
+                             "unsaturated pixels")
+    max_above: float = Field(0.25, ge=0, description="at most this many pixels above it per pixel in it (only hot "
+                             "pixels and hits lie above a full well)")
+    max_variance_ratio: float = Field(0.05, gt=0, lt=1, description="its neighbouring pixels differ by at most "
+                                      "this fraction of the variance of neighbours in the reference band below it")
+    reference_band: tuple[float, float] = Field((0.5, 0.85), description="that band, as fractions of the way from "
+                                                "the frame's dark tenth up to the pile-up")
+    max_dark_ratio: float = Field(2.0, gt=0, description="with nothing just below it (detect+dark): at most this "
+                                  "many times the neighbour variance of the frame's darkest tenth")
+    band_percentile: float = Field(80.0, gt=50, lt=100, description="the pile-up is looked for above this "
+                                   "percentile of the frame")
+    window_sigma: float = Field(4.0, gt=0, description="half-width of the window around the pile-up, in its "
+                                "pixels' robust sigma")
+    iterations: int = Field(6, ge=1, le=50, description="at most this many narrowings of that window")
+    min_height_windows: float = Field(10.0, gt=0, description="a full well lies at least this many half-widths "
+                                      "above the frame's dark tenth")
+
+
 class NormalisationConfig(BaseModel):
     """How a frame is mapped to the network's input range; saved in the model manifest."""
 
@@ -49,6 +74,7 @@ class NormalisationConfig(BaseModel):
         "with (a field-wide region at the full well over a dark scene), by comparing with the darkest tenth: "
         "clipped pixels are no noisier than the dark, real light at that level carries its shot noise",
     )
+    full_well_search: FullWellSearch = Field(default_factory=FullWellSearch)
 
 
 def adc_max_for(dtype: np.dtype | str, bit_depth: int | None = None) -> float:
@@ -97,17 +123,6 @@ class FullWell(NamedTuple):
     pixels: int
 
 
-# A pile-up must hold at least this share of the (unsaturated) pixels, have at most this share of
-# its count above it (only hot pixels and hits lie above a full well), and its neighbouring pixels
-# must differ by at most this fraction of the variance of neighbours just below it (shot noise).
-FULL_WELL_MIN_SHARE = 1e-3
-FULL_WELL_MAX_ABOVE = 0.25
-FULL_WELL_MAX_VARIANCE_RATIO = 0.05
-#: With nothing just below the pile-up (``dark_reference``): its neighbouring pixels may vary at most
-#: this many times as much as those of the frame's darkest tenth (read noise, no shot noise).
-FULL_WELL_MAX_DARK_RATIO = 2.0
-
-
 def _pairs(frame: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Horizontally adjacent pixel pairs on a ``step`` grid (the scene nearly cancels in a - b)."""
     rows = np.asarray(frame[::step], dtype=np.float32)
@@ -137,22 +152,24 @@ def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def find_full_well(
-    frame: np.ndarray, adc_max: float, max_samples: int = 65536, dark_reference: bool = False
+    frame: np.ndarray, adc_max: float, max_samples: int = 65536, dark_reference: bool = False,
+    search: FullWellSearch | None = None,
 ) -> FullWell | None:
     """The level at which a sensor's full well clipped this frame's brightest real features, if it did.
 
     Every pixel at full well holds the same charge, so clipped pixels pile up at the top of the
     histogram and differ from their clipped neighbours by the read noise only, while unclipped
     pixels a little darker differ by their shot noise as well. Found when the densest band near the
-    top holds at least ``FULL_WELL_MIN_SHARE`` of the pixels, little lies above it, and neighbouring
-    pixels inside it vary at most ``FULL_WELL_MAX_VARIANCE_RATIO`` times as much as neighbouring
+    top holds at least ``search.min_share`` of the pixels, little lies above it, and neighbouring
+    pixels inside it vary at most ``search.max_variance_ratio`` times as much as neighbouring
     pixels at 50-85 % of its height. A sensor whose full well varies from pixel to pixel more than
     that gives no such spike, and nothing is found. ADC-saturated pixels are left out (they are
     flagged anyway). With ``dark_reference``, a frame with too few pixels at 50-85 % (a field-wide
     region at the full well over a dark scene: a small well, read noise of hundreds of DN) is
-    judged against its darkest tenth instead: at most ``FULL_WELL_MAX_DARK_RATIO`` times its
+    judged against its darkest tenth instead: at most ``search.max_dark_ratio`` times its
     neighbour variance, so no shot noise at all.
     """
+    q = search or FullWellSearch()
     f = np.asarray(frame, dtype=np.float32)
     h, w = f.shape[-2:]
     step = max(1, int(math.sqrt(h * w / max_samples)))
@@ -164,7 +181,7 @@ def find_full_well(
         return None
     a, b = (v.astype(np.float64) for v in _pairs(f, step))
     noise = max(dark_noise(a, b), 0.5)  # 0.5 DN: quantisation
-    lo, p80, top = (float(v) for v in np.percentile(sample, [10, 80, 100]))
+    lo, p80, top = (float(v) for v in np.percentile(sample, [10, q.band_percentile, 100]))
     band = sample[sample >= p80]
     nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
     # binned relative to p80: edges near 3e38 one unit apart do not exist ("Too many bins")
@@ -172,31 +189,31 @@ def find_full_well(
     k = int(np.argmax(counts))
     centre = p80 + 0.5 * (edges[k] + edges[k + 1])
     # narrow the window onto the spike: the dark noise only bounds it (textured dark regions inflate it)
-    level, half = centre, 4.0 * noise
-    for _ in range(6):
+    level, half = centre, q.window_sigma * noise
+    for _ in range(q.iterations):
         near = band[np.abs(band - level) <= half]
         if near.size < 16:
             return None
         median = np.median(near)
-        new_level, new_half = float(median), 4.0 * max(mad_sigma(near, median), 0.5)
+        new_level, new_half = float(median), q.window_sigma * max(mad_sigma(near, median), 0.5)
         if (new_level, new_half) == (level, half):
             break  # converged: the same window again
         level, half = new_level, new_half
-    if level - lo < 10.0 * half:  # a full well lies far above the frame's dark tenth
+    if level - lo < q.min_height_windows * half:  # a full well lies far above the frame's dark tenth
         return None
     pixels = int(np.count_nonzero(np.abs(sample - level) <= half))
     above = int(np.count_nonzero(sample > level + half))
-    if pixels < max(16, FULL_WELL_MIN_SHARE * sample.size) or above > FULL_WELL_MAX_ABOVE * pixels:
+    if pixels < max(16, q.min_share * sample.size) or above > q.max_above * pixels:
         return None
     inside = _pair_variance(a, b, level - half, level + half)
-    below = _pair_variance(a, b, lo + 0.5 * (level - lo), lo + 0.85 * (level - lo))
+    below = _pair_variance(a, b, lo + q.reference_band[0] * (level - lo), lo + q.reference_band[1] * (level - lo))
     if math.isnan(below) and dark_reference:
-        # the test below then reads: inside <= FULL_WELL_MAX_DARK_RATIO x the dark tenth's pair variance (2 noise²)
-        below = 2.0 * noise * noise * FULL_WELL_MAX_DARK_RATIO / FULL_WELL_MAX_VARIANCE_RATIO
-    if not (0.0 < below and inside <= FULL_WELL_MAX_VARIANCE_RATIO * below):  # False for NaN: too few pairs
+        # the test below then reads: inside <= max_dark_ratio x the dark tenth's pair variance (2 noise²)
+        below = 2.0 * noise * noise * q.max_dark_ratio / q.max_variance_ratio
+    if not (0.0 < below and inside <= q.max_variance_ratio * below):  # False for NaN: too few pairs
         return None
     # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
-    half = max(4.0 * math.sqrt(inside / 2.0), 1.0)
+    half = max(q.window_sigma * math.sqrt(inside / 2.0), 1.0)
     core = sample[np.abs(sample - level) <= half]
     level = float(np.median(core))
     return FullWell(level, half, int(np.count_nonzero(np.abs(sample - level) <= half)) * step * step)
@@ -206,7 +223,8 @@ def detect_full_well(frame: np.ndarray, adc_max: float, config: NormalisationCon
     """The full well as ``config.full_well`` asks for it (None when 'off' or not found)."""
     if config.full_well == "off":
         return None
-    return find_full_well(frame, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark")
+    return find_full_well(frame, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark",
+                          search=config.full_well_search)
 
 
 def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[np.ndarray, float, float]:

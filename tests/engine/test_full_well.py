@@ -118,3 +118,19 @@ def test_a_bright_field_below_a_small_well_is_not_a_full_well_even_against_the_d
     # real light at 80 % of the well carries its shot noise (40 e- against 8 e- of read noise)
     raw, _ = _small_well_camera(0.8 * 2000.0)
     assert find_full_well(raw, ADC, dark_reference=True) is None
+
+
+def test_the_search_is_part_of_the_normalisation_a_manifest_records(tmp_path) -> None:  # noqa: ANN001
+    from cdae.engine.architecture import ArchitectureConfig, build_model
+    from cdae.engine.normalise import FullWellSearch, detect_full_well
+    from cdae.engine.package import read_manifest, write_package
+
+    raw, _ = _camera(_scene(3.0 * FULL_WELL_E))
+    config = NormalisationConfig(full_well="detect")
+    assert detect_full_well(raw, ADC, config) == find_full_well(raw, ADC)  # the defaults are the search
+    strict = config.model_copy(update={"full_well_search": FullWellSearch(min_share=0.9)})
+    assert detect_full_well(raw, ADC, strict) is None  # a pile-up of less than 90 % of the frame is not one
+    arch = ArchitectureConfig(base_width=8, depth=2, convs_per_level=1)
+    pkg = write_package(tmp_path, name="fw", version="1", state_dict=build_model(arch).state_dict(),
+                        architecture=arch, normalisation=strict)
+    assert read_manifest(pkg).normalisation.full_well_search.min_share == 0.9
