@@ -28,7 +28,7 @@ from cdae.ioc.pvs import FilterPVs, NDArrayPVs
 if TYPE_CHECKING:
     from caproto.server import pvproperty
 
-    from cdae.ioc.filter import IocConfig
+    from cdae.ioc.config import IocConfig
 
 MARGIN = 10
 ROW = 25  # height of one text row, pixels

@@ -1,7 +1,7 @@
 """Site configuration: one TOML file for every camera, engine and the EPICS network of a site.
 
 The file composes the models its services already validate (:class:`~cdae.engine.config.EngineConfig`,
-:class:`~cdae.ioc.filter.IocConfig`) instead of declaring their fields again; this module adds
+:class:`~cdae.ioc.config.IocConfig`) instead of declaring their fields again; this module adds
 only what spans services: engine names that cameras refer to, one model store, the EPICS
 environment, and cross-checks (ports used twice, unknown engines, models not in the store).
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cdae import tomlfile
 from cdae.endpoints import is_loopback, parse_tcp, parse_triton
 from cdae.engine.config import BackendOptions, EngineConfig, FramePathSettings, default_models_dir
-from cdae.ioc.filter import IocConfig
+from cdae.ioc.config import IocConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a systemd instance name (cdae-ioc@NAME)
 _NAME_RULE = "use letters, digits, '_', '.', '-' (the name is a systemd instance name)"
