@@ -410,33 +410,45 @@ def plot_raw(results: dict, path: Path) -> None:
                f"on {results['device']}, load {results['loadavg_start']}", path)
 
 
-def main_raw(args: argparse.Namespace, eb: object, out: Path, device: str) -> int:
-    t0 = time.monotonic()
+def _sweep(args: argparse.Namespace, eb: object, results: dict, variants: list[str],
+           run: Callable[..., dict], label: str) -> None:
+    """Each size with each variant (``run(size, variant, store, ref, args, log_dir)``), appended to ``results``."""
     with tempfile.TemporaryDirectory() as tmp:
         store, ref, _ = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
-        results: dict = {"device": device, "engine": "passthrough", "camera": "cdae sim-camera over CA, UInt16 12-bit",
-                         "client": "pyepics in this process, auto_monitor, form=time",
-                         "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         "seconds": args.seconds, "step_seconds": args.step_seconds, "runs": []}
         for size in (int(s) for s in args.sizes.split(",")):
-            for path in ("raw", "filter"):
-                log_dir = Path(tmp) / f"{size}-{path}"
+            for variant in variants:
+                log_dir = Path(tmp) / f"{size}-{variant}"
                 log_dir.mkdir()
-                print(f"{size}x{size} uint16, {path} ...", flush=True)
-                r = run_raw(size, path, store, ref, args, log_dir)
+                print(f"{size}x{size} uint16, {label}{variant} ...", flush=True)
+                r = run(size, variant, store, ref, args, log_dir)
                 results["runs"].append(r)
                 print(f"  latency {r['latency_ms']}; max sustained {r['max_sustained_rate_hz']} Hz", flush=True)
-    results["ratios"] = raw_ratios(results["runs"])
+
+
+def _write(results: dict, t0: float, json_path: Path, plot_fn: Callable[[dict, Path], None]) -> int:
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["wall_s"] = round(time.monotonic() - t0, 1)
     for row in results["ratios"]:
         print(row, flush=True)
-    json_path = out / f"pipeline-raw-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot_raw(results, json_path.with_suffix(".png"))
+    plot_fn(results, json_path.with_suffix(".png"))
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return 0
+
+
+def _header(args: argparse.Namespace, device: str, **extra: object) -> dict:
+    return {"device": device, "engine": "passthrough", "camera": "cdae sim-camera over CA, UInt16 12-bit", **extra,
+            "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": args.seconds, "step_seconds": args.step_seconds, "runs": []}
+
+
+def main_raw(args: argparse.Namespace, eb: object, out: Path, device: str) -> int:
+    t0 = time.monotonic()
+    results = _header(args, device, client="pyepics in this process, auto_monitor, form=time")
+    _sweep(args, eb, results, ["raw", "filter"], run_raw, "")
+    results["ratios"] = raw_ratios(results["runs"])
+    return _write(results, t0, out / f"pipeline-raw-{device}.json", plot_raw)
 
 
 def output_ratios(runs: list[dict]) -> list[dict]:
@@ -590,36 +602,16 @@ def main_outputs(args: argparse.Namespace, eb: object, out: Path, device: str) -
     if unknown or "ca" not in outputs:
         raise SystemExit(f"--outputs: expected ca and any of {', '.join(OUTPUTS)}, got {args.outputs}")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        store, ref, note = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
-        results: dict = {"device": device, "engine": "passthrough", "camera": "cdae sim-camera over CA, UInt16 12-bit",
-                         "clients": "in this process: caproto threading client (CA), p4p thread client (PVA)",
-                         "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                         "load_note": "a shared 2-core machine: other developers' tests and a training job ran beside it",
-                         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         "seconds": args.seconds, "step_seconds": args.step_seconds, "runs": [], "anchor": ANCHOR}
-        for size in (int(s) for s in args.sizes.split(",")):
-            for output in outputs:
-                log_dir = Path(tmp) / f"{size}-{output}"
-                log_dir.mkdir()
-                print(f"{size}x{size} uint16, pass-through, output {output} ...", flush=True)
-                r = run_outputs(size, output, store, ref, args, log_dir)
-                results["runs"].append(r)
-                print(f"  latency {r['latency_ms']}; max sustained {r['max_sustained_rate_hz']} Hz", flush=True)
+    results = _header(args, device, clients="in this process: caproto threading client (CA), p4p thread client (PVA)",
+                      load_note="a shared 2-core machine: other developers' tests and a training job ran beside it",
+                      anchor=ANCHOR)
+    _sweep(args, eb, results, outputs, run_outputs, "pass-through, output ")
     results["ratios"] = output_ratios(results["runs"])
     best = max(results["ratios"], key=lambda r: r["mb_per_s_sustained"])
     results["anchor"]["best_here_mb_per_s"] = best["mb_per_s_sustained"]
     results["anchor"]["best_here"] = f"{best['size']}² {best['output']}"
     results["anchor"]["ratio_best_here_vs_anchor"] = round(best["mb_per_s_sustained"] / ANCHOR["mb_per_s"], 4)
-    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["wall_s"] = round(time.monotonic() - t0, 1)
-    for row in results["ratios"]:
-        print(row, flush=True)
-    json_path = out / f"pipeline-pva-{device}.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot_outputs(results, json_path.with_suffix(".png"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
-    return 0
+    return _write(results, t0, out / f"pipeline-pva-{device}.json", plot_outputs)
 
 
 if __name__ == "__main__":
