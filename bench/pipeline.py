@@ -276,6 +276,20 @@ class Client:
             self._pva.close()
 
 
+def _ramp_record(args: argparse.Namespace, sustained: float, steps: list[dict], load: list[float]) -> dict:
+    return {"latency_rate_hz": args.latency_rate, "max_sustained_rate_hz": sustained,
+            "camera_limited": bool(steps and steps[-1]["sustained"]), "steps": steps,
+            "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _stop_all(clients: list[Client], ctx: object, procs: list[Proc]) -> None:
+    for c in clients:
+        c.close()
+    ctx.disconnect()  # type: ignore[attr-defined]
+    for p in reversed(procs):
+        p.stop()
+
+
 def run_outputs(size: int, output: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> dict:
     """The pass-through pipeline with the denoised frames read over CA, PVA or both (see the module's doc)."""
     from caproto.threading.client import Context
@@ -311,16 +325,10 @@ def run_outputs(size: int, output: str, store: Path, ref: str, args: argparse.Na
         cpu_latency = round((b1[4] - b0[4]) / published * 1e3, 3) if published else None
         sustained, steps = rate_ramp(args, cam_rate, books, {c.kind: i for i, c in enumerate(clients)},
                                      f"{size}² {output:4s}")
-        return {"size": size, "output": output, "latency_ms": latency, "latency_rate_hz": args.latency_rate,
-                "ioc_cpu_ms_per_frame_at_latency_rate": cpu_latency, "max_sustained_rate_hz": sustained,
-                "camera_limited": bool(steps and steps[-1]["sustained"]), "steps": steps,
-                "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+        return {"size": size, "output": output, "latency_ms": latency,
+                "ioc_cpu_ms_per_frame_at_latency_rate": cpu_latency, **_ramp_record(args, sustained, steps, load)}
     finally:
-        for c in clients:
-            c.close()
-        ctx.disconnect()
-        for p in reversed(procs):
-            p.stop()
+        _stop_all(clients, ctx, procs)
 
 
 def run_raw(size: int, path: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> dict:
@@ -362,15 +370,9 @@ def run_raw(size: int, path: str, store: Path, ref: str, args: argparse.Namespac
         lat = client.lat[1:]
         sustained, steps = rate_ramp(args, cam_rate, books, {"pyepics": 0}, f"{size}² {path:6s}")
         return {"size": size, "path": path, "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99),
-                "frames": len(lat)}, "latency_rate_hz": args.latency_rate, "max_sustained_rate_hz": sustained,
-                "camera_limited": bool(steps and steps[-1]["sustained"]), "steps": steps,
-                "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+                "frames": len(lat)}, **_ramp_record(args, sustained, steps, load)}
     finally:
-        for c in clients:
-            c.close()
-        ctx.disconnect()
-        for p in reversed(procs):
-            p.stop()
+        _stop_all(clients, ctx, procs)
 
 
 def raw_ratios(runs: list[dict]) -> list[dict]:
