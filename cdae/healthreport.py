@@ -54,6 +54,34 @@ def from_recording(path: Path | str, config: HealthConfig | None = None) -> Heal
     return tracker
 
 
+def report_from_recording(path: Path | str, config: HealthConfig | None = None
+                          ) -> tuple[np.ndarray, dict[str, object], dict[str, list[tuple[float, float]]], dict[str, str]]:
+    """What :func:`write_report` takes (map image, pixel list, counts over time, summary) from a recording."""
+    tracker = from_recording(path, config)
+    summary = {"source": str(path), "history_source": f"the recording's {tracker.windows} windows"}
+    return tracker.map_image(), tracker.pixel_list(history=0), history_from_rows(tracker.history), summary
+
+
+def report_from_ioc(prefix: str, archiver: str | None = None, hours: float = 24.0
+                    ) -> tuple[np.ndarray, dict[str, object], dict[str, list[tuple[float, float]]], dict[str, str]]:
+    """The same from a running filter IOC (prefix ``prefix``, over CA): its counts over time from the Archiver
+    Appliance at ``archiver`` (the last ``hours``) where it has them, else the IOC's last windows."""
+    from cdae.ioc.health import read_from_ioc
+
+    image, doc = read_from_ioc(prefix)
+    history: dict[str, list[tuple[float, float]]] = {}
+    where = ""
+    if archiver:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        history = archiver_history(archiver, prefix, now - _dt.timedelta(hours=hours), now)
+        where = f"the archiver {archiver}, last {hours:g} h" if history else ""
+    if not history:
+        rows: list = doc.get("history", [])  # type: ignore[assignment]
+        history = history_from_rows(rows)
+        where = f"the IOC's last {len(rows)} windows" + (" (the archiver had none)" if archiver else "")
+    return image, doc, history, {"source": prefix, "history_source": where}
+
+
 def archiver_history(url: str, prefix: str, since: _dt.datetime, until: _dt.datetime,
                      timeout_s: float = 10.0) -> dict[str, list[tuple[float, float]]]:
     """Each health count's archived samples (POSIX time, value) from an Archiver Appliance's retrieval

@@ -164,8 +164,8 @@ class CameraConfig(BaseModel):
     height: int = Field(512, ge=8, le=8192)
     max_width: int | None = Field(None, ge=8, le=8192, description="largest SizeX (ArrayData length); default width")
     max_height: int | None = Field(None, ge=8, le=8192)
-    rate_hz: float = Field(10.0, gt=0, le=10000)
-    data_type: CameraDataType = "UInt16"
+    rate_hz: float = Field(10.0, gt=0, le=10000, description="frames per second")
+    data_type: CameraDataType = Field("UInt16", description="the frames' data type")
     bit_depth: int = Field(12, description="ADC bits of integer frames wider than 8 bits (12 or 16)")
     seed: int = Field(7, ge=0, description="which camera (defect layout) and which scenes")
     bank: int = Field(4, ge=1, le=256, description="frames simulated once per size and cycled")
@@ -173,7 +173,8 @@ class CameraConfig(BaseModel):
     static_scene: bool = Field(False, description="every frame shows the same scene; only the noise changes")
     read_noise_e: float | None = Field(None, gt=0, description="read noise (e- RMS) instead of the drawn camera's")
     hot_columns: list[int] = Field(default_factory=list, description="extra hot columns (x indices): later damage")
-    hot_column_offset_frac: float = Field(0.01, gt=0, le=1, description="their offset, fraction of the span above bias")
+    hot_column_offset_frac: float = Field(0.01, gt=0, le=1,
+                                          description="the hot columns' offset, fraction of the span above bias")
     shutter_open: bool = Field(True, description="start with the shutter open (closed: dark frames)")
     interfaces: list[str] | None = Field(None, description="CA server interfaces (default: caproto's)")
     fresh_noise: bool = Field(False, description="draw new noise (and radiation) for every frame instead of "
@@ -182,7 +183,7 @@ class CameraConfig(BaseModel):
                                       "stuck pixels, bad columns, radiation bursts from given frames on")
     point_sources: list[tuple[float, float, float]] = Field(
         default_factory=list, description="static point sources (x, y, peak as relative intensity) in every scene")
-    point_sigma_px: float = Field(0.7, gt=0.2, le=10, description="their PSF (Gaussian sigma, px)")
+    point_sigma_px: float = Field(0.7, gt=0.2, le=10, description="the point sources' PSF (Gaussian sigma, px)")
 
     @model_validator(mode="after")
     def _damage_needs_ints(self) -> CameraConfig:

@@ -74,3 +74,23 @@ def verify_package(pkg: Path) -> list[str]:
     except ModelPackageError as e:
         return [str(e)]
     return verify_artefacts(pkg)
+
+
+def describe(pkg: Path) -> str:
+    """``cdae models show``: how a package was made, its held-out metrics and its artefacts, a few lines."""
+    m = read_manifest(pkg)
+    held = m.metrics.get("held_out") or {}
+    summary = held.get("summary", {}) if isinstance(held, dict) else {}
+    lines = [f"{m.ref}  ({pkg})",
+             f"  architecture  {m.architecture.model_dump_json()}",
+             f"  parameters    {m.parameters}, weights {m.weights_bytes} bytes, sha256 {m.weights_sha256}",
+             f"  made          {m.created_utc} by code {m.code_version}, seed {m.seed}, "
+             f"generator {m.data_generator_version}, parent {m.parent or '-'}",
+             f"  command       {m.command or '-'}"]
+    if summary:
+        lines.append("  held-out      " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+    for a in m.artefacts:
+        par = a.parity
+        lines.append(f"  artefact      {a.kind} {a.precision} {a.path} sha256 {a.sha256[:12]} parity "
+                     f"{'passed' if par.get('passed') else 'FAILED'} (max |Δ| {par.get('max_abs_dn')} DN)")
+    return "\n".join(lines)

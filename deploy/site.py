@@ -180,6 +180,15 @@ class SiteConfig(BaseModel):
             data["control"] = engines[0].control_endpoint()
         return IocConfig.model_validate(data)
 
+    def effective(self) -> dict[str, object]:
+        """What each service of the site runs with (``cdae config show``): the EPICS environment, every engine's
+        and every camera's effective configuration, as JSON values."""
+        import json
+
+        return {"epics": self.epics.environment(),
+                "engines": {n: json.loads(self.engine_config(n).model_dump_json()) for n in self.engines},
+                "cameras": {n: json.loads(self.ioc_config(n).model_dump_json()) for n in self.cameras}}
+
     @staticmethod
     def _get(table: dict[str, BaseModel], name: str, kind: str) -> BaseModel:
         if name not in table:

@@ -30,9 +30,9 @@ class IocConfig(BaseModel):
                                     "e.g. pva://13SIM1:Pva1:Image; pva://13SIM1:Pva1: adds Image) read over PV Access")
     prefix: str = Field(description="output prefix, e.g. 13SIM1:CDAE1:")
     engine: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5555"], min_length=1,
-                              description="engine data endpoints (frames are spread over them), or one "
-                                          "triton://HOST:PORT/MODEL (a Triton server's gRPC port and the model "
-                                          "`cdae export --to triton` wrote)")
+                              description="engine data endpoints (a list, or comma-separated; frames are spread "
+                                          "over them), or one triton://HOST:PORT/MODEL (a Triton server's gRPC port "
+                                          "and the model `cdae export --to triton` wrote)")
     control: str | None = Field(None, description="engine control endpoint (default: first engine's port + 1)")
     model: str | None = Field(None, description="NAME:VERSION to activate at start")
     array_suffix: str = Field("ArrayData", description="the source's image PV after the prefix")

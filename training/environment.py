@@ -16,6 +16,7 @@ import math
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 #: What must be equal for a bit-for-bit promise (the rest of the record is for the reader).
@@ -113,3 +114,26 @@ def compare_run(recorded: dict[str, Any], rerun: dict[str, Any]) -> Verdict:
     reasons.append(f"val_psnr_db {rec_m.get('val_psnr_db'):.3f} -> {new_m.get('val_psnr_db'):.3f} dB, "
                    f"val_loss {old_loss:.5f} -> {new_loss:.5f}")
     return Verdict("within-tolerance", tuple(reasons))
+
+
+def recorded_run(reference: str, models_dir: Path | None = None) -> dict[str, Any]:
+    """The record a re-run should reproduce (``cdae train --compare``): a run's JSON record (``weights_sha256``,
+    ``metrics``, ``environment``), a package directory, or NAME:VERSION in ``models_dir``. Raises
+    :class:`LookupError`, saying what is missing, where there is none."""
+    import json
+
+    from cdae.engine.config import default_models_dir
+    from cdae.engine.package import ModelRegistry, read_manifest
+
+    ref = Path(reference)
+    if ref.is_file() and ref.suffix == ".json":
+        return json.loads(ref.read_text())
+    if (ref / "manifest.json").is_file():
+        return read_manifest(ref).model_dump(mode="json")
+    if "/" in reference or ref.exists():
+        raise LookupError("no package or run record there to compare with")
+    try:
+        pkg = ModelRegistry(models_dir or default_models_dir()).resolve(reference)
+        return read_manifest(pkg).model_dump(mode="json")
+    except Exception as e:  # noqa: BLE001 - the message says what is missing
+        raise LookupError(f"no recorded package to compare with ({e})") from e

@@ -21,7 +21,8 @@ from cdae.engine.badpixels import BadPixelMap
 from cdae.training.characterise import find_bad_pixels
 from cdae.engine.normalise import to_dtype
 from cdae.training.baselines import make_baseline, tune_baselines
-from cdae.training.config import DataConfig
+from cdae.engine.package import Manifest, read_manifest, write_manifest
+from cdae.training.config import DataConfig, recorded_data_config, with_overrides
 from cdae.training.metrics import (
     PAINTED_OVER_FACTOR,
     PAINTED_OVER_SHARE,
@@ -386,3 +387,25 @@ def _write_panels(path: Path, frames: Sequence[EvalFrame], outputs: dict[str, li
                      best_baseline: outputs[best_baseline][i]})
         titles.append(f"{fr.kind}, {fr.bit_depth}-bit, {fr.noisy.shape[1]}x{fr.noisy.shape[0]}")
     save_panels(path, rows, row_titles=titles, title=f"{model_names[0]}: noisy / model / residual / clean / {best_baseline}")
+
+
+def held_out_data(manifest: Manifest, model_distribution: bool, overrides: Sequence[str] = ()) -> DataConfig:
+    """The frames ``cdae evaluate`` scores on: the standard held-out set (default scene and detector distributions,
+    seeds disjoint from training) unless asked for the model's own training distribution (versions trained on
+    different distributions are only comparable on the same frames); ``overrides`` (``--set``, e.g.
+    ``scene.plasma_psf_sigma_px=[0,0]``: the held-out frames of generator 1.1) change it."""
+    own = recorded_data_config(manifest) if model_distribution else None
+    return with_overrides(own or DataConfig(), list(overrides), "held-out data")
+
+
+def record_held_out(pkg: Path, report: dict, name: str) -> None:
+    """Record the held-out metrics of model ``name`` in ``report`` (from :func:`evaluate`) in its package's
+    manifest, under ``metrics.held_out``."""
+    m = read_manifest(pkg)
+    held_out = {"summary": report["methods"][name]["summary"], "comparison": report["comparisons"][name],
+                "best_baseline": report["best_baseline"],
+                "best_baseline_summary": report["methods"][report["best_baseline"]]["summary"],
+                "noisy_summary": report["methods"]["noisy input"]["summary"],
+                "held_out": report["held_out"],
+                "cpu_1024x1024_uint16_seconds": report["cpu_1024x1024_uint16_seconds"].get(name)}
+    write_manifest(pkg, m.model_copy(update={"metrics": {**m.metrics, "held_out": held_out}}))

@@ -151,6 +151,18 @@ def read_image(spec: str | Path) -> np.ndarray:
     return _check_array(name, arr)
 
 
+def read_stack(specs: list[str] | None) -> np.ndarray | None:
+    """Frames from files or stacks (each a frame or a (frames, height, width) stack) as one float32 stack;
+    None for none."""
+    if not specs:
+        return None
+    frames = []
+    for spec in specs:
+        a = read_image(spec)
+        frames.extend(a if a.ndim == 3 else [a])
+    return np.stack([np.asarray(f, dtype=np.float32) for f in frames])
+
+
 def _write_hdf5(spec: _Spec, name: str, arr: np.ndarray) -> None:
     if spec.dataset is None or spec.dataset.strip("/") == "":
         raise FileFormatError(f"{name}: no dataset path given; expected '{spec.path}:/path/to/dataset'")

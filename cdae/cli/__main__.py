@@ -1,0 +1,7 @@
+"""``python -m cdae.cli``: the ``cdae`` command."""
+
+import sys
+
+from cdae.cli import main
+
+sys.exit(main())
