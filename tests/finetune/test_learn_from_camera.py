@@ -80,7 +80,7 @@ def _learn_from_camera(stack: Stack, tmp_path: Path, overrides: list[str]) -> di
     store = tmp_path / "models"
     sets = [a for s in overrides for a in ("--set", s)]
     _run("finetune", "--init", PARENT, "--models-dir", str(SHIPPED), "--out", str(store), "--data",
-         str(rec), "--run-dir", str(tmp_path / "runs"), "--eval-frames", "48", "--no-progress", *sets)
+         str(rec), "--run-dir", str(tmp_path / "runs"), "--eval-frames", "96", "--no-progress", *sets)
     (pkg,) = (store / "cdae-default").iterdir()
     manifest = read_manifest(pkg)
     assert manifest.parent == PARENT and manifest.data[0].frames_held_out == 10
@@ -111,8 +111,9 @@ def _assert_learnt(r: dict[str, object], column_gain: float, psnr_gain_db: float
 
 
 def test_finetuned_model_removes_the_new_camera_pattern(camera_stack: Stack, tmp_path: Path) -> None:
-    # from cdae-default:7 (44.91 dB on this camera before; column RMSE 44.9 DN, offset 38.0 DN): measured
-    # +0.35 dB, column RMSE x0.857, offset 28.9 DN, simulated held-out +0.04 dB
+    # from cdae-default:7 (44.9 dB on this camera before; column RMSE 45 DN, offset 38 DN): measured +0.35 dB
+    # twice, column RMSE x0.857 and x0.829, offset 28.9 and 26.8 DN, simulated held-out +0.04 (48 frames)
+    # and +0.02 dB (96 frames: the mean of more frames moves less with the few frames a fine-tune swings)
     _assert_learnt(_learn_from_camera(camera_stack, tmp_path, DEFAULT), column_gain=0.9, psnr_gain_db=0.15)
 
 
