@@ -277,12 +277,20 @@ class ControlClient:
         self.timeout_s = timeout_s
         self._sock = _connect(context or zmq.Context.instance(), zmq.REQ, endpoint, curve)
 
-    def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
+    def request(self, command: str, *, reply_timeout_s: float | None = None, **fields: object) -> ControlReply:
+        """``fields`` are the request's (an activate's ``timeout_s`` among them); ``reply_timeout_s``: how long to
+        wait for the reply (default the client's; an activate that waits, its own timeout and 5 s more)."""
         req = ControlRequest(command=command, **fields)  # type: ignore[arg-type]
-        self._sock.send(encode_control_request(req))
-        timeout = _control_timeout(req, self.timeout_s if timeout_s is None else timeout_s)
+        timeout = _control_timeout(req, self.timeout_s if reply_timeout_s is None else reply_timeout_s)
+        # a REQ socket's send waits for a connected peer: bounded, so an engine that is down or that refuses
+        # this client's CURVE key (the handshake fails and is retried) is a timeout, not a hang
+        if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            raise EngineTimeout(f"no connection to {self.endpoint} within {timeout:g} s (the engine is down, or it "
+                                "requires CURVE and refused this client's key)")
+        self._sock.send(encode_control_request(req), zmq.NOBLOCK)
         if not self._sock.poll(int(timeout * 1000)):
-            raise EngineTimeout(f"no control reply from {self.endpoint} within {timeout:g} s")
+            raise EngineTimeout(f"no control reply from {self.endpoint} within {timeout:g} s (the engine is down or "
+                                "busy, or it requires CURVE and refused this client's key)")
         return decode_control_reply(self._sock.recv())
 
     def status(self) -> ControlReply:
@@ -321,10 +329,11 @@ class AsyncControlClient:
         self._sock: zmq.asyncio.Socket = _connect(context or zmq.asyncio.Context.instance(), zmq.REQ,  # type: ignore[assignment]
                                                   endpoint, curve)
 
-    async def request(self, command: str, timeout_s: float | None = None, **fields: object) -> ControlReply:
+    async def request(self, command: str, *, reply_timeout_s: float | None = None, **fields: object) -> ControlReply:
+        """As :meth:`ControlClient.request`."""
         req = ControlRequest(command=command, **fields)  # type: ignore[arg-type]
         await self._sock.send(encode_control_request(req))
-        timeout = _control_timeout(req, self.timeout_s if timeout_s is None else timeout_s)
+        timeout = _control_timeout(req, self.timeout_s if reply_timeout_s is None else reply_timeout_s)
         try:
             raw = await asyncio.wait_for(self._sock.recv(), timeout)
         except asyncio.TimeoutError as e:

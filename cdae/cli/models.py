@@ -92,6 +92,7 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
 
 def cmd_models_activate(args: argparse.Namespace) -> int:
     from cdae.engine.client import ControlClient
+    from cdae.engine.errors import EngineError
 
     endpoint = args.engine
     if args.config:
@@ -104,8 +105,20 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
     if not endpoint:
         _err("cdae models activate: error: give --engine CONTROL_ENDPOINT or --config SITE --name ENGINE")
         return 2
-    with ControlClient(endpoint, timeout_s=args.timeout) as ctl:
-        reply = ctl.activate(args.model, wait=True, timeout_s=args.timeout)
+    curve = None
+    if args.secret_key or args.server_key:
+        if not (args.secret_key and args.server_key):
+            _err("cdae models activate: error: CURVE needs both --secret-key and --server-key")
+            return 2
+        from cdae.engine.config import CurveClientKeys
+
+        curve = CurveClientKeys(secret_key_file=args.secret_key, server_public_key_file=args.server_key)
+    try:
+        with ControlClient(endpoint, timeout_s=args.timeout, curve=curve) as ctl:
+            reply = ctl.activate(args.model, wait=True, timeout_s=args.timeout)
+    except EngineError as e:  # no reply (an engine that requires CURVE ignores a client without its key), bad key file
+        _err(f"cdae models activate: {endpoint}: {e}")
+        return 1
     if not reply.ok:
         _err(f"cdae models activate: {args.model} refused: {reply.error} (the engine keeps its current model)")
         return 1
@@ -176,6 +189,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ma.add_argument("--config", help="site file (with --name ENGINE)")
     ma.add_argument("--name", help="engine name in the site file")
     ma.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for load + warm-up")
+    ma.add_argument("--secret-key", help="an engine that requires CURVE: this client's NAME.key_secret (`cdae keys`; "
+                    "its public key in the engine's allowed_clients_dir)")
+    ma.add_argument("--server-key", help="with --secret-key: the engine's public NAME.key")
     ma.set_defaults(func=cmd_models_activate)
 
     ky = sub.add_parser("keys", help="make CURVE key pairs for engines and their clients (NAME.key, NAME.key_secret)")

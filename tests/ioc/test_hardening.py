@@ -496,9 +496,10 @@ def test_ioc_and_engine_over_curve_and_a_wrong_key_is_refused(stack: Stack, tmp_
         r = subprocess.run(cdae("keys", name, "--dir", str(keys), *extra), capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
     site = tmp_path / "site.toml"
+    control = f"tcp://127.0.0.1:{free_port()}"
     site.write_text("\n".join([
         f"models_dir = {json.dumps(str(stack.store))}", "[engines.e]",
-        f'bind = "tcp://127.0.0.1:{free_port()}"', f'control = "tcp://127.0.0.1:{free_port()}"',
+        f'bind = "tcp://127.0.0.1:{free_port()}"', f'control = "{control}"',
         'model = "tiny:1"', 'backend = "torch-cpu"', "threads = 1", "[engines.e.curve]",
         f"secret_key_file = {json.dumps(str(keys / 'engine.key_secret'))}",
         f"allowed_clients_dir = {json.dumps(str(keys / 'allowed'))}"]) + "\n")
@@ -522,3 +523,14 @@ def test_ioc_and_engine_over_curve_and_a_wrong_key_is_refused(stack: Stack, tmp_
     wait_for(lambda: int(value_of(out + "ArrayCounter_RBV")) >= 3, 60, "denoised frames over CURVE")  # type: ignore[arg-type]
     stranger_key = (keys / "stranger.key").read_text().split('public-key = "')[1].split('"')[0]
     assert f"CURVE: refused a client with public key {stranger_key}" in eng.output()
+    # an operator's model swap over the same CURVE: with the allowed key it is served, with another it is not
+    def activate(who: str, timeout: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cdae("models", "activate", "tiny:1", "--engine", control, "--timeout", timeout,
+                                   "--secret-key", str(keys / f"{who}.key_secret"),
+                                   "--server-key", str(keys / "engine.key")),
+                              capture_output=True, text=True, timeout=120)
+
+    ok = activate("ioc", "60")
+    assert ok.returncode == 0 and "now serving tiny:1" in ok.stdout, ok.stderr
+    refused = activate("stranger", "1")
+    assert refused.returncode == 1 and "no control reply" in refused.stderr, refused.stderr
