@@ -234,6 +234,15 @@ def value_of(name: str) -> object:
     return data
 
 
+def pause_and_settle(stack: Stack) -> int:
+    """Stop the camera and wait until the filter has published the camera's last frame; returns its UniqueId."""
+    cam, out = stack.camera_prefix, stack.ioc_prefix
+    ca_write(cam + "Acquire", 0)
+    last = int(value_of(cam + "UniqueId_RBV"))  # type: ignore[arg-type]
+    wait_for(lambda: int(value_of(out + "UniqueId_RBV")) == last, 30, f"the filter to publish frame {last}")  # type: ignore[arg-type]
+    return last
+
+
 def string_of(name: str) -> str:
     r = ca_read(name, data_type="native")
     data = r.data  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import threading
 
 from caproto import AlarmSeverity, AlarmStatus
 
-from ioc_helpers import READY, Stack, free_port, ca_read, ca_write, cdae, long_string_of, string_of, value_of, wait_for  # type: ignore[import-not-found]
+from ioc_helpers import READY, Stack, free_port, ca_read, ca_write, cdae, long_string_of, pause_and_settle, string_of, value_of, wait_for  # type: ignore[import-not-found]
 
 
 def _counter(name: str) -> int:
@@ -164,9 +164,7 @@ def test_model_swap_while_streaming(stack: Stack) -> None:
         ca_write(out + "Model", "tiny:2", timeout=120)
         wait_for(lambda: string_of(out + "Model_RBV") == "tiny:2", 60, "frames from tiny:2")
         wait_for(lambda: len(seen) >= 12, 60, "ids after the swap")
-        ca_write(cam + "Acquire", 0)
-        last = _counter(cam + "UniqueId_RBV")
-        wait_for(lambda: _counter(out + "UniqueId_RBV") == last, 30, "the last frame")
+        last = pause_and_settle(stack)
         s1.clear()
         s2.clear()
     finally:

@@ -11,18 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ioc_helpers import CA_ENV, Stack, ca_read, ca_write, string_of, value_of, wait_for  # type: ignore[import-not-found]
+from ioc_helpers import CA_ENV, Stack, ca_read, ca_write, pause_and_settle, string_of, value_of, wait_for  # type: ignore[import-not-found]
 
 UINT16 = 3  # DataType_RBV index (ADCore order)
-
-
-def _pause_and_settle(stack: Stack) -> int:
-    """Stop the camera and wait until the filter has published the camera's last frame; returns its UniqueId."""
-    cam, out = stack.camera_prefix, stack.ioc_prefix
-    ca_write(cam + "Acquire", 0)
-    last = int(value_of(cam + "UniqueId_RBV"))  # type: ignore[arg-type]
-    wait_for(lambda: int(value_of(out + "UniqueId_RBV")) == last, 30, f"the filter to publish frame {last}")  # type: ignore[arg-type]
-    return last
 
 
 def test_pyepics_monitor_ids_times_shapes(stack: Stack) -> None:
@@ -73,7 +64,7 @@ def test_pyepics_monitor_ids_times_shapes(stack: Stack) -> None:
         for pv in pvs:
             pv.clear_callbacks()
             pv.disconnect()
-    last = _pause_and_settle(stack)
+    last = pause_and_settle(stack)
     for name in ("UniqueId_RBV", "TimeStamp_RBV", "EpicsTSSec_RBV", "EpicsTSNsec_RBV"):
         assert value_of(out + name) == value_of(cam + name), name
     raw, den = ca_read(cam + "ArrayData"), ca_read(out + "ArrayData")
@@ -189,7 +180,7 @@ def test_denoised_frames_are_closer_to_the_truth(stack: Stack) -> None:
     stack.ioc(eng, "--bit-depth", "12")
     out, cam = stack.ioc_prefix, stack.camera_prefix
     wait_for(lambda: int(value_of(out + "ArrayCounter_RBV")) >= 2, 90, "denoised frames")  # type: ignore[arg-type]
-    last = _pause_and_settle(stack)
+    last = pause_and_settle(stack)
     assert int(value_of(cam + "Clean:UniqueId_RBV")) == last  # type: ignore[arg-type]
     n = 128 * 96
     clean = np.asarray(ca_read(cam + "Clean:ArrayData").data[:n], np.float64)  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from caproto import AlarmSeverity, AlarmStatus
 
-from ioc_helpers import IOC_PORT, IOC_PVA_PORT, Stack, ca_read, ca_write, cdae, long_string_of, string_of, value_of, wait_for  # type: ignore[import-not-found]
+from ioc_helpers import IOC_PORT, IOC_PVA_PORT, Stack, ca_read, ca_write, cdae, long_string_of, pause_and_settle, string_of, value_of, wait_for  # type: ignore[import-not-found]
 
 from cdae.children import pva_server_env
 
@@ -179,9 +179,7 @@ def test_ioc_through_triton_keeps_ids_matches_the_engine_and_swaps_versions_unde
         wait_for(lambda: string_of(out + "Model_RBV") == "tiny:1", 60, "frames from tiny:1")
         n = len(seen)
         wait_for(lambda: len(seen) >= n + 5, 60, "ids after the swap")
-        ca_write(cam + "Acquire", 0)
-        last = _counter(cam + "UniqueId_RBV")
-        wait_for(lambda: _counter(out + "UniqueId_RBV") == last, 30, "the last frame")
+        last = pause_and_settle(stack)
         sub.clear()
     finally:
         ctx.disconnect()
