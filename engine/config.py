@@ -107,8 +107,17 @@ class EngineConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
     timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
-    guard: GuardConfig | None = Field(None, description="hold every output to the camera's noise and flag what "
-                                                        "moves further (cdae.engine.guard); None: the network as is")
+    guard: GuardConfig | None = Field(
+        default_factory=GuardConfig, description="hold every output to the camera's noise and flag what moves "
+        "further (cdae.engine.guard); false (None): the network's output as it is, unbounded")
+
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard_switch(cls, v: object) -> object:
+        """``guard = false`` in a site file turns the bound off; ``true`` is the default bound."""
+        if v is False:
+            return None
+        return {} if v is True else v
 
     @field_validator("bind", "control")
     @classmethod

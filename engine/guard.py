@@ -122,7 +122,7 @@ def centre_to_neighbour_ratio(psf_sigma_px: float) -> float:
 
 
 def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int = 16,
-                  max_pairs: int = 1 << 16) -> NoiseModel:
+                  max_pairs: int = 1 << 16, quantum: float = 1.0) -> NoiseModel:
     """The frame's own Poisson-Gaussian noise model, from horizontal pixel triples.
 
     A triple's second difference ``(a - 2b + c) / sqrt(6)`` carries the noise variance and, where the
@@ -131,7 +131,8 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     noise is independent of the pair's, so choosing the smoother half does not bias the noise
     estimate; per equal-count level bin the robust (MAD) variance of the chosen pairs keeps edges and
     defects out. Variance against level is fitted by a line with non-negative slope (shot noise)
-    and intercept (read noise); the offset is the frame's 0.1th percentile level.
+    and intercept (read noise); the offset is the frame's 0.1th percentile level. ``quantum``: one DN
+    in the frame's units (the rounding's variance floor, ``quantum^2 / 12``).
     """
     f = np.asarray(raw, dtype=np.float32)
     h, w = f.shape
@@ -167,7 +168,7 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
         ns.append(d.size)
     x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
     slope, intercept = _fit_variance(x - offset, v, n)
-    floor = 1.0 / 12.0  # integer frames: the rounding's own variance
+    floor = quantum * quantum / 12.0  # integer frames: the rounding's own variance
     intercept = max(float(intercept), floor)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
 
@@ -200,13 +201,14 @@ def _fit_variance(x: np.ndarray, v: np.ndarray, n: np.ndarray) -> tuple[float, f
     return slope, intercept
 
 
-def noise_model(raw: np.ndarray, config: GuardConfig, exclude: np.ndarray | None = None) -> NoiseModel:
+def noise_model(raw: np.ndarray, config: GuardConfig, exclude: np.ndarray | None = None,
+                quantum: float = 1.0) -> NoiseModel:
     """The camera's noise model where the site gave it, else the frame's own."""
     if config.gain_e_per_dn is not None and config.read_noise_dn is not None:
         offset = config.offset_dn if config.offset_dn is not None else float(np.percentile(raw[::4, ::4], 0.1))
         return NoiseModel(read_dn=config.read_noise_dn, dn_per_e=1.0 / config.gain_e_per_dn, offset_dn=offset,
                           measured=False)
-    return measure_noise(raw, exclude)
+    return measure_noise(raw, exclude, quantum=quantum)
 
 
 def _median4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -354,12 +356,35 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     return mask, background
 
 
+#: Largest magnitude the guard's float32 arithmetic takes as it is (sums of a few pixels and their squares
+#: stay finite); a frame beyond it is scaled down by a power of two, exactly, and back.
+_HEADROOM = 2.0**60
+
+
 def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,
           defect_probability: np.ndarray | None = None) -> GuardResult:
     """The network's float DN output held to the noise bound, impulses replaced, saturation kept raw,
     and where the calibrated defect head is sure, the network's output unbounded."""
     f = np.asarray(raw, dtype=np.float32)
-    noise = noise_model(f, config, exclude=saturated)
+    peak = float(np.max(np.abs(f))) if f.size else 0.0
+    if math.isfinite(peak) and peak > _HEADROOM:  # a float frame near float32's limit: sums would overflow
+        scale = 2.0 ** (math.frexp(_HEADROOM)[1] - math.frexp(peak)[1])
+        scaled = config.model_copy(update={
+            "read_noise_dn": None if config.read_noise_dn is None else config.read_noise_dn * scale,
+            "offset_dn": None if config.offset_dn is None else config.offset_dn * scale,
+            "gain_e_per_dn": None if config.gain_e_per_dn is None else config.gain_e_per_dn / scale})
+        s32 = np.float32(scale)
+        r = _guard(f * s32, np.asarray(denoised_dn, dtype=np.float32) * s32, saturated, scaled, defect_probability,
+                   quantum=scale)
+        noise = NoiseModel(read_dn=r.noise.read_dn / scale, dn_per_e=r.noise.dn_per_e / scale,
+                           offset_dn=r.noise.offset_dn / scale, measured=r.noise.measured)
+        return GuardResult(output=r.output / s32, flags=r.flags, counts=r.counts, noise=noise)
+    return _guard(f, denoised_dn, saturated, config, defect_probability)
+
+
+def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,
+           defect_probability: np.ndarray | None, quantum: float = 1.0) -> GuardResult:
+    noise = noise_model(f, config, exclude=saturated, quantum=quantum)
     # a lone pixel at the ADC maximum is a defect, not saturated light: the impulse test decides first
     impulses, background = find_impulses(f, noise, config)
     saturated = saturated & ~impulses

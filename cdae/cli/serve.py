@@ -3,7 +3,7 @@ on files.
 
 The engine's, the filter IOC's, the simulated camera's and the demo's flags are generated from their config models
 (``EngineConfig``/``BackendOptions``, ``IocConfig``, ``CameraConfig``, ``DemoConfig``): each default is the model's.
-Flags that mean something else than "set this field" (``--no-residual``, ``--guard``, ``--size``) are written here.
+Flags that mean something else than "set this field" (``--no-residual``, ``--no-guard``, ``--size``) are written here.
 """
 
 from __future__ import annotations
@@ -42,8 +42,13 @@ def cmd_engine(args: argparse.Namespace) -> int:
     options = given(args, BACKEND_FIELDS)
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
-    if args.guard or args.guard_k is not None:
-        fields["guard"] = {} if args.guard_k is None else {"k_sigma": args.guard_k}
+    if args.no_guard and args.guard_k is not None:
+        _err("cdae engine: error: --guard-k and --no-guard contradict each other")
+        return 2
+    if args.no_guard:
+        fields["guard"] = None
+    elif args.guard_k is not None:
+        fields["guard"] = {"k_sigma": args.guard_k}
     try:
         site = _site(args, "engine")
         base = site.engine_config(args.name).model_dump(exclude_unset=True) if site else {}
@@ -167,11 +172,10 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         except BadPixelError as e:
             _err(f"cdae denoise: error: {e}")
             return 2
-    if args.defect_map and not (args.guard or args.guard_k is not None):
-        _err("cdae denoise: error: --defect-map needs --guard (the flags are the guard's)")
+    if args.no_guard and (args.defect_map or args.guard_k is not None):
+        _err("cdae denoise: error: --defect-map and --guard-k need the guard (the flags are the guard's): drop --no-guard")
         return 2
-    guard = GuardConfig(**({} if args.guard_k is None else {"k_sigma": args.guard_k})) \
-        if args.guard or args.guard_k is not None else None
+    guard = None if args.no_guard else GuardConfig(**({} if args.guard_k is None else {"k_sigma": args.guard_k}))
     registry = ModelRegistry(_models_dir(args.models_dir))
     denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL), guard=guard)
     print(f"model {denoiser.manifest.ref}" + (f", {len(bad_pixels)} listed bad pixels" if bad_pixels else ""),
@@ -190,9 +194,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--name", help="engine name in the site file ([engines.NAME])")
     g.add_argument("--backend", choices=BACKEND_KINDS)
     g.add_argument("--no-cuda-graphs", action="store_true")
-    g.add_argument("--guard", action="store_true", help="hold every output to the camera's noise and flag every pixel "
-                   "that moves further, with its class (see docs/design.md)")
-    g.add_argument("--guard-k", type=float, help="with --guard: unflagged pixels move at most this many sigma (default 1)")
+    g.add_argument("--no-guard", action="store_true", help="serve the network's output unbounded (default: every "
+                   "output held to the camera's noise, what moves further flagged with its class; docs/design.md)")
+    g.add_argument("--guard", action="store_true", help="the default (kept for older command lines)")
+    g.add_argument("--guard-k", type=float, help="unflagged pixels move at most this many sigma of the noise (default 1)")
     g.model_flags("cdae.engine.config:EngineConfig", ENGINE_FIELDS, flags={"models_dir": "--models"})
     g.model_flags("cdae.engine.config:BackendOptions", BACKEND_FIELDS)
     g.set_defaults(func=cmd_engine)
@@ -242,9 +247,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--bit-depth", type=int, help="camera bit depth when the container is wider (e.g. 12 in uint16)")
     d.add_argument("--bad-pixels", help="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from "
                    "cdae badpixels): listed pixels are filled in the denoised frames")
-    d.add_argument("--guard", action="store_true", help="hold every output pixel to the camera's noise and flag every "
-                   "pixel that moves further, with its class (see docs/design.md)")
-    d.add_argument("--guard-k", type=float, help="with --guard: unflagged pixels move at most this many sigma (default 1)")
-    d.add_argument("--defect-map", action="store_true", help="with --guard: write NAME.flags.tif (class per pixel) and "
+    d.add_argument("--no-guard", action="store_true", help="write the network's output unbounded (default: every "
+                   "output pixel held to the camera's noise, what moves further flagged with its class; docs/design.md)")
+    d.add_argument("--guard", action="store_true", help="the default (kept for older command lines)")
+    d.add_argument("--guard-k", type=float, help="unflagged pixels move at most this many sigma of the noise (default 1)")
+    d.add_argument("--defect-map", action="store_true", help="write NAME.flags.tif (flag class per pixel) and "
                    "NAME.flags.png beside each output")
     d.set_defaults(func=cmd_denoise)

@@ -93,3 +93,21 @@ def test_large_bright_real_ring_is_kept(fraction: float) -> None:
     sigma = np.sqrt(16 + (clean - 100) / 2)
     assert np.sqrt(np.mean(((g.output - clean) / sigma)[on_ring] ** 2)) < 2.5
     assert np.mean(g.output[on_ring]) > 0.9 * np.mean(clean[on_ring])
+
+
+def test_a_float_frame_near_float32s_limit_is_guarded_as_the_same_frame_scaled() -> None:
+    """Sums of four pixels of 3e38 overflow float32: the guard scales such a frame by a power of two
+    (exact) and back, so it answers what it answers for the frame at a sane scale, finite."""
+    rng = np.random.default_rng(4)
+    raw = _camera(rng, _scene(rng, 64, 64))
+    raw[20, 30] = 4095.0  # a hot pixel: an impulse at any scale
+    denoised = raw + rng.normal(0, 8, raw.shape).astype(np.float32)
+    sat = np.zeros(raw.shape, dtype=bool)
+    config = GuardConfig(defect_threshold=None)
+    # 2^40: beyond where integer rounding sets the noise floor, short of where sums overflow
+    small = guard(raw * np.float32(2.0**40), denoised * np.float32(2.0**40), sat, config)
+    big = guard(raw * np.float32(2.0**115), denoised * np.float32(2.0**115), sat, config)
+    assert np.isfinite(big.output).all() and big.flags[20, 30] == IMPULSE
+    np.testing.assert_array_equal(big.flags, small.flags)
+    np.testing.assert_allclose(big.output / np.float32(2.0**115), small.output / np.float32(2.0**40), rtol=1e-6,
+                               atol=1e-3)

@@ -321,11 +321,14 @@ def _extreme_frames() -> list[tuple[str, np.ndarray]]:
     return frames
 
 
-def test_extreme_values_round_trip_through_a_real_engine(engine_launcher: EngineLauncher) -> None:
+@pytest.mark.parametrize("guarded", [False, True])
+def test_extreme_values_round_trip_through_a_real_engine(engine_launcher: EngineLauncher, guarded: bool) -> None:
     # passthrough (restored = network input) on the shipped model, whose normalisation looks for a
-    # full well (the histogram that said "Too many bins"): what comes back must be what went in
+    # full well (the histogram that said "Too many bins"): unguarded, what comes back must be what went
+    # in; guarded (the default), every frame is answered, finite, in its own dtype and range (a frame of
+    # random extremes is all impulses to the guard, which replaces them)
     eng = engine_launcher.start("--models", str(REPO / "models"), "--model", "cdae-default:7",
-                                "--backend", "passthrough", name="extremes")
+                                "--backend", "passthrough", *([] if guarded else ["--no-guard"]), name="extremes")
     try:
         with EngineClient(eng.data, timeout_s=30) as c:
             for name, frame in _extreme_frames():
@@ -333,6 +336,14 @@ def test_extreme_values_round_trip_through_a_real_engine(engine_launcher: Engine
                 assert r.ok, (name, r.header.error)
                 got = r.denoised
                 assert got is not None and got.dtype == frame.dtype
+                if guarded:
+                    if frame.dtype.kind == "f":
+                        assert np.isfinite(got).all(), name
+                    lo, hi = float(frame.min()), float(frame.max())
+                    # float32 inside, as below: int32 to 1024 DN, floats to 1e-6 of their span
+                    slack = 1024 if frame.dtype == np.int32 else 1e-6 * (hi - lo) if frame.dtype.kind == "f" else 0
+                    assert float(got.min()) >= lo - slack and float(got.max()) <= hi + slack, name
+                    continue
                 if frame.dtype.kind == "f":
                     assert np.isfinite(got).all(), name
                     # float32 steps of the frame's span (the network sees the frame scaled to it)

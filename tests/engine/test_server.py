@@ -37,7 +37,7 @@ DTYPES = ["uint8", "uint16", "int16", "int32", "float32"]
 @pytest.fixture(scope="module")
 def engine_a(engine_launcher: EngineLauncher, engine_store: Path) -> Iterator[EngineProcess]:
     eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
-                                name="a")
+                                "--no-guard", name="a")  # the transport against the network alone
     yield eng
     engine_launcher.stop(eng)
 
@@ -56,7 +56,7 @@ def engine_tiled(engine_launcher: EngineLauncher, engine_store: Path) -> Iterato
     """Tiles anything over 32x32 and keeps one frame waiting per client: slow on purpose for big frames."""
     eng = engine_launcher.start("--models", str(engine_store), "--model", "tiny:1", "--backend", "torch-cpu",
                                 "--max-pixels", "1024",
-                                "--queue", "1", name="tiled")
+                                "--queue", "1", "--no-guard", name="tiled")
     yield eng
     engine_launcher.stop(eng)
 
