@@ -227,7 +227,7 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     assert long_string_of(out + "BadPixelFile") == str(first)
     _advances(out + "ArrayCounter_RBV")
     assert pixel("ArrayData", 3, 2) == 7 and pixel("ArrayData", 10, 5) == 9
-    assert pixel("DefectMap:ArrayData", 3, 2) == 255
+    assert pixel("DefectMap:ArrayData", 3, 2) == 1  # the guard's flag class: the camera's bad-pixel map
 
     put_path(str(broken), wait=False)  # refused (a put-notify would get ECA_PUTFAIL back)
     wait_for(lambda: ca_read(out + "BadPixelFile").metadata.status == AlarmStatus.WRITE, 30, "a WRITE alarm")  # type: ignore[attr-defined]
@@ -246,7 +246,7 @@ def test_bad_pixel_map_is_filled_live_and_changed_at_run_time(stack: Stack, tmp_
     put_path("")
     assert value_of(out + "BadPixelCount_RBV") == 0
     _advances(out + "ArrayCounter_RBV")
-    assert pixel("ArrayData", 4, 4) != 11 or pixel("DefectMap:ArrayData", 4, 4) != 255
+    assert pixel("ArrayData", 4, 4) != 11 or pixel("DefectMap:ArrayData", 4, 4) != 1
 
 
 def test_bad_pixel_map_survives_an_engine_restart(stack: Stack, tmp_path) -> None:  # noqa: ANN001
@@ -277,7 +277,7 @@ def test_bad_pixel_map_survives_an_engine_restart(stack: Stack, tmp_path) -> Non
 
 
 def test_guarding_engine_publishes_flag_classes_and_counts(stack: Stack) -> None:
-    """With `cdae engine --guard`, DefectMap:ArrayData carries each pixel's flag class (0 none, 1 bad-pixel
+    """With the guard (the engine's default), DefectMap:ArrayData carries each pixel's flag class (0 none, 1 bad-pixel
     map, 2 saturated, 3 impulse, 4 learned) and the per-frame counts are PVs; the simulated camera's hot
     pixels and radiation hits are impulses."""
     eng = stack.engine("--guard")

@@ -116,7 +116,7 @@ def test_a_camera_that_ages_raises_minor_then_major_and_keeps_its_map(stack: Sta
     listed_n = int(value_of(out + "HealthMapPixels_RBV"))  # type: ignore[arg-type]
     wait_for(lambda: int(value_of(out + "BadPixelCount_RBV")) == listed_n, 10, "the live map in the filter")
     wait_for(lambda: (np.asarray(ca_read(out + "DefectMap:ArrayData").data[: W * H]).astype(np.uint8)  # type: ignore[attr-defined]
-                      .reshape(H, W)[hot_ys, hot_xs] == 255).all(), 10, "the new hot pixels filled by the engine")
+                      .reshape(H, W)[hot_ys, hot_xs] == 1).all(), 10, "the new hot pixels filled by the engine")  # class 1: map
     # export (PV command) and from the IOC (cdae badpixels --from-ioc), of a map that no longer changes
     ca_write(cam + "Acquire", 0)
     last = _uid(stack)
