@@ -49,6 +49,10 @@ class BackendOptions(BaseModel):
     )
     cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
     max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (tiles of one frame use up to 4)")
+    device_pre_post: bool = Field(
+        True, description="torch-cuda: normalisation, full-well detection, denormalisation, the guard and the camera "
+        "dtype on the GPU around the network (cdae.engine.device_frame), the frame uploaded once and the results "
+        "downloaded once; false: those steps on the host in NumPy")
     trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")
     trt_max_side: int = Field(2048, ge=8, description="TensorRT profile: largest side; larger frames are tiled")
     trt_workspace_mib: int = Field(4096, ge=64)
