@@ -19,7 +19,7 @@ the CPU the results are the NumPy path's bit for bit. Exceptions, at rounding le
 - float32 square roots go through float64 (torch's CPU float32 sqrt is not correctly rounded).
 
 Float frames beyond about float32 max / 1000 take the host path (its float64 fallbacks); so do
-dtypes torch has no type for.
+dtypes torch has no type for and frames in non-native byte order (the host path keeps their dtype).
 """
 
 from __future__ import annotations
@@ -587,7 +587,7 @@ class DeviceRunner(Protocol):
 
 def fits_device_path(frame: np.ndarray) -> bool:
     """Whether a frame's dtype and shape can take the device path (its values are checked on the device)."""
-    return frame.ndim == 2 and frame.dtype.newbyteorder("=") in TORCH_DTYPES and frame.size > 0
+    return frame.ndim == 2 and frame.dtype.isnative and frame.dtype in TORCH_DTYPES and frame.size > 0
 
 
 def run_tiled(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]], tiles: Sequence[Tile]) -> tuple[Tensor, Tensor]:
