@@ -42,6 +42,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     options = given(args, BACKEND_FIELDS)
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
+    if args.no_device_pre_post:
+        options["device_pre_post"] = False
     if args.guard or args.guard_k is not None:
         fields["guard"] = {} if args.guard_k is None else {"k_sigma": args.guard_k}
     try:
@@ -190,6 +192,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--name", help="engine name in the site file ([engines.NAME])")
     g.add_argument("--backend", choices=BACKEND_KINDS)
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument("--no-device-pre-post", action="store_true", help="torch-cuda: normalise, guard and convert "
+                   "frames on the host in NumPy, not on the GPU (backend_options.device_pre_post = false)")
     g.add_argument("--guard", action="store_true", help="hold every output to the camera's noise and flag every pixel "
                    "that moves further, with its class (see docs/design.md)")
     g.add_argument("--guard-k", type=float, help="with --guard: unflagged pixels move at most this many sigma (default 1)")
