@@ -5,7 +5,8 @@
 #
 # 1. the gpu-marked tests and the engine tests (where `auto` now picks torch-cuda), in the
 #    background a config sweep on the GPU (experiments/bright_sweep.py);
-# 2. then, alone on the machine, the engine benchmark at 1024² and 2048² uint16: torch-cuda with its
+# 2. the device path's parity with the NumPy path on the GPU (bench/device_parity.py);
+# 3. then, alone on the machine, the engine benchmark at 1024² and 2048² uint16: torch-cuda with its
 #    pre/post-processing on the GPU (device_pre_post, the default), torch-cuda+host (the same steps in
 #    NumPy on the host) and the passthrough engine, in one run: $OUT/engine-<gpu>.json and .png, each
 #    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's).
@@ -39,6 +40,12 @@ ROOT=$PWD
 echo "tests rc=$?"; tail -15 "$OUT/tests.log"
 wait $sweep
 tail -12 "$OUT/sweep.log"
+# the device path's parity with the NumPy path on this GPU, stage by stage and whole (device-parity-cuda.json)
+if [ "${PARITY:-1}" != 0 ]; then
+    ( cd /tmp && timeout "${PARITY_S:-120}" $PY "$ROOT/bench/device_parity.py" --device cuda --max-side "${PARITY_SIDE:-1024}" \
+        --out "$OUT" ) >"$OUT/parity.log" 2>&1
+    echo "parity rc=$?"; tail -20 "$OUT/parity.log"
+fi
 [ "${BENCH:-1}" = 0 ] && exit 0
 ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host}" \
     --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1

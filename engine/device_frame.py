@@ -350,7 +350,7 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
     # np.array_split's equal-count bins as rows of one (bins, longest) array
     sizes = torch.tensor([n // bins + (1 if i < n % bins else 0) for i in range(bins)], device=f.device)
     starts = torch.cumsum(sizes, 0) - sizes
-    col = torch.arange(int(sizes.max()), device=f.device)
+    col = torch.arange(n // bins + (1 if n % bins else 0), device=f.device)
     valid = col[None, :] < sizes[:, None]
     idx = (starts[:, None] + col[None, :]).clamp_(max=n - 1)
     lv, d, st = level[idx], diff[idx], structure[idx]
@@ -542,31 +542,38 @@ class FrameStaging:
         """The tensors on the host, as arrays of their dtypes and shapes, in one device-to-host copy."""
         if self.device.type != "cuda":
             return [None if t is None else t.contiguous().cpu().numpy() for t in tensors]
-        parts, spans, at = [], [], 0
-        for t in tensors:
-            if t is None:
-                spans.append(None)
-                continue
-            raw = t.contiguous().reshape(-1).view(torch.uint8)
-            pad = (-raw.numel()) % 16  # every part 16-byte aligned in the pack
-            parts.append(raw)
-            if pad:
-                parts.append(torch.zeros(pad, dtype=torch.uint8, device=t.device))
-            spans.append((at, raw.numel(), t.dtype, tuple(t.shape)))
-            at += raw.numel() + pad
-        packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=self.device)
+        packed, spans = pack(tensors, self.device)
         host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        flat = host.numpy()
-        out: list[np.ndarray | None] = []
-        for span in spans:
-            if span is None:
-                out.append(None)
-                continue
-            start, nbytes, dt, shape = span
-            out.append(flat[start: start + nbytes].view(_NUMPY_DTYPES[dt]).reshape(shape))
-        return out
+        return unpack(host.numpy(), spans)
+
+
+Span = tuple[int, int, torch.dtype, tuple[int, ...]]
+
+
+def pack(tensors: Sequence[Tensor | None], device: torch.device) -> tuple[Tensor, list[Span | None]]:
+    """The tensors' bytes in one uint8 tensor on their device, each part 16-byte aligned, and where each lies."""
+    parts, spans, at = [], [], 0
+    for t in tensors:
+        if t is None:
+            spans.append(None)
+            continue
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        pad = (-raw.numel()) % 16
+        parts.append(raw)
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=raw.device))
+        spans.append((at, raw.numel(), t.dtype, tuple(t.shape)))
+        at += raw.numel() + pad
+    packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
+    return packed, spans
+
+
+def unpack(flat: np.ndarray, spans: Sequence[Span | None]) -> list[np.ndarray | None]:
+    """Views of a packed host buffer (:func:`pack`) as the original arrays (they keep the buffer alive)."""
+    return [None if span is None else flat[span[0]: span[0] + span[1]].view(_NUMPY_DTYPES[span[2]]).reshape(span[3])
+            for span in spans]
 
 
 class DeviceRunner(Protocol):

@@ -10,6 +10,8 @@ with and without the device path must flag the same pixels and agree to float32 
 
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from cdae.engine import device_frame as D
 from cdae.engine import guard as G
 from cdae.engine import normalise as N
 from cdae.engine.architecture import ArchitectureConfig, build_model
-from cdae.engine.backends import TorchBackend, load_backend
+from cdae.engine.backends import Backend, TorchBackend, TorchCUDABackend, load_backend
 from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.config import BackendOptions
 from cdae.engine.package import load_model, write_package
@@ -57,6 +59,7 @@ FRAMES = [(f"{bits}bit-{i}", _simulated(i, bits, shape), bits)
           for i, (bits, shape) in enumerate([(8, (96, 128)), (12, (160, 200)), (16, (131, 157)), (16, (128, 128)),
                                              (12, (96, 128)), (8, (160, 200))])]
 FRAMES.append(("full-well", _full_well_camera(), 16))
+FRAMES.append(("16bit-sampled", _simulated(9, 16, (540, 620)), 16))  # percentiles and noise pairs on a grid (step 2, 3)
 IDS = [name for name, _, _ in FRAMES]
 
 
@@ -146,7 +149,7 @@ def test_the_device_path_on_the_cpu_is_the_host_path(backends: tuple[TorchBacken
     frame = _simulated(3, 8 if dtype in ("uint8", "int16") else 12, (100, 130)).astype(dtype)
     bits = None if dtype == "uint32" else (8 if dtype in ("uint8", "int16") else 12)
     for guard in (None, GUARDS[0]):
-        for max_pixels in (10**8, 64 * 64):  # whole, and tiled
+        for max_pixels in (10**8, 64 * 64) if dtype in ("uint16", "float32") else (10**8,):  # whole, and tiled
             kw = dict(bit_depth=bits, guard_config=guard, max_pixels=max_pixels)
             _same(denoise_frame(frame, host, **kw), denoise_frame(frame, device, **kw))  # type: ignore[arg-type]
 
@@ -185,6 +188,40 @@ def test_torch_cpu_keeps_the_host_path_and_torch_cuda_defaults_to_the_device_pat
     host, _ = backends
     assert TorchCPUBackend(host.manifest, host.model, "fp32").frame_on_device is False  # its numbers stay NumPy's
     assert BackendOptions().device_pre_post is True
+
+
+def test_the_results_travel_packed_in_one_buffer() -> None:
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(0, 4096, (5, 7)).astype(np.uint16).view(np.int16), None,
+              rng.random((5, 7), dtype=np.float32), rng.integers(0, 5, (5, 7)).astype(np.uint8),
+              np.arange(5, dtype=np.int64), rng.random((3, 3))]
+    packed, spans = D.pack([None if a is None else torch.from_numpy(a) for a in arrays], torch.device("cpu"))
+    assert all(span is None or span[0] % 16 == 0 for span in spans)
+    for a, b in zip(arrays, D.unpack(packed.numpy(), spans)):
+        assert (a is None and b is None) or (b is not None and b.dtype == a.dtype and np.array_equal(a, b))
+
+
+class _TorchCUDAOnTheCPU(TorchCUDABackend):
+    """torch-cuda's own network call (``infer_tensor`` → ``_network`` → ``_forward``: padding, channels-last,
+    autocast off, the crop) on the CPU, graphs off and no stream: its constructor needs a GPU, these methods do not."""
+
+    def __init__(self, host: TorchBackend) -> None:  # noqa: D107 - not TorchCUDABackend's: that one needs CUDA
+        Backend.__init__(self, host.manifest, "cpu")
+        self.torch_device, self.autocast, self.use_graphs, self.max_graphs = torch.device("cpu"), None, False, 1
+        self.model, self._graphs, self._seen, self.graph_captures = host.model, OrderedDict(), {}, 0
+        self.frame_on_device, self.frame_staging = True, D.FrameStaging(self.torch_device)
+
+    def device_scope(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+
+def test_torch_cudas_device_path_runs_on_a_cpu_stand_in(backends: tuple[TorchBackend, TorchBackend]) -> None:
+    host, _ = backends
+    stand_in = _TorchCUDAOnTheCPU(host)
+    name, frame, bits = FRAMES[2]  # 131 x 157: padded to the network's multiple, then cropped
+    for max_pixels in (10**8, 64 * 64):
+        kw = dict(bit_depth=bits, guard_config=GUARDS[0], max_pixels=max_pixels)
+        _same(denoise_frame(frame, host, **kw), denoise_frame(frame, stand_in, **kw))  # type: ignore[arg-type]
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
