@@ -116,7 +116,8 @@ def whole_path(device: str, frames: list[tuple[np.ndarray, int]]) -> list[dict[s
                              "denoised": _diff(a.denoised, b.denoised), "residual": _diff(a.residual, b.residual),
                              "defect_probability": _diff(a.defect_probability, b.defect_probability),
                              "flags_differing": int(np.count_nonzero(a.flags != b.flags)),
-                             "ms": {"host_pre_post": round(a.inference_ms, 2), "device_pre_post": round(b.inference_ms, 2)}})
+                             "ms": {"host_pre_post": round(a.inference_ms, 2),
+                                    "device_pre_post": round(b.inference_ms, 2)}})
             on.close()
             off.close()
     return rows

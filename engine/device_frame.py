@@ -63,7 +63,8 @@ TORCH_DTYPES: dict[np.dtype, torch.dtype] = {
         ("int32", torch.int32), ("uint32", torch.int32), ("float32", torch.float32), ("float64", torch.float64))
 }
 _UNSIGNED_MASK = {np.dtype("uint16"): (torch.int32, 0xFFFF), np.dtype("uint32"): (torch.int64, 0xFFFFFFFF)}
-_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {v: k for k, v in TORCH_DTYPES.items() if k.kind != "u" or v == torch.uint8}
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {v: k for k, v in TORCH_DTYPES.items()
+                                              if k.kind != "u" or v == torch.uint8}
 _NUMPY_DTYPES[torch.int64] = np.dtype(np.int64)
 #: Float frames beyond this magnitude take the host path: (f - offset) / scale could overflow float32 there.
 FLOAT_FRAME_LIMIT = F32_MAX / 1e3
@@ -86,8 +87,8 @@ def as_carrier(values: Tensor, dtype: np.dtype) -> Tensor:
 
 
 def _sqrt(t: Tensor) -> Tensor:
-    """Correctly rounded float32 square root (NumPy's): torch's CPU float32 sqrt is not (SLEEF-style, off by
-    one unit in the last place for some inputs); float64 then float32 rounds correctly (53 >= 2 x 24 + 2 bits)."""
+    """Correctly rounded float32 square root (NumPy's): torch's vectorised CPU float32 sqrt is not always (a last
+    bit off on some inputs); float64 then float32 rounds correctly (53 >= 2 x 24 + 2 bits)."""
     return torch.sqrt(t.to(torch.float64)).to(torch.float32)
 
 
@@ -625,7 +626,8 @@ def denoise_frame_on_device(
     dt = frame.dtype.newbyteorder("=")
     if adc_max is None:
         adc_max = adc_max_for(dt, bit_depth)
-    with torch.no_grad(), runner.device_scope():  # not inference_mode: a CUDA graph captured here is reused by the host path
+    # no_grad, not inference_mode: a CUDA graph captured here is replayed by the host path too
+    with torch.no_grad(), runner.device_scope():
         raw = runner.frame_staging.upload(frame)
         f = as_float32(raw, dt)
         if dt.kind == "f" and float(torch.max(torch.abs(f))) > FLOAT_FRAME_LIMIT:
@@ -641,7 +643,11 @@ def denoise_frame_on_device(
             counts = torch.bincount(flags.reshape(-1).to(torch.int64), minlength=len(FLAG_NAMES))
         values = camera_values(out, dt, adc_max)
         denoised = as_carrier(values, dt)
-        residual = (f - values) if want_residual else None
+        residual = None
+        if want_residual:
+            residual = f - values
+            if dt.kind == "f":  # beyond float32: ±float32 max, as the host path's _residual
+                residual.clamp_(-F32_MAX, F32_MAX)
         host = runner.frame_staging.download([denoised, residual, prob.to(torch.float32), flags, counts])
     den_np, res_np, prob_np, flags_np, counts_np = host
     assert den_np is not None and prob_np is not None
