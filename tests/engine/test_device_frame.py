@@ -228,25 +228,55 @@ def test_torch_cudas_device_path_runs_on_a_cpu_stand_in(backends: tuple[TorchBac
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name,frame,bits", FRAMES, ids=IDS)
+def test_the_stages_on_a_gpu_match_numpy(name: str, frame: np.ndarray, bits: int) -> None:
+    """The same torch code on CUDA: IEEE float32 arithmetic as on the CPU; only float64 sums (the pair variance, the
+    line test's running sum) add in another order, so the input may differ in its last bit and a flag may flip
+    where a test statistic sits on its threshold."""
+    adc = N.adc_max_for(frame.dtype, bits)
+    f = frame.astype(np.float32)
+    cuda = torch.device("cuda")
+    config = N.NormalisationConfig(full_well="detect")
+    x, offset, scale = N.network_input(frame, adc, config)
+    xt, offset_t, scale_t = D.network_input(torch.from_numpy(f).to(cuda), adc, config)
+    assert (offset_t, scale_t) == (offset, scale)
+    np.testing.assert_allclose(xt.cpu().numpy(), x, rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(7)
+    out = (f + rng.normal(0.0, 3.0, f.shape)).astype(np.float32)
+    prob = rng.random(f.shape, dtype=np.float32)
+    want = G.guard(frame, out, x[1] > 0.5, GUARDS[0], prob)
+    got, flags, _ = D.guard(*(torch.from_numpy(a).to(cuda) for a in (f, out)), torch.from_numpy(x[1] > 0.5).to(cuda),
+                            GUARDS[0], torch.from_numpy(prob).to(cuda))
+    same = flags.cpu().numpy() == want.flags
+    assert (~same).sum() <= max(2, 1e-5 * frame.size), name
+    np.testing.assert_allclose(got.cpu().numpy()[same], want.output[same], rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_torch_cuda_on_the_device_path_matches_its_host_path(tmp_path: Path, precision: str) -> None:
+    """Whole frames through torch-cuda with and without device_pre_post: the same input, the same network (cuDNN
+    may still pick another kernel per instance: network-level differences, as in test_backends' tolerances)."""
     store = tmp_path / "store"
     torch.manual_seed(0)
-    write_package(store, name="t", version="1", state_dict=build_model(ARCH).state_dict(), architecture=ARCH)
+    write_package(store, name="t", version="1", state_dict=build_model(ARCH).state_dict(), architecture=ARCH,
+                  normalisation=N.NormalisationConfig(full_well="detect"))
     opts = BackendOptions(precision=precision)
     on = load_backend("torch-cuda", store / "t" / "1", opts)
     off = load_backend("torch-cuda", store / "t" / "1", opts.model_copy(update={"device_pre_post": False}))
     assert on.frame_on_device and not off.frame_on_device  # type: ignore[attr-defined]
+    tol = 5e-3 if precision == "fp32" else 5e-2  # normalised units, test_backends' tolerances
     for name, frame, bits in FRAMES:
         for _ in range(3):  # eager, then the captured graph
             a = denoise_frame(frame, off, bit_depth=bits, guard_config=GUARDS[0])
             b = denoise_frame(frame, on, bit_depth=bits, guard_config=GUARDS[0])
+        _, _, scale = N.network_input(frame, N.adc_max_for(frame.dtype, bits), N.NormalisationConfig(full_well="detect"))
         assert b.denoised.dtype == a.denoised.dtype
-        # the same network input and network (graph or not): the same DN, to the last unit of rounding
-        assert np.abs(b.denoised.astype(np.float64) - a.denoised).max() <= 1, name
-        assert np.abs(b.defect_probability - a.defect_probability).max() <= 1e-6, name
+        assert np.abs(b.denoised.astype(np.float64) - a.denoised).max() <= max(1.0, tol * scale) + 0.5, name
+        assert np.abs(b.defect_probability - a.defect_probability).max() <= tol, name
         assert a.flags is not None and b.flags is not None
-        assert (a.flags != b.flags).sum() <= 1e-4 * a.flags.size, name
+        assert (a.flags != b.flags).mean() <= 1e-3, name
     assert on.graph_captures >= 1  # type: ignore[attr-defined]
     on.close()
     off.close()
