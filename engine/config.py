@@ -53,6 +53,8 @@ class BackendOptions(BaseModel):
         True, description="torch-cuda: normalisation, full-well detection, denormalisation, the guard and the camera "
         "dtype on the GPU around the network (cdae.engine.device_frame), the frame uploaded once and the results "
         "downloaded once; false: those steps on the host in NumPy")
+    tile_batch: int = Field(4, ge=1, le=64, description="torch-cuda with device_pre_post: a tiled frame's tiles of "
+                            "one shape run up to this many to a network call (more GPU memory per call)")
     trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")
     trt_max_side: int = Field(2048, ge=8, description="TensorRT profile: largest side; larger frames are tiled")
     trt_workspace_mib: int = Field(4096, ge=64)

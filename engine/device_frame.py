@@ -598,18 +598,34 @@ def fits_device_path(frame: np.ndarray) -> bool:
     return frame.ndim == 2 and frame.dtype.isnative and frame.dtype in TORCH_DTYPES and frame.size > 0
 
 
-def run_tiled(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]], tiles: Sequence[Tile]) -> tuple[Tensor, Tensor]:
-    """:func:`cdae.engine.tiling.run_tiled` on a device tensor."""
+def run_tiled(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]], tiles: Sequence[Tile],
+              batch_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+              max_batch: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`cdae.engine.tiling.run_tiled` on a device tensor. With ``batch_fn`` ((N, C, h, w) → two (N, h, w)),
+    tiles of one shape (a frame's inner tiles, its edge tiles) run up to ``max_batch`` to a call."""
     if len(tiles) == 1 and tiles[0].read_shape == tuple(x.shape[-2:]):
         return fn(x)
-    outputs: list[Tensor] = []
+    restored = torch.empty(x.shape[-2:], dtype=torch.float32, device=x.device)
+    prob = torch.empty_like(restored)
+    groups: dict[tuple[int, int], list[Tile]] = {}
     for tile in tiles:
-        results = fn(x[(slice(None), *tile.read)])
-        if not outputs:
-            outputs = [torch.empty(x.shape[-2:], dtype=r.dtype, device=r.device) for r in results]
-        for out, r in zip(outputs, results):
-            out[tile.write] = r[tile.crop]
-    return outputs[0], outputs[1]
+        groups.setdefault(tile.read_shape, []).append(tile)
+    step = max(1, max_batch) if batch_fn is not None else 1
+    for group in groups.values():
+        # equal batches (the last one topped up with a repeat): one input shape per group, one CUDA graph each
+        size = -(-len(group) // -(-len(group) // step))
+        for i in range(0, len(group), size):
+            chunk = group[i: i + size]
+            if batch_fn is not None and size > 1:
+                batch = chunk + [chunk[-1]] * (size - len(chunk))
+                rb, pb = batch_fn(torch.stack([x[(slice(None), *t.read)] for t in batch]))
+                results = [(rb[j], pb[j]) for j in range(len(chunk))]
+            else:
+                results = [fn(x[(slice(None), *t.read)]) for t in chunk]
+            for t, (r, p) in zip(chunk, results):
+                restored[t.write] = r[t.crop]
+                prob[t.write] = p[t.crop]
+    return restored, prob
 
 
 def denoise_frame_on_device(
@@ -635,7 +651,8 @@ def denoise_frame_on_device(
         x, offset, scale = network_input(f, adc_max, runner.normalisation)
         tiles = plan_tiles(tuple(frame.shape), max_pixels=max_pixels, margin=margin, multiple=runner.multiple,
                            max_side=runner.max_side)
-        restored, prob = run_tiled(x, runner.infer_tensor, tiles)
+        restored, prob = run_tiled(x, runner.infer_tensor, tiles, getattr(runner, "infer_batch", None),
+                                   getattr(runner, "tile_batch", 1))
         out = denormalise(restored, offset, scale)
         flags = counts = None
         if guard_config is not None:

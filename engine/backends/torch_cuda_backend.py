@@ -62,6 +62,7 @@ class TorchCUDABackend(Backend):
             self.stream = torch.cuda.Stream(dev)  # each backend its own: a swap warms up beside the live one
         self._staging = HostStaging(dev)
         self.frame_on_device = options.device_pre_post  # the pipeline then runs on this GPU (device_frame)
+        self.tile_batch = options.tile_batch
         self.frame_staging = FrameStaging(dev)
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._seen: dict[tuple[int, ...], int] = {}
@@ -135,10 +136,16 @@ class TorchCUDABackend(Backend):
     @torch.no_grad()
     def infer_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (C, h, w) input already on the GPU → (restored, probability) on it (called inside ``device_scope``)."""
-        _, h, w = x.shape
-        padded, _ = pad_to_multiple(x[: self.architecture.in_channels][None], self.multiple)
+        restored, prob = self.infer_batch(x[None])
+        return restored[0], prob[0]
+
+    @torch.no_grad()
+    def infer_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, h, w) tiles of one shape on the GPU → (N, h, w) restored and probability, in one call (one graph)."""
+        _, _, h, w = x.shape
+        padded, _ = pad_to_multiple(x[:, : self.architecture.in_channels], self.multiple)
         restored, prob = self._network(padded.contiguous(memory_format=torch.channels_last))
-        return restored[0, 0, :h, :w], prob[0, 0, :h, :w]
+        return restored[:, 0, :h, :w], prob[:, 0, :h, :w]
 
     def device_scope(self) -> contextlib.AbstractContextManager[object]:
         """This GPU and this backend's stream current: the device path's copies and kernels queue there."""

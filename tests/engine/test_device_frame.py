@@ -209,7 +209,7 @@ class _TorchCUDAOnTheCPU(TorchCUDABackend):
         Backend.__init__(self, host.manifest, "cpu")
         self.torch_device, self.autocast, self.use_graphs, self.max_graphs = torch.device("cpu"), None, False, 1
         self.model, self._graphs, self._seen, self.graph_captures = host.model, OrderedDict(), {}, 0
-        self.frame_on_device, self.frame_staging = True, D.FrameStaging(self.torch_device)
+        self.frame_on_device, self.frame_staging, self.tile_batch = True, D.FrameStaging(self.torch_device), 1
 
     def device_scope(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -222,6 +222,25 @@ def test_torch_cudas_device_path_runs_on_a_cpu_stand_in(backends: tuple[TorchBac
     for max_pixels in (10**8, 64 * 64):
         kw = dict(bit_depth=bits, guard_config=GUARDS[0], max_pixels=max_pixels)
         _same(denoise_frame(frame, host, **kw), denoise_frame(frame, stand_in, **kw))  # type: ignore[arg-type]
+    # tiles of one shape batched into one network call (groups of 1 and 2 here): the same tiles, stitched the same
+    calls: list[tuple[int, ...]] = []
+    batch = stand_in.infer_batch
+
+    def counted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(x.shape))
+        return batch(x)
+
+    stand_in.infer_batch = counted  # type: ignore[method-assign]
+    kw = dict(bit_depth=bits, guard_config=GUARDS[0], max_pixels=64 * 64)
+    a = denoise_frame(frame, host, **kw)  # type: ignore[arg-type]
+    for tile_batch in (2, 3, 4):
+        stand_in.tile_batch = tile_batch
+        calls.clear()
+        b = denoise_frame(frame, stand_in, **kw)  # type: ignore[arg-type]
+        assert b.tiles == a.tiles and len(calls) < a.tiles and max(c[0] for c in calls) == min(tile_batch, 2)
+        assert np.array_equal(b.flags, a.flags)  # type: ignore[arg-type]
+        np.testing.assert_allclose(b.denoised.astype(np.float64), a.denoised, atol=1)  # oneDNN's batched kernels
+        np.testing.assert_allclose(b.defect_probability, a.defect_probability, atol=1e-5)
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
@@ -277,6 +296,13 @@ def test_torch_cuda_on_the_device_path_matches_its_host_path(tmp_path: Path, pre
         assert np.abs(b.defect_probability - a.defect_probability).max() <= tol, name
         assert a.flags is not None and b.flags is not None
         assert (a.flags != b.flags).mean() <= 1e-3, name
+    name, frame, bits = FRAMES[1]
+    for _ in range(3):  # tiled, tiles of one shape batched on the device path
+        a = denoise_frame(frame, off, bit_depth=bits, guard_config=GUARDS[0], max_pixels=64 * 64)
+        b = denoise_frame(frame, on, bit_depth=bits, guard_config=GUARDS[0], max_pixels=64 * 64)
+    assert a.tiles == b.tiles > 4 and a.flags is not None and b.flags is not None
+    assert (a.flags != b.flags).mean() <= 1e-3
+    assert np.abs(b.defect_probability - a.defect_probability).max() <= tol
     assert on.graph_captures >= 1  # type: ignore[attr-defined]
     on.close()
     off.close()
