@@ -48,7 +48,8 @@ class BackendOptions(BaseModel):
         "check and it is faster here)"
     )
     cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
-    max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (tiles of one frame use up to 4)")
+    max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (a tiled frame uses one per tile "
+                                 "shape: up to 9, corner, edge and inner tiles)")
     device_pre_post: bool = Field(
         True, description="torch-cuda: normalisation, full-well detection, denormalisation, the guard and the camera "
         "dtype on the GPU around the network (cdae.engine.device_frame), the frame uploaded once and the results "

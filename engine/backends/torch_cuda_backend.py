@@ -116,7 +116,7 @@ class TorchCUDABackend(Backend):
         return g
 
     def _network(self, padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, C, H', W') padded input → (1, 1, H', W') restored and probability: a graph replay once the shape is
+        """(N, C, H', W') padded input → (N, 1, H', W') restored and probability: a graph replay once the shape is
         steady (its static outputs: valid until the next replay of that shape), else eager."""
         g = self._graph_for(padded)
         if g is None:
