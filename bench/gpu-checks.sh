@@ -29,7 +29,7 @@ $PY -c "import cdae" 2>/dev/null || $PY -m pip install -q --no-index --no-deps -
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-270}; BENCH_S=${BENCH_S:-200}
+SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-330}; BENCH_S=${BENCH_S:-200}  # tests and sweep run side by side
 ( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 ${SWEEP_ARGS:-} \
       --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
 sweep=$!
@@ -42,7 +42,7 @@ wait $sweep
 tail -12 "$OUT/sweep.log"
 # the device path's parity with the NumPy path on this GPU, stage by stage and whole (device-parity-cuda.json)
 if [ "${PARITY:-1}" != 0 ]; then
-    ( cd /tmp && timeout "${PARITY_S:-120}" $PY "$ROOT/bench/device_parity.py" --device cuda --max-side "${PARITY_SIDE:-1024}" \
+    ( cd /tmp && timeout "${PARITY_S:-90}" $PY "$ROOT/bench/device_parity.py" --device cuda --max-side "${PARITY_SIDE:-1024}" \
         --out "$OUT" ) >"$OUT/parity.log" 2>&1
     echo "parity rc=$?"; tail -20 "$OUT/parity.log"
 fi
