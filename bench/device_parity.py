@@ -85,7 +85,8 @@ def stages(frame: np.ndarray, bits: int, device: torch.device) -> dict[str, obje
 
 
 def whole_path(device: str, frames: list[tuple[np.ndarray, int]]) -> list[dict[str, object]]:
-    """torch-cuda with device_pre_post against without, through ``denoise_frame`` with the guard on."""
+    """torch-cuda with device_pre_post against without, through ``denoise_frame`` with the guard on (on a CPU:
+    the torch backend with and without it, which must agree exactly)."""
     from cdae.engine.architecture import build_model
     from cdae.engine.backends import load_backend
     from cdae.engine.config import BackendOptions
@@ -102,10 +103,17 @@ def whole_path(device: str, frames: list[tuple[np.ndarray, int]]) -> list[dict[s
         write_package(Path(tmp), name="p", version="1", state_dict=build_model(arch).state_dict(), architecture=arch,
                       normalisation=N.NormalisationConfig(full_well="detect"))
         pkg = Path(tmp) / "p" / "1"
-        for precision in ("fp32", "bf16"):
-            opts = BackendOptions(device=device, precision=precision)
-            on = load_backend("torch-cuda", pkg, opts)
-            off = load_backend("torch-cuda", pkg, opts.model_copy(update={"device_pre_post": False}))
+        for precision in ("fp32", "bf16") if device != "cpu" else ("fp32",):
+            if device == "cpu":
+                from cdae.engine.backends import TorchBackend
+                from cdae.engine.package import load_model
+
+                manifest, model = load_model(pkg)
+                on, off = TorchBackend(manifest, model, device_pre_post=True), TorchBackend(manifest, model)
+            else:
+                opts = BackendOptions(device=device, precision=precision)
+                on = load_backend("torch-cuda", pkg, opts)
+                off = load_backend("torch-cuda", pkg, opts.model_copy(update={"device_pre_post": False}))
             gc = G.GuardConfig(defect_threshold=0.6)
             for frame, bits in frames:
                 for _ in range(3):  # eager, then graphs
@@ -128,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=".")
     p.add_argument("--max-side", type=int, default=2048, help="skip the cases with a larger side (slow on a CPU)")
+    p.add_argument("--whole", action="store_true", help="on a CPU too: the whole frame path (slow there)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     frames = [(_frame(i, bits, shape), bits) for i, (bits, shape) in enumerate(CASES) if max(shape) <= args.max_side]
     result: dict[str, object] = {"device": str(device), "torch": torch.__version__,
                                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                                  "stages": [stages(fr, bits, device) for fr, bits in frames]}
-    if device.type == "cuda":
+    if device.type == "cuda" or args.whole:
         result["whole_path"] = whole_path(args.device, frames)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@
 the guard and the camera-dtype conversion in NumPy on the host around the network. On a GPU that
 costs a host pass over every frame and a float32 round trip per tile; here the same steps run on
 the frame already on the device, so one frame goes up once (camera dtype, pinned host buffer) and
-comes back once (denoised, residual, defect probability, flags, packed into one buffer).
+comes back once (denoised, residual, defect probability, flags, packed into one buffer). What else
+crosses are scalars the host decides with: the percentiles' order statistics, the full-well
+search's steps, the noise model's per-bin statistics (its line fit is NumPy's own code), the
+count of impulse candidates; each such read waits for the work queued before it.
 
 Each function follows its NumPy counterpart op for op, with the same float32 constants, so that on
 the CPU the results are the NumPy path's bit for bit. Exceptions, at rounding level only:
