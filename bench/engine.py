@@ -12,6 +12,7 @@ Per backend and size:
 
     python bench/engine.py                            # all backends available here, 256²…2048²
     python bench/engine.py --sizes 256 --frames 20    # smoke check
+    python bench/engine.py --backends torch-cuda,torch-cuda+host --sizes 1024,2048   # device vs host pre/post
 
 Writes ``bench/results/engine-<device>.json`` and ``engine-<device>.png``.
 """
@@ -87,12 +88,17 @@ class Engine(ChildProcess):
     """One ``cdae engine`` process, started and waited for by its ready line."""
 
     def __init__(self, spec: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
-        backend, _, precision = spec.partition("@")
+        base, _, variant = spec.partition("+")
+        backend, _, precision = base.partition("@")
+        if variant not in ("", "host"):
+            raise SystemExit(f"bench/engine.py: unknown variant +{variant} in {spec!r} (known: +host)")
         cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
                "--model", ref, "--backend", backend, "--queue", str(max(2, args.window)),
                "--max-pixels", str(max(s for s in args.sizes) ** 2)]
         if precision:
             cmd += ["--precision", precision]
+        if variant == "host":  # torch-cuda with the pre/post-processing on the host (NumPy), as before device_frame
+            cmd += ["--no-device-pre-post"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         name = spec.replace("@", "-")
@@ -180,8 +186,10 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", help="comma list of BACKEND[@PRECISION] (default: every backend available here, "
-                   "torch-cpu in fp32 and, where the CPU has native BF16, bf16); passthrough is always added")
+    p.add_argument("--backends", help="comma list of BACKEND[@PRECISION][+host] (default: every backend available "
+                   "here, torch-cpu in fp32 and, where the CPU has native BF16, bf16); +host: torch-cuda with its "
+                   "pre/post-processing on the host (--no-device-pre-post), to compare with the device path; "
+                   "passthrough is always added")
     p.add_argument("--sizes", default="256,512,1024,2048", help="square frame sides")
     p.add_argument("--frames", type=int, default=200, help="frames per size and phase")
     p.add_argument("--window", type=int, default=2, help="frames in flight in the throughput phase")
@@ -250,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                 r["vs_torch_cpu_fp32"] = {
                     "frames_per_s": round(r["pipelined"]["frames_per_s"] / ref_row["pipelined"]["frames_per_s"], 3),
                     "latency_p50": round(r["latency_ms"]["p50"] / ref_row["latency_ms"]["p50"], 3)}
+    for backend, rows in results["backends"].items():  # the device path against the same backend's host path
+        host_rows = {r["size"]: r for r in results["backends"].get(f"{backend}+host", [])}
+        for r in rows:
+            h = host_rows.get(r["size"])
+            if h and "+" not in backend:
+                r["vs_host_pre_post"] = {
+                    "frames_per_s": round(r["pipelined"]["frames_per_s"] / h["pipelined"]["frames_per_s"], 3),
+                    "latency_p50": round(r["latency_ms"]["p50"] / h["latency_ms"]["p50"], 3),
+                    "engine_total_ms_p50": round(r["engine_total_ms_p50"] / h["engine_total_ms_p50"], 3)}
     json_path = out / f"engine-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"engine-{device}.png")

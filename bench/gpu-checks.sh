@@ -5,7 +5,11 @@
 #
 # 1. the gpu-marked tests and the engine tests (where `auto` now picks torch-cuda), in the
 #    background a config sweep on the GPU (experiments/bright_sweep.py);
-# 2. then, alone on the machine, the engine benchmark torch-cuda vs passthrough.
+# 2. the device path's parity with the NumPy path on the GPU (bench/device_parity.py);
+# 3. then, alone on the machine, the engine benchmark at 1024² and 2048² uint16: torch-cuda with its
+#    pre/post-processing on the GPU (device_pre_post, the default), torch-cuda+host (the same steps in
+#    NumPy on the host) and the passthrough engine, in one run: $OUT/engine-<gpu>.json and .png, each
+#    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's).
 # Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
 set -u
 OUT=${OUT:-/tmp/cdae-gpu}
@@ -25,7 +29,7 @@ $PY -c "import cdae" 2>/dev/null || $PY -m pip install -q --no-index --no-deps -
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-270}; BENCH_S=${BENCH_S:-150}
+SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-330}; BENCH_S=${BENCH_S:-200}  # tests and sweep run side by side
 ( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 ${SWEEP_ARGS:-} \
       --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
 sweep=$!
@@ -36,7 +40,21 @@ ROOT=$PWD
 echo "tests rc=$?"; tail -15 "$OUT/tests.log"
 wait $sweep
 tail -12 "$OUT/sweep.log"
+# the device path's parity with the NumPy path on this GPU, stage by stage and whole (device-parity-cuda.json)
+if [ "${PARITY:-1}" != 0 ]; then
+    ( cd /tmp && timeout "${PARITY_S:-90}" $PY "$ROOT/bench/device_parity.py" --device cuda --max-side "${PARITY_SIDE:-1024}" \
+        --out "$OUT" ) >"$OUT/parity.log" 2>&1
+    echo "parity rc=$?"; tail -20 "$OUT/parity.log"
+fi
 [ "${BENCH:-1}" = 0 ] && exit 0
-( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends torch-cuda --sizes 256,512,1024,2048 --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} \
-    --out "$OUT" ) >"$OUT/bench.log" 2>&1
-echo "bench rc=$?"; tail -8 "$OUT/bench.log"
+( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host}" \
+    --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1
+echo "bench rc=$?"; tail -12 "$OUT/bench.log"
+$PY - "$OUT" <<'PY' || true
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("engine-*.json")):
+    for backend, rows in json.loads(p.read_text())["backends"].items():
+        for r in rows:
+            print(p.name, backend, r["size"], r["pipelined"]["frames_per_s"], "frames/s, p50", r["latency_ms"]["p50"],
+                  "ms, engine total p50", r["engine_total_ms_p50"], "ms", r.get("vs_host_pre_post", ""))
+PY

@@ -48,7 +48,14 @@ class BackendOptions(BaseModel):
         "check and it is faster here)"
     )
     cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
-    max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (tiles of one frame use up to 4)")
+    max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (a tiled frame uses one per tile "
+                                 "shape: up to 9, corner, edge and inner tiles)")
+    device_pre_post: bool = Field(
+        True, description="torch-cuda: normalisation, full-well detection, denormalisation, the guard and the camera "
+        "dtype on the GPU around the network (cdae.engine.device_frame), the frame uploaded once and the results "
+        "downloaded once; false: those steps on the host in NumPy")
+    tile_batch: int = Field(4, ge=1, le=64, description="torch-cuda with device_pre_post: a tiled frame's tiles of "
+                            "one shape run up to this many to a network call (more GPU memory per call)")
     trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")
     trt_max_side: int = Field(2048, ge=8, description="TensorRT profile: largest side; larger frames are tiled")
     trt_workspace_mib: int = Field(4096, ge=64)

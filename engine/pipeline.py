@@ -85,7 +85,19 @@ def denoise_frame(
     ``adc_max`` (full scale in DN) overrides what ``bit_depth`` and the dtype say, for float frames
     whose camera is known. ``guard_config``: hold the output to the camera's noise and flag every
     pixel that moves further, with its class (``cdae.engine.guard``); None: the network's output.
+    A runner with ``frame_on_device`` set runs all of this on its torch device instead
+    (:mod:`cdae.engine.device_frame`: the same steps in torch, one upload and one download).
     """
+    if getattr(runner, "frame_on_device", False):
+        from cdae.engine.device_frame import denoise_frame_on_device, fits_device_path
+
+        if fits_device_path(frame):
+            on_device = denoise_frame_on_device(
+                frame, runner, bit_depth=bit_depth, max_pixels=max_pixels,  # type: ignore[arg-type]
+                margin=tile_margin(runner.architecture, margin), want_residual=want_residual,
+                bad_pixels=bad_pixels, adc_max=adc_max, guard_config=guard_config)
+            if on_device is not None:
+                return on_device
     t0 = time.perf_counter()
     if adc_max is None:
         adc_max = adc_max_for(frame.dtype, bit_depth)

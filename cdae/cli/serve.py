@@ -42,6 +42,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     options = given(args, BACKEND_FIELDS)
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
+    if args.no_device_pre_post:
+        options["device_pre_post"] = False
     if args.no_guard and args.guard_k is not None:
         _err("cdae engine: error: --guard-k and --no-guard contradict each other")
         return 2
@@ -194,6 +196,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--name", help="engine name in the site file ([engines.NAME])")
     g.add_argument("--backend", choices=BACKEND_KINDS)
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument("--no-device-pre-post", action="store_true", help="torch-cuda: normalise, guard and convert "
+                   "frames on the host in NumPy, not on the GPU (backend_options.device_pre_post = false)")
     g.add_argument("--no-guard", action="store_true", help="serve the network's output unbounded (default: every "
                    "output held to the camera's noise, what moves further flagged with its class; docs/design.md)")
     g.add_argument("--guard", action="store_true", help="the default (kept for older command lines)")

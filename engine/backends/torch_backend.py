@@ -12,6 +12,7 @@ CPU has native BF16, and a timing at load shows it faster on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 
 from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.backends.base import Backend, Log
+from cdae.engine.device_frame import FrameStaging
 from cdae.engine.errors import BackendError
 from cdae.engine.package import ArtefactRecord, Manifest
 
@@ -54,11 +56,14 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, manifest: Manifest, model: nn.Module, device: str | torch.device = "cpu",
-                 autocast: torch.dtype | None = None) -> None:
+                 autocast: torch.dtype | None = None, device_pre_post: bool = False) -> None:
         dev = torch.device(device)
         super().__init__(manifest, str(dev))
         self.torch_device = dev
         self.autocast = autocast
+        # the pipeline's pre/post-processing in torch on this device (off: NumPy on the host, torch-cpu's numbers)
+        self.frame_on_device = device_pre_post
+        self.frame_staging = FrameStaging(dev)
         self.model = model.to(dev).eval()
         if dev.type == "cpu":
             # channels-last halves CPU convolution time with oneDNN
@@ -76,6 +81,20 @@ class TorchBackend(Backend):
         restored_np = restored[0, 0, :h, :w].float().cpu().numpy()
         prob = torch.sigmoid(logit[0, 0, :h, :w].float()).cpu().numpy()
         return restored_np, prob
+
+    @torch.no_grad()
+    def infer_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_run`` on a (C, h, w) tensor already on the device: (restored, probability) stay there."""
+        t, (h, w) = pad_to_multiple(x[: self.architecture.in_channels][None], self.multiple)
+        if self.torch_device.type == "cpu":
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.torch_device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            restored, logit = self.model(t)
+        return restored[0, 0, :h, :w].float(), torch.sigmoid(logit[0, 0, :h, :w].float())
+
+    def device_scope(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
 
     @property
     def precision(self) -> str:

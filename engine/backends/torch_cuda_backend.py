@@ -1,8 +1,10 @@
 """``torch-cuda``: FP16/BF16 autocast, channels-last, pinned host buffers, CUDA graphs captured for each
-steady input shape."""
+steady input shape; with ``device_pre_post`` (the default) the frame path's pre- and post-processing on the
+GPU too (:mod:`cdae.engine.device_frame`): one upload of the camera frame, one download of the results."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -10,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.backends.base import Backend, HostStaging, require_cuda
 from cdae.engine.config import BackendOptions
+from cdae.engine.device_frame import FrameStaging
 from cdae.engine.errors import BackendError
 from cdae.engine.package import Manifest
 
@@ -57,6 +61,9 @@ class TorchCUDABackend(Backend):
             self.model = model.to(dev).eval().to(memory_format=torch.channels_last)
             self.stream = torch.cuda.Stream(dev)  # each backend its own: a swap warms up beside the live one
         self._staging = HostStaging(dev)
+        self.frame_on_device = options.device_pre_post  # the pipeline then runs on this GPU (device_frame)
+        self.tile_batch = options.tile_batch
+        self.frame_staging = FrameStaging(dev)
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._seen: dict[tuple[int, ...], int] = {}
         self.graph_captures = 0
@@ -66,6 +73,7 @@ class TorchCUDABackend(Backend):
             **super().describe(), "gpu": torch.cuda.get_device_name(self.torch_device),
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
             "cuda_graphs": self.use_graphs, "graph_captures": self.graph_captures,
+            "device_pre_post": self.frame_on_device,
         }
 
     def _forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,19 +115,44 @@ class TorchCUDABackend(Backend):
             self._graphs.popitem(last=False)
         return g
 
+    def _network(self, padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, H', W') padded input → (N, 1, H', W') restored and probability: a graph replay once the shape is
+        steady (its static outputs: valid until the next replay of that shape), else eager."""
+        g = self._graph_for(padded)
+        if g is None:
+            return self._forward(padded)
+        g.static_in.copy_(padded)
+        g.graph.replay()
+        return g.static_restored, g.static_prob
+
     @torch.no_grad()
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _, h, w = x.shape
         with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
             padded = self._staging.upload(x, self.multiple, torch.channels_last)
-            g = self._graph_for(padded)
-            if g is not None:
-                g.static_in.copy_(padded)
-                g.graph.replay()
-                restored, prob = g.static_restored, g.static_prob
-            else:
-                restored, prob = self._forward(padded)
+            restored, prob = self._network(padded)
             return self._staging.download(restored, prob, h, w, self.stream)
+
+    @torch.no_grad()
+    def infer_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (C, h, w) input already on the GPU → (restored, probability) on it (called inside ``device_scope``)."""
+        restored, prob = self.infer_batch(x[None])
+        return restored[0], prob[0]
+
+    @torch.no_grad()
+    def infer_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, h, w) tiles of one shape on the GPU → (N, h, w) restored and probability, in one call (one graph)."""
+        _, _, h, w = x.shape
+        padded, _ = pad_to_multiple(x[:, : self.architecture.in_channels], self.multiple)
+        restored, prob = self._network(padded.contiguous(memory_format=torch.channels_last))
+        return restored[:, 0, :h, :w], prob[:, 0, :h, :w]
+
+    def device_scope(self) -> contextlib.AbstractContextManager[object]:
+        """This GPU and this backend's stream current: the device path's copies and kernels queue there."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.torch_device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
 
     def close(self) -> None:
         self._graphs.clear()

@@ -1,0 +1,686 @@
+"""The frame path's pre- and post-processing in torch, on the device the frame was uploaded to.
+
+:func:`cdae.engine.pipeline.denoise_frame` runs normalisation, full-well detection, denormalisation,
+the guard and the camera-dtype conversion in NumPy on the host around the network. On a GPU that
+costs a host pass over every frame and a float32 round trip per tile; here the same steps run on
+the frame already on the device, so one frame goes up once (camera dtype, pinned host buffer) and
+comes back once (denoised, residual, defect probability, flags, packed into one buffer). What else
+crosses are scalars the host decides with: the percentiles' order statistics, the full-well
+search's steps, the noise model's per-bin statistics (its line fit is NumPy's own code), the
+count of impulse candidates; each such read waits for the work queued before it.
+
+Each function follows its NumPy counterpart op for op, with the same float32 constants, so that on
+the CPU the results are the NumPy path's bit for bit. Exceptions, at rounding level only:
+
+- percentiles and medians select the same order statistics (a sort instead of a partition) and
+  interpolate with NumPy's own formula, so they are exact; histogram bins use NumPy's algorithm;
+- :func:`find_full_well`'s pair variance is a float64 mean summed in torch's order, not NumPy's
+  pairwise order (a last-bit difference in float64, before the level and half-width are cast to
+  float32);
+- the bad-line test's running mean follows SciPy's ``uniform_filter1d`` (its float64 running sum is
+  a sequential cumulative sum on the CPU, exact; a CUDA scan adds in another order, last float64 bit);
+- float32 square roots go through float64 (torch's CPU float32 sqrt is not correctly rounded).
+
+Float frames beyond about float32 max / 1000 take the host path (its float64 fallbacks); so do
+dtypes torch has no type for and frames in non-native byte order (the host path keeps their dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cdae.engine.guard import FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance
+from cdae.engine.guard import centre_to_neighbour_ratio
+from cdae.engine.normalise import (
+    F32_MAX,
+    FullWell,
+    FullWellSearch,
+    NormalisationConfig,
+    NormalisationError,
+    _below,
+    adc_max_for,
+)
+from cdae.engine.robust import MAD_TO_SIGMA
+from cdae.engine.tiling import Tile, plan_tiles
+
+if TYPE_CHECKING:
+    from cdae.engine.badpixels import BadPixelMap
+    from cdae.engine.pipeline import FrameResult
+
+Tensor = torch.Tensor
+
+#: Camera dtypes the device path takes (others take the host path) and the torch type that carries each: uint16
+#: and uint32 travel as the signed type of their width (the same bytes), since torch's unsigned types beyond uint8
+#: lack kernels (casts among them) on some devices.
+TORCH_DTYPES: dict[np.dtype, torch.dtype] = {
+    np.dtype(k): v for k, v in (
+        ("uint8", torch.uint8), ("int8", torch.int8), ("int16", torch.int16), ("uint16", torch.int16),
+        ("int32", torch.int32), ("uint32", torch.int32), ("float32", torch.float32), ("float64", torch.float64))
+}
+_UNSIGNED_MASK = {np.dtype("uint16"): (torch.int32, 0xFFFF), np.dtype("uint32"): (torch.int64, 0xFFFFFFFF)}
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {v: k for k, v in TORCH_DTYPES.items()
+                                              if k.kind != "u" or v == torch.uint8}
+_NUMPY_DTYPES[torch.int64] = np.dtype(np.int64)
+#: Float frames beyond this magnitude take the host path: (f - offset) / scale could overflow float32 there.
+FLOAT_FRAME_LIMIT = F32_MAX / 1e3
+
+
+def as_float32(raw: Tensor, dtype: np.dtype) -> Tensor:
+    """A carried frame (:data:`TORCH_DTYPES`) as float32, as NumPy converts ``dtype``: unsigned carriers widened
+    and masked first."""
+    if dtype in _UNSIGNED_MASK:
+        wide, mask = _UNSIGNED_MASK[dtype]
+        return (raw.to(wide) & mask).to(torch.float32)
+    return raw.to(torch.float32)
+
+
+def as_carrier(values: Tensor, dtype: np.dtype) -> Tensor:
+    """Camera values (float, already rounded and clipped into ``dtype``) in ``dtype``'s carrier: the same bytes."""
+    if dtype in _UNSIGNED_MASK:
+        return values.to(_UNSIGNED_MASK[dtype][0]).to(TORCH_DTYPES[dtype])  # wraps to the signed type's bits
+    return values.to(TORCH_DTYPES[dtype])
+
+
+def _sqrt(t: Tensor) -> Tensor:
+    """Correctly rounded float32 square root (NumPy's): torch's vectorised CPU float32 sqrt is not always (a last
+    bit off on some inputs); float64 then float32 rounds correctly (53 >= 2 x 24 + 2 bits)."""
+    return torch.sqrt(t.to(torch.float64)).to(torch.float32)
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32, as NumPy rounds a constant it applies to a float32 array."""
+    return float(np.float32(v))
+
+
+# --- order statistics, as NumPy computes them ---------------------------------------------------
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray | float) -> np.ndarray:
+    """NumPy's own percentile interpolation (``numpy.lib._function_base_impl._lerp``), on the host scalars."""
+    diff_b_a = b - a
+    out = np.asanyarray(np.add(a, diff_b_a * t))
+    np.subtract(b, diff_b_a * (1 - t), out=out, where=np.asarray(t) >= 0.5, casting="unsafe", dtype=out.dtype)
+    return out
+
+
+def percentile(values: Tensor, q: float | Sequence[float], *, sorted_values: Tensor | None = None) -> np.ndarray:
+    """``np.percentile(values, q)`` (linear method) of a 1-D tensor: the same two order statistics, the same
+    interpolation, so the same value and dtype (a 0-d array for a scalar ``q``)."""
+    n = values.numel()
+    weak = type(q) in (int, float)
+    quantiles = np.true_divide(np.asanyarray(q) if not weak else q, 100)
+    virtual = np.asanyarray((n - 1) * quantiles)
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    prev = np.where(virtual >= n - 1, n - 1, np.where(virtual < 0, 0, prev)).astype(np.intp)
+    nxt = np.where(virtual >= n - 1, n - 1, np.where(virtual < 0, 0, nxt)).astype(np.intp)
+    gamma: np.ndarray | float = np.asanyarray(virtual - np.floor(virtual), dtype=virtual.dtype)
+    s = sorted_values if sorted_values is not None else torch.sort(values.reshape(-1)).values
+    idx = torch.as_tensor(np.stack([prev.ravel(), nxt.ravel()]), device=s.device)
+    ends = s[idx].cpu().numpy()
+    a, b = ends[0].reshape(prev.shape), ends[1].reshape(prev.shape)
+    if weak:
+        gamma = float(gamma)  # type: ignore[arg-type]
+        a, b = a[()], b[()]
+    return _lerp(a, b, gamma)
+
+
+def median(values: Tensor) -> Tensor:
+    """``np.median`` of a tensor (flattened): the middle value, or the mean of the two middle ones in its dtype."""
+    s = torch.sort(values.reshape(-1)).values
+    n = s.numel()
+    if n % 2:
+        return s[n // 2]
+    return (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def mad_sigma(a: Tensor, med: float | Tensor | None = None) -> float:
+    """:func:`cdae.engine.robust.mad_sigma` of a tensor."""
+    if not a.numel():
+        return 0.0
+    m = median(a) if med is None else med
+    return MAD_TO_SIGMA * float(median(torch.abs(a - m)))
+
+
+def _masked_medians(values: Tensor, valid: Tensor) -> Tensor:
+    """Per row of ``values``, ``np.median`` of its ``valid`` entries (rows with none give inf): one sort for all."""
+    s = torch.sort(torch.where(valid, values, torch.inf), dim=1).values
+    n = valid.sum(dim=1)
+    lo = s.gather(1, ((n - 1).clamp(min=0) // 2)[:, None])[:, 0]
+    hi = s.gather(1, (n // 2).clamp(max=s.shape[1] - 1)[:, None])[:, 0]
+    return torch.where(n % 2 == 1, lo, (lo + hi) / 2)
+
+
+# --- normalisation ------------------------------------------------------------------------------
+
+def frame_offset_scale(f: Tensor, adc_max: float, config: NormalisationConfig) -> tuple[float, float]:
+    """:func:`cdae.engine.normalise.frame_offset_scale` of a float32 frame tensor."""
+    h, w = f.shape[-2:]
+    s = max(1, int(math.sqrt(h * w / config.max_samples)))
+    sample = f[::s, ::s].reshape(-1)
+    if math.isfinite(adc_max):
+        unsaturated = sample[sample < _f32(adc_max - 0.5)]
+        if unsaturated.numel() >= max(16, sample.numel() // 10):
+            sample = unsaturated
+    lo_hi = percentile(sample, [config.low_percentile, config.high_percentile])
+    lo = float(lo_hi[0])
+    span = float(lo_hi[1]) - lo
+    full_scale = adc_max if math.isfinite(adc_max) else max(float(torch.max(torch.abs(sample))), 1.0)
+    floor = config.min_scale_fraction * full_scale
+    return lo, max(span, floor, 1e-6)
+
+
+def _pairs(f: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    rows = f[::step]
+    w = rows.shape[-1]
+    return rows[:, 0: w - 1: step].reshape(-1), rows[:, 1:w:step].reshape(-1)
+
+
+def _pair_variance(a: Tensor, b: Tensor, lo: float, hi: float) -> float:
+    d = torch.abs(a - b)[(a >= lo) & (a <= hi) & (b >= lo) & (b <= hi)]
+    if d.numel() < 32:
+        return math.nan
+    return float(torch.mean(torch.clamp(d, max=float(percentile(d, 90.0))) ** 2))
+
+
+def dark_noise(a: Tensor, b: Tensor) -> float:
+    """:func:`cdae.engine.normalise.dark_noise` of float64 pair tensors."""
+    if a.numel() < 16:
+        return 0.0
+    dark = torch.maximum(a, b) <= float(percentile(a, 10.0))
+    d = (a - b)[dark]
+    return mad_sigma(d) / math.sqrt(2.0) if d.numel() >= 16 else 0.0
+
+
+def _histogram(a: Tensor, bins: int, first: float, last: float) -> tuple[Tensor, Tensor]:
+    """``np.histogram(a, bins, range=(first, last))`` of a float64 tensor: NumPy's edges and bin rule."""
+    delta = last - first
+    step = delta / bins
+    edges = torch.arange(bins + 1, dtype=torch.float64, device=a.device)
+    edges = edges / bins * delta if step == 0 else edges * step
+    edges += first
+    edges[-1] = last
+    keep = (a >= first) & (a <= last)
+    v = a[keep]
+    idx = ((v - first) / delta * bins).to(torch.int64)
+    idx[idx == bins] -= 1
+    idx[v < edges[idx]] -= 1
+    idx[(v >= edges[idx + 1]) & (idx != bins - 1)] += 1
+    return torch.bincount(idx, minlength=bins), edges
+
+
+def find_full_well(f: Tensor, adc_max: float, max_samples: int = 65536, dark_reference: bool = False,
+                   search: FullWellSearch | None = None) -> FullWell | None:
+    """:func:`cdae.engine.normalise.find_full_well` of a float32 frame tensor (same steps; see the module note)."""
+    q = search or FullWellSearch()
+    h, w = f.shape[-2:]
+    step = max(1, int(math.sqrt(h * w / max_samples)))
+    sample = f[::step, ::step].reshape(-1).to(torch.float64)
+    if math.isfinite(adc_max):
+        sample = sample[sample < adc_max - 0.5]
+    if sample.numel() < 1024:
+        return None
+    a, b = (v.to(torch.float64) for v in _pairs(f, step))
+    noise = max(dark_noise(a, b), 0.5)
+    ordered = torch.sort(sample).values
+    lo, p80, top = (float(v) for v in percentile(sample, [10, q.band_percentile, 100], sorted_values=ordered))
+    band = sample[sample >= p80]
+    nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
+    counts, edges = _histogram(band - p80, nbins, 0.0, (top - p80) + max(1e-3, 1e-12 * abs(top)))
+    k = int(torch.argmax(counts))
+    e = edges[k: k + 2].cpu().numpy()
+    centre = p80 + 0.5 * (float(e[0]) + float(e[1]))
+    level, half = centre, q.window_sigma * noise
+    for _ in range(q.iterations):
+        near = band[torch.abs(band - level) <= half]
+        if near.numel() < 16:
+            return None
+        med = median(near)
+        new_level, new_half = float(med), q.window_sigma * max(mad_sigma(near, med), 0.5)
+        if (new_level, new_half) == (level, half):
+            break
+        level, half = new_level, new_half
+    if level - lo < q.min_height_windows * half:
+        return None
+    dist = torch.abs(sample - level)
+    pixels = int(torch.count_nonzero(dist <= half))
+    above = int(torch.count_nonzero(sample > level + half))
+    if pixels < max(16, q.min_share * sample.numel()) or above > q.max_above * pixels:
+        return None
+    inside = _pair_variance(a, b, level - half, level + half)
+    below = _pair_variance(a, b, lo + q.reference_band[0] * (level - lo), lo + q.reference_band[1] * (level - lo))
+    if math.isnan(below) and dark_reference:
+        below = 2.0 * noise * noise * q.max_dark_ratio / q.max_variance_ratio
+    if not (0.0 < below and inside <= q.max_variance_ratio * below):
+        return None
+    half = max(q.window_sigma * math.sqrt(inside / 2.0), 1.0)
+    core = sample[torch.abs(sample - level) <= half]
+    level = float(median(core))
+    return FullWell(level, half, int(torch.count_nonzero(torch.abs(sample - level) <= half)) * step * step)
+
+
+def detect_full_well(f: Tensor, adc_max: float, config: NormalisationConfig) -> FullWell | None:
+    if config.full_well == "off":
+        return None
+    return find_full_well(f, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark",
+                          search=config.full_well_search)
+
+
+def network_input(f: Tensor, adc_max: float, config: NormalisationConfig) -> tuple[Tensor, float, float]:
+    """:func:`cdae.engine.normalise.network_input` of a float32 (H, W) frame tensor whose normalised values fit
+    float32 (the caller's range check: no float64 fallback here)."""
+    if f.ndim != 2:
+        raise NormalisationError(f"expected a 2-D frame, got shape {tuple(f.shape)}")
+    finite = torch.isfinite(f)
+    if not bool(finite.all()):
+        raise NormalisationError(f"frame contains {int((~finite).sum())} NaN/Inf pixels")
+    offset, scale = frame_offset_scale(f, adc_max, config)
+    x = torch.empty((2, *f.shape), dtype=torch.float32, device=f.device)
+    torch.sub(f, _f32(offset), out=x[0])
+    x[0] *= _f32(1.0 / scale)
+    if math.isfinite(adc_max):
+        x[1] = (f >= _f32(adc_max - 0.5)).to(torch.float32)
+    else:
+        x[1] = 0.0
+    fw = detect_full_well(f, adc_max, config)
+    if fw is not None:
+        at = torch.abs(f - _f32(fw.level)) <= _f32(fw.half_width)
+        x[1][at] = 1.0
+        x[0][at] = _f32((fw.level - offset) / scale)
+    return x, offset, scale
+
+
+def denormalise(y: Tensor, offset: float, scale: float) -> Tensor:
+    """:func:`cdae.engine.normalise.denormalise` for an offset and scale inside float32."""
+    out = y.to(torch.float32) * _f32(scale)
+    out += _f32(offset)
+    return out
+
+
+def camera_values(out: Tensor, dtype: np.dtype, adc_max: float) -> Tensor:
+    """:func:`cdae.engine.normalise.to_dtype`'s values, still float32 for integer types (exact there: rounded,
+    clipped inside the type)."""
+    if dtype.kind == "f":
+        fi = np.finfo(dtype)
+        return out.clamp(float(fi.min), float(fi.max)) if dtype == np.float32 else out
+    info = np.iinfo(dtype)
+    hi = _below(min(float(info.max), adc_max), np.dtype(np.float32))
+    lo = _below(float(info.min), np.dtype(np.float32)) if dtype.kind == "i" else 0.0
+    return torch.round(out).clamp_(lo, hi)
+
+
+# --- the guard ----------------------------------------------------------------------------------
+
+def sigma(noise: NoiseModel, level: Tensor) -> Tensor:
+    """``NoiseModel.sigma`` of a float32 tensor."""
+    var = torch.clamp_min(level - _f32(noise.offset_dn), 0.0)
+    var *= _f32(noise.dn_per_e)
+    var += _f32(noise.read_dn**2)
+    return _sqrt(var)
+
+
+def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_pairs: int = 1 << 16) -> NoiseModel:
+    """:func:`cdae.engine.guard.measure_noise` of a float32 frame tensor; the per-bin medians in one batched sort,
+    the line fit on the host on the bins' statistics (the same code)."""
+    h, w = f.shape
+    if h < 3 or w < 3:
+        return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.numel() else 0.0, measured=True)
+    triples = w // 3
+    stride = max(1, math.ceil((h - 2) * triples / max_pairs))
+    rows = torch.arange(1, h - 1, stride, device=f.device)
+    a, b, c = (f[:, i:3 * triples:3] for i in range(3))
+    d_all = (a - 2 * b + c) * _f32(1 / math.sqrt(6))
+    diff = d_all[rows]
+    level = (a[rows] + b[rows] + c[rows]) * _f32(1 / 3)
+    structure = torch.abs(d_all[rows - 1]) + torch.abs(d_all[rows + 1])
+    if exclude is not None:
+        ex = exclude[:, 0:3 * triples:3] | exclude[:, 1:3 * triples:3] | exclude[:, 2:3 * triples:3]
+        keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
+        level, diff, structure = level[keep], diff[keep], structure[keep]
+    level, diff, structure = level.reshape(-1), diff.reshape(-1), structure.reshape(-1)
+    n = level.numel()
+    if n < 64:
+        return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(level.min()) if n else 0.0, measured=True)
+    level, order = torch.sort(level, stable=True)
+    diff, structure = diff[order], structure[order]
+    offset = float(level[int(0.001 * (n - 1))])
+    # np.array_split's equal-count bins as rows of one (bins, longest) array
+    sizes = torch.tensor([n // bins + (1 if i < n % bins else 0) for i in range(bins)], device=f.device)
+    starts = torch.cumsum(sizes, 0) - sizes
+    col = torch.arange(n // bins + (1 if n % bins else 0), device=f.device)
+    valid = col[None, :] < sizes[:, None]
+    idx = (starts[:, None] + col[None, :]).clamp_(max=n - 1)
+    lv, d, st = level[idx], diff[idx], structure[idx]
+    smooth = valid & (st <= _masked_medians(st, valid)[:, None])
+    med_d = _masked_medians(d, smooth)
+    mad = _masked_medians(torch.abs(d - med_d[:, None]), smooth)
+    med_lv = _masked_medians(lv, smooth)
+    stats = torch.stack([med_lv.double(), mad.double(), smooth.sum(dim=1).double()]).cpu().numpy()
+    xs, vs, ns = [], [], []
+    for x_b, mad_b, n_b in stats.T:
+        if n_b < 16:
+            continue
+        xs.append(float(np.float32(x_b)))
+        vs.append((MAD_TO_SIGMA * float(np.float32(mad_b))) ** 2)
+        ns.append(int(n_b))
+    x, v, nn_ = np.array(xs), np.array(vs), np.array(ns, dtype=float)
+    slope, intercept = _fit_variance(x - offset, v, nn_)
+    intercept = max(float(intercept), 1.0 / 12.0)
+    return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
+
+
+def noise_model(f: Tensor, config: GuardConfig, exclude: Tensor | None = None) -> NoiseModel:
+    if config.gain_e_per_dn is not None and config.read_noise_dn is not None:
+        offset = config.offset_dn if config.offset_dn is not None else float(percentile(f[::4, ::4].reshape(-1), 0.1))
+        return NoiseModel(read_dn=config.read_noise_dn, dn_per_e=1.0 / config.gain_e_per_dn, offset_dn=offset,
+                          measured=False)
+    return measure_noise(f, exclude)
+
+
+def _median4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    ab_lo, ab_hi = torch.minimum(a, b), torch.maximum(a, b)
+    cd_lo, cd_hi = torch.minimum(c, d), torch.maximum(c, d)
+    med = 0.5 * (torch.maximum(ab_lo, cd_lo) + torch.minimum(ab_hi, cd_hi))
+    return torch.minimum(ab_lo, cd_lo), med, torch.maximum(ab_hi, cd_hi)
+
+
+def _sharpness(f: Tensor, lo: Tensor, hi: Tensor, neighbours: tuple[Tensor, ...], ratio: float, sig: Tensor,
+               tolerance: float) -> Tensor:
+    r = _f32(ratio / len(neighbours))
+    m = _f32(len(neighbours))
+    total = neighbours[0].clone()
+    for n in neighbours[1:]:
+        total += n
+    up = f - lo
+    slack = _f32(tolerance) * torch.maximum(up, hi - f)
+    up -= r * (total - m * lo)
+    down = hi - f - r * (m * hi - total)
+    slack *= slack
+    scale = _sqrt(sig * sig * _f32(1 + ratio * ratio / len(neighbours)) + slack)
+    up /= scale
+    down /= scale
+    up.clamp_(min=0)
+    down.clamp_(min=0)
+    return torch.where(up >= down, up, -down)
+
+
+def uniform_filter1d(t: Tensor, size: int, dim: int) -> Tensor:
+    """``scipy.ndimage.uniform_filter1d(t, size, axis=dim, mode="nearest")`` of a float32 tensor: SciPy's float64
+    running sum (the first window summed in order, then ``+= entering - leaving``) over ``size``, cast to float32."""
+    t64 = t.to(torch.float64).movedim(dim, -1)
+    before, after = size // 2, size - size // 2 - 1
+    n = t64.shape[-1]
+    ext = torch.cat([t64[..., :1].expand(*t64.shape[:-1], before), t64, t64[..., -1:].expand(*t64.shape[:-1], after)],
+                    dim=-1)
+    first = ext[..., 0].clone()
+    for k in range(1, size):
+        first += ext[..., k]
+    steps = ext[..., size: size + n - 1] - ext[..., : n - 1]
+    out = torch.cumsum(torch.cat([first[..., None], steps], dim=-1), dim=-1) / size
+    return out.to(torch.float32).movedim(-1, dim)
+
+
+def _tests(f: Tensor, at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig,
+           line_axes: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    """:func:`cdae.engine.guard._tests` on tensors."""
+    r = centre_to_neighbour_ratio(config.psf_sigma_px)
+    z = _f32(config.impulse_sigma)
+    z_line = float(np.float32(z) / np.float32(math.sqrt(config.line_length)))
+    backgrounds, lows, highs, sides, axis_hits = [], [], [], [], []
+    for dy, dx in ((0, 1), (1, 0)):
+        n1, p1, n2, p2 = at(-dy, -dx), at(dy, dx), at(-2 * dy, -2 * dx), at(2 * dy, 2 * dx)
+        lo, bg, hi = _median4(n1, p1, n2, p2)
+        backgrounds.append(bg)
+        lows.append(lo)
+        highs.append(hi)
+        sides.append((n1, p1))
+    lo, hi = torch.minimum(*lows), torch.maximum(*highs)
+    for k in range(2):
+        bg = backgrounds[k]
+        sig = sigma(noise, bg)
+        t = _sharpness(f, lo, hi, sides[k], r, sig, config.optics_tolerance)
+        hit = torch.abs(t) > z
+        if line_axes is not None and config.line_length > 1:
+            along = uniform_filter1d(t, config.line_length, dim=line_axes[k])
+            hit |= (torch.abs(along) > z_line) & (t * along > 0) & (torch.abs(f - bg) > z * sig)
+        axis_hits.append(hit)
+    bg = 0.5 * (backgrounds[0] + backgrounds[1])
+    point = torch.abs(_sharpness(f, lo, hi, (*sides[0], *sides[1]), r, sigma(noise, bg),
+                                 config.optics_tolerance)) > z
+    mask = point | axis_hits[0] | axis_hits[1]
+    background = torch.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
+                             torch.where(axis_hits[1] & ~axis_hits[0], backgrounds[1], bg))
+    return mask, background
+
+
+def _pad_edge(f: Tensor, p: int) -> Tensor:
+    return F.pad(f[None, None], (p, p, p, p), mode="replicate")[0, 0]
+
+
+def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
+                  exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`cdae.engine.guard.find_impulses` on a float32 frame tensor (the first pass on the whole frame at
+    once: NumPy's blocks of rows only keep its temporaries in cache, the values are the same)."""
+    h, w = f.shape
+    pad = _pad_edge(f, 2)
+    mask, background = _tests(f, lambda dy, dx: pad[2 + dy: 2 + dy + h, 2 + dx: 2 + dx + w], noise, config,
+                              line_axes=(0, 1))
+    if exclude is not None:
+        mask &= ~exclude
+    dy, dx = (v.reshape(-1) for v in torch.meshgrid(torch.arange(-1, 2, device=f.device),
+                                                    torch.arange(-1, 2, device=f.device), indexing="ij"))
+    for _ in range(config.impulse_passes - 1):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if ys.numel() == 0:
+            break
+        cy = torch.clamp(ys[:, None] + dy, 0, h - 1).reshape(-1)
+        cx = torch.clamp(xs[:, None] + dx, 0, w - 1).reshape(-1)
+        flat = torch.unique(cy * w + cx)
+        flat = flat[~mask.reshape(-1)[flat]]
+        if exclude is not None:
+            flat = flat[~exclude.reshape(-1)[flat]]
+        if flat.numel() == 0:
+            break
+        cy, cx = flat // w, flat % w
+        work = _pad_edge(torch.where(mask, background, f), 2)
+        hit, bg = _tests(work[cy + 2, cx + 2], lambda oy, ox: work[cy + 2 + oy, cx + 2 + ox], noise, config,
+                         line_axes=None)
+        if not bool(hit.any()):
+            break
+        mask[cy[hit], cx[hit]] = True
+        background[cy[hit], cx[hit]] = bg[hit]
+    return mask, background
+
+
+def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,
+          defect_probability: Tensor | None = None) -> tuple[Tensor, Tensor, NoiseModel]:
+    """:func:`cdae.engine.guard.guard` on float32 tensors: (output, uint8 flags, noise model)."""
+    noise = noise_model(f, config, exclude=saturated)
+    impulses, background = find_impulses(f, noise, config)
+    saturated = saturated & ~impulses
+    bound = sigma(noise, f)
+    bound *= _f32(config.k_sigma)
+    den = denoised_dn.to(torch.float32)
+    out = torch.clamp(den, f - bound, f + bound)
+    flags = torch.zeros(f.shape, dtype=torch.uint8, device=f.device)
+    if isinstance(config.defect_threshold, float) and defect_probability is not None:
+        learned = (defect_probability > _f32(config.defect_threshold)) & ~impulses & ~saturated
+        out[learned] = den[learned]
+        flags[learned] = LEARNED
+    out[impulses] = background[impulses]
+    out[saturated] = f[saturated]
+    flags[impulses] = IMPULSE
+    flags[saturated] = SATURATED
+    return out, flags, noise
+
+
+# --- staging and the whole frame ----------------------------------------------------------------
+
+class FrameStaging:
+    """A frame's way onto its device and the results' way back: on CUDA through pinned host memory (torch's
+    caching host allocator: a fresh block per frame costs no page locking once warm, and the arrays handed
+    out own theirs, so nothing is copied again on the host), everything back in one packed copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def upload(self, frame: np.ndarray) -> Tensor:
+        """A 2-D frame in its own dtype on the device (queued on the current stream)."""
+        native = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("="))
+        carrier = TORCH_DTYPES[native.dtype]
+        if self.device.type != "cuda":
+            view = native.view(_NUMPY_DTYPES[carrier])
+            return torch.from_numpy(view if view.flags.writeable else view.copy()).to(self.device)
+        host = torch.empty(native.shape, dtype=carrier, pin_memory=True)
+        host.numpy().view(native.dtype)[...] = native
+        return host.to(self.device, non_blocking=True)
+
+    def download(self, tensors: Sequence[Tensor | None]) -> list[np.ndarray | None]:
+        """The tensors on the host, as arrays of their dtypes and shapes, in one device-to-host copy."""
+        if self.device.type != "cuda":
+            return [None if t is None else t.contiguous().cpu().numpy() for t in tensors]
+        packed, spans = pack(tensors, self.device)
+        host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return unpack(host.numpy(), spans)
+
+
+Span = tuple[int, int, torch.dtype, tuple[int, ...]]
+
+
+def pack(tensors: Sequence[Tensor | None], device: torch.device) -> tuple[Tensor, list[Span | None]]:
+    """The tensors' bytes in one uint8 tensor on their device, each part 16-byte aligned, and where each lies."""
+    parts, spans, at = [], [], 0
+    for t in tensors:
+        if t is None:
+            spans.append(None)
+            continue
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        pad = (-raw.numel()) % 16
+        parts.append(raw)
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=raw.device))
+        spans.append((at, raw.numel(), t.dtype, tuple(t.shape)))
+        at += raw.numel() + pad
+    packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
+    return packed, spans
+
+
+def unpack(flat: np.ndarray, spans: Sequence[Span | None]) -> list[np.ndarray | None]:
+    """Views of a packed host buffer (:func:`pack`) as the original arrays (they keep the buffer alive)."""
+    return [None if span is None else flat[span[0]: span[0] + span[1]].view(_NUMPY_DTYPES[span[2]]).reshape(span[3])
+            for span in spans]
+
+
+class DeviceRunner(Protocol):
+    """What the device path needs from a backend: its network on device tensors, staging and a device scope."""
+
+    multiple: int
+    max_side: int | None
+    normalisation: NormalisationConfig
+    torch_device: torch.device
+    frame_staging: FrameStaging
+
+    def infer_tensor(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (C, h, w) on the device → (restored, probability)
+        ...
+
+    def device_scope(self) -> contextlib.AbstractContextManager[object]:
+        ...
+
+
+def fits_device_path(frame: np.ndarray) -> bool:
+    """Whether a frame's dtype and shape can take the device path (its values are checked on the device)."""
+    return frame.ndim == 2 and frame.dtype.isnative and frame.dtype in TORCH_DTYPES and frame.size > 0
+
+
+def run_tiled(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]], tiles: Sequence[Tile],
+              batch_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+              max_batch: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`cdae.engine.tiling.run_tiled` on a device tensor. With ``batch_fn`` ((N, C, h, w) → two (N, h, w)),
+    tiles of one shape (a frame's inner tiles, its edge tiles) run up to ``max_batch`` to a call."""
+    if len(tiles) == 1 and tiles[0].read_shape == tuple(x.shape[-2:]):
+        return fn(x)
+    restored = torch.empty(x.shape[-2:], dtype=torch.float32, device=x.device)
+    prob = torch.empty_like(restored)
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for tile in tiles:
+        groups.setdefault(tile.read_shape, []).append(tile)
+    step = max(1, max_batch) if batch_fn is not None else 1
+    for group in groups.values():
+        # equal batches (the last one topped up with a repeat): one input shape per group, one CUDA graph each
+        size = -(-len(group) // -(-len(group) // step))
+        for i in range(0, len(group), size):
+            chunk = group[i: i + size]
+            if batch_fn is not None and size > 1:
+                batch = chunk + [chunk[-1]] * (size - len(chunk))
+                rb, pb = batch_fn(torch.stack([x[(slice(None), *t.read)] for t in batch]))
+                results = [(rb[j], pb[j]) for j in range(len(chunk))]
+            else:
+                results = [fn(x[(slice(None), *t.read)]) for t in chunk]
+            for t, (r, p) in zip(chunk, results):
+                restored[t.write] = r[t.crop]
+                prob[t.write] = p[t.crop]
+    return restored, prob
+
+
+def denoise_frame_on_device(
+    frame: np.ndarray, runner: DeviceRunner, *, bit_depth: int | None, max_pixels: int, margin: int,
+    want_residual: bool, bad_pixels: BadPixelMap | None, adc_max: float | None, guard_config: GuardConfig | None,
+) -> FrameResult | None:
+    """:func:`cdae.engine.pipeline.denoise_frame` with everything between upload and download on the runner's
+    device; None when the frame needs the host path (float values beyond :data:`FLOAT_FRAME_LIMIT`).
+    ``margin``: the tile margin already resolved (``tile_margin``)."""
+    from cdae.engine.guard import BAD_PIXEL_MAP, count_flags
+    from cdae.engine.pipeline import FrameResult
+
+    t0 = time.perf_counter()
+    dt = frame.dtype.newbyteorder("=")
+    if adc_max is None:
+        adc_max = adc_max_for(dt, bit_depth)
+    # no_grad, not inference_mode: a CUDA graph captured here is replayed by the host path too
+    with torch.no_grad(), runner.device_scope():
+        raw = runner.frame_staging.upload(frame)
+        f = as_float32(raw, dt)
+        if dt.kind == "f" and float(torch.max(torch.abs(f))) > FLOAT_FRAME_LIMIT:
+            return None  # NaN compares False: network_input refuses the frame as the host path does
+        x, offset, scale = network_input(f, adc_max, runner.normalisation)
+        tiles = plan_tiles(tuple(frame.shape), max_pixels=max_pixels, margin=margin, multiple=runner.multiple,
+                           max_side=runner.max_side)
+        restored, prob = run_tiled(x, runner.infer_tensor, tiles, getattr(runner, "infer_batch", None),
+                                   getattr(runner, "tile_batch", 1))
+        out = denormalise(restored, offset, scale)
+        flags = counts = None
+        if guard_config is not None:
+            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob)
+            counts = torch.bincount(flags.reshape(-1).to(torch.int64), minlength=len(FLAG_NAMES))
+        values = camera_values(out, dt, adc_max)
+        denoised = as_carrier(values, dt)
+        residual = None
+        if want_residual:
+            residual = f - values
+            if dt.kind == "f":  # beyond float32: ±float32 max, as the host path's _residual
+                residual.clamp_(-F32_MAX, F32_MAX)
+        host = runner.frame_staging.download([denoised, residual, prob.to(torch.float32), flags, counts])
+    den_np, res_np, prob_np, flags_np, counts_np = host
+    assert den_np is not None and prob_np is not None
+    den_np = den_np.view(dt)
+    flag_counts = None
+    if flags_np is not None and counts_np is not None:
+        flag_counts = {name: int(counts_np[c]) for c, name in FLAG_NAMES.items() if c}
+    if bad_pixels is not None:
+        den_np, res_np, prob_np = bad_pixels.fill_output(den_np, res_np, prob_np)
+        if flags_np is not None:
+            flags_np[bad_pixels.mask(frame.shape)] = BAD_PIXEL_MAP
+            flag_counts = count_flags(flags_np)
+    return FrameResult(
+        denoised=den_np, residual=res_np, defect_probability=prob_np, tiles=len(tiles),
+        inference_ms=(time.perf_counter() - t0) * 1e3, flags=flags_np, flag_counts=flag_counts,
+    )
