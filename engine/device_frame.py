@@ -21,7 +21,7 @@ the CPU the results are the NumPy path's bit for bit. Exceptions, at rounding le
   a sequential cumulative sum on the CPU, exact; a CUDA scan adds in another order, last float64 bit);
 - float32 square roots go through float64 (torch's CPU float32 sqrt is not correctly rounded).
 
-Float frames beyond about float32 max / 1000 take the host path (its float64 fallbacks); so do
+Float frames beyond 2^60 take the host path (its float64 fallbacks); so do
 dtypes torch has no type for and frames in non-native byte order (the host path keeps their dtype).
 """
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdae.engine.guard import _HEADROOM as GUARD_HEADROOM
 from cdae.engine.guard import FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance
 from cdae.engine.guard import centre_to_neighbour_ratio
 from cdae.engine.normalise import (
@@ -69,8 +70,9 @@ _UNSIGNED_MASK = {np.dtype("uint16"): (torch.int32, 0xFFFF), np.dtype("uint32"):
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {v: k for k, v in TORCH_DTYPES.items()
                                               if k.kind != "u" or v == torch.uint8}
 _NUMPY_DTYPES[torch.int64] = np.dtype(np.int64)
-#: Float frames beyond this magnitude take the host path: (f - offset) / scale could overflow float32 there.
-FLOAT_FRAME_LIMIT = F32_MAX / 1e3
+#: Float frames beyond this magnitude take the host path: (f - offset) / scale could overflow float32 there,
+#: and the guard's sums of squares beyond its headroom (the host guard scales such frames exactly).
+FLOAT_FRAME_LIMIT = min(F32_MAX / 1e3, GUARD_HEADROOM)
 
 
 def as_float32(raw: Tensor, dtype: np.dtype) -> Tensor:
