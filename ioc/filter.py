@@ -470,7 +470,8 @@ class FilterIOC:
                             await p.models.write(text)
                 polls += 1
             except _ENGINE_TROUBLE as e:
-                answering = self.flow.in_engine > 0 or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s
+                answering = (self.flow.in_engine > 0
+                             or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s)
                 if self.engine_ok and answering:  # frame replies still come (a swap keeps control busy):
                     misses += 1                   # the frames' own timeout decides, not this poll
                     if misses == 1:

@@ -5,13 +5,12 @@ asyncio around it (it waits on a condition when this says "not now", runs one ta
 calls it. Nothing here awaits, sleeps or touches a socket, so tests drive every sequence directly,
 as caproto drives its protocol state machines.
 
-One frame's way through: :meth:`~FlowControl.offer` puts it in the newest-wins slot (the frame it
-replaces is dropped, ``replaced``) → the dispatcher :meth:`~FlowControl.reserve`\\ s a place in the
-window (at most ``queue_size`` places held) and :meth:`~FlowControl.take`\\ s the newest frame into it,
-which gives the frame its sequence number → the frame is settled once (:meth:`~FlowControl.settle`:
-published, an error, or a drop by cause) → its place is :meth:`~FlowControl.release`\\ d. The books
-balance at every step: ``received == published + dropped + errors + pending``, where pending is the
-frame in the slot and the frames taken and not yet settled (:meth:`~FlowControl.check`).
+One frame's way through: ``offer`` puts it in the newest-wins slot (the frame it replaces is dropped,
+``replaced``) → the dispatcher reserves a place in the window (``reserve``: at most ``queue_size`` places
+held) and takes the newest frame into it (``take``), which gives the frame its sequence number → the
+frame settles once (``settle``: published, an error, or a drop by cause) → its place is released
+(``release``). The books balance at every step: ``received == published + dropped + errors +
+pending``, where pending is the frame in the slot and the frames taken and not yet settled (``check``).
 """
 
 from __future__ import annotations
