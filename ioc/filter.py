@@ -35,8 +35,6 @@ from cdae.ioc.frames import (
     FrameError,
     FrameInfo,
     IocError,
-    FrameBooks,
-    LatestSlot,
     NDDataType,
     RateMeter,
     from_engine,
@@ -47,6 +45,7 @@ from cdae.ioc.frames import (
 )
 from cdae.ioc.config import IocConfig, load_ioc_config  # noqa: F401 - load_ioc_config re-exported for cdae ioc
 from cdae.ioc.files import FileRefused, read_named_file, read_regular_file
+from cdae.ioc.flow import FlowControl
 from cdae.ioc.health import HealthMonitor, default_state_dir, with_health
 from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pva import DEFECT_MAP, IMAGE, RESIDUAL, NTNDArrayServer, PvaFrameSource
@@ -91,23 +90,19 @@ class FilterIOC:
         self.pvs: FilterPVs | None = None
         self.pva: NTNDArrayServer | None = None  # the NTNDArray images, when config.pva
         self.element: np.dtype | None = None
-        self.slot: LatestSlot[tuple[int, np.ndarray, FrameInfo]] = LatestSlot()
+        # the window, the newest-wins slot, reply order and the books (sans-I/O: cdae.ioc.flow); the
+        # asyncio below only waits where it says "not now"
+        self.flow: FlowControl[tuple[np.ndarray, FrameInfo]] = FlowControl(config.queue_size)
+        self.books = self.flow.books  # where every received frame went (received, published, drops, errors)
         self.frame_ready = asyncio.Event()
         self.engine_up = asyncio.Event()
         self.engine_ok = False
-        self.enabled = True
-        self.queue_size = config.queue_size
-        self.in_flight = 0
-        self._permits = asyncio.Condition()
+        self._permits = asyncio.Condition()  # notified whenever a place in the window may have come free
         self._tasks: set[asyncio.Task[None]] = set()
         self.client: AsyncEngineClient | AsyncTritonClient | None = None
         self.models: list[str] = []
-        self.seq = 0
-        self.last_published_seq = 0
         self.counter = 0  # ArrayCounter: frames published
-        self.books = FrameBooks()  # where every received frame went (received, published, drops, errors)
         self.last_reply_t = 0.0  # monotonic time of the engine's last frame reply
-        self.in_engine = 0  # frames sent to the engine, reply not yet in
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
         self.wanted_model: str | None = config.model  # the operator's choice: re-applied when the engine restarts
@@ -146,20 +141,18 @@ class FilterIOC:
         if self.pvs is None:  # nothing is served before the PVs exist
             return
         self._see(info.unique_id)
-        if not self.enabled:
+        if not self.flow.enabled:
             return
-        self.books.received += 1
-        self.seq += 1
         self.health.offer(frame, info)
         capacity = self.pvs.array_data.max_length
         if frame.size > capacity:  # the output PVs' length is fixed at start (like a waveform's NELM)
             h, w = frame.shape
-            self.on_frame_error(f"frame {info.unique_id}: {w}x{h} = {frame.size} pixels, more than the {capacity} "
-                                f"elements of ArrayData (fixed at start: restart the IOC, or set max_elements)",
-                                alarm=(AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM))
+            self.flow.refuse()
+            self._say_frame_error(f"frame {info.unique_id}: {w}x{h} = {frame.size} pixels, more than the "
+                                  f"{capacity} elements of ArrayData (fixed at start: restart the IOC, or set "
+                                  f"max_elements)", alarm=(AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM))
             return
-        if self.slot.put((self.seq, frame, info)) is not None:
-            self.books.drop("replaced")
+        self.flow.offer((frame, info))  # the frame it replaced is counted there
         self.frame_ready.set()
         self._soon(self._write_counters())
 
@@ -169,10 +162,10 @@ class FilterIOC:
         if self.pvs is None:
             return
         self._see(unique_id)
-        if not self.enabled:
+        if not self.flow.enabled:
             return
-        self.books.received += 1
-        self.on_frame_error(message, alarm=alarm)
+        self.flow.refuse()
+        self._say_frame_error(message, alarm=alarm)
 
     def _see(self, unique_id: int) -> None:
         last = self.books.last_unique_id
@@ -183,9 +176,14 @@ class FilterIOC:
             self._soon(self._write_counters())
 
     def on_frame_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
-        """A frame refused: counted, said on LastError_RBV and in the log; ``alarm`` goes on the image PVs
-        (the next published frame clears it)."""
-        self.books.errors += 1
+        """An error the source reports outside any frame (an unknown DataType index): counted in the
+        errors and said like a frame's."""
+        self.flow.fault()
+        self._say_frame_error(message, alarm)
+
+    def _say_frame_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
+        """A frame refused (already counted in the flow's books): said on LastError_RBV and in the log;
+        ``alarm`` goes on the image PVs (the next published frame clears it)."""
         self._soon(self._report_error(message, alarm))
 
     def on_source_connection(self, connected: bool) -> None:
@@ -206,7 +204,7 @@ class FilterIOC:
         b = self.books
         await _post_changed(((p.frames_received, b.received), (p.dropped_arrays_rbv, b.dropped),
                              (p.frame_errors, b.errors), (p.source_gaps, b.source_gaps),
-                             (p.queue_free, max(0, self.queue_size - self.in_flight)),
+                             (p.queue_free, self.flow.queue_free),
                              (p.drop_causes, b.causes_text())))
 
     async def _report_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
@@ -274,14 +272,12 @@ class FilterIOC:
             self._applying_model = False
 
     async def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-        if not enabled and self.slot.take() is not None:
-            self.books.drop("disabled")
+        if self.flow.set_enabled(enabled):  # the frame waiting in the slot was dropped
             await self._write_counters()
 
     async def set_queue_size(self, size: int) -> None:
         async with self._permits:
-            self.queue_size = size
+            self.flow.set_queue_size(size)
             self._permits.notify_all()
 
     async def set_bad_pixel_file(self, path: str, configured: bool = False) -> None:
@@ -474,7 +470,8 @@ class FilterIOC:
                             await p.models.write(text)
                 polls += 1
             except _ENGINE_TROUBLE as e:
-                answering = self.in_engine > 0 or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s
+                answering = (self.flow.in_engine > 0
+                             or time.monotonic() - self.last_reply_t < self.config.engine_timeout_s)
                 if self.engine_ok and answering:  # frame replies still come (a swap keeps control busy):
                     misses += 1                   # the frames' own timeout decides, not this poll
                     if misses == 1:
@@ -487,45 +484,54 @@ class FilterIOC:
             await asyncio.sleep(self.config.status_period_s)
 
     async def dispatch(self) -> None:
-        """Take the newest frame whenever a permit is free and the engine is up; process it in its own task."""
+        """Take the newest frame whenever a place in the window is free and the engine is up; process it in
+        its own task. The rules are the flow's; this only waits where it says "not now"."""
+        flow = self.flow
         while True:
             async with self._permits:
-                await self._permits.wait_for(lambda: self.in_flight < self.queue_size)
-                self.in_flight += 1
+                await self._permits.wait_for(flow.may_reserve)
+                flow.reserve()
             try:
                 await self.engine_up.wait()
                 await self.frame_ready.wait()
                 self.frame_ready.clear()
-                item = self.slot.take()
+                taken = flow.take()
             except BaseException:
                 await self._release()
                 raise
-            if item is None or self.client is None:
-                if item is not None:  # the engine went away between the wait and now
-                    self.books.drop("engine_lost")
+            if taken is None:
                 await self._release()
                 continue
-            t = asyncio.create_task(self._process(self.client, *item))
+            seq, (frame, info) = taken
+            if self.client is None:  # the engine went away between the wait and now
+                flow.settle(seq, "engine_lost")
+                await self._release(seq)
+                continue
+            t = asyncio.create_task(self._process(self.client, seq, frame, info))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
-    async def _release(self) -> None:
+    async def _release(self, seq: int | None = None) -> None:
+        """A place back to the window: frame ``seq``'s (settled), or with None the dispatcher's reserved one."""
         async with self._permits:
-            self.in_flight -= 1
+            if seq is None:
+                self.flow.unreserve()
+            else:
+                self.flow.release(seq)
             self._permits.notify_all()
 
     async def _process(self, client: AsyncEngineClient | AsyncTritonClient, seq: int, frame: np.ndarray, info: FrameInfo) -> None:
-        """One frame to the engine and out; every way out is counted (the ``finally`` catches cancellation
-        by :meth:`_engine_lost`)."""
-        settled = False
+        """One frame to the engine and out; every way out is counted once in the flow (the ``finally`` catches
+        cancellation by :meth:`_engine_lost`: a frame not settled by then is ``engine_lost``)."""
+        flow = self.flow
         try:
             try:
                 wire = to_engine(frame, info.data_type)
             except FrameError as e:
-                settled = True
-                self.on_frame_error(f"frame {info.unique_id}: {e}")
+                flow.settle(seq, "error")
+                self._say_frame_error(f"frame {info.unique_id}: {e}")
                 return
-            self.in_engine += 1
+            flow.sent(seq)
             try:
                 reply = await asyncio.wait_for(client.denoise(
                     wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
@@ -533,51 +539,46 @@ class FilterIOC:
                     want_flags=self.config.defect_map, defect_map_dtype="uint8", bad_pixels=self._bad_pixels_id),
                     self.config.engine_timeout_s)
             except _ENGINE_TROUBLE as e:
-                settled = True
-                self.books.drop("engine_lost")
+                flow.settle(seq, "engine_lost")
                 await self._engine_lost(f"frame {info.unique_id}: {type(e).__name__}: {e}")
                 return
             finally:
-                self.in_engine -= 1
+                flow.answered(seq)
             self.last_reply_t = time.monotonic()
             if not reply.ok:
-                settled = True
-                await self._refused(reply, info)
+                await self._refused(reply, seq, info)
                 return
-            if seq <= self.last_published_seq:  # overtaken by a newer frame (several engines)
-                settled = True
-                self.books.drop("overtaken")
+            if not flow.claim(seq):  # overtaken by a newer frame (several engines): counted there
                 return
-            self.last_published_seq = seq
             try:
                 await self.publish(reply, info)
-                settled = True
-                self.books.published += 1
+                flow.settle(seq, "published")
             except Exception as e:  # noqa: BLE001 - a frame that cannot be published is refused, never a dead task
-                settled = True
-                self.on_frame_error(f"frame {info.unique_id}: not published: {type(e).__name__}: {e}",
-                                    alarm=(AlarmStatus.SOFT, AlarmSeverity.MAJOR_ALARM))
+                flow.settle(seq, "error")
+                self._say_frame_error(f"frame {info.unique_id}: not published: {type(e).__name__}: {e}",
+                                      alarm=(AlarmStatus.SOFT, AlarmSeverity.MAJOR_ALARM))
         finally:
-            if not settled:  # cancelled: the engine was declared lost while this frame was out
-                self.books.drop("engine_lost")
-            await self._release()
+            flow.settle(seq, "engine_lost")  # counts only a frame not settled: cancelled while it was out
+            await self._release(seq)
             self._soon(self._write_counters())
 
-    async def _refused(self, reply: FrameReply, info: FrameInfo) -> None:
+    async def _refused(self, reply: FrameReply, seq: int, info: FrameInfo) -> None:
         code = reply.error_code
         msg = reply.header.error.message if reply.header.error else ""
         if code == "dropped":  # the engine's own newest-wins queue replaced it
-            self.books.drop("engine_queue")
+            self.flow.settle(seq, "engine_queue")
             await self._write_counters()
         elif code == "shutting_down":
-            self.books.drop("engine_lost")
+            self.flow.settle(seq, "engine_lost")
             await self._engine_lost(msg)
         elif code == "unknown_bad_pixels":  # the engine restarted between two status polls
-            self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
+            self.flow.settle(seq, "error")
+            self._say_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
             self._bad_pixels_id = None
             await self._send_bad_pixels()
         else:
-            self.on_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
+            self.flow.settle(seq, "error")
+            self._say_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
 
     async def publish(self, reply: FrameReply, info: FrameInfo) -> None:
         p = self._require_pvs()
