@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -509,7 +510,19 @@ class FilterIOC:
                 continue
             t = asyncio.create_task(self._process(self.client, seq, frame, info))
             self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+            t.add_done_callback(functools.partial(self._frame_task_done, seq))
+
+    def _frame_task_done(self, seq: int, task: asyncio.Task[None]) -> None:
+        """A frame's task ended. One cancelled before it ever ran (an engine lost right after dispatch)
+        never reached its ``finally``: its frame is settled as ``engine_lost`` and its place given back
+        here, or the window would lose that place for good and the filter stop once all are lost."""
+        self._tasks.discard(task)
+        if self.flow.holds(seq):
+            self.flow.settle(seq, "engine_lost")
+            r = asyncio.get_running_loop().create_task(self._release(seq))
+            self._pending_writes.add(r)
+            r.add_done_callback(self._pending_writes.discard)
+            self._soon(self._write_counters())
 
     async def _release(self, seq: int | None = None) -> None:
         """A place back to the window: frame ``seq``'s (settled), or with None the dispatcher's reserved one."""

@@ -204,6 +204,10 @@ class FlowControl(Generic[T]):
         self._holding.discard(seq)
         self._in_engine.discard(seq)
 
+    def holds(self, seq: int) -> bool:
+        """Whether frame ``seq`` still holds a place (taken and not yet released)."""
+        return seq in self._holding
+
     # --- the books -----------------------------------------------------------------------------
 
     def check(self) -> None:

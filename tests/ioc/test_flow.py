@@ -1,9 +1,13 @@
-"""The IOC's flow control, sans-I/O (cdae.ioc.flow): driven step by step, no processes, no event loop.
+"""The IOC's flow control, sans-I/O (cdae.ioc.flow): driven step by step, no processes (the last test: the IOC's
+from a frame task's done-callback, in an event loop).
 
 Every step is followed by the books' check: received == published + dropped + errors + pending.
 """
 
 from __future__ import annotations
+
+import asyncio
+import functools
 
 import pytest
 from hypothesis import given, settings
@@ -294,3 +298,52 @@ def test_random_sequences_keep_the_books_balanced(steps: list[tuple[str, int, st
     flow.set_enabled(False)
     flow.check()
     assert flow.pending == 0 and flow.in_flight == flow.reserved and flow.in_engine == 0
+
+
+def test_a_frame_holds_its_place_until_released() -> None:
+    """What the IOC's task callback asks of a frame whose task was cancelled before it ran."""
+    flow: FlowControl[str] = FlowControl(2)
+    flow.offer("a")
+    flow.reserve()
+    taken = flow.take()
+    assert taken is not None
+    seq = taken[0]
+    assert flow.holds(seq) and flow.in_flight == 1
+    assert flow.settle(seq, "engine_lost")
+    assert flow.holds(seq)  # settled, but its place is not back yet
+    flow.release(seq)
+    assert not flow.holds(seq) and flow.in_flight == 0 and flow.books.drops["engine_lost"] == 1
+    flow.check()
+
+
+def test_a_frame_task_cancelled_before_it_ran_gives_its_place_back() -> None:
+    """An engine lost right after dispatch cancels a frame's task before its first step: its ``finally``
+    never runs, so the task's done-callback settles the frame and frees its place (else the window
+    loses the place for good, and once all are lost the filter publishes nothing)."""
+    from cdae.ioc.filter import FilterIOC
+
+    async def scenario() -> FlowControl[str]:
+        ioc = FilterIOC.__new__(FilterIOC)  # the flow glue alone: no source, engine or PVs
+        ioc.flow = FlowControl(1)
+        ioc._permits = asyncio.Condition()
+        ioc._tasks, ioc._pending_writes, ioc.pvs = set(), set(), None
+        ioc.flow.offer("frame")
+        ioc.flow.reserve()
+        taken = ioc.flow.take()
+        assert taken is not None
+
+        async def never_started() -> None:
+            raise AssertionError("cancelled before its first step")
+
+        t = asyncio.create_task(never_started())
+        ioc._tasks.add(t)
+        t.add_done_callback(functools.partial(ioc._frame_task_done, taken[0]))
+        t.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await asyncio.gather(*ioc._pending_writes)
+        return ioc.flow
+
+    flow = asyncio.run(scenario())
+    assert flow.in_flight == 0 and flow.may_reserve() and flow.books.drops["engine_lost"] == 1
+    flow.check()
