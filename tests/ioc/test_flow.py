@@ -1,5 +1,5 @@
-"""The IOC's flow control, sans-I/O (cdae.ioc.flow): driven step by step, no processes (the last test: the IOC's
-from a frame task's done-callback, in an event loop).
+"""The IOC's flow control, sans-I/O (cdae.ioc.flow): driven step by step, no processes (the last test drives
+the IOC's frame-task done-callback in an event loop).
 
 Every step is followed by the books' check: received == published + dropped + errors + pending.
 """
