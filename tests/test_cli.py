@@ -56,3 +56,31 @@ def test_one_list_of_backend_names() -> None:
     subs = next(a for a in parser._actions if a.dest == "command" or getattr(a, "choices", None) and "engine" in a.choices)
     flags = [a for sp in subs.choices.values() for a in sp._actions if "--backend" in a.option_strings]
     assert len(flags) >= 2 and all(tuple(a.choices) == BACKEND_KINDS for a in flags)
+
+
+def test_denoise_guards_by_default_and_no_guard_writes_the_network_alone(tmp_path: Path, tiny_package: Path) -> None:
+    """`cdae denoise` holds its output to the noise unless told `--no-guard`; flags need the guard."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    frame = rng.poisson(400, (48, 64)).astype(np.uint16)
+    frame[20, 30] = 4095  # a lone hot pixel: flagged as an impulse by the guard
+    src = tmp_path / "f.npy"
+    np.save(src, frame)
+    models = str(tiny_package.parent.parent)
+    out = {}
+    for name, extra in (("guarded", ["--defect-map"]), ("plain", ["--no-guard"])):
+        r = _cdae("denoise", str(src), "-o", str(tmp_path / name), "--model", "tiny:1", "--models-dir", models,
+                  "--bit-depth", "12", *extra)
+        assert r.returncode == 0, r.stderr
+        out[name] = np.load(tmp_path / name / "f.npy").astype(np.int64)
+    assert (tmp_path / "guarded" / "f.flags.tif").is_file() and not list((tmp_path / "plain").glob("*.flags.*"))
+    moved = np.abs(out["guarded"] - frame.astype(np.int64))
+    moved[20, 30] = 0  # the flagged impulse may move as far as it must
+    bound = 1.3 * np.sqrt(float(np.median(frame))) + 1  # k = 1 sigma of the shot noise, and the noise fit's slack
+    assert moved.max() <= bound
+    plain = np.abs(out["plain"] - frame.astype(np.int64))
+    plain[20, 30] = 0
+    assert plain.max() > bound  # the tiny network alone moves pixels further: the bound is what held them
+    r = _cdae("denoise", str(src), "-o", str(tmp_path / "x"), "--no-guard", "--defect-map")
+    assert r.returncode == 2 and "drop --no-guard" in r.stderr

@@ -44,8 +44,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         options["cuda_graphs"] = False
     if args.no_device_pre_post:
         options["device_pre_post"] = False
-    if args.no_guard and args.guard_k is not None:
-        _err("cdae engine: error: --guard-k and --no-guard contradict each other")
+    if args.no_guard and (args.guard or args.guard_k is not None):
+        _err("cdae engine: error: --no-guard contradicts --guard and --guard-k")
         return 2
     if args.no_guard:
         fields["guard"] = None
@@ -174,8 +174,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         except BadPixelError as e:
             _err(f"cdae denoise: error: {e}")
             return 2
-    if args.no_guard and (args.defect_map or args.guard_k is not None):
-        _err("cdae denoise: error: --defect-map and --guard-k need the guard (the flags are the guard's): drop --no-guard")
+    if args.no_guard and (args.defect_map or args.guard or args.guard_k is not None):
+        _err("cdae denoise: error: --defect-map, --guard and --guard-k need the guard (the flags are the guard's): "
+             "drop --no-guard")
         return 2
     guard = None if args.no_guard else GuardConfig(**({} if args.guard_k is None else {"k_sigma": args.guard_k}))
     registry = ModelRegistry(_models_dir(args.models_dir))
