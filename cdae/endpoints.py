@@ -52,6 +52,23 @@ class TritonEndpoint:
         return f"{TRITON_SCHEME}{self.host}:{self.port}/{self.model}"
 
 
+#: Hosts that mean every interface of this machine, in a bind.
+WILDCARD = ("*", "0.0.0.0", "::", "[::]")
+
+
+def _same_host(host: str) -> str:
+    return "127.0.0.1" if host in ("localhost",) else "::1" if host == "[::1]" else host
+
+
+def ports_clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two listeners on this machine, ``(host, port)``, would fight for one port: the same port, and the
+    same host (``localhost`` is ``127.0.0.1``) or either bound to every interface (``*``, ``0.0.0.0``)."""
+    (ha, pa), (hb, pb) = a, b
+    if pa != pb:
+        return False
+    return ha in WILDCARD or hb in WILDCARD or _same_host(ha) == _same_host(hb)
+
+
 def is_triton(endpoint: str) -> bool:
     return endpoint.startswith(TRITON_SCHEME)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdae import tomlfile
-from cdae.endpoints import is_loopback, parse_tcp, parse_triton
+from cdae.endpoints import is_loopback, parse_tcp, parse_triton, ports_clash
 from cdae.engine.config import BackendOptions, EngineConfig, FramePathSettings, default_models_dir
 from cdae.ioc.config import IocConfig
 
@@ -319,20 +319,23 @@ def resolve_models_dir(models_dir: Path, base: Path) -> Path:
 
 def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
                   broken_engines: set[str] = frozenset()) -> Iterator[Problem]:
-    binds: dict[str, str] = {}
+    binds: list[tuple[tuple[str, int], str]] = []  # every fixed listener so far: (host, port) and who
+
+    def clash(key: tuple[str, int] | None, where: tuple[str, ...], shown: str) -> Iterator[Problem]:
+        if key is None:
+            return
+        other = next((who for k, who in binds if ports_clash(k, key)), None)
+        if other is not None:
+            yield Problem(lines.find(where), ".".join(where), f"{shown} is already used by {other}")
+        else:
+            binds.append((key, ".".join(where)))
+
     for name, eng in site.engines.items():
         if "models_dir" in eng.model_fields_set:
             yield Problem(lines.find(("engines", name, "models_dir")), f"engines.{name}.models_dir",
                           "the model store is site-wide: set models_dir at the top of the file")
         for what, endpoint in (("bind", eng.bind), ("control", eng.control_endpoint())):
-            key = _endpoint_key(endpoint)
-            if key is None:
-                continue
-            if key in binds:
-                yield Problem(lines.find(("engines", name, what)), f"engines.{name}.{what}",
-                              f"{endpoint} is already used by {binds[key]}")
-            else:
-                binds[key] = f"engines.{name}.{what}"
+            yield from clash(_endpoint_key(endpoint), ("engines", name, what), endpoint)
         yield from _curve_checks(name, eng, lines)
         if eng.backend in ("torch-cpu", "passthrough") and eng.gpu is not None:
             yield Problem(lines.find(("engines", name, "gpu")), f"engines.{name}.gpu",
@@ -368,6 +371,14 @@ def _cross_checks(site: SiteConfig, lines: KeyLines, check_models: bool,
         if cam.prefix == cam.source or cam.source.startswith(cam.prefix):
             yield Problem(lines.find(("cameras", name, "prefix")), f"cameras.{name}.prefix",
                           f"the output prefix {cam.prefix!r} would shadow the source {cam.source!r}")
+    for name, t in site.triton.items():  # a server on this machine listens on its gRPC and metrics ports too
+        try:
+            ep = parse_triton(t.url)
+        except ValueError:
+            continue  # reported where the url is validated
+        if is_loopback(t.url):
+            yield from clash((ep.host, ep.port), ("triton", name, "url"), f"port {ep.port}")
+            yield from clash(("*", t.metrics_port), ("triton", name, "metrics_port"), f"metrics port {t.metrics_port}")
     yield from _triton_checks(site, lines)
     if check_models:
         yield from _model_checks(site, lines)
@@ -433,13 +444,15 @@ def _model_checks(site: SiteConfig, lines: KeyLines) -> Iterator[Problem]:
             yield Problem(lines.find(loc), ".".join(loc), str(e))
 
 
-def _endpoint_key(endpoint: str) -> str | None:
+def _endpoint_key(endpoint: str) -> tuple[str, int] | None:
+    """A fixed TCP listener's (host, port); ipc:// and inproc:// names keyed by themselves (port -1); None
+    for a free port picked at start, which cannot clash."""
     ep = parse_tcp(endpoint)
     if ep is None:
-        return endpoint
+        return (endpoint, -1)
     if ep.any_port:
-        return None  # a free port is picked at start: cannot clash
-    return f"{'*' if ep.host in ('*', '0.0.0.0') else ep.host}:{ep.port}"
+        return None
+    return (ep.host, int(ep.port))
 
 
 class KeyLines:

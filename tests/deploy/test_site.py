@@ -229,3 +229,28 @@ def test_camera_health_limits_come_from_the_site_file_and_are_checked(tmp_path: 
     problems = check_site(_site(tmp_path, bad), check_models=False)
     assert [(p.line, p.where) for p in problems] == [(line, "cameras.cam1.health.limits.new_bad_lines")], problems
     assert "below minor" in problems[0].message
+
+
+def test_ports_clash_across_wildcard_and_loopback_names_and_with_triton(tmp_path: Path) -> None:
+    """`*` takes the port on every interface and `localhost` is 127.0.0.1: both clash with a fixed bind on
+    the same port, as a loopback Triton server's gRPC and metrics ports do; other hosts and ports do not."""
+    text = (
+        '[engines.a]\nbind = "tcp://*:5555"\nbackend = "torch-cpu"\n'  # control 5556
+        '[engines.b]\nbind = "tcp://127.0.0.1:5555"\ncontrol = "tcp://127.0.0.1:5600"\nbackend = "torch-cpu"\n'
+        '[engines.c]\nbind = "tcp://localhost:5600"\ncontrol = "tcp://127.0.0.1:5700"\nbackend = "torch-cpu"\n'
+        '[engines.d]\nbind = "tcp://10.0.0.5:5700"\ncontrol = "tcp://10.0.0.5:5701"\nbackend = "torch-cpu"\n'
+        '[engines.d.curve]\nsecret_key_file = "k"\nallowed_clients_dir = "c"\n'
+        '[triton.t]\nurl = "triton://127.0.0.1:5556/cdae-default"\nmetrics_port = 5701\n'
+    )
+    problems = check_site(_site(tmp_path, text), check_models=False)
+    clashes = {p.where: p.message for p in problems if "already used by" in p.message}
+    assert clashes == {
+        "engines.b.bind": "tcp://127.0.0.1:5555 is already used by engines.a.bind",
+        "engines.c.bind": "tcp://localhost:5600 is already used by engines.b.control",
+        "triton.t.url": "port 5556 is already used by engines.a.control",
+        "triton.t.metrics_port": "metrics port 5701 is already used by engines.d.control",
+    }, "\n".join(map(str, problems))
+    from cdae.endpoints import ports_clash
+
+    assert ports_clash(("0.0.0.0", 1), ("10.1.1.1", 1)) and not ports_clash(("10.1.1.1", 1), ("10.1.1.2", 1))
+    assert not ports_clash(("*", 1), ("*", 2))
