@@ -189,9 +189,10 @@ class ResidualPVs(NDArrayPVs):
 
 
 class DefectMapPVs(NDArrayPVs):
-    """``P DefectMap:``: the model's defect probability, UInt8 = round(255 p)."""
+    """``P DefectMap:``: each pixel's flag class from a guarding engine (the default: 0 none, 1 bad-pixel map,
+    2 saturated, 3 impulse, 4 learned); from an unguarded one the defect probability, UInt8 = round(255 p)."""
 
-    array_data = _array(np.uint8, 1, "defect probability x 255")
+    array_data = _array(np.uint8, 1, "flag class (guarded) or defect probability x 255")
 
 
 class FilterPVs(NDArrayPVs):
