@@ -76,8 +76,14 @@ class NoiseModel:
     offset_dn: float
     measured: bool
 
-    def sigma(self, level: np.ndarray) -> np.ndarray:
-        var = np.maximum(np.asarray(level, dtype=np.float32) - np.float32(self.offset_dn), 0)
+    def sigma(self, level: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Per-pixel noise of ``level``; ``out``: a float32 buffer of its shape to write it into (it may be
+        ``level`` itself)."""
+        if out is None:
+            var = np.maximum(np.asarray(level, dtype=np.float32) - np.float32(self.offset_dn), 0)
+        else:
+            var = np.subtract(level, np.float32(self.offset_dn), out=out)
+            np.maximum(var, 0, out=var)
         var *= np.float32(self.dn_per_e)
         var += np.float32(self.read_dn**2)
         return np.sqrt(var, out=var)
@@ -294,6 +300,7 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
     pad = np.pad(f, 2, mode="edge")
     mask = np.empty((h, w), dtype=bool)
     background = np.empty((h, w), dtype=np.float32)
+    work: dict = {}
     for y0 in range(0, h, block_rows):
         y1 = min(h, y0 + block_rows)
         a, b = max(0, y0 - halo), min(h, y1 + halo)  # rows computed; [y0, y1) kept
@@ -301,13 +308,13 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
         def at(dy: int, dx: int, a: int = a, b: int = b) -> np.ndarray:  # the rows moved by (dy, dx): a view
             return pad[2 + a + dy: 2 + b + dy, 2 + dx: 2 + dx + w]
 
-        m, bg = _tests(f[a:b], at, noise, config, line_axes=(0, 1))
+        m, bg = _tests(f[a:b], at, noise, config, line_axes=(0, 1), work=work)
         mask[y0:y1], background[y0:y1] = m[y0 - a: y1 - a], bg[y0 - a: y1 - a]
     return mask, background
 
 
 def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: ANN001 - at: (dy, dx) -> array
-           line_axes: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+           line_axes: tuple[int, int] | None, work: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pixels sharper than the optics allow, and the background to replace them with.
 
     ``at(dy, dx)`` gives the pixels at that offset from each of ``f``'s (the whole frame moved, or
@@ -323,37 +330,126 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     ``line_length`` pixels of the column (row) the test sees a faint bad line no single pixel gives
     away (a real line that thin, straight and on the pixel grid is the one thing it could take for
     a defect). ``line_axes``: the array axes along columns and rows (None: no line test).
+
+    ``work``: buffers kept between calls of one shape (:func:`impulse_pass`'s blocks); the arrays returned are
+    among them, to be copied before the next call. The arithmetic is :func:`_median4`'s and
+    :func:`_sharpness`'s, element for element in the same order (the same float32 bits), with the terms
+    the three tests share (the eight pixels' extremes, ``f - lo``, ``hi - f``, the optics slack) computed once.
     """
+    work = {} if work is None else work
+
+    def buf(key: str, dtype: type = np.float32) -> np.ndarray:
+        a = work.get(key)
+        if a is None or a.shape != f.shape:
+            a = work[key] = np.empty(f.shape, dtype=dtype)
+        return a
+
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
     z = np.float32(config.impulse_sigma)
     z_line = z / np.float32(math.sqrt(config.line_length))
-    backgrounds, lows, highs, sides, axis_hits = [], [], [], [], []
-    for dy, dx in ((0, 1), (1, 0)):
+    half = np.float32(0.5)
+    tmp = buf("tmp")
+    sides, backgrounds = [], []
+    lo = hi = None
+    for k, (dy, dx) in enumerate(((0, 1), (1, 0))):
         n1, p1, n2, p2 = at(-dy, -dx), at(dy, dx), at(-2 * dy, -2 * dx), at(2 * dy, 2 * dx)
-        lo, bg, hi = _median4(n1, p1, n2, p2)
+        ab_lo, ab_hi = np.minimum(n1, p1, out=buf("ab_lo")), np.maximum(n1, p1, out=buf("ab_hi"))
+        cd_lo, cd_hi = np.minimum(n2, p2, out=buf("cd_lo")), np.maximum(n2, p2, out=buf("cd_hi"))
+        bg = np.maximum(ab_lo, cd_lo, out=buf(f"bg{k}"))  # median: the mean of the middle two
+        bg += np.minimum(ab_hi, cd_hi, out=tmp)
+        bg *= half
         backgrounds.append(bg)
-        lows.append(lo)
-        highs.append(hi)
         sides.append((n1, p1))
-    # the extremes of all eight surrounding pixels: a side neighbour is never its own background
-    lo, hi = np.minimum(*lows), np.maximum(*highs)
+        # the extremes of all eight surrounding pixels: a side neighbour is never its own background
+        if k == 0:
+            lo, hi = np.minimum(ab_lo, cd_lo, out=buf("lo")), np.maximum(ab_hi, cd_hi, out=buf("hi"))
+        else:
+            np.minimum(lo, np.minimum(ab_lo, cd_lo, out=ab_lo), out=lo)
+            np.maximum(hi, np.maximum(ab_hi, cd_hi, out=ab_hi), out=hi)
+    tolerance = np.float32(config.optics_tolerance)
+    f_lo = np.subtract(f, lo, out=buf("f_lo"))
+    hi_f = np.subtract(hi, f, out=buf("hi_f"))
+    slack = np.maximum(f_lo, hi_f, out=buf("slack"))
+    slack *= tolerance
+    slack *= slack
+    m_lo, m_hi = buf("m_lo"), buf("m_hi")
+    sigma, t, up, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
+    cond = buf("cond", bool)
+
+    def sharpness(total: np.ndarray, m: int) -> np.ndarray:  # _sharpness, into t
+        rm = np.float32(r / m)
+        np.subtract(total, m_lo, out=tmp)
+        np.multiply(tmp, rm, out=tmp)
+        np.subtract(f_lo, tmp, out=up)
+        np.subtract(m_hi, total, out=tmp)
+        np.multiply(tmp, rm, out=tmp)
+        np.subtract(hi_f, tmp, out=t)  # down
+        np.multiply(sigma, sigma, out=tmp)  # the scale
+        np.multiply(tmp, np.float32(1 + r * r / m), out=tmp)
+        np.add(tmp, slack, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        np.divide(up, tmp, out=up)
+        np.divide(t, tmp, out=t)
+        np.maximum(up, 0, out=up)
+        np.maximum(t, 0, out=t)
+        np.greater_equal(up, t, out=cond)
+        np.negative(t, out=t)
+        np.copyto(t, up, where=cond)
+        return t
+
+    def significant(t: np.ndarray, out: np.ndarray) -> np.ndarray:  # |t| > z
+        return np.greater(np.abs(t, out=absolute), z, out=out)
+
+    np.multiply(lo, np.float32(2), out=m_lo)
+    np.multiply(hi, np.float32(2), out=m_hi)
+    total = buf("total")
+    axis_hits = []
     for k in range(2):
         bg = backgrounds[k]
-        sigma = noise.sigma(bg)
-        t = _sharpness(f, lo, hi, sides[k], r, sigma, config.optics_tolerance)
-        hit = np.abs(t) > z
+        noise.sigma(bg, out=sigma)
+        n1, p1 = sides[k]
+        np.add(n1, p1, out=total)
+        t = sharpness(total, 2)
+        hit = significant(t, buf(f"hit{k}", bool))
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
-            along = uniform_filter1d(t, config.line_length, axis=line_axes[k], mode="nearest")
-            hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > z * sigma)
+            along = _along(t, config.line_length, line_axes[k], buf("along"), work)
+            line = np.greater(np.abs(along, out=absolute), z_line, out=buf("line", bool))
+            other = buf("other", bool)
+            line &= np.greater(np.multiply(t, along, out=absolute), 0, out=other)
+            np.abs(np.subtract(f, bg, out=absolute), out=absolute)
+            line &= np.greater(absolute, np.multiply(sigma, z, out=tmp), out=other)
+            hit |= line
         axis_hits.append(hit)
-    bg = 0.5 * (backgrounds[0] + backgrounds[1])
-    point = np.abs(_sharpness(f, lo, hi, (*sides[0], *sides[1]), r, noise.sigma(bg),
-                              config.optics_tolerance)) > z
-    mask = point | axis_hits[0] | axis_hits[1]
+    bg = np.add(backgrounds[0], backgrounds[1], out=buf("bg"))
+    bg *= half
+    np.add(np.add(sides[0][0], sides[0][1], out=total), sides[1][0], out=total)
+    total += sides[1][1]
+    np.multiply(lo, np.float32(4), out=m_lo)
+    np.multiply(hi, np.float32(4), out=m_hi)
+    noise.sigma(bg, out=sigma)
+    mask = significant(sharpness(total, 4), buf("mask", bool))
+    mask |= axis_hits[0]
+    mask |= axis_hits[1]
     # a line pixel is replaced from across the line, a point from both axes
-    background = np.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
-                          np.where(axis_hits[1] & ~axis_hits[0], backgrounds[1], bg))
-    return mask, background
+    only = buf("only", bool)
+    np.copyto(bg, backgrounds[1], where=np.greater(axis_hits[1], axis_hits[0], out=only))
+    np.copyto(bg, backgrounds[0], where=np.greater(axis_hits[0], axis_hits[1], out=only))
+    return mask, bg
+
+
+def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict) -> np.ndarray:
+    """``uniform_filter1d(t, length, axis, mode="nearest")`` into ``out``; along the first axis of a 2-D block
+    on its transpose (the same lines, the same running sums: the same values, without strided lines)."""
+    if axis == 0 and t.ndim == 2:
+        key = ("T", t.shape)
+        pair = work.get(key)
+        if pair is None:
+            pair = work[key] = (np.empty(t.shape[::-1], np.float32), np.empty(t.shape[::-1], np.float32))
+        np.copyto(pair[0], t.T)
+        uniform_filter1d(pair[0], length, axis=1, output=pair[1], mode="nearest")
+        np.copyto(out, pair[1].T)
+        return out
+    return uniform_filter1d(t, length, axis=axis, output=out, mode="nearest")
 
 
 #: Largest magnitude the guard's float32 arithmetic takes as it is (sums of a few pixels and their squares
