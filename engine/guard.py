@@ -99,8 +99,7 @@ class GuardResult:
 
 def count_flags(flags: np.ndarray) -> dict[str, int]:
     """Pixels per flag class (not ``none``), in one pass over the flag map."""
-    n = np.bincount(flags.ravel(), minlength=len(FLAG_NAMES))
-    return {name: int(n[c]) for c, name in FLAG_NAMES.items() if c}
+    return {name: int(np.count_nonzero(flags == c)) for c, name in FLAG_NAMES.items() if c}
 
 
 def for_package(config: GuardConfig, package: Path | str | None) -> GuardConfig:
@@ -147,11 +146,12 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     triples = w // 3  # second differences of (a, b, c): a linear gradient cancels, the noise does not
     stride = max(1, math.ceil((h - 2) * triples / max_pairs))
     rows = np.arange(1, h - 1, stride)
-    a, b, c = (f[:, i:3 * triples:3] for i in range(3))
+    near = np.stack([rows - 1, rows, rows + 1])  # the rows used, and those above and below
+    a, b, c = (f[:, i:3 * triples:3][near] for i in range(3))
     d_all = (a - 2 * b + c) * np.float32(1 / math.sqrt(6))
-    diff = d_all[rows]
-    level = (a[rows] + b[rows] + c[rows]) * np.float32(1 / 3)
-    structure = np.abs(d_all[rows - 1]) + np.abs(d_all[rows + 1])
+    diff = d_all[1]
+    level = (a[1] + b[1] + c[1]) * np.float32(1 / 3)
+    structure = np.abs(d_all[0]) + np.abs(d_all[2])
     if exclude is not None:
         ex = exclude[:, 0:3 * triples:3] | exclude[:, 1:3 * triples:3] | exclude[:, 2:3 * triples:3]
         keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
@@ -280,14 +280,27 @@ def find_impulses(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
         if flat.size == 0:
             break
         cy, cx = flat // w, flat % w
-        work = np.pad(np.where(mask, background, f), 2, mode="edge")
-        hit, bg = _tests(work[cy + 2, cx + 2], lambda oy, ox: work[cy + 2 + oy, cx + 2 + ox], noise, config,
-                         line_axes=None)
+        # the frame with the hits so far replaced, edge-extended (np.pad's "edge"), at the candidates only
+        at = _replaced(f, mask, background, cy, cx)
+        hit, bg = _tests(at(0, 0), at, noise, config, line_axes=None)
         if not hit.any():
             break
         mask[cy[hit], cx[hit]] = True
         background[cy[hit], cx[hit]] = bg[hit]
     return mask, background
+
+
+def _replaced(f: np.ndarray, mask: np.ndarray, background: np.ndarray, cy: np.ndarray, cx: np.ndarray):  # noqa: ANN202
+    """``at(oy, ox)``: ``np.pad(np.where(mask, background, f), 2, mode="edge")[cy + 2 + oy, cx + 2 + ox]``,
+    gathered without building the frame."""
+    h, w = f.shape
+    ff, mm, bb = f.ravel(), mask.ravel(), background.ravel()
+
+    def at(oy: int, ox: int) -> np.ndarray:
+        i = np.clip(cy + oy, 0, h - 1) * w + np.clip(cx + ox, 0, w - 1)
+        return np.where(mm[i], bb[i], ff[i])
+
+    return at
 
 
 def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
@@ -462,7 +475,7 @@ def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, confi
     """The network's float DN output held to the noise bound, impulses replaced, saturation kept raw,
     and where the calibrated defect head is sure, the network's output unbounded."""
     f = np.asarray(raw, dtype=np.float32)
-    peak = float(np.max(np.abs(f))) if f.size else 0.0
+    peak = max(float(f.max()), -float(f.min())) if f.size else 0.0  # max |f|; NaN where f has a NaN
     if math.isfinite(peak) and peak > _HEADROOM:  # a float frame near float32's limit: sums would overflow
         scale = 2.0 ** (math.frexp(_HEADROOM)[1] - math.frexp(peak)[1])
         scaled = config.model_copy(update={
@@ -486,14 +499,16 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
     saturated = saturated & ~impulses
     bound = noise.sigma(f)
     bound *= np.float32(config.k_sigma)
-    out = np.clip(np.asarray(denoised_dn, dtype=np.float32), f - bound, f + bound)
+    low = np.subtract(f, bound)
+    denoised = np.asarray(denoised_dn, dtype=np.float32)
+    out = np.clip(denoised, low, np.add(f, bound, out=bound), out=low)
     flags = np.zeros(f.shape, dtype=np.uint8)
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
-        out[learned] = np.asarray(denoised_dn, dtype=np.float32)[learned]
-        flags[learned] = LEARNED
-    out[impulses] = background[impulses]
-    out[saturated] = f[saturated]
-    flags[impulses] = IMPULSE
-    flags[saturated] = SATURATED
+        np.copyto(out, denoised, where=learned)
+        np.copyto(flags, np.uint8(LEARNED), where=learned)
+    np.copyto(out, background, where=impulses)
+    np.copyto(out, f, where=saturated)
+    np.copyto(flags, np.uint8(IMPULSE), where=impulses)
+    np.copyto(flags, np.uint8(SATURATED), where=saturated)
     return GuardResult(output=out, flags=flags, counts=count_flags(flags), noise=noise)
