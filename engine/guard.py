@@ -160,7 +160,7 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     if level.size < 64:
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(level.min()) if level.size else 0.0,
                           measured=True)
-    order = np.argsort(level, kind="stable")
+    order = _stable_argsort(level)
     level, diff, structure = level[order], diff[order], structure[order]
     offset = float(level[int(0.001 * (level.size - 1))])
     xs, vs, ns = [], [], []
@@ -177,6 +177,17 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     floor = quantum * quantum / 12.0  # integer frames: the rounding's own variance
     intercept = max(float(intercept), floor)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
+
+
+def _stable_argsort(x: np.ndarray) -> np.ndarray:
+    """``np.argsort(x, kind="stable")`` of a 1-D float32 array, as two stable radix passes over 16-bit halves
+    of an order-preserving integer key (numpy's radix sort, a few times faster than its float merge sort):
+    -0 ties with +0 and every NaN goes last, in order, as numpy sorts them."""
+    bits = np.add(x, np.float32(0)).view(np.uint32)  # -0 + 0 = +0
+    key = np.where(bits >= np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
+    key[np.isnan(x)] = np.uint32(0xFFFFFFFF)
+    first = np.argsort((key & np.uint32(0xFFFF)).astype(np.uint16), kind="stable")
+    return first[np.argsort((key >> np.uint32(16)).astype(np.uint16)[first], kind="stable")]
 
 
 def _fit_variance(x: np.ndarray, v: np.ndarray, n: np.ndarray) -> tuple[float, float]:
