@@ -400,7 +400,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     sigma, t, up, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
     cond = buf("cond", bool)
 
-    def sharpness(total: np.ndarray, m: int) -> np.ndarray:  # _sharpness, into t
+    def sharpness(total: np.ndarray, m: int, signed: bool = True) -> np.ndarray:  # _sharpness, into t (|t|: unsigned)
         rm = np.float32(r / m)
         np.subtract(total, m_lo, out=tmp)
         np.multiply(tmp, rm, out=tmp)
@@ -417,7 +417,8 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         np.maximum(up, 0, out=up)
         np.maximum(t, 0, out=t)
         np.greater_equal(up, t, out=cond)
-        np.negative(t, out=t)
+        if signed:
+            np.negative(t, out=t)
         np.copyto(t, up, where=cond)
         return t
 
@@ -438,11 +439,17 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
             along = _along(t, config.line_length, line_axes[k], buf("along"), work)
             line = np.greater(np.abs(along, out=absolute), z_line, out=buf("line", bool))
-            other = buf("other", bool)
-            line &= np.greater(np.multiply(t, along, out=absolute), 0, out=other)
-            np.abs(np.subtract(f, bg, out=absolute), out=absolute)
-            line &= np.greater(absolute, np.multiply(sigma, z, out=tmp), out=other)
-            hit |= line
+            where = np.flatnonzero(line)
+            if 8 * where.size > line.size:
+                other = buf("other", bool)
+                line &= np.greater(np.multiply(t, along, out=absolute), 0, out=other)
+                np.abs(np.subtract(f, bg, out=absolute), out=absolute)
+                line &= np.greater(absolute, np.multiply(sigma, z, out=tmp), out=other)
+                hit |= line
+            elif where.size:  # the few candidates alone, the same arithmetic
+                ff, bb, ss = f.reshape(-1)[where], bg.reshape(-1)[where], sigma.reshape(-1)[where]
+                ok = (t.reshape(-1)[where] * along.reshape(-1)[where] > 0) & (np.abs(ff - bb) > z * ss)
+                hit.reshape(-1)[where[ok]] = True
         axis_hits.append(hit)
     bg = np.add(backgrounds[0], backgrounds[1], out=buf("bg"))
     bg *= half
@@ -451,7 +458,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     np.multiply(lo, np.float32(4), out=m_lo)
     np.multiply(hi, np.float32(4), out=m_hi)
     noise.sigma(bg, out=sigma)
-    mask = significant(sharpness(total, 4), buf("mask", bool))
+    mask = np.greater(sharpness(total, 4, signed=False), z, out=buf("mask", bool))
     mask |= axis_hits[0]
     mask |= axis_hits[1]
     # a line pixel is replaced from across the line, a point from both axes
