@@ -332,13 +332,14 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
         def at(dy: int, dx: int, a: int = a, b: int = b) -> np.ndarray:  # the rows moved by (dy, dx): a view
             return pad[2 + a + dy: 2 + b + dy, 2 + dx: 2 + dx + w]
 
-        m, bg = _tests(f[a:b], at, noise, config, line_axes=(0, 1), work=work)
-        mask[y0:y1], background[y0:y1] = m[y0 - a: y1 - a], bg[y0 - a: y1 - a]
+        m, bg = _tests(f[a:b], at, noise, config, line_axes=(0, 1), work=work, keep=slice(y0 - a, y1 - a))
+        mask[y0:y1], background[y0:y1] = m, bg
     return mask, background
 
 
 def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: ANN001 - at: (dy, dx) -> array
-           line_axes: tuple[int, int] | None, work: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+           line_axes: tuple[int, int] | None, work: dict | None = None,
+           keep: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pixels sharper than the optics allow, and the background to replace them with.
 
     ``at(dy, dx)`` gives the pixels at that offset from each of ``f``'s (the whole frame moved, or
@@ -356,7 +357,8 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     a defect). ``line_axes``: the array axes along columns and rows (None: no line test).
 
     ``work``: buffers kept between calls of one shape (:func:`impulse_pass`'s blocks); the arrays returned are
-    among them, to be copied before the next call. The arithmetic is :func:`_median4`'s and
+    among them, to be copied before the next call. ``keep``: the rows of ``f`` to return (the others are a
+    halo, needed only by the column average). The arithmetic is :func:`_median4`'s and
     :func:`_sharpness`'s, element for element in the same order (the same float32 bits), with the terms
     the three tests share (the eight pixels' extremes, ``f - lo``, ``hi - f``, the optics slack) computed once.
     """
@@ -372,6 +374,10 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     z = np.float32(config.impulse_sigma)
     z_line = z / np.float32(math.sqrt(config.line_length))
     half = np.float32(0.5)
+
+    def v(a: np.ndarray) -> np.ndarray:  # the rows kept
+        return a if keep is None else a[keep]
+
     tmp = buf("tmp")
     sides, backgrounds = [], []
     lo = hi = None
@@ -379,11 +385,12 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         n1, p1, n2, p2 = at(-dy, -dx), at(dy, dx), at(-2 * dy, -2 * dx), at(2 * dy, 2 * dx)
         ab_lo, ab_hi = np.minimum(n1, p1, out=buf("ab_lo")), np.maximum(n1, p1, out=buf("ab_hi"))
         cd_lo, cd_hi = np.minimum(n2, p2, out=buf("cd_lo")), np.maximum(n2, p2, out=buf("cd_hi"))
-        bg = np.maximum(ab_lo, cd_lo, out=buf(f"bg{k}"))  # median: the mean of the middle two
-        bg += np.minimum(ab_hi, cd_hi, out=tmp)
+        w = (lambda a: a) if k == 0 else v  # only the first axis's test is needed beyond the rows kept
+        bg = np.maximum(w(ab_lo), w(cd_lo), out=w(buf(f"bg{k}")))  # median: the mean of the middle two
+        bg += np.minimum(w(ab_hi), w(cd_hi), out=w(tmp))
         bg *= half
         backgrounds.append(bg)
-        sides.append((n1, p1))
+        sides.append((w(n1), w(p1)))
         # the extremes of all eight surrounding pixels: a side neighbour is never its own background
         if k == 0:
             lo, hi = np.minimum(ab_lo, cd_lo, out=buf("lo")), np.maximum(ab_hi, cd_hi, out=buf("hi"))
@@ -397,72 +404,75 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     slack *= tolerance
     slack *= slack
     m_lo, m_hi = buf("m_lo"), buf("m_hi")
-    sigma, t, up, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
-    cond = buf("cond", bool)
+    sigma, t_buf, up_buf, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
+    cond_buf = buf("cond", bool)
 
-    def sharpness(total: np.ndarray, m: int, signed: bool = True) -> np.ndarray:  # _sharpness, into t (|t|: unsigned)
+    def sharpness(total: np.ndarray, m: int, w, signed: bool = True) -> np.ndarray:  # noqa: ANN001 - _sharpness, into t
         rm = np.float32(r / m)
-        np.subtract(total, m_lo, out=tmp)
-        np.multiply(tmp, rm, out=tmp)
-        np.subtract(f_lo, tmp, out=up)
-        np.subtract(m_hi, total, out=tmp)
-        np.multiply(tmp, rm, out=tmp)
-        np.subtract(hi_f, tmp, out=t)  # down
-        np.multiply(sigma, sigma, out=tmp)  # the scale
-        np.multiply(tmp, np.float32(1 + r * r / m), out=tmp)
-        np.add(tmp, slack, out=tmp)
-        np.sqrt(tmp, out=tmp)
-        np.divide(up, tmp, out=up)
-        np.divide(t, tmp, out=t)
+        scale, up, t, cond = w(tmp), w(up_buf), w(t_buf), w(cond_buf)
+        np.subtract(total, w(m_lo), out=scale)
+        np.multiply(scale, rm, out=scale)
+        np.subtract(w(f_lo), scale, out=up)
+        np.subtract(w(m_hi), total, out=scale)
+        np.multiply(scale, rm, out=scale)
+        np.subtract(w(hi_f), scale, out=t)  # down
+        np.multiply(w(sigma), w(sigma), out=scale)
+        np.multiply(scale, np.float32(1 + r * r / m), out=scale)
+        np.add(scale, w(slack), out=scale)
+        np.sqrt(scale, out=scale)
+        np.divide(up, scale, out=up)
+        np.divide(t, scale, out=t)
         np.maximum(up, 0, out=up)
         np.maximum(t, 0, out=t)
         np.greater_equal(up, t, out=cond)
-        if signed:
+        if signed:  # else |t|
             np.negative(t, out=t)
         np.copyto(t, up, where=cond)
         return t
-
-    def significant(t: np.ndarray, out: np.ndarray) -> np.ndarray:  # |t| > z
-        return np.greater(np.abs(t, out=absolute), z, out=out)
 
     np.multiply(lo, np.float32(2), out=m_lo)
     np.multiply(hi, np.float32(2), out=m_hi)
     total = buf("total")
     axis_hits = []
     for k in range(2):
+        w = (lambda a: a) if k == 0 else v  # the rows computed
+        inner = v if k == 0 else (lambda a: a)  # of those, the rows kept
         bg = backgrounds[k]
-        noise.sigma(bg, out=sigma)
+        noise.sigma(bg, out=w(sigma))
         n1, p1 = sides[k]
-        np.add(n1, p1, out=total)
-        t = sharpness(total, 2)
-        hit = significant(t, buf(f"hit{k}", bool))
+        np.add(n1, p1, out=w(total))
+        t = sharpness(w(total), 2, w)
+        hit = np.greater(np.abs(inner(t), out=v(absolute)), z, out=v(buf(f"hit{k}", bool)))
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
-            along = _along(t, config.line_length, line_axes[k], buf("along"), work)
-            line = np.greater(np.abs(along, out=absolute), z_line, out=buf("line", bool))
+            along = inner(_along(t, config.line_length, line_axes[k], w(buf("along")), work))
+            line = np.greater(np.abs(along, out=v(absolute)), z_line, out=v(buf("line", bool)))
             where = np.flatnonzero(line)
+            tk, fk, bk, sk = inner(t), v(f), inner(bg), v(sigma)
             if 8 * where.size > line.size:
-                other = buf("other", bool)
-                line &= np.greater(np.multiply(t, along, out=absolute), 0, out=other)
-                np.abs(np.subtract(f, bg, out=absolute), out=absolute)
-                line &= np.greater(absolute, np.multiply(sigma, z, out=tmp), out=other)
+                other = v(buf("other", bool))
+                line &= np.greater(np.multiply(tk, along, out=v(absolute)), 0, out=other)
+                np.abs(np.subtract(fk, bk, out=v(absolute)), out=v(absolute))
+                line &= np.greater(v(absolute), np.multiply(sk, z, out=v(tmp)), out=other)
                 hit |= line
             elif where.size:  # the few candidates alone, the same arithmetic
-                ff, bb, ss = f.reshape(-1)[where], bg.reshape(-1)[where], sigma.reshape(-1)[where]
-                ok = (t.reshape(-1)[where] * along.reshape(-1)[where] > 0) & (np.abs(ff - bb) > z * ss)
-                hit.reshape(-1)[where[ok]] = True
+                ok = (np.take(tk, where) * np.take(along, where) > 0) & \
+                    (np.abs(np.take(fk, where) - np.take(bk, where)) > z * np.take(sk, where))
+                np.put(hit, where[ok], True)
         axis_hits.append(hit)
-    bg = np.add(backgrounds[0], backgrounds[1], out=buf("bg"))
+    backgrounds[0] = v(backgrounds[0])
+    bg = np.add(backgrounds[0], backgrounds[1], out=v(buf("bg")))
     bg *= half
-    np.add(np.add(sides[0][0], sides[0][1], out=total), sides[1][0], out=total)
+    total = v(total)
+    np.add(np.add(v(sides[0][0]), v(sides[0][1]), out=total), sides[1][0], out=total)
     total += sides[1][1]
-    np.multiply(lo, np.float32(4), out=m_lo)
-    np.multiply(hi, np.float32(4), out=m_hi)
-    noise.sigma(bg, out=sigma)
-    mask = np.greater(sharpness(total, 4, signed=False), z, out=buf("mask", bool))
+    np.multiply(v(lo), np.float32(4), out=v(m_lo))
+    np.multiply(v(hi), np.float32(4), out=v(m_hi))
+    noise.sigma(bg, out=v(sigma))
+    mask = np.greater(sharpness(total, 4, v, signed=False), z, out=v(buf("mask", bool)))
     mask |= axis_hits[0]
     mask |= axis_hits[1]
     # a line pixel is replaced from across the line, a point from both axes
-    only = buf("only", bool)
+    only = v(buf("only", bool))
     np.copyto(bg, backgrounds[1], where=np.greater(axis_hits[1], axis_hits[0], out=only))
     np.copyto(bg, backgrounds[0], where=np.greater(axis_hits[0], axis_hits[1], out=only))
     return mask, bg
