@@ -446,15 +446,16 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
             along = inner(_along(t, config.line_length, line_axes[k], w(buf("along")), work))
             line = np.greater(np.abs(along, out=v(absolute)), z_line, out=v(buf("line", bool)))
-            where = np.flatnonzero(line)
+            count = np.count_nonzero(line)
             tk, fk, bk, sk = inner(t), v(f), inner(bg), v(sigma)
-            if 8 * where.size > line.size:
+            if 8 * count > line.size:
                 other = v(buf("other", bool))
                 line &= np.greater(np.multiply(tk, along, out=v(absolute)), 0, out=other)
                 np.abs(np.subtract(fk, bk, out=v(absolute)), out=v(absolute))
                 line &= np.greater(v(absolute), np.multiply(sk, z, out=v(tmp)), out=other)
                 hit |= line
-            elif where.size:  # the few candidates alone, the same arithmetic
+            elif count:  # the few candidates alone, the same arithmetic
+                where = np.flatnonzero(line)
                 ok = (np.take(tk, where) * np.take(along, where) > 0) & \
                     (np.abs(np.take(fk, where) - np.take(bk, where)) > z * np.take(sk, where))
                 np.put(hit, where[ok], True)
