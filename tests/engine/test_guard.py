@@ -131,3 +131,39 @@ def test_how_faint_a_hot_pixel_is_found_is_set_by_the_optics(psf: float, found: 
         share[height] = float(mask[ys, xs].mean())
         assert mask.sum() == mask[ys, xs].sum()  # no other pixel flagged
     assert share[found] >= 0.9 and share[missed] <= 0.05, share
+
+
+def test_stable_argsort_is_numpys() -> None:
+    """measure_noise's radix argsort gives np.argsort(kind="stable")'s permutation: ties, -0, NaN, inf included."""
+    from cdae.engine.guard import _stable_argsort
+
+    rng = np.random.default_rng(3)
+    specials = np.array([0.0, -0.0, np.nan, -np.nan, 1, -1, np.inf, -np.inf, 2**-149, -(2**-149), 3e38, -3e38],
+                        np.float32)
+    for x in [rng.poisson(200, 30000).astype(np.float32) * np.float32(1 / 3), rng.normal(0, 1, 20000).astype(np.float32),
+              specials, rng.choice(specials, 5000), np.zeros(0, np.float32), np.ones(1, np.float32),
+              (rng.standard_cauchy(10000) * 1e30).astype(np.float32)]:
+        assert np.array_equal(_stable_argsort(x), np.argsort(x, kind="stable"))
+
+
+def test_blocks_and_candidates_give_the_same_test() -> None:
+    """Without the line average (the only non-local step), the block-wise pass (reused buffers, halo rows) and
+    the candidate path of the later passes (every pixel a candidate) agree bit for bit; and the candidates'
+    gather is the padded, replaced frame."""
+    from cdae.engine.guard import _replaced, _tests, impulse_pass
+
+    rng = np.random.default_rng(5)
+    raw = _camera(rng, _scene(rng, 150, 97))
+    raw[40, 30], raw[:, 60] = 4095.0, 100.0
+    config = GuardConfig(line_length=1, defect_threshold=None)
+    noise = measure_noise(raw)
+    mask, background = impulse_pass(raw, noise, config, block_rows=16)
+    h, w = raw.shape
+    cy, cx = np.divmod(np.arange(h * w), w)
+    at = _replaced(raw, np.zeros_like(mask), background, cy, cx)
+    hit, bg = _tests(at(0, 0), at, noise, config, line_axes=None)
+    assert mask.any() and np.array_equal(hit, mask.ravel()) and np.array_equal(bg, background.ravel())
+    replaced = np.pad(np.where(mask, background, raw), 2, mode="edge")
+    at = _replaced(raw, mask, background, cy, cx)
+    for oy, ox in [(0, 0), (-2, 0), (2, 1), (1, -2), (0, 2)]:
+        assert np.array_equal(at(oy, ox), replaced[cy + 2 + oy, cx + 2 + ox])
