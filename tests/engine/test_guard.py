@@ -167,3 +167,17 @@ def test_blocks_and_candidates_give_the_same_test() -> None:
     at = _replaced(raw, mask, background, cy, cx)
     for oy, ox in [(0, 0), (-2, 0), (2, 1), (1, -2), (0, 2)]:
         assert np.array_equal(at(oy, ox), replaced[cy + 2 + oy, cx + 2 + ox])
+
+
+def test_median_is_numpys() -> None:
+    """measure_noise's median is np.median's value and type, partitioned or of a sorted array."""
+    from cdae.engine.guard import _median
+
+    rng = np.random.default_rng(4)
+    for x in [rng.poisson(200, n).astype(np.float32) * np.float32(1 / 3) for n in (1, 2, 3, 16, 17, 1000, 1001)] + \
+             [rng.normal(0, 1e-40, 64).astype(np.float32), np.array([1.0, np.nan, 0.5], np.float32),
+              np.array([-0.0, 0.0], np.float32), (rng.standard_cauchy(999) * 1e30).astype(np.float32)]:
+        for value in (_median(x), _median(np.sort(x), ordered=True)):
+            expected = np.median(x)
+            assert type(value) is type(expected) and (value == expected or (np.isnan(value) and np.isnan(expected)))
+            assert np.signbit(value) == np.signbit(expected)
