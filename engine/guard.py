@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.ndimage import uniform_filter1d
 
-from cdae.engine.robust import mad_sigma
+from cdae.engine.robust import MAD_TO_SIGMA
 
 #: The defect head's calibrated threshold, beside a model package's manifest (``cdae calibrate``).
 CALIBRATION_FILE = "guard-calibration.json"
@@ -153,8 +153,9 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     level = (a[1] + b[1] + c[1]) * np.float32(1 / 3)
     structure = np.abs(d_all[0]) + np.abs(d_all[2])
     if exclude is not None:
-        ex = exclude[:, 0:3 * triples:3] | exclude[:, 1:3 * triples:3] | exclude[:, 2:3 * triples:3]
-        keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
+        ex = exclude[near]
+        ex = ex[..., 0:3 * triples:3] | ex[..., 1:3 * triples:3] | ex[..., 2:3 * triples:3]
+        keep = ~(ex[1] | ex[0] | ex[2])
         level, diff, structure = level[keep], diff[keep], structure[keep]
     level, diff, structure = level.ravel(), diff.ravel(), structure.ravel()
     if level.size < 64:
@@ -170,7 +171,7 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
         if d.size < 16:
             continue
         xs.append(float(_median(lv[smooth], ordered=True)))
-        vs.append(mad_sigma(d) ** 2)
+        vs.append((MAD_TO_SIGMA * float(_median(np.abs(d - _median(d))))) ** 2)  # mad_sigma(d), its medians ours
         ns.append(d.size)
     x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
     slope, intercept = _fit_variance(x - offset, v, n)
