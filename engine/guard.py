@@ -421,6 +421,16 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     m_lo, m_hi = buf("m_lo"), buf("m_hi")
     sigma, t_buf, up_buf, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
     cond_buf = buf("cond", bool)
+    zero = work.get(("zero", f.shape))
+    if zero is None:  # np.maximum(x, 0) against an array of zeros: the same values, a vector loop (~3x faster)
+        zero = work[("zero", f.shape)] = np.zeros(f.shape, dtype=np.float32)
+
+    def noise_sigma(level: np.ndarray, w) -> np.ndarray:  # noqa: ANN001 - NoiseModel.sigma, into sigma
+        var = np.subtract(level, np.float32(noise.offset_dn), out=w(sigma))
+        np.maximum(var, w(zero), out=var)
+        var *= np.float32(noise.dn_per_e)
+        var += np.float32(noise.read_dn**2)
+        return np.sqrt(var, out=var)
 
     def sharpness(total: np.ndarray, m: int, w, signed: bool = True) -> np.ndarray:  # noqa: ANN001 - _sharpness, into t
         rm = np.float32(r / m)
@@ -437,8 +447,8 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         np.sqrt(scale, out=scale)
         np.divide(up, scale, out=up)
         np.divide(t, scale, out=t)
-        np.maximum(up, 0, out=up)
-        np.maximum(t, 0, out=t)
+        np.maximum(up, w(zero), out=up)
+        np.maximum(t, w(zero), out=t)
         np.greater_equal(up, t, out=cond)
         if signed:  # else |t|
             np.negative(t, out=t)
@@ -453,7 +463,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         w = (lambda a: a) if k == 0 else v  # the rows computed
         inner = v if k == 0 else (lambda a: a)  # of those, the rows kept
         bg = backgrounds[k]
-        noise.sigma(bg, out=w(sigma))
+        noise_sigma(bg, w)
         n1, p1 = sides[k]
         np.add(n1, p1, out=w(total))
         t = sharpness(w(total), 2, w)
@@ -483,7 +493,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     total += sides[1][1]
     np.multiply(v(lo), np.float32(4), out=v(m_lo))
     np.multiply(v(hi), np.float32(4), out=v(m_hi))
-    noise.sigma(bg, out=v(sigma))
+    noise_sigma(bg, v)
     mask = np.greater(sharpness(total, 4, v, signed=False), z, out=v(buf("mask", bool)))
     mask |= axis_hits[0]
     mask |= axis_hits[1]
