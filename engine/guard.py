@@ -469,7 +469,11 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         t = sharpness(w(total), 2, w)
         hit = np.greater(np.abs(inner(t), out=v(absolute)), z, out=v(buf(f"hit{k}", bool)))
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
-            along = inner(_along(t, config.line_length, line_axes[k], w(buf("along")), work))
+            along = _along(t, config.line_length, line_axes[k], w(buf("along")), work, z_line, keep if k == 0 else None)
+            if along is None:  # no pixel where the average is beyond z_line
+                axis_hits.append(hit)
+                continue
+            along = inner(along)
             line = np.greater(np.abs(along, out=v(absolute)), z_line, out=v(buf("line", bool)))
             count = np.count_nonzero(line)
             tk, fk, bk, sk = inner(t), v(f), inner(bg), v(sigma)
@@ -504,9 +508,11 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     return mask, bg
 
 
-def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict) -> np.ndarray:
+def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict, z_line: np.float32,
+           keep: slice | None) -> np.ndarray | None:
     """``uniform_filter1d(t, length, axis, mode="nearest")`` into ``out``; along the first axis of a 2-D block
-    on its transpose (the same lines, the same running sums: the same values, without strided lines)."""
+    on its transpose (the same lines, the same running sums: the same values, without strided lines), and
+    None instead where no pixel of the rows kept has ``|average| > z_line`` (nothing for the line test)."""
     if axis == 0 and t.ndim == 2:
         key = ("T", t.shape)
         pair = work.get(key)
@@ -514,6 +520,9 @@ def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict) -
             pair = work[key] = (np.empty(t.shape[::-1], np.float32), np.empty(t.shape[::-1], np.float32))
         np.copyto(pair[0], t.T)
         uniform_filter1d(pair[0], length, axis=1, output=pair[1], mode="nearest")
+        kept = pair[1] if keep is None else pair[1][:, keep]
+        if not np.count_nonzero(np.abs(kept) > z_line):
+            return None
         np.copyto(out, pair[1].T)
         return out
     return uniform_filter1d(t, length, axis=axis, output=out, mode="nearest")
