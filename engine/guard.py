@@ -420,7 +420,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     slack *= slack
     m_lo, m_hi = buf("m_lo"), buf("m_hi")
     sigma, t_buf, up_buf, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
-    cond_buf = buf("cond", bool)
+    cond_buf, other = buf("cond", bool), buf("other", bool)
     zero = work.get(("zero", f.shape))
     if zero is None:  # np.maximum(x, 0) against an array of zeros: the same values, a vector loop (~3x faster)
         zero = work[("zero", f.shape)] = np.zeros(f.shape, dtype=np.float32)
@@ -432,7 +432,8 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         var += np.float32(noise.read_dn**2)
         return np.sqrt(var, out=var)
 
-    def sharpness(total: np.ndarray, m: int, w, signed: bool = True) -> np.ndarray:  # noqa: ANN001 - _sharpness, into t
+    def sharpness(total: np.ndarray, m: int, w, significant: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+        """_sharpness into t; given ``significant``, ``|t| > z`` into it instead."""
         rm = np.float32(r / m)
         scale, up, t, cond = w(tmp), w(up_buf), w(t_buf), w(cond_buf)
         np.subtract(total, w(m_lo), out=scale)
@@ -450,8 +451,13 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         np.maximum(up, w(zero), out=up)
         np.maximum(t, w(zero), out=t)
         np.greater_equal(up, t, out=cond)
-        if signed:  # else |t|
-            np.negative(t, out=t)
+        if significant is not None:  # |t| > z: up > z where up >= down, else down > z (no t)
+            np.greater(up, z, out=significant)
+            significant &= cond
+            np.greater(np.greater(t, z, out=w(other)), cond, out=w(other))  # (down > z) & ~cond
+            significant |= w(other)
+            return significant
+        np.negative(t, out=t)
         np.copyto(t, up, where=cond)
         return t
 
@@ -465,8 +471,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         bg = backgrounds[k]
         noise_sigma(bg, w)
         n1, p1 = sides[k]
-        np.add(n1, p1, out=w(total))
-        t = sharpness(w(total), 2, w)
+        t = sharpness(np.add(n1, p1, out=w(buf(f"total{k}"))), 2, w)
         hit = np.greater(np.abs(inner(t), out=v(absolute)), z, out=v(buf(f"hit{k}", bool)))
         if line_axes is not None and config.line_length > 1:  # a bad column (row): average along it
             along = _along(t, config.line_length, line_axes[k], w(buf("along")), work, z_line, keep if k == 0 else None)
@@ -478,10 +483,10 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
             count = np.count_nonzero(line)
             tk, fk, bk, sk = inner(t), v(f), inner(bg), v(sigma)
             if 8 * count > line.size:
-                other = v(buf("other", bool))
-                line &= np.greater(np.multiply(tk, along, out=v(absolute)), 0, out=other)
+                spare = v(other)
+                line &= np.greater(np.multiply(tk, along, out=v(absolute)), 0, out=spare)
                 np.abs(np.subtract(fk, bk, out=v(absolute)), out=v(absolute))
-                line &= np.greater(v(absolute), np.multiply(sk, z, out=v(tmp)), out=other)
+                line &= np.greater(v(absolute), np.multiply(sk, z, out=v(tmp)), out=spare)
                 hit |= line
             elif count:  # the few candidates alone, the same arithmetic
                 where = np.flatnonzero(line)
@@ -492,13 +497,12 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     backgrounds[0] = v(backgrounds[0])
     bg = np.add(backgrounds[0], backgrounds[1], out=v(buf("bg")))
     bg *= half
-    total = v(total)
-    np.add(np.add(v(sides[0][0]), v(sides[0][1]), out=total), sides[1][0], out=total)
+    total = np.add(v(buf("total0")), sides[1][0], out=v(total))  # ((n1 + p1) + n1') + p1'
     total += sides[1][1]
     np.multiply(v(lo), np.float32(4), out=v(m_lo))
     np.multiply(v(hi), np.float32(4), out=v(m_hi))
     noise_sigma(bg, v)
-    mask = np.greater(sharpness(total, 4, v, signed=False), z, out=v(buf("mask", bool)))
+    mask = sharpness(total, 4, v, significant=v(buf("mask", bool)))
     mask |= axis_hits[0]
     mask |= axis_hits[1]
     # a line pixel is replaced from across the line, a point from both axes
