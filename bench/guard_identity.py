@@ -65,6 +65,8 @@ def cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, dict, np.ndar
                 cfg["line_length"] = 1
             if i == 4 and j == 0:
                 cfg["impulse_passes"] = 4
+            if i in (1, 5):
+                cfg["k_sigma"] = 2.5
             out.append((f"{tag}-{j}-{raw.shape}", raw, den, sat, cfg, prob))
     # float frames (not integer DN), and one near float32's limit
     raw, den, sat = out[4][1] * np.float32(0.37), out[4][2] * np.float32(0.37), out[4][3]

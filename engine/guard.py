@@ -581,11 +581,13 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
     impulses, background = find_impulses(f, noise, config)
     saturated = saturated & ~impulses
     bound = noise.sigma(f)
-    bound *= np.float32(config.k_sigma)
+    if config.k_sigma != 1.0:  # x * 1 is x
+        bound *= np.float32(config.k_sigma)
     low = np.subtract(f, bound)
     denoised = np.asarray(denoised_dn, dtype=np.float32)
     out = np.clip(denoised, low, np.add(f, bound, out=bound), out=low)
     flags = np.zeros(f.shape, dtype=np.uint8)
+    learned = None
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
         np.copyto(out, denoised, where=learned)
@@ -594,4 +596,8 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
     np.copyto(out, f, where=saturated)
     np.copyto(flags, np.uint8(IMPULSE), where=impulses)
     np.copyto(flags, np.uint8(SATURATED), where=saturated)
-    return GuardResult(output=out, flags=flags, counts=count_flags(flags), noise=noise)
+    # count_flags(flags), from the masks (disjoint: learned excludes both, saturated the impulses)
+    counts = {FLAG_NAMES[BAD_PIXEL_MAP]: 0, FLAG_NAMES[SATURATED]: int(np.count_nonzero(saturated)),
+              FLAG_NAMES[IMPULSE]: int(np.count_nonzero(impulses)),
+              FLAG_NAMES[LEARNED]: 0 if learned is None else int(np.count_nonzero(learned))}
+    return GuardResult(output=out, flags=flags, counts=counts, noise=noise)
