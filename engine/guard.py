@@ -76,14 +76,8 @@ class NoiseModel:
     offset_dn: float
     measured: bool
 
-    def sigma(self, level: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Per-pixel noise of ``level``; ``out``: a float32 buffer of its shape to write it into (it may be
-        ``level`` itself)."""
-        if out is None:
-            var = np.maximum(np.asarray(level, dtype=np.float32) - np.float32(self.offset_dn), 0)
-        else:
-            var = np.subtract(level, np.float32(self.offset_dn), out=out)
-            np.maximum(var, 0, out=var)
+    def sigma(self, level: np.ndarray) -> np.ndarray:
+        var = np.maximum(np.asarray(level, dtype=np.float32) - np.float32(self.offset_dn), 0)
         var *= np.float32(self.dn_per_e)
         var += np.float32(self.read_dn**2)
         return np.sqrt(var, out=var)
@@ -253,7 +247,10 @@ def _median4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tupl
 
 def _sharpness(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[np.ndarray, ...],
                ratio: float, sigma: np.ndarray, tolerance: float) -> np.ndarray:
-    """How far ``f`` stands out beyond what the optics allow given its neighbours' light, signed, in
+    """The reference form of :func:`_tests`' sharpness (which computes it in place, its shared terms once,
+    element for element the same arithmetic); engine/device_frame.py mirrors it.
+
+    How far ``f`` stands out beyond what the optics allow given its neighbours' light, signed, in
     units of the test's noise (``sigma`` the pixel noise; plus ``tolerance`` of the excess, for optics
     that are not exactly the model).
 
