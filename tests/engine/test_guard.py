@@ -131,3 +131,125 @@ def test_how_faint_a_hot_pixel_is_found_is_set_by_the_optics(psf: float, found: 
         share[height] = float(mask[ys, xs].mean())
         assert mask.sum() == mask[ys, xs].sum()  # no other pixel flagged
     assert share[found] >= 0.9 and share[missed] <= 0.05, share
+
+
+def test_stable_argsort_is_numpys() -> None:
+    """measure_noise's radix argsort gives np.argsort(kind="stable")'s permutation: ties, -0, NaN, inf included."""
+    from cdae.engine.guard import _stable_argsort
+
+    rng = np.random.default_rng(3)
+    specials = np.array([0.0, -0.0, np.nan, -np.nan, 1, -1, np.inf, -np.inf, 2**-149, -(2**-149), 3e38, -3e38],
+                        np.float32)
+    for x in [rng.poisson(200, 30000).astype(np.float32) * np.float32(1 / 3), rng.normal(0, 1, 20000).astype(np.float32),
+              specials, rng.choice(specials, 5000), np.zeros(0, np.float32), np.ones(1, np.float32),
+              (rng.standard_cauchy(10000) * 1e30).astype(np.float32)]:
+        assert np.array_equal(_stable_argsort(x), np.argsort(x, kind="stable"))
+
+
+def test_blocks_and_candidates_give_the_same_test() -> None:
+    """Without the line average (the only non-local step), the block-wise pass (reused buffers, halo rows) and
+    the candidate path of the later passes (every pixel a candidate) agree bit for bit; and the candidates'
+    gather is the padded, replaced frame."""
+    from cdae.engine.guard import _replaced, _tests, impulse_pass
+
+    rng = np.random.default_rng(5)
+    raw = _camera(rng, _scene(rng, 150, 97))
+    raw[40, 30], raw[:, 60] = 4095.0, 100.0
+    config = GuardConfig(line_length=1, defect_threshold=None)
+    noise = measure_noise(raw)
+    mask, background = impulse_pass(raw, noise, config, block_rows=16)
+    h, w = raw.shape
+    cy, cx = np.divmod(np.arange(h * w), w)
+    at = _replaced(raw, np.zeros_like(mask), background, cy, cx)
+    hit, bg = _tests(at(0, 0), at, noise, config, line_axes=None)
+    assert mask.any() and np.array_equal(hit, mask.ravel()) and np.array_equal(bg, background.ravel())
+    replaced = np.pad(np.where(mask, background, raw), 2, mode="edge")
+    at = _replaced(raw, mask, background, cy, cx)
+    for oy, ox in [(0, 0), (-2, 0), (2, 1), (1, -2), (0, 2)]:
+        assert np.array_equal(at(oy, ox), replaced[cy + 2 + oy, cx + 2 + ox])
+
+
+def test_median_is_numpys() -> None:
+    """measure_noise's median is np.median's value and type, partitioned or of a sorted array."""
+    from cdae.engine.guard import _median
+
+    rng = np.random.default_rng(4)
+    for x in [rng.poisson(200, n).astype(np.float32) * np.float32(1 / 3) for n in (1, 2, 3, 16, 17, 1000, 1001)] + \
+             [rng.normal(0, 1e-40, 64).astype(np.float32), np.array([1.0, np.nan, 0.5], np.float32),
+              np.array([-0.0, 0.0], np.float32), (rng.standard_cauchy(999) * 1e30).astype(np.float32)]:
+        for value in (_median(x), _median(np.sort(x), ordered=True)):
+            expected = np.median(x)
+            assert type(value) is type(expected) and (value == expected or (np.isnan(value) and np.isnan(expected)))
+            assert np.signbit(value) == np.signbit(expected)
+
+
+def _reference_pass(raw: np.ndarray, noise, config: GuardConfig, block_rows: int = 64):  # noqa: ANN001, ANN202
+    """The impulse pass as first written (whole-array temporaries, np.where), from guard's unchanged
+    _median4 and _sharpness: the optimised pass must give its bits."""
+    import math
+
+    from scipy.ndimage import uniform_filter1d
+
+    from cdae.engine.guard import _median4, _sharpness, centre_to_neighbour_ratio
+
+    def tests(f, at):  # noqa: ANN001, ANN202
+        r = centre_to_neighbour_ratio(config.psf_sigma_px)
+        z = np.float32(config.impulse_sigma)
+        z_line = z / np.float32(math.sqrt(config.line_length))
+        backgrounds, lows, highs, sides, axis_hits = [], [], [], [], []
+        for dy, dx in ((0, 1), (1, 0)):
+            n1, p1, n2, p2 = at(-dy, -dx), at(dy, dx), at(-2 * dy, -2 * dx), at(2 * dy, 2 * dx)
+            lo, bg, hi = _median4(n1, p1, n2, p2)
+            backgrounds.append(bg), lows.append(lo), highs.append(hi), sides.append((n1, p1))
+        lo, hi = np.minimum(*lows), np.maximum(*highs)
+        for k in range(2):
+            bg = backgrounds[k]
+            sigma = noise.sigma(bg)
+            t = _sharpness(f, lo, hi, sides[k], r, sigma, config.optics_tolerance)
+            hit = np.abs(t) > z
+            if config.line_length > 1:
+                along = uniform_filter1d(t, config.line_length, axis=k, mode="nearest")
+                hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > z * sigma)
+            axis_hits.append(hit)
+        bg = 0.5 * (backgrounds[0] + backgrounds[1])
+        point = np.abs(_sharpness(f, lo, hi, (*sides[0], *sides[1]), r, noise.sigma(bg),
+                                  config.optics_tolerance)) > z
+        mask = point | axis_hits[0] | axis_hits[1]
+        background = np.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
+                              np.where(axis_hits[1] & ~axis_hits[0], backgrounds[1], bg))
+        return mask, background
+
+    f = np.asarray(raw, dtype=np.float32)
+    h, w = f.shape
+    halo = config.line_length // 2
+    pad = np.pad(f, 2, mode="edge")
+    mask, background = np.empty((h, w), dtype=bool), np.empty((h, w), dtype=np.float32)
+    for y0 in range(0, h, block_rows):
+        y1 = min(h, y0 + block_rows)
+        a, b = max(0, y0 - halo), min(h, y1 + halo)
+        m, bg = tests(f[a:b], lambda dy, dx, a=a, b=b: pad[2 + a + dy: 2 + b + dy, 2 + dx: 2 + dx + w])
+        mask[y0:y1], background[y0:y1] = m[y0 - a: y1 - a], bg[y0 - a: y1 - a]
+    return mask, background
+
+
+@pytest.mark.parametrize("shape", [(150, 97), (70, 130), (3, 3), (1, 40), (40, 1)])
+def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int]) -> None:
+    """In-place buffers, shared terms, wide rows and the transposed column average change no bit of the
+    impulse pass: against the reference on frames with hot, dead and radiation pixels and bad lines."""
+    from cdae.engine.guard import impulse_pass, noise_model
+
+    rng = np.random.default_rng(sum(shape))
+    h, w = shape
+    raw = _camera(rng, _scene(rng, h, w)) if min(shape) > 8 else rng.poisson(60, shape).astype(np.float32)
+    raw.flat[rng.integers(0, raw.size, max(1, raw.size // 300))] = 4095.0
+    raw.flat[rng.integers(0, raw.size, max(1, raw.size // 300))] = 0.0
+    if min(shape) > 8:
+        raw[:, w // 3] -= 25.0  # a faint dead column
+        raw[h // 2, :] += 30.0  # a faint hot row
+    for config in (GuardConfig(defect_threshold=None), GuardConfig(defect_threshold=None, line_length=5, k_sigma=2.0),
+                   GuardConfig(defect_threshold=None, gain_e_per_dn=2.0, read_noise_dn=0.0, offset_dn=0.0)):
+        noise = noise_model(raw, config)
+        with np.errstate(all="ignore"):
+            expected = _reference_pass(raw, noise, config)
+        got = impulse_pass(raw, noise, config)
+        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1], equal_nan=True)
