@@ -1,5 +1,5 @@
-"""Bit-identity and speed of ``engine/guard.py`` against a reference copy of it (by default main's,
-read with ``git show main:engine/guard.py``): same output, flags, counts and noise model on varied
+"""Bit-identity and speed of ``engine/guard.py`` against a reference copy of it (by default the guard before
+its speed-up, read with ``git show a03c1cbae5b9:engine/guard.py``): same output, flags, counts and noise model on varied
 simulated frames, and single-thread timings of both. Not a test: it needs the old copy.
 
     python bench/guard_identity.py [--ref PATH] [--time] [--repeat N]
@@ -27,7 +27,7 @@ from cdae.training.defects import DefectConfig
 
 def load_ref(path: str | None):  # noqa: ANN201
     if path is None:
-        src = subprocess.run(["git", "show", "main:engine/guard.py"], check=True, capture_output=True,
+        src = subprocess.run(["git", "show", "a03c1cbae5b9:engine/guard.py"], check=True, capture_output=True,
                              text=True, cwd=Path(__file__).resolve().parents[1]).stdout
         path = str(Path(tempfile.mkdtemp()) / "guard_ref.py")
         Path(path).write_text(src)

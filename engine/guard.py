@@ -434,6 +434,10 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         zero = work[("zero", f.shape)] = np.zeros(f.shape, dtype=np.float32)
 
     def noise_sigma(level: np.ndarray, w) -> np.ndarray:  # noqa: ANN001 - NoiseModel.sigma, into sigma
+        if not isinstance(noise, NoiseModel):  # another noise (the camera-health window mean's): its own sigma
+            out = w(sigma)
+            out[...] = noise.sigma(level)
+            return out
         var = np.subtract(level, np.float32(noise.offset_dn), out=w(sigma))
         np.maximum(var, w(zero), out=var)
         var *= np.float32(noise.dn_per_e)
