@@ -44,13 +44,12 @@ def cmd_engine(args: argparse.Namespace) -> int:
         options["cuda_graphs"] = False
     if args.no_device_pre_post:
         options["device_pre_post"] = False
-    if args.no_guard and (args.guard or args.guard_k is not None):
-        _err("cdae engine: error: --no-guard contradicts --guard and --guard-k")
+    problem, guard = _guard_flags(args, "engine")
+    if problem:
+        _err(problem)
         return 2
-    if args.no_guard:
-        fields["guard"] = None
-    elif args.guard_k is not None:
-        fields["guard"] = {"k_sigma": args.guard_k}
+    if args.no_guard or args.guard_k is not None:  # otherwise the site file's guard, or the default
+        fields["guard"] = guard
     try:
         site = _site(args, "engine")
         base = site.engine_config(args.name).model_dump(exclude_unset=True) if site else {}
@@ -174,11 +173,11 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         except BadPixelError as e:
             _err(f"cdae denoise: error: {e}")
             return 2
-    if args.no_guard and (args.defect_map or args.guard or args.guard_k is not None):
-        _err("cdae denoise: error: --defect-map, --guard and --guard-k need the guard (the flags are the guard's): "
-             "drop --no-guard")
+    problem, fields = _guard_flags(args, "denoise", ("--defect-map", args.defect_map))
+    if problem:
+        _err(problem)
         return 2
-    guard = None if args.no_guard else GuardConfig(**({} if args.guard_k is None else {"k_sigma": args.guard_k}))
+    guard = None if fields is None else GuardConfig(**fields)
     registry = ModelRegistry(_models_dir(args.models_dir))
     denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL), guard=guard)
     print(f"model {denoiser.manifest.ref}" + (f", {len(bad_pixels)} listed bad pixels" if bad_pixels else ""),
@@ -191,6 +190,25 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _add_guard_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    """The noise guard's flags, the same for the engine and `cdae denoise` (see :func:`_guard_flags`)."""
+    p.add_argument("--no-guard", action="store_true", help=f"{verb} the network's output unbounded (default: every "
+                   "output pixel held to the camera's noise, what moves further flagged with its class; docs/design.md)")
+    p.add_argument("--guard", action="store_true", help="the default (kept for older command lines)")
+    p.add_argument("--guard-k", type=float, help="unflagged pixels move at most this many sigma of the noise (default 1)")
+
+
+def _guard_flags(args: argparse.Namespace, command: str,
+                 *needing: tuple[str, bool]) -> tuple[str | None, dict[str, float] | None]:
+    """(problem, guard fields): None fields for ``--no-guard``, else the default guard with ``--guard-k``; a
+    problem when ``--no-guard`` comes with a flag that needs the guard (``needing``: (flag, given) pairs)."""
+    given_flags = [f for f, on in (("--guard", args.guard), ("--guard-k", args.guard_k is not None), *needing) if on]
+    if args.no_guard and given_flags:
+        verb = "needs" if len(given_flags) == 1 else "need"
+        return f"cdae {command}: error: {', '.join(given_flags)} {verb} the guard: drop --no-guard", None
+    return None, (None if args.no_guard else {} if args.guard_k is None else {"k_sigma": args.guard_k})
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("engine", help="the ZeroMQ inference service (frames in, denoised frames out)")
     g.add_argument("--config", help="site file (with --name): run that engine's section; flags override it")
@@ -199,10 +217,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--no-device-pre-post", action="store_true", help="torch-cuda: normalise, guard and convert "
                    "frames on the host in NumPy, not on the GPU (backend_options.device_pre_post = false)")
-    g.add_argument("--no-guard", action="store_true", help="serve the network's output unbounded (default: every "
-                   "output held to the camera's noise, what moves further flagged with its class; docs/design.md)")
-    g.add_argument("--guard", action="store_true", help="the default (kept for older command lines)")
-    g.add_argument("--guard-k", type=float, help="unflagged pixels move at most this many sigma of the noise (default 1)")
+    _add_guard_flags(g, "serve")
     g.model_flags("cdae.engine.config:EngineConfig", ENGINE_FIELDS, flags={"models_dir": "--models"})
     g.model_flags("cdae.engine.config:BackendOptions", BACKEND_FIELDS)
     g.set_defaults(func=cmd_engine)
@@ -252,10 +267,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--bit-depth", type=int, help="camera bit depth when the container is wider (e.g. 12 in uint16)")
     d.add_argument("--bad-pixels", help="the camera's bad-pixel file (areaDetector NDPluginBadPixel JSON, e.g. from "
                    "cdae badpixels): listed pixels are filled in the denoised frames")
-    d.add_argument("--no-guard", action="store_true", help="write the network's output unbounded (default: every "
-                   "output pixel held to the camera's noise, what moves further flagged with its class; docs/design.md)")
-    d.add_argument("--guard", action="store_true", help="the default (kept for older command lines)")
-    d.add_argument("--guard-k", type=float, help="unflagged pixels move at most this many sigma of the noise (default 1)")
+    _add_guard_flags(d, "write")
     d.add_argument("--defect-map", action="store_true", help="write NAME.flags.tif (flag class per pixel) and "
                    "NAME.flags.png beside each output")
     d.set_defaults(func=cmd_denoise)
