@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from cdae.engine.guard import _HEADROOM as GUARD_HEADROOM
-from cdae.engine.guard import FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance
+from cdae.engine.guard import (FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance,
+                               evidence_config)
 from cdae.engine.guard import centre_to_neighbour_ratio
 from cdae.engine.normalise import (
     F32_MAX,
@@ -501,6 +502,19 @@ def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
     return mask, background
 
 
+def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidates: Tensor) -> Tensor:
+    """:func:`cdae.engine.guard.impulse_evidence` on tensors."""
+    out = torch.zeros_like(candidates)
+    cy, cx = torch.nonzero(candidates, as_tuple=True)
+    if cy.numel() == 0:
+        return out
+    pad = _pad_edge(f, 2)
+    hit, _ = _tests(pad[cy + 2, cx + 2], lambda oy, ox: pad[cy + 2 + oy, cx + 2 + ox], noise, evidence_config(config),
+                    line_axes=None)
+    out[cy[hit], cx[hit]] = True
+    return out
+
+
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,
           defect_probability: Tensor | None = None) -> tuple[Tensor, Tensor, NoiseModel]:
     """:func:`cdae.engine.guard.guard` on float32 tensors: (output, uint8 flags, noise model)."""
@@ -514,6 +528,8 @@ def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig
     flags = torch.zeros(f.shape, dtype=torch.uint8, device=f.device)
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > _f32(config.defect_threshold)) & ~impulses & ~saturated
+        if config.learned_evidence_sigma is not None:
+            learned = impulse_evidence(f, noise, config, learned)
         out[learned] = den[learned]
         flags[learned] = LEARNED
     out[impulses] = background[impulses]

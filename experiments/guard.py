@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=96)
     p.add_argument("--k", type=float, nargs="+", default=[1.0, 2.0], help="guard bounds to score (k sigma)")
     p.add_argument("--threshold", type=float, nargs="*", default=[], help="defect-head thresholds to score")
+    p.add_argument("--head-alone", action="store_true", help="also score each threshold without the learned "
+                   "flag's evidence test (the head's word alone)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "guard-val.json"))
     args = p.parse_args(argv)
 
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         for t in args.threshold:
             methods[f"{args.model} + guard k={k:g} head>{t:g}"] = model_method(
                 Denoiser.from_package(pkg, guard=GuardConfig(k_sigma=k, defect_threshold=t)))
+            if args.head_alone:  # the learned flag without the optics' agreement (engine.guard.impulse_evidence)
+                methods[f"{args.model} + guard k={k:g} head>{t:g} alone"] = model_method(Denoiser.from_package(
+                    pkg, guard=GuardConfig(k_sigma=k, defect_threshold=t, learned_evidence_sigma=None)))
     summary, _ = score_methods(frames, methods, RESTORABLE, reference="median3")
     for name, s in summary.items():
         ratios = s.pop("defect_ratio_to_reference")

@@ -6,7 +6,8 @@ with the calibration frames and a loss ``L_i(t)`` in [0, 1] that does not grow w
 ``t``, the smallest ``t`` with ``n / (n + 1) * mean_i L_i(t) + 1 / (n + 1) <= alpha`` keeps the
 expected loss of a new frame at most ``alpha``. The loss here is the share of a frame's real
 bright-feature pixels (the brightest 1 % of real light, not defects, not saturated) that the head
-would flag: what the issue calls painting real structure over. The frames are the simulator's
+would flag, as the guard serves the flag (where the pixel also passes the guard's evidence test,
+``engine.guard.impulse_evidence``): what the issue calls painting real structure over. The frames are the simulator's
 validation frames (the held-out set stays for evaluation), so the guarantee holds for scenes like
 those; the real-scene evaluation says how far it carries.
 
@@ -34,7 +35,7 @@ import numpy as np
 from scipy.stats import binom
 
 from cdae import __version__
-from cdae.engine.guard import CALIBRATION_FILE
+from cdae.engine.guard import CALIBRATION_FILE, LEARNED, GuardConfig
 from cdae.engine.inference import Denoiser
 from cdae.engine.pipeline import denoise_frame
 from cdae.training.config import DataConfig
@@ -57,6 +58,10 @@ class Calibration:
     real_pixels_flagged: float  # share of all real pixels flagged, pooled
     defect_pixels_flagged: float  # recall of the head on true defect pixels, pooled
     delta: float | None = None  # None: in expectation over calibration sets; else with confidence 1 - delta
+
+
+#: The lowest threshold calibration considers (the head's own decision boundary).
+THRESHOLD_FLOOR = 0.5
 
 
 def _losses(probabilities: Sequence[np.ndarray], brights: Sequence[np.ndarray], t: float) -> np.ndarray:
@@ -105,9 +110,9 @@ def choose_threshold(probabilities: Sequence[np.ndarray], brights: Sequence[np.n
     if not 0 < alpha < 1 or (delta is not None and not 0 < delta < 1):
         raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
     n = len(probabilities)
-    candidates = np.unique(np.concatenate([np.linspace(0.5, 0.999, 500)] +
+    candidates = np.unique(np.concatenate([np.linspace(THRESHOLD_FLOOR, 0.999, 500)] +
                                           [p[b] for p, b in zip(probabilities, brights) if b.any()]))
-    candidates = candidates[(candidates >= 0.5) & (candidates < 1.0)]
+    candidates = candidates[(candidates >= THRESHOLD_FLOOR) & (candidates < 1.0)]
 
     def bound(t: float) -> float:
         return risk_bound(float(_losses(probabilities, brights, t).mean()), n, delta)
@@ -129,15 +134,19 @@ def choose_threshold(probabilities: Sequence[np.ndarray], brights: Sequence[np.n
 
 
 def calibrate(denoiser: Denoiser, frames: Sequence[EvalFrame], alpha: float = 0.01,
-              delta: float | None = None) -> Calibration:
+              delta: float | None = None, guard_config: GuardConfig | None = None) -> Calibration:
     """The threshold of :func:`choose_threshold` on ``frames``, with what it flags there (with no threshold:
-    what flagging nothing, ``t = 1``, gives)."""
+    what flagging nothing, ``t = 1``, gives). The head's probability counts where the guard (``guard_config``,
+    the default one if None) would let a learned flag stand at the floor threshold: its evidence test passed,
+    not an impulse or saturated pixel (those are other classes' flags)."""
+    g = (guard_config or GuardConfig()).model_copy(update={"defect_threshold": THRESHOLD_FLOOR})
     probs, brights, reals, defects = [], [], [], []
     for fr in frames:
         r = denoise_frame(np.asarray(fr.noisy, np.float32), denoiser.backend, adc_max=float(fr.adc_max),
-                          want_residual=False)
+                          want_residual=False, guard_config=g)
         lost = ((fr.defect_mask & (BLOOM | SATURATED_BLOB)) != 0) | (fr.clean >= fr.adc_max - 0.5)
-        probs.append(r.defect_probability)
+        assert r.flags is not None
+        probs.append(np.where(r.flags == LEARNED, r.defect_probability, np.float32(0)))
         brights.append(bright_feature_mask(fr.clean, fr.defect_mask) & ~lost)
         reals.append((fr.defect_mask == 0) & ~lost)
         defects.append((fr.defect_mask != 0) & ~lost)
@@ -162,7 +171,8 @@ def calibrate_package(pkg: Path, frames: int = 192, alpha: float = 0.01, data: D
     """Calibrate the package's head on ``frames`` validation frames; write ``CALIBRATION_FILE`` beside it."""
     data = data or DataConfig()
     den = Denoiser.from_package(pkg)
-    result = calibrate(den, simulated_frames(data, data.val_seed, 0, frames, DEFAULT_SIZES), alpha, delta)
+    g = GuardConfig()
+    result = calibrate(den, simulated_frames(data, data.val_seed, 0, frames, DEFAULT_SIZES), alpha, delta, g)
     method = ("conformal risk control (Angelopoulos et al. 2022): E[share of a new frame's real bright-feature "
               "pixels flagged] <= alpha for frames like the calibration frames") if delta is None else (
               "risk-controlling threshold (Bates et al. 2021, Hoeffding-Bentkus bound): with probability >= 1 - "
@@ -173,6 +183,8 @@ def calibrate_package(pkg: Path, frames: int = 192, alpha: float = 0.01, data: D
         "method": method,
         "calibration_frames": {"generator": GENERATOR_VERSION, "seed": data.val_seed, "frames": frames,
                                "sizes": [list(s) for s in DEFAULT_SIZES]},
+        "evidence": {"learned_evidence_sigma": g.learned_evidence_sigma, "learned_evidence_psf_px":
+                     g.learned_evidence_psf_px, "psf_sigma_px": g.psf_sigma_px, "k_sigma": g.k_sigma},
         "model": den.manifest.ref, "cdae_version": __version__,
         "made_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

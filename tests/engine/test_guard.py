@@ -95,6 +95,53 @@ def test_large_bright_real_ring_is_kept(fraction: float) -> None:
     assert np.mean(g.output[on_ring]) > 0.9 * np.mean(clean[on_ring])
 
 
+@pytest.mark.parametrize("fraction", [0.70, 0.95])
+def test_a_head_that_claims_a_real_ring_does_not_move_it(fraction: float) -> None:
+    """The defect head says "defect" on every pixel of a large sharp-edged ring (what it did on real
+    scenes), the network erases the ring: a learned flag needs the optics' agreement too, so the ring
+    is kept within its noise; with the rule off the head alone would erase it."""
+    from scipy import ndimage
+
+    from cdae.engine.guard import LEARNED
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:160, 0:160]
+    r = np.hypot(yy - 80, xx - 80)
+    ring = ndimage.gaussian_filter(((r > 30) & (r < 45)).astype(float), 0.7)
+    clean = 120.0 + (fraction * 4095 - 120.0) * ring
+    raw = _camera(rng, clean)
+    erased = np.full_like(raw, 120.0)
+    sure = np.ones(raw.shape, dtype=np.float32)  # the head: every pixel a defect
+    on_ring = ring > 0.9
+    g = guard(raw, erased, raw >= 4094.5, GuardConfig(defect_threshold=0.5), sure)
+    assert (g.flags[on_ring] == LEARNED).mean() < 0.03  # noise now and then looks sharp at 2 sigma
+    assert np.mean(g.output[on_ring]) > 0.9 * np.mean(clean[on_ring])
+    alone = guard(raw, erased, raw >= 4094.5, GuardConfig(defect_threshold=0.5, learned_evidence_sigma=None), sure)
+    assert (alone.flags[on_ring] == LEARNED).all() and np.mean(alone.output[on_ring]) < 200
+
+
+def test_a_faint_hot_pixel_the_head_finds_is_restored() -> None:
+    """Hot pixels 15-25 sigma above a flat field, below what the impulse test can tell from the sharpest
+    point source (~50 sigma at 0.45 px), are found by the head: they pass the looser evidence test and
+    take the network's value; a pixel the head claims on the flat field without any excursion does not."""
+    from cdae.engine.guard import LEARNED, NoiseModel
+
+    rng = np.random.default_rng(1)
+    f = (1000 + rng.normal(0, 10, (128, 128))).astype(np.float32)
+    ys, xs = np.meshgrid(np.arange(8, 120, 16), np.arange(8, 120, 16))
+    f[ys, xs] += rng.uniform(150, 250, ys.shape).astype(np.float32)
+    p = np.zeros(f.shape, dtype=np.float32)
+    p[ys, xs] = 0.9
+    p[ys + 8, xs + 8] = 0.9  # claimed, but plain flat field
+    config = GuardConfig(gain_e_per_dn=1e9, read_noise_dn=10.0, offset_dn=0.0, defect_threshold=0.5)
+    network = np.full_like(f, 1000.0)
+    g = guard(f, network, np.zeros(f.shape, dtype=bool), config, p)
+    assert (g.flags[ys, xs] == LEARNED).mean() >= 0.95
+    assert np.abs(g.output[ys, xs] - 1000).max() < 1
+    assert (g.flags[ys + 8, xs + 8] == LEARNED).mean() < 0.1  # 2 sigma: the odd noise peak passes
+    assert g.noise == NoiseModel(read_dn=10.0, dn_per_e=1e-9, offset_dn=0.0, measured=False)
+
+
 def test_a_float_frame_near_float32s_limit_is_guarded_as_the_same_frame_scaled() -> None:
     """Sums of four pixels of 3e38 overflow float32: the guard scales such a frame by a power of two
     (exact) and back, so it answers what it answers for the frame at a sane scale, finite."""
