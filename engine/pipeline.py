@@ -19,7 +19,8 @@ import numpy as np
 from cdae.engine.architecture import ArchitectureConfig
 from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.guard import BAD_PIXEL_MAP, GuardConfig, count_flags, guard
-from cdae.engine.normalise import F32_MAX, NormalisationConfig, adc_max_for, denormalise, network_input, to_dtype
+from cdae.engine.normalise import NormalisationConfig, adc_max_for, denormalise, network_input, to_dtype
+from cdae.engine.residual import residual_of
 from cdae.engine.tiling import plan_tiles, run_tiled
 
 
@@ -115,7 +116,7 @@ def denoise_frame(
     denoised = to_dtype(out_dn, frame.dtype, adc_max)
     residual = None
     if want_residual:
-        residual = _residual(frame, denoised)
+        residual = residual_of(frame, denoised)
     prob = np.asarray(prob, dtype=np.float32)
     if bad_pixels is not None:
         denoised, residual, prob = bad_pixels.fill_output(denoised, residual, prob)
@@ -127,18 +128,6 @@ def denoise_frame(
         denoised=denoised, residual=residual, defect_probability=prob,
         tiles=len(tiles), inference_ms=(time.perf_counter() - t0) * 1e3, flags=flags, flag_counts=counts,
     )
-
-
-def _residual(frame: np.ndarray, denoised: np.ndarray) -> np.ndarray:
-    """raw − denoised in float32. A float frame near float32's limits (±3e38) can have a difference beyond them:
-    those pixels saturate at ±float32 max (never inf), every other pixel is the float32 difference as before."""
-    with np.errstate(over="ignore"):
-        residual = np.subtract(frame, denoised, dtype=np.float32)
-    if frame.dtype.kind == "f" and not np.isfinite(residual).all():
-        wide = np.subtract(frame, denoised, dtype=np.float64)
-        bad = ~np.isfinite(residual)
-        residual[bad] = np.clip(wide[bad], -F32_MAX, F32_MAX)
-    return residual
 
 
 def synthetic_frame(shape: tuple[int, int], dtype: np.dtype | str, seed: int = 0) -> np.ndarray:

@@ -385,13 +385,13 @@ def test_activate_with_wait_is_answered_as_soon_as_the_swap_ends(engine: EngineP
 
 def test_a_residual_beyond_float32_saturates_instead_of_overflowing() -> None:
     from cdae.engine.normalise import F32_MAX
-    from cdae.engine.pipeline import _residual
+    from cdae.engine.residual import residual_of
 
     raw = np.array([[3e38, -3e38, 1.5, 1e30]], np.float32)
     den = np.array([[-3e38, 3e38, 0.25, -1e30]], np.float32)
-    r = _residual(raw, den)  # pytest turns numpy's overflow warning into an error: none may be raised
+    r = residual_of(raw, den)  # pytest turns numpy's overflow warning into an error: none may be raised
     assert r.dtype == np.float32 and np.isfinite(r).all()
     assert r[0, 0] == F32_MAX and r[0, 1] == -F32_MAX
     np.testing.assert_array_equal(r[0, 2:], np.subtract(raw[0, 2:], den[0, 2:], dtype=np.float32))
     ints = np.array([[0, 65535]], np.uint16)
-    np.testing.assert_array_equal(_residual(ints, ints[:, ::-1]), [[-65535.0, 65535.0]])
+    np.testing.assert_array_equal(residual_of(ints, ints[:, ::-1]), [[-65535.0, 65535.0]])
