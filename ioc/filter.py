@@ -30,6 +30,7 @@ from caproto.asyncio.client import Context as ClientContext
 from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.errors import EngineError
+from cdae.engine.residual import residual_of
 from cdae.engine.protocol import FrameReply
 from cdae.engine.triton_client import AsyncTritonClient, AsyncTritonControl
 from cdae.ioc.frames import (
@@ -101,6 +102,7 @@ class FilterIOC:
         self._permits = asyncio.Condition()  # notified whenever a place in the window may have come free
         self._tasks: set[asyncio.Task[None]] = set()
         self.client: AsyncEngineClient | AsyncTritonClient | None = None
+        self.engine_guards: bool | None = None  # the engine's status says it guards (flags) or not; None: not known
         self.models: list[str] = []
         self.counter = 0  # ArrayCounter: frames published
         self.last_reply_t = 0.0  # monotonic time of the engine's last frame reply
@@ -458,6 +460,8 @@ class FilterIOC:
                     self._keep_model(st.result, "engine connected")
                 elif restarted:
                     self._keep_model(st.result, "engine restarted")
+                if "guard" in st.result:
+                    self.engine_guards = st.result["guard"] is not None
                 backend = str(st.result.get("backend", ""))[: STRING_MAX - 1]
                 if p.backend.value != backend:
                     await p.backend.write(backend)
@@ -546,10 +550,16 @@ class FilterIOC:
                 return
             flow.sent(seq)
             try:
+                # the residual is the IOC's own (raw - the denoised frame it publishes, when someone reads it);
+                # of the defect map and the guard's flags, only the one DefectMap carries (both until the
+                # engine's status says whether it guards)
+                guards = self.engine_guards
+                want_map = self.config.defect_map
                 reply = await asyncio.wait_for(client.denoise(
                     wire, unique_id=info.unique_id, timestamp=info.timestamp, bit_depth=self.config.bit_depth,
-                    want_residual=self.config.residual, want_defect_map=self.config.defect_map,
-                    want_flags=self.config.defect_map, defect_map_dtype="uint8", bad_pixels=self._bad_pixels_id),
+                    want_residual=False, want_defect_map=want_map and guards is not True,
+                    want_flags=want_map and guards is not False, defect_map_dtype="uint8",
+                    bad_pixels=self._bad_pixels_id),
                     self.config.engine_timeout_s)
             except _ENGINE_TROUBLE as e:
                 flow.settle(seq, "engine_lost")
@@ -564,7 +574,7 @@ class FilterIOC:
             if not flow.claim(seq):  # overtaken by a newer frame (several engines): counted there
                 return
             try:
-                await self.publish(reply, info)
+                await self.publish(reply, info, frame)
                 flow.settle(seq, "published")
             except Exception as e:  # noqa: BLE001 - a frame that cannot be published is refused, never a dead task
                 flow.settle(seq, "error")
@@ -593,11 +603,15 @@ class FilterIOC:
             self.flow.settle(seq, "error")
             self._say_frame_error(f"frame {info.unique_id}: engine error {code}: {msg}")
 
-    async def publish(self, reply: FrameReply, info: FrameInfo) -> None:
+    async def publish(self, reply: FrameReply, info: FrameInfo, raw: np.ndarray | None = None) -> None:
+        """One reply out, the denoised frame first (its monitors go out before the residual's and the defect
+        map's, so its latency does not include theirs). The residual is ``raw`` − the denoised frame, float32,
+        computed here: at once while someone monitors ``Residual:ArrayData`` (or PVA serves it), otherwise on
+        its first read (a ``caget`` gets this frame's, with its UniqueId and timestamps)."""
         p = self._require_pvs()
         assert reply.denoised is not None and self.element is not None
         h, w = reply.denoised.shape
-        denoised, residual, defect_map = reply.denoised, reply.residual, reply.defect_map
+        denoised, defect_map = reply.denoised, reply.defect_map
         in_use = self.map_in_use()
         if in_use is not None:
             seen = self._bad_pixels_seen
@@ -621,13 +635,27 @@ class FilterIOC:
         # one published frame, both protocols: each image's CA PVs, then its NTNDArray, from the same arrays
         attributes = {"CdaeModel": reply.model or "", **(flagged or {})}
         pva = self.pva
-        if residual is not None:
-            await write_image(p.residual, residual.reshape(-1), h, w, NDDataType.Float32, info,  # type: ignore[arg-type]
-                              self.counter, rate)
-            if pva is not None:
-                pva.post(self.config.prefix + RESIDUAL, residual, NDDataType.Float32, info, attributes)
+        model = (reply.model or "")[: STRING_MAX - 1]
+        if p.model_rbv.value != model:  # before the frame: a client reacting to it reads the model that made it
+            await p.model_rbv.write(model, timestamp=info.stamp)
+        await write_image(p, to_ca(denoised, self.element), h, w, info.data_type, info, self.counter, rate,
+                          itemsize=numpy_dtype(info.data_type).itemsize)
+        if pva is not None:
+            pva.post(self.config.prefix + IMAGE, from_engine(denoised, info.data_type), info.data_type, info, attributes)
+        await p.latency.write(round((time.time() - info.timestamp) * 1e3, 3), timestamp=info.stamp)
+        if self.config.residual and raw is not None:
+            residual = functools.partial(residual_of, raw, from_engine(denoised, info.data_type))
+            if pva is not None:  # PVA has no word of its monitors here: made every frame
+                r = residual()
+                await write_image(p.residual, r.reshape(-1), h, w, NDDataType.Float32, info, self.counter, rate)
+                pva.post(self.config.prefix + RESIDUAL, r, NDDataType.Float32, info, attributes)
+            else:
+                await write_image(p.residual, lambda: residual().reshape(-1), h, w, NDDataType.Float32, info,
+                                  self.counter, rate)
         if reply.flags is not None:  # a guarding engine: the reason each pixel moved beyond the noise, by class
             defect_map = reply.flags
+        if self.config.defect_map and reply.flags is None and reply.defect_map is None:
+            self.engine_guards = None  # the engine changed (restarted unguarded or guarded): ask for both again
         if defect_map is not None:
             await write_image(p.defect_map, defect_map.reshape(-1), h, w, NDDataType.UInt8, info,  # type: ignore[arg-type]
                               self.counter, rate)
@@ -637,16 +665,7 @@ class FilterIOC:
             await _post_changed(((p.flagged_pixels, flagged["FlaggedPixels"]),
                                  (p.saturated_pixels, flagged["SaturatedPixels"]),
                                  (p.impulse_pixels, flagged["ImpulsePixels"])), timestamp=info.stamp)
-        model = (reply.model or "")[: STRING_MAX - 1]
-        if p.model_rbv.value != model:
-            await p.model_rbv.write(model, timestamp=info.stamp)
         await p.execution_time.write(round(reply.header.timings.total_ms, 3), timestamp=info.stamp)
-        pixels = to_ca(denoised, self.element)
-        await write_image(p, pixels, h, w, info.data_type, info, self.counter, rate,
-                          itemsize=numpy_dtype(info.data_type).itemsize)
-        if pva is not None:
-            pva.post(self.config.prefix + IMAGE, from_engine(denoised, info.data_type), info.data_type, info, attributes)
-        await p.latency.write(round((time.time() - info.timestamp) * 1e3, 3), timestamp=info.stamp)
         await self._write_counters()
 
     # --- lifecycle --------------------------------------------------------------------------

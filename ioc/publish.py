@@ -8,21 +8,37 @@ pixels by that order and that timestamp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from caproto import AlarmSeverity, AlarmStatus
 
 from cdae.ioc.frames import COLOR_MODE_NAMES, FrameInfo, NDDataType, nd_timestamp
-from cdae.ioc.pvs import NDArrayPVs
+from cdae.ioc.pvs import DeferredArray, NDArrayPVs, has_subscribers
 
 _OK = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM}
 
 
-async def write_image(group: NDArrayPVs, pixels: np.ndarray, height: int, width: int, data_type: NDDataType,
-                      info: FrameInfo, counter: int, rate_hz: float, itemsize: int | None = None) -> None:
-    """Publish one frame: ``pixels`` are already flat in the group's CA element type."""
+def wants_pixels(group: NDArrayPVs) -> bool:
+    """Whether a frame's pixels for ``group`` are needed now: a :class:`DeferredArray` nobody monitors, not in
+    alarm, takes them as a computation run on its first read instead (:func:`write_image` with a callable)."""
+    arr = group.array_data
+    return (not isinstance(arr, DeferredArray) or has_subscribers(arr)
+            or arr.alarm.status != AlarmStatus.NO_ALARM or arr.alarm.severity != AlarmSeverity.NO_ALARM)
+
+
+async def write_image(group: NDArrayPVs, pixels: np.ndarray | Callable[[], np.ndarray], height: int, width: int,
+                      data_type: NDDataType, info: FrameInfo, counter: int, rate_hz: float,
+                      itemsize: int | None = None) -> None:
+    """Publish one frame: ``pixels`` are already flat in the group's CA element type, or a function that makes
+    them (called now unless the group's ``ArrayData`` defers it to its first read: :func:`wants_pixels`)."""
     ts = info.stamp  # caproto takes the raw (sec, nsec) pair: passed along exactly, no float rounding
     sec, nsec = ts
-    nbytes = width * height * (itemsize if itemsize is not None else np.dtype(pixels.dtype).itemsize)
+    if callable(pixels) and wants_pixels(group):
+        pixels = pixels()
+    if itemsize is None:
+        itemsize = (DeferredArray.element if callable(pixels) else np.dtype(pixels.dtype)).itemsize
+    nbytes = width * height * itemsize
     for pv, value in (
         (group.ndimensions, 2),
         (group.dimensions, [width, height] + [0] * 8),
@@ -46,7 +62,10 @@ async def write_image(group: NDArrayPVs, pixels: np.ndarray, height: int, width:
             await pv.write_metadata(timestamp=ts, publish=False)
         else:
             await pv.write(value, timestamp=ts)
-    await group.array_data.write(pixels, timestamp=ts, **_OK)
+    if callable(pixels):
+        await group.array_data.defer(pixels, timestamp=ts)  # type: ignore[attr-defined]
+    else:
+        await group.array_data.write(pixels, timestamp=ts, **_OK)
 
 
 def _same(current: object, new: object) -> bool:

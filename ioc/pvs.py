@@ -19,7 +19,8 @@ from caproto import AlarmSeverity, AlarmStatus, CAStatus, ChannelType
 from caproto._data import Forbidden
 from caproto.server import PVGroup, SubGroup
 from caproto.server import pvproperty as _pvproperty
-from caproto.server.server import PvpropertyChar, PvpropertyCharRO, PvpropertyString, PvpropertyStringRO, pvspec_type_map
+from caproto.server.server import (PvpropertyChar, PvpropertyCharRO, PvpropertyFloatRO, PvpropertyString,
+                                   PvpropertyStringRO, pvspec_type_map)
 
 from cdae import __version__
 from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
@@ -91,9 +92,56 @@ def ca_channel_type(element: np.dtype | str) -> ChannelType:
     return _CA_TYPES[name]
 
 
-def _array(element: np.dtype | str, max_elements: int, doc: str) -> _pvproperty:
-    return pvproperty(name="ArrayData", value=np.zeros(1, dtype=np.dtype(element)), dtype=ca_channel_type(element),
-                      max_length=max_elements, read_only=True, doc=doc)
+def _array(element: np.dtype | str, max_elements: int, doc: str, dtype: type | None = None) -> _pvproperty:
+    return pvproperty(name="ArrayData", value=np.zeros(1, dtype=np.dtype(element)),
+                      dtype=dtype or ca_channel_type(element), max_length=max_elements, read_only=True, doc=doc)
+
+
+def has_subscribers(channel: object) -> bool:
+    """Whether any client monitors this PV now (caproto keeps them by queue, sync filter and data type; an
+    unsubscribed client leaves an empty set behind)."""
+    return any(specs for syncs in channel._queues.values()  # type: ignore[attr-defined]
+               for by_type in syncs.values() for specs in by_type.values())
+
+
+class DeferredArray(PvpropertyFloatRO):
+    """A read-only float32 array whose value may be handed over as a computation, run on the first read.
+
+    :meth:`defer` sets the timestamp and alarm now and keeps ``compute``; a read (``caget``) or a new
+    subscription runs it, stores the result as the value and serves it, so a reader always gets the value
+    of the frame the timestamp names. With monitors on the PV nothing is deferred (the publisher checks
+    :func:`has_subscribers` and writes the value itself, a monitor per frame)."""
+
+    element = np.dtype(np.float32)
+    _deferred = None  # Callable[[], np.ndarray] | None: the value not computed yet
+
+    async def defer(self, compute: object, **metadata: object) -> None:
+        self._deferred = compute
+        self._content.clear()  # caproto's per-data-type cache of the last value
+        await self.write_metadata(publish=False, **metadata)
+
+    def _materialise(self) -> None:
+        compute, self._deferred = self._deferred, None
+        if compute is not None:
+            self._data["value"] = compute()  # type: ignore[operator]
+            self._content.clear()
+
+    async def write(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self._deferred = None  # a value written replaces one not computed yet
+        await super().write(*args, **kwargs)
+
+    async def read(self, data_type: object) -> object:  # type: ignore[override]
+        self._materialise()
+        return await super().read(data_type)
+
+    async def subscribe(self, queue: object, sub_spec: object, sub: object) -> None:  # type: ignore[override]
+        self._materialise()  # the first update of a monitor is the current value
+        await super().subscribe(queue, sub_spec, sub)
+
+    @property
+    def value(self) -> object:  # type: ignore[override]
+        self._materialise()
+        return super().value
 
 
 def ca_text(text: str, limit: int) -> str:
@@ -325,7 +373,8 @@ class FilterPVs(NDArrayPVs):
 def filter_pvs(element: np.dtype | str, max_elements: int) -> type[FilterPVs]:
     """The filter IOC's PV group with ``ArrayData`` served as ``element`` (the source's CA type), ``max_elements`` long."""
     doc = "the denoised frame, same element type as the source"
-    residual = type("ResidualPVs", (ResidualPVs,), {"array_data": _array(np.float32, max_elements, "raw − denoised")})
+    residual = type("ResidualPVs", (ResidualPVs,), {"array_data": _array(np.float32, max_elements, "raw − denoised",
+                                                                          dtype=DeferredArray)})
     defect = type("DefectMapPVs", (DefectMapPVs,), {"array_data": _array(np.uint8, max_elements, "defect p x 255")})
     return type("FilterPVs", (FilterPVs,), {
         "array_data": _array(element, max_elements, doc),
