@@ -103,7 +103,7 @@ def start_stack(size: int, backend: str, store: Path, ref: str, args: argparse.N
 
     cam_p, ioc_p = f"BENCH{size}:image1:", f"BENCH{size}:CDAE1:"
     eng = Proc("engine", ["engine", "--bind", "tcp://127.0.0.1:0", "--backend", backend, "--models", str(store),
-                          "--model", ref], r"^cdae-engine ready ", log_dir)
+                          "--model", ref, *getattr(args, "engine_args", "").split()], r"^cdae-engine ready ", log_dir)
     procs.append(eng)
     m = re.search(r"data=(\S+) control=(\S+) backend=(\S+)", eng.line)
     assert m is not None
@@ -408,8 +408,9 @@ def plot_raw(results: dict, path: Path) -> None:
     axes[1].bar(x + 0.2, [r["latency_ms"]["p99"] or 0 for r in rows], 0.4, label="p99")
     axes[1].set_ylabel("camera timestamp → pyepics callback (ms)")
     axes[1].legend(fontsize=7)
-    _save(fig, f"raw CA (camera → pyepics) vs the filter IOC with the pass-through engine (camera → IOC → pyepics) "
-               f"on {results['device']}, load {results['loadavg_start']}", path)
+    engine = f" {results['engine_args']}" if results.get("engine_args") else ""
+    _save(fig, f"raw CA (camera → pyepics) vs the filter IOC with the pass-through engine{engine} (camera → IOC → "
+               f"pyepics) on {results['device']}, load {results['loadavg_start']}", path)
 
 
 def _sweep(args: argparse.Namespace, eb: object, results: dict, variants: list[str],
@@ -447,10 +448,12 @@ def _header(args: argparse.Namespace, device: str, **extra: object) -> dict:
 
 def main_raw(args: argparse.Namespace, eb: object, out: Path, device: str) -> int:
     t0 = time.monotonic()
-    results = _header(args, device, client="pyepics in this process, auto_monitor, form=time")
+    results = _header(args, device, client="pyepics in this process, auto_monitor, form=time",
+                      engine_args=args.engine_args)
     _sweep(args, eb, results, ["raw", "filter"], run_raw, "")
     results["ratios"] = raw_ratios(results["runs"])
-    return _write(results, t0, out / f"pipeline-raw-{device}.json", plot_raw)
+    tag = f"-{args.tag}" if args.tag else ""
+    return _write(results, t0, out / f"pipeline-raw{tag}-{device}.json", plot_raw)
 
 
 def output_ratios(runs: list[dict]) -> list[dict]:
@@ -549,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rate", type=float, default=320.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--outputs", help="compare the outputs instead (pass-through engine): e.g. ca,pva,both")
+    p.add_argument("--engine-args", default="", help="more arguments for every engine started, e.g. --no-guard "
+                   "(the pass-through engine without the guard: normalisation, copies and the protocol only)")
+    p.add_argument("--tag", default="", help="--raw: written as pipeline-raw-TAG-<device>.json (e.g. noguard)")
     p.add_argument("--raw", action="store_true", help="compare the filter IOC (pass-through engine) with raw CA "
                    "instead: a pyepics client on the camera, then on the filter IOC")
     args = p.parse_args(argv)
