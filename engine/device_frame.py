@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from cdae.engine.guard import _HEADROOM as GUARD_HEADROOM
-from cdae.engine.guard import (FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance,
+from cdae.engine.guard import (_RIM, FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance,
                                evidence_config)
 from cdae.engine.guard import centre_to_neighbour_ratio
 from cdae.engine.normalise import (
@@ -502,17 +502,50 @@ def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
     return mask, background
 
 
-def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidates: Tensor) -> Tensor:
+def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidates: Tensor,
+                     impulses: Tensor | None = None, background: Tensor | None = None) -> Tensor:
     """:func:`cdae.engine.guard.impulse_evidence` on tensors."""
     out = torch.zeros_like(candidates)
     cy, cx = torch.nonzero(candidates, as_tuple=True)
     if cy.numel() == 0:
         return out
-    pad = _pad_edge(f, 2)
-    hit, _ = _tests(pad[cy + 2, cx + 2], lambda oy, ox: pad[cy + 2 + oy, cx + 2 + ox], noise, evidence_config(config),
-                    line_axes=None)
+    pad = _pad_edge(f if impulses is None or background is None else torch.where(impulses, background, f), 2)
+
+    def at(oy: int, ox: int) -> Tensor:
+        return pad[cy + 2 + oy, cx + 2 + ox]
+
+    hit, _ = _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)
+    if config.learned_peak_sigma is not None:
+        hit &= _not_a_real_peak(at, noise, config)
     out[cy[hit], cx[hit]] = True
     return out
+
+
+def _not_a_real_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig) -> Tensor:
+    """:func:`cdae.engine.guard._not_a_real_peak` on tensors."""
+    f = at(0, 0)
+    rim = torch.sort(torch.stack([at(dy, dx) for dy, dx in _RIM]), dim=0).values
+    b = (rim[7] + rim[8]) * 0.5
+    r = centre_to_neighbour_ratio(config.psf_sigma_px)
+    z = _f32(config.learned_peak_sigma)
+    tolerance = _f32(config.optics_tolerance)
+    var = sigma(noise, b)
+    var = var * var
+
+    def peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor) -> Tensor:
+        excess = f - b
+        slack = tolerance * excess
+        slack = slack * slack
+        one, other = one + one, other + other
+        sharp = torch.zeros_like(f, dtype=torch.bool)
+        for m, total in ((2, one), (2, other), (4, one + other)):
+            up = excess - _f32(r / m) * (total - float(m) * b)
+            sharp |= up > z * torch.sqrt(var * _f32(1 + r * r / m) + slack)
+        return (excess > 0) & sharp
+
+    w, e, n, s = at(0, -1), at(0, 1), at(-1, 0), at(1, 0)
+    return peaks(f, b, torch.maximum(w, e), torch.maximum(n, s)) | peaks(-f, -b, -torch.minimum(w, e),
+                                                                       -torch.minimum(n, s))
 
 
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,
@@ -529,7 +562,7 @@ def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > _f32(config.defect_threshold)) & ~impulses & ~saturated
         if config.learned_evidence_sigma is not None:
-            learned = impulse_evidence(f, noise, config, learned)
+            learned = impulse_evidence(f, noise, config, learned, impulses, background)
         out[learned] = den[learned]
         flags[learned] = LEARNED
     out[impulses] = background[impulses]

@@ -73,6 +73,10 @@ class GuardConfig(BaseModel):
     learned_evidence_psf_px: float = Field(1.0, gt=0.2, le=10, description="the optics (Gaussian sigma, pixels) a "
                                            "learned flag's evidence is tested against: blurrier than psf_sigma_px, "
                                            "so weaker evidence than an impulse flag needs")
+    learned_peak_sigma: float | None = Field(
+        1.0, ge=0, description="a learned flag stands only where the pixel is also sharper than the narrowest "
+        "optics (psf_sigma_px) allow, by this significance above or below its surroundings (the median of the 16 "
+        "pixels two away): the head may not move a peak or a valley real light can make; None: no such test")
 
 
 @dataclass(frozen=True)
@@ -330,15 +334,19 @@ def evidence_config(config: GuardConfig) -> GuardConfig:
                                      "psf_sigma_px": config.learned_evidence_psf_px})
 
 
-def impulse_evidence(raw: np.ndarray, noise: NoiseModel, config: GuardConfig, candidates: np.ndarray) -> np.ndarray:
-    """Of the ``candidates`` (a boolean map), those that pass :func:`evidence_config`'s impulse test on the raw
-    frame (points and single axes, as later passes test: no line average), for the defect head's flags.
+def impulse_evidence(raw: np.ndarray, noise: NoiseModel, config: GuardConfig, candidates: np.ndarray,
+                     impulses: np.ndarray | None = None, background: np.ndarray | None = None) -> np.ndarray:
+    """Of the ``candidates`` (a boolean map), those that pass :func:`evidence_config`'s impulse test (points and
+    single axes, as later passes test: no line average) and, if it is on, the peak test
+    (:func:`_not_a_real_peak`), for the defect head's flags.
 
     The head is trained on the simulator's defects and may take real light it never saw for one (a large ring,
     a bright strip): such light is smooth on the scale of the optics. A defect of any class the head finds
     (hot, dead, a radiation hit, a bad line seen across) is sharper than even blurry optics allow, so asking
     for that, at a low significance, keeps almost all of the head's real finds and drops most of its false
-    ones. Only the candidates are tested (a few per cent of the frame)."""
+    ones. The tests see the frame with the ``impulses`` already found replaced by their ``background`` (a
+    real pixel between two hot columns is no dip). Only the candidates are tested (a few per cent of the
+    frame)."""
     f = np.asarray(raw, dtype=np.float32)
     out = np.zeros(f.shape, dtype=bool)
     idx = np.flatnonzero(candidates)
@@ -346,15 +354,60 @@ def impulse_evidence(raw: np.ndarray, noise: NoiseModel, config: GuardConfig, ca
         return out
     h, w = f.shape
     cy, cx = np.divmod(idx, w)
-    ff = f.ravel()
-
-    def at(oy: int, ox: int) -> np.ndarray:  # np.pad(f, 2, mode="edge") at the candidates moved by (oy, ox)
-        return ff[np.clip(cy + oy, 0, h - 1) * w + np.clip(cx + ox, 0, w - 1)]
-
+    if impulses is None or background is None:
+        impulses, background = np.zeros(f.shape, dtype=bool), f
+    at = _replaced(f, impulses, background, cy, cx)  # np.pad(..., 2, mode="edge") at the candidates moved
     with np.errstate(all="ignore"):
         hit, _ = _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)
+        if config.learned_peak_sigma is not None:
+            hit &= _not_a_real_peak(at, noise, config)
     out.ravel()[idx[hit]] = True
     return out
+
+
+#: The 16 pixels two away (the 5x5 square's rim): the peak test's background.
+_RIM = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if max(abs(dy), abs(dx)) == 2)
+
+
+def _not_a_real_peak(at, noise: NoiseModel, config: GuardConfig) -> np.ndarray:  # noqa: ANN001 - at: (dy, dx) -> array
+    """For :func:`impulse_evidence`: False where a pixel could be real light through the narrowest optics.
+
+    The background ``B`` is the median of the 16 pixels two away (the mean of the middle two), unbiased on
+    a flat field, where the impulse test's lowest-of-eight sits about 1.4 sigma low (which only ever makes
+    that test flag less, right for a flag of its own, wrong for refusing the head). A peak stands out by
+    ``up = (f - B) - (R / m) sum(n - B)`` beyond what light through the narrowest optics (``R``, as the
+    impulse test's) could give its ``m`` side neighbours: across each axis and both together, tested at
+    ``learned_peak_sigma`` of its noise; each axis's pair counts as twice its brighter side, so that a
+    dead or dark neighbour does not make a real peak look sharp. A dip is tested the same way down from
+    ``B``, each pair as twice its darker side (a real pixel beside a bright edge or clipped light is no
+    dead pixel). The head's flag on a pixel that is nowhere sharper than that (a real point source, a
+    valley between two, or a radiation spot one cannot tell from a point source in one frame) is refused.
+    The arithmetic is mirrored, operation for operation, in engine/device_frame.py.
+    """
+    f = at(0, 0)
+    rim = np.sort(np.stack([at(dy, dx) for dy, dx in _RIM]), axis=0)
+    b = (rim[7] + rim[8]) * np.float32(0.5)
+    r = centre_to_neighbour_ratio(config.psf_sigma_px)
+    z = np.float32(config.learned_peak_sigma)
+    tolerance = np.float32(config.optics_tolerance)
+    var = noise.sigma(b)
+    var *= var
+
+    def peaks(f: np.ndarray, b: np.ndarray, one: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """``f`` above ``b`` beyond the optics; each axis's pair as twice ``one`` (``other``) of its sides."""
+        excess = f - b
+        slack = tolerance * excess
+        slack *= slack
+        one, other = one + one, other + other
+        sharp = np.zeros(f.shape, dtype=bool)
+        for m, total in ((2, one), (2, other), (4, one + other)):
+            up = excess - np.float32(r / m) * (total - np.float32(m) * b)
+            sharp |= up > z * np.sqrt(var * np.float32(1 + r * r / m) + slack)
+        return (excess > 0) & sharp
+
+    w, e, n, s = at(0, -1), at(0, 1), at(-1, 0), at(1, 0)
+    # a dip is a peak of the negated frame (exact in float), each pair's darker side its brighter one
+    return peaks(f, b, np.maximum(w, e), np.maximum(n, s)) | peaks(-f, -b, -np.minimum(w, e), -np.minimum(n, s))
 
 
 def _replaced(f: np.ndarray, mask: np.ndarray, background: np.ndarray, cy: np.ndarray, cx: np.ndarray):  # noqa: ANN202
@@ -636,7 +689,7 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
         if config.learned_evidence_sigma is not None:  # the head's word, and the optics' agreement
-            learned = impulse_evidence(f, noise, config, learned)
+            learned = impulse_evidence(f, noise, config, learned, impulses, background)
         np.copyto(out, denoised, where=learned)
         np.copyto(flags, np.uint8(LEARNED), where=learned)
     np.copyto(out, background, where=impulses)

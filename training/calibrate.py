@@ -184,7 +184,8 @@ def calibrate_package(pkg: Path, frames: int = 192, alpha: float = 0.01, data: D
         "calibration_frames": {"generator": GENERATOR_VERSION, "seed": data.val_seed, "frames": frames,
                                "sizes": [list(s) for s in DEFAULT_SIZES]},
         "evidence": {"learned_evidence_sigma": g.learned_evidence_sigma, "learned_evidence_psf_px":
-                     g.learned_evidence_psf_px, "psf_sigma_px": g.psf_sigma_px, "k_sigma": g.k_sigma},
+                     g.learned_evidence_psf_px, "learned_peak_sigma": g.learned_peak_sigma,
+                     "psf_sigma_px": g.psf_sigma_px, "k_sigma": g.k_sigma},
         "model": den.manifest.ref, "cdae_version": __version__,
         "made_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

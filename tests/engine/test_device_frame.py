@@ -121,6 +121,8 @@ def test_the_guard_is_the_numpy_paths(name: str, frame: np.ndarray, bits: int) -
         assert np.array_equal(got.numpy(), want.output)
         # the simulated frames' hot, dead and line defects were tested; the full well is flagged saturated
         assert want.counts["saturated" if name == "full-well" else "impulse"] > 0
+        if config.defect_threshold is not None:  # the learned flag's evidence and peak tests were compared too
+            assert 0 < want.counts["learned"] < int((prob > config.defect_threshold).sum()) // 2
 
 
 @pytest.fixture(scope="module")
