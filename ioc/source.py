@@ -13,14 +13,18 @@ the frame's. A source without a UniqueId PV gets a local counter.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import caproto
 import numpy as np
 from caproto import ChannelType
 from caproto.asyncio.client import PV, Context
 
 from cdae.ioc.frames import FrameError, FrameInfo, NDDataType, frame_from_ca
+
+log = logging.getLogger(__name__)
 
 #: The numpy element type of each native CA channel type an image can come in.
 CA_ELEMENTS: dict[ChannelType, np.dtype] = {
@@ -43,20 +47,29 @@ DEFAULT_DATA_TYPE: dict[str, NDDataType] = {
 CA_RECV_BYTES = 1 << 22
 
 
-def large_ca_reads() -> None:
-    """Make caproto's asyncio circuits read up to :data:`CA_RECV_BYTES` at a time (once per process)."""
+def large_ca_reads() -> bool:
+    """Make caproto's asyncio circuits read up to :data:`CA_RECV_BYTES` at a time (once per process). This
+    reaches into caproto (``caproto.asyncio.utils._TransportWrapper``, the version in constraints.txt): a
+    caproto without it keeps its own reads, with one log line saying so. Returns whether reads are large."""
     from caproto.asyncio import utils
 
-    wrapper = utils._TransportWrapper
-    if getattr(wrapper.recv, "cdae_large_reads", False):
-        return
-    small = wrapper.recv
+    wrapper = getattr(utils, "_TransportWrapper", None)
+    small = getattr(wrapper, "recv", None)
+    if small is None:
+        if not getattr(large_ca_reads, "warned", False):
+            large_ca_reads.warned = True  # type: ignore[attr-defined]
+            log.warning("caproto %s has no _TransportWrapper.recv: CA frames are read in caproto's own sizes",
+                        getattr(caproto, "__version__", "?"))
+        return False
+    if getattr(small, "cdae_large_reads", False):
+        return True
 
     async def recv(self: object, nbytes: int = CA_RECV_BYTES) -> bytes:
         return await small(self, max(nbytes, CA_RECV_BYTES))
 
     recv.cdae_large_reads = True  # type: ignore[attr-defined]
-    wrapper.recv = recv  # type: ignore[method-assign]
+    wrapper.recv = recv  # type: ignore[method-assign,union-attr]
+    return True
 
 
 OnFrame = Callable[[np.ndarray, FrameInfo], None]

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ioc_helpers import Stack, ca_read, pause_and_settle, value_of, wait_for  # type: ignore[import-not-found]
 
@@ -137,3 +138,18 @@ def test_ca_reads_take_what_the_socket_holds() -> None:
     sizes = asyncio.run(main())
     assert max(sizes) > 4096 and len(sizes) < len(payload) // 4096 // 4, sizes
     assert CA_RECV_BYTES >= 1 << 20
+
+
+def test_a_caproto_without_the_reads_internal_keeps_its_own_reads(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The large reads reach into caproto; where that internal is gone the source says so and goes on."""
+    from caproto.asyncio import utils
+
+    from cdae.ioc import source
+
+    monkeypatch.delattr(utils, "_TransportWrapper")
+    monkeypatch.delattr(source.large_ca_reads, "warned", raising=False)
+    with caplog.at_level("WARNING", logger="cdae.ioc.source"):
+        assert source.large_ca_reads() is False
+        assert source.large_ca_reads() is False
+    assert sum("_TransportWrapper" in r.getMessage() for r in caplog.records) == 1
