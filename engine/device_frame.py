@@ -37,10 +37,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdae.engine.guard import _HEADROOM as GUARD_HEADROOM
-from cdae.engine.guard import (_RIM, FLAG_NAMES, IMPULSE, LEARNED, SATURATED, GuardConfig, NoiseModel, _fit_variance,
-                               evidence_config)
-from cdae.engine.guard import centre_to_neighbour_ratio
+from cdae.engine.guard import HEADROOM as GUARD_HEADROOM
+from cdae.engine.guard import (
+    FLAG_NAMES,
+    IMPULSE,
+    LEARNED,
+    PEAK_RIM,
+    SATURATED,
+    GuardConfig,
+    NoiseModel,
+    centre_to_neighbour_ratio,
+    evidence_config,
+    fit_variance,
+)
 from cdae.engine.normalise import (
     F32_MAX,
     FullWell,
@@ -374,7 +383,7 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
         vs.append((MAD_TO_SIGMA * float(np.float32(mad_b))) ** 2)
         ns.append(int(n_b))
     x, v, nn_ = np.array(xs), np.array(vs), np.array(ns, dtype=float)
-    slope, intercept = _fit_variance(x - offset, v, nn_)
+    slope, intercept = fit_variance(x - offset, v, nn_)
     intercept = max(float(intercept), 1.0 / 12.0)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
 
@@ -524,7 +533,7 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
 def _not_a_real_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig) -> Tensor:
     """:func:`cdae.engine.guard._not_a_real_peak` on tensors."""
     f = at(0, 0)
-    rim = torch.sort(torch.stack([at(dy, dx) for dy, dx in _RIM]), dim=0).values
+    rim = torch.sort(torch.stack([at(dy, dx) for dy, dx in PEAK_RIM]), dim=0).values
     b = (rim[7] + rim[8]) * 0.5
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
     z = _f32(config.learned_peak_sigma)

@@ -180,7 +180,7 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
         vs.append((MAD_TO_SIGMA * float(_median(np.abs(d - _median(d))))) ** 2)  # mad_sigma(d), its medians ours
         ns.append(d.size)
     x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
-    slope, intercept = _fit_variance(x - offset, v, n)
+    slope, intercept = fit_variance(x - offset, v, n)
     floor = quantum * quantum / 12.0  # integer frames: the rounding's own variance
     intercept = max(float(intercept), floor)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
@@ -211,7 +211,7 @@ def _stable_argsort(x: np.ndarray) -> np.ndarray:
     return first[np.argsort((key >> np.uint32(16)).astype(np.uint16)[first], kind="stable")]
 
 
-def _fit_variance(x: np.ndarray, v: np.ndarray, n: np.ndarray) -> tuple[float, float]:
+def fit_variance(x: np.ndarray, v: np.ndarray, n: np.ndarray) -> tuple[float, float]:
     """``v = slope * x + intercept`` through the level bins, slope and intercept >= 0, fitted from below.
 
     Structure the smooth-pair selection missed only ever adds variance, and the brightest bins
@@ -366,7 +366,7 @@ def impulse_evidence(raw: np.ndarray, noise: NoiseModel, config: GuardConfig, ca
 
 
 #: The 16 pixels two away (the 5x5 square's rim): the peak test's background.
-_RIM = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if max(abs(dy), abs(dx)) == 2)
+PEAK_RIM = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if max(abs(dy), abs(dx)) == 2)
 
 
 def _not_a_real_peak(at, noise: NoiseModel, config: GuardConfig) -> np.ndarray:  # noqa: ANN001 - at: (dy, dx) -> array
@@ -385,7 +385,7 @@ def _not_a_real_peak(at, noise: NoiseModel, config: GuardConfig) -> np.ndarray: 
     The arithmetic is mirrored, operation for operation, in engine/device_frame.py.
     """
     f = at(0, 0)
-    rim = np.sort(np.stack([at(dy, dx) for dy, dx in _RIM]), axis=0)
+    rim = np.sort(np.stack([at(dy, dx) for dy, dx in PEAK_RIM]), axis=0)
     b = (rim[7] + rim[8]) * np.float32(0.5)
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
     z = np.float32(config.learned_peak_sigma)
@@ -648,7 +648,7 @@ def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict, z
 
 #: Largest magnitude the guard's float32 arithmetic takes as it is (sums of a few pixels and their squares
 #: stay finite); a frame beyond it is scaled down by a power of two, exactly, and back.
-_HEADROOM = 2.0**60
+HEADROOM = 2.0**60
 
 
 def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,
@@ -657,8 +657,8 @@ def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, confi
     and where the calibrated defect head is sure, the network's output unbounded."""
     f = np.asarray(raw, dtype=np.float32)
     peak = max(float(f.max()), -float(f.min())) if f.size else 0.0  # max |f|; NaN where f has a NaN
-    if math.isfinite(peak) and peak > _HEADROOM:  # a float frame near float32's limit: sums would overflow
-        scale = 2.0 ** (math.frexp(_HEADROOM)[1] - math.frexp(peak)[1])
+    if math.isfinite(peak) and peak > HEADROOM:  # a float frame near float32's limit: sums would overflow
+        scale = 2.0 ** (math.frexp(HEADROOM)[1] - math.frexp(peak)[1])
         scaled = config.model_copy(update={
             "read_noise_dn": None if config.read_noise_dn is None else config.read_noise_dn * scale,
             "offset_dn": None if config.offset_dn is None else config.offset_dn * scale,
