@@ -523,7 +523,9 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
     def at(oy: int, ox: int) -> Tensor:
         return pad[cy + 2 + oy, cx + 2 + ox]
 
-    hit, _ = _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)
+    hit = torch.ones_like(cy, dtype=torch.bool)
+    if config.learned_evidence_sigma is not None:
+        hit &= _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)[0]
     if config.learned_peak_sigma is not None:
         hit &= _not_a_real_peak(at, noise, config)
     out[cy[hit], cx[hit]] = True
@@ -570,7 +572,7 @@ def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig
     flags = torch.zeros(f.shape, dtype=torch.uint8, device=f.device)
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > _f32(config.defect_threshold)) & ~impulses & ~saturated
-        if config.learned_evidence_sigma is not None:
+        if config.learned_evidence_sigma is not None or config.learned_peak_sigma is not None:
             learned = impulse_evidence(f, noise, config, learned, impulses, background)
         out[learned] = den[learned]
         flags[learned] = LEARNED

@@ -13,7 +13,7 @@ like, and so what a filter may do to it:
    against the noise model, as L.A.Cosmic tests cosmic rays: replaced by the local background);
    the network's defect head above a threshold calibrated on held-out frames to a stated rate of
    false flags on real bright structure (conformal risk control), where the pixel is also sharper
-   than looser optics allow (:func:`impulse_evidence`): takes the network's output.
+   than real light through the optics can be (:func:`impulse_evidence`): takes the network's output.
 
 The noise model is measured on the frame itself when the camera's is not given (local variance
 against local level on pixel pairs, robust per level bin, a straight-line fit of variance on
@@ -69,7 +69,7 @@ class GuardConfig(BaseModel):
     learned_evidence_sigma: float | None = Field(
         2.0, gt=0, description="a learned flag stands only where the pixel is also an impulse at this significance, "
         "tested against the looser optics of learned_evidence_psf_px: the head's word alone never moves real light "
-        "beyond the bound; None: the head alone decides")
+        "beyond the bound; None: no such test (with learned_peak_sigma None too, the head alone decides)")
     learned_evidence_psf_px: float = Field(1.0, gt=0.2, le=10, description="the optics (Gaussian sigma, pixels) a "
                                            "learned flag's evidence is tested against: blurrier than psf_sigma_px, "
                                            "so weaker evidence than an impulse flag needs")
@@ -357,8 +357,10 @@ def impulse_evidence(raw: np.ndarray, noise: NoiseModel, config: GuardConfig, ca
     if impulses is None or background is None:
         impulses, background = np.zeros(f.shape, dtype=bool), f
     at = _replaced(f, impulses, background, cy, cx)  # np.pad(..., 2, mode="edge") at the candidates moved
+    hit = np.ones(idx.size, dtype=bool)
     with np.errstate(all="ignore"):
-        hit, _ = _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)
+        if config.learned_evidence_sigma is not None:
+            hit &= _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)[0]
         if config.learned_peak_sigma is not None:
             hit &= _not_a_real_peak(at, noise, config)
     out.ravel()[idx[hit]] = True
@@ -688,8 +690,8 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
     learned = None
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
-        if config.learned_evidence_sigma is not None:  # the head's word, and the optics' agreement
-            learned = impulse_evidence(f, noise, config, learned, impulses, background)
+        if config.learned_evidence_sigma is not None or config.learned_peak_sigma is not None:
+            learned = impulse_evidence(f, noise, config, learned, impulses, background)  # the optics agree
         np.copyto(out, denoised, where=learned)
         np.copyto(flags, np.uint8(LEARNED), where=learned)
     np.copyto(out, background, where=impulses)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=float, nargs="+", default=[1.0, 2.0], help="guard bounds to score (k sigma)")
     p.add_argument("--threshold", type=float, nargs="*", default=[], help="defect-head thresholds to score")
     p.add_argument("--head-alone", action="store_true", help="also score each threshold without the learned "
-                   "flag's evidence test (the head's word alone)")
+                   "flag's two tests (the head's word alone)")
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
                    help="also score the guard with these GuardConfig fields (JSON), e.g. "
                    "--variant peaks-off '{\"defect_threshold\": 0.5, \"learned_peak_sigma\": null}'")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 Denoiser.from_package(pkg, guard=GuardConfig(k_sigma=k, defect_threshold=t)))
             if args.head_alone:  # the learned flag without the optics' agreement (engine.guard.impulse_evidence)
                 methods[f"{args.model} + guard k={k:g} head>{t:g} alone"] = model_method(Denoiser.from_package(
-                    pkg, guard=GuardConfig(k_sigma=k, defect_threshold=t, learned_evidence_sigma=None)))
+                    pkg, guard=GuardConfig(k_sigma=k, defect_threshold=t, learned_evidence_sigma=None, learned_peak_sigma=None)))
     for name, fields in args.variant:
         methods[f"{args.model} + {name}"] = model_method(Denoiser.from_package(pkg, guard=GuardConfig(
             **json.loads(fields))))

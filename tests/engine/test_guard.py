@@ -116,7 +116,8 @@ def test_a_head_that_claims_a_real_ring_does_not_move_it(fraction: float) -> Non
     g = guard(raw, erased, raw >= 4094.5, GuardConfig(defect_threshold=0.5), sure)
     assert (g.flags[on_ring] == LEARNED).mean() < 0.03  # noise now and then looks sharp at 2 sigma
     assert np.mean(g.output[on_ring]) > 0.9 * np.mean(clean[on_ring])
-    alone = guard(raw, erased, raw >= 4094.5, GuardConfig(defect_threshold=0.5, learned_evidence_sigma=None), sure)
+    alone = guard(raw, erased, raw >= 4094.5, GuardConfig(defect_threshold=0.5, learned_evidence_sigma=None,
+                                                           learned_peak_sigma=None), sure)
     assert (alone.flags[on_ring] == LEARNED).all() and np.mean(alone.output[on_ring]) < 200
 
 
@@ -173,6 +174,8 @@ def test_a_head_that_claims_real_point_sources_does_not_lower_them() -> None:
     assert (g.output[ys, xs] > 0.9 * raw[ys, xs]).mean() >= 0.9
     loose = guard(raw, painted, sat, GuardConfig(defect_threshold=0.5, learned_peak_sigma=None), p)
     assert (loose.flags[ys, xs] == LEARNED).mean() >= 0.8
+    peak_only = guard(raw, painted, sat, GuardConfig(defect_threshold=0.5, learned_evidence_sigma=None), p)
+    assert (peak_only.flags[ys, xs] == LEARNED).mean() <= 0.05  # each test stands on its own
 
 
 def test_a_float_frame_near_float32s_limit_is_guarded_as_the_same_frame_scaled() -> None:
