@@ -99,9 +99,12 @@ def _array(element: np.dtype | str, max_elements: int, doc: str, dtype: type | N
 
 def has_subscribers(channel: object) -> bool:
     """Whether any client monitors this PV now (caproto keeps them by queue, sync filter and data type; an
-    unsubscribed client leaves an empty set behind)."""
-    return any(specs for syncs in channel._queues.values()  # type: ignore[attr-defined]
-               for by_type in syncs.values() for specs in by_type.values())
+    unsubscribed client leaves an empty set behind). This reads caproto's ``ChannelData._queues`` (the
+    version in constraints.txt); where a caproto has no such record, True: the value is made every frame."""
+    queues = getattr(channel, "_queues", None)
+    if not isinstance(queues, dict):
+        return True
+    return any(specs for syncs in queues.values() for by_type in syncs.values() for specs in by_type.values())
 
 
 class DeferredArray(PvpropertyFloatRO):

@@ -153,3 +153,19 @@ def test_a_caproto_without_the_reads_internal_keeps_its_own_reads(monkeypatch: p
         assert source.large_ca_reads() is False
         assert source.large_ca_reads() is False
     assert sum("_TransportWrapper" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_without_caprotos_subscription_record_the_residual_is_made_every_frame() -> None:
+    """has_subscribers reads caproto's ChannelData._queues; a caproto without it makes the value each frame."""
+    from cdae.ioc.pvs import has_subscribers
+
+    class Bare:
+        pass
+
+    class Watched:
+        _queues = {"q": {None: {"type": {"spec"}}}}
+
+    class Left:
+        _queues = {"q": {None: {"type": set()}}}
+
+    assert has_subscribers(Bare()) and has_subscribers(Watched()) and not has_subscribers(Left())
