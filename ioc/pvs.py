@@ -119,6 +119,10 @@ class DeferredArray(PvpropertyFloatRO):
     _deferred = None  # Callable[[], np.ndarray] | None: the value not computed yet
 
     async def defer(self, compute: object, **metadata: object) -> None:
+        if not (isinstance(getattr(self, "_content", None), dict) and isinstance(getattr(self, "_data", None), dict)):
+            metadata = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM, **metadata}
+            await self.write(compute(), **metadata)  # type: ignore[operator]  # a caproto without these: at once
+            return
         self._deferred = compute
         self._content.clear()  # caproto's per-data-type cache of the last value
         await self.write_metadata(publish=False, **metadata)
