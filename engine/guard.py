@@ -379,8 +379,9 @@ def _not_a_real_peak(at, noise: NoiseModel, config: GuardConfig) -> np.ndarray: 
     that test flag less, right for a flag of its own, wrong for refusing the head). A peak stands out by
     ``up = (f - B) - (R / m) sum(n - B)`` beyond what light through the narrowest optics (``R``, as the
     impulse test's) could give its ``m`` side neighbours: across each axis and both together, tested at
-    ``learned_peak_sigma`` of its noise; each axis's pair counts as twice its brighter side, so that a
-    dead or dark neighbour does not make a real peak look sharp. A dip is tested the same way down from
+    ``learned_peak_sigma`` times ``sigma sqrt(1 + R^2 / m)``; each axis's pair counts as twice its brighter
+    side, so that a dead or dark neighbour does not make a real peak look sharp (the brighter of two sits
+    about 0.56 sigma high: stricter on a flat field, never looser). A dip is tested the same way down from
     ``B``, each pair as twice its darker side (a real pixel beside a bright edge or clipped light is no
     dead pixel). The head's flag on a pixel that is nowhere sharper than that (a real point source, a
     valley between two, or a radiation spot one cannot tell from a point source in one frame) is refused.
