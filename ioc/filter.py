@@ -640,11 +640,14 @@ class FilterIOC:
             await p.model_rbv.write(model, timestamp=info.stamp)
         await write_image(p, to_ca(denoised, self.element), h, w, info.data_type, info, self.counter, rate,
                           itemsize=numpy_dtype(info.data_type).itemsize)
+        want_residual = self.config.residual and raw is not None
+        # the frame as published, in its data type's own dtype (the NTNDArray's, and the residual's subtrahend)
+        published = from_engine(denoised, info.data_type) if pva is not None or want_residual else None
         if pva is not None:
-            pva.post(self.config.prefix + IMAGE, from_engine(denoised, info.data_type), info.data_type, info, attributes)
+            pva.post(self.config.prefix + IMAGE, published, info.data_type, info, attributes)
         await p.latency.write(round((time.time() - info.timestamp) * 1e3, 3), timestamp=info.stamp)
-        if self.config.residual and raw is not None:
-            residual = functools.partial(residual_of, raw, from_engine(denoised, info.data_type))
+        if want_residual:
+            residual = functools.partial(residual_of, raw, published)
             if pva is not None:  # PVA has no word of its monitors here: made every frame
                 r = residual()
                 await write_image(p.residual, r.reshape(-1), h, w, NDDataType.Float32, info, self.counter, rate)
