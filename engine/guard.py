@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.ndimage import uniform_filter1d
 
 from cdae.engine.robust import MAD_TO_SIGMA
 
@@ -427,9 +428,12 @@ def _replaced(f: np.ndarray, mask: np.ndarray, background: np.ndarray, cy: np.nd
 
 
 def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
-                 block_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                 block_rows: int = 64, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One pass of the impulse test (:func:`_tests`) over the whole frame, lines included, in blocks
-    of rows (with the halo the line test needs) so that its temporaries stay in the CPU's cache."""
+    of rows (with the halo the line test needs) so that its temporaries stay in the CPU's cache.
+
+    The blocks are independent (each writes its own rows), so ``threads`` (default :func:`guard_threads`)
+    share them out, numpy releasing the GIL in its loops; the result is the same bits for any count."""
     f = np.asarray(raw, dtype=np.float32)
     h, w = f.shape
     halo = config.line_length // 2
@@ -443,20 +447,61 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
     flat = padded.reshape(-1)
     mask = np.empty((h, w), dtype=bool)
     background = np.empty((h, w), dtype=np.float32)
-    work: dict = {}
-    for y0 in range(0, h, block_rows):
-        y1 = min(h, y0 + block_rows)
-        a, b = max(0, y0 - halo), min(h, y1 + halo)  # rows computed; [y0, y1) kept
 
-        def at(dy: int, dx: int, a: int = a, b: int = b) -> np.ndarray:  # the rows moved by (dy, dx), wide
-            start = (2 + a + dy) * wide + 2 + dx
-            return flat[start: start + (b - a) * wide].reshape(b - a, wide)
+    def run(starts: list[int]) -> None:
+        work: dict = {}  # one set of buffers per thread
+        for y0 in starts:
+            y1 = min(h, y0 + block_rows)
+            a, b = max(0, y0 - halo), min(h, y1 + halo)  # rows computed; [y0, y1) kept
 
-        with np.errstate(all="ignore"):  # the junk columns may do what no real pixel does
-            m, bg = _tests(at(0, 0), at, noise, config, line_axes=(0, 1), work=work, keep=slice(y0 - a, y1 - a),
-                           width=w)
-        mask[y0:y1], background[y0:y1] = m[:, :w], bg[:, :w]
+            def at(dy: int, dx: int, a: int = a, b: int = b) -> np.ndarray:  # the rows moved by (dy, dx), wide
+                start = (2 + a + dy) * wide + 2 + dx
+                return flat[start: start + (b - a) * wide].reshape(b - a, wide)
+
+            with np.errstate(all="ignore"):  # the junk columns may do what no real pixel does
+                m, bg = _tests(at(0, 0), at, noise, config, line_axes=(0, 1), work=work,
+                               keep=slice(y0 - a, y1 - a), width=w)
+            mask[y0:y1], background[y0:y1] = m[:, :w], bg[:, :w]
+
+    blocks = list(range(0, h, block_rows))
+    n = min(guard_threads() if threads is None else threads, len(blocks))
+    if n <= 1:
+        run(blocks)
+    else:  # interleaved, so that each thread gets as many full blocks
+        for done in [_pool(n).submit(run, blocks[i::n]) for i in range(n)]:
+            done.result()
     return mask, background
+
+
+_THREADS: int | None = None
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def guard_threads() -> int:
+    """Threads the whole-frame impulse pass uses: :func:`set_guard_threads`'s, else the CPUs this process
+    may run on (at most 8)."""
+    if _THREADS is not None:
+        return _THREADS
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def set_guard_threads(threads: int | None) -> None:
+    """The impulse pass's threads (the engine's ``threads``, as torch's); None: :func:`guard_threads`' default."""
+    global _THREADS
+    if threads is not None and threads < 1:
+        raise ValueError(f"guard threads must be >= 1, not {threads}")
+    _THREADS = threads
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS.setdefault(n, ThreadPoolExecutor(n, thread_name_prefix="cdae-guard"))
+    return pool
 
 
 def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: ANN001 - at: (dy, dx) -> array
@@ -630,6 +675,8 @@ def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict, z
     """``uniform_filter1d(t, length, axis, mode="nearest")`` into ``out``; along the first axis of a 2-D block
     on its transpose (the same lines, the same running sums: the same values, without strided lines), and
     None instead where no pixel of the rows kept has ``|average| > z_line`` (nothing for the line test)."""
+    from scipy.ndimage import uniform_filter1d  # here: scipy.ndimage costs 0.6 s to import, the IOC needs no guard
+
     if axis == 0 and t.ndim == 2:
         key = ("T", t.shape)
         pair = work.get(key)

@@ -145,7 +145,18 @@ def set_determinism(cfg: TrainConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
+        deterministic_algorithms()
+
+
+def deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True)`` for eager ops, without its import of torch._inductor (2 s
+    of CPU in every training process, for torch.compile's setting, which training does not use). Where torch
+    lacks the flag's own setter, the public call."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor" in sys.modules:  # inductor loaded: keep its setting in step
         torch.use_deterministic_algorithms(True)
+        return
+    setter(True, warn_only=False)
 
 
 @torch.no_grad()

@@ -334,5 +334,21 @@ def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int]) -> No
         noise = noise_model(raw, config)
         with np.errstate(all="ignore"):
             expected = _reference_pass(raw, noise, config)
-        got = impulse_pass(raw, noise, config)
-        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1], equal_nan=True)
+        for threads in (1, 3):  # the blocks shared out over threads: the same bits
+            got = impulse_pass(raw, noise, config, block_rows=32, threads=threads)
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1], equal_nan=True)
+
+
+def test_guard_threads_are_set_by_the_engine_and_checked() -> None:
+    from cdae.engine import guard as g
+
+    before = g._THREADS
+    try:
+        g.set_guard_threads(3)
+        assert g.guard_threads() == 3
+        g.set_guard_threads(None)
+        assert 1 <= g.guard_threads() <= 8
+        with pytest.raises(ValueError, match=">= 1"):
+            g.set_guard_threads(0)
+    finally:
+        g.set_guard_threads(before)
