@@ -9,7 +9,8 @@
 # 3. then, alone on the machine, the engine benchmark at 1024² and 2048² uint16: torch-cuda with its
 #    pre/post-processing on the GPU (device_pre_post, the default), torch-cuda+host (the same steps in
 #    NumPy on the host) and the passthrough engine, in one run: $OUT/engine-<gpu>.json and .png, each
-#    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's).
+#    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's);
+#    before it, the guard's cost on the CPU by thread count (bench/guard.py: $OUT/guard-<cpu>.json).
 # Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
 set -u
 OUT=${OUT:-/tmp/cdae-gpu}
@@ -45,6 +46,13 @@ if [ "${PARITY:-1}" != 0 ]; then
     ( cd /tmp && timeout "${PARITY_S:-90}" $PY "$ROOT/bench/device_parity.py" --device cuda --max-side "${PARITY_SIDE:-1024}" \
         --out "$OUT" ) >"$OUT/parity.log" 2>&1
     echo "parity rc=$?"; tail -20 "$OUT/parity.log"
+fi
+# the guard's impulse pass on the machine's many CPU cores (its threads; here 2 vCPUs showed no gain):
+# guard-<cpu>.json beside the rest
+if [ "${GUARD:-1}" != 0 ]; then
+    ( cd /tmp && timeout "${GUARD_S:-150}" $PY "$ROOT/bench/guard.py" --sizes 1024,2048 --threads 1,2,4,8,16 \
+        --precision fp32 --out "$OUT" ) >"$OUT/guard.log" 2>&1
+    echo "guard rc=$?"; tail -4 "$OUT/guard.log"
 fi
 [ "${BENCH:-1}" = 0 ] && exit 0
 ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host}" \

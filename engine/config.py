@@ -111,8 +111,7 @@ class EngineConfig(BaseModel):
     curve: CurveServerKeys | None = Field(
         None, description="CURVE encryption and client authentication on both sockets; needed off loopback"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads of torch and of the guard's impulse pass "
-                                "(default: torch's choice; the guard's: the CPUs the engine may run on)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
     timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
     guard: GuardConfig | None = Field(

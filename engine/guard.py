@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,19 +477,13 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def guard_threads() -> int:
-    """Threads the whole-frame impulse pass uses: :func:`set_guard_threads`'s, else the CPUs this process
-    may run on (at most 8)."""
-    if _THREADS is not None:
-        return _THREADS
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    """Threads the whole-frame impulse pass uses: :func:`set_guard_threads`'s, else one (the engine sets none
+    until ``bench/guard.py --threads`` shows more paying on a kind of host: docs/results.md)."""
+    return 1 if _THREADS is None else _THREADS
 
 
 def set_guard_threads(threads: int | None) -> None:
-    """The impulse pass's threads (the engine's ``threads``, as torch's); None: :func:`guard_threads`' default."""
+    """The impulse pass's threads for this process; None: :func:`guard_threads`' default (one)."""
     global _THREADS
     if threads is not None and threads < 1:
         raise ValueError(f"guard threads must be >= 1, not {threads}")
