@@ -35,6 +35,9 @@ CAMERA_ARGS = ("--stopped", "--fresh-noise", "--seed", "7", "--point-source", ",
 
 
 def _ioc_config(tmp_path: Path) -> Path:
+    """The IOC's health config. ``cpu_share = 1``: every frame is analysed however loaded the cores are (at
+    the default 0.1, an analysis slowed by a busy machine makes the map sample frames, so its windows
+    span more of the burst and the exact map below depends on the load; the bound is tested apart)."""
     path = tmp_path / "ioc.toml"
     path.write_text(f"""\
 state_dir = "{tmp_path / 'state'}"
@@ -43,6 +46,7 @@ window_frames = {WINDOW}
 enter_windows = {ENTER}
 baseline_windows = 4
 map_period_s = 0.5
+cpu_share = 1.0
 [health.limits]
 new_bad_pixels = {{minor = 3, major = 1000}}
 new_bad_lines = {{major = 1}}
