@@ -25,11 +25,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from cdae.lines import say
+
 Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
-    print(f"sd_notify: {msg}", file=sys.stderr, flush=True)
+    say(f"sd_notify: {msg}", sys.stderr)
 
 
 def socket_address(value: str) -> str | None:

@@ -39,6 +39,7 @@ from cdae.ioc.publish import write_image
 from cdae.ioc.pva import IMAGE, NTNDArrayServer
 from cdae.ioc.pvs import CameraPVs, camera_pvs
 from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
+from cdae.lines import say
 
 CameraDataType = Literal["UInt8", "Int16", "UInt16", "Float32"]
 DamageKind = Literal["hot_pixels", "dead_pixels", "stuck_pixels", "hot_column", "dead_column", "radiation"]
@@ -409,8 +410,8 @@ class SimCamera:
             self.pva = NTNDArrayServer([c.prefix + IMAGE], c.interfaces)
         tasks = [asyncio.create_task(serve_pvdb(self.pvs.pvdb, c.interfaces)),
                  asyncio.create_task(self.acquire_loop())]
-        print(f"cdae-sim-camera ready prefix={c.prefix} size={c.width}x{c.height} data_type={c.data_type} "
-              f"rate_hz={c.rate_hz:g} port={ca_server_port()} pva={self.pva.port if self.pva else 'off'}", flush=True)
+        say(f"cdae-sim-camera ready prefix={c.prefix} size={c.width}x{c.height} data_type={c.data_type} "
+            f"rate_hz={c.rate_hz:g} port={ca_server_port()} pva={self.pva.port if self.pva else 'off'}")
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]

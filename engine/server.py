@@ -63,13 +63,14 @@ from cdae.engine.protocol import (
     error_reply_for,
 )
 from cdae.engine.stats import EngineStats
+from cdae.lines import say
 from cdae.notify import Notifier
 
 Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
-    print(f"cdae-engine: {msg}", file=sys.stderr, flush=True)
+    say(f"cdae-engine: {msg}", sys.stderr)
 
 
 def _utc_now() -> str:
@@ -586,7 +587,7 @@ def run_engine(config: EngineConfig, stop: threading.Event, out: Callable[[str],
     sockets are bound, STATUS lines with the counters, watchdog pings (see :func:`supervise`),
     and STOPPING=1 on the way out.
     """
-    out = out or (lambda s: print(s, flush=True))
+    out = out or say
     notifier = notifier or Notifier(log=log)
     log("effective config: " + config.model_dump_json())
     server = EngineServer(config, log)

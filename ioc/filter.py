@@ -30,6 +30,7 @@ from caproto.asyncio.client import Context as ClientContext
 from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.errors import EngineError
+from cdae.lines import say
 from cdae.engine.residual import residual_of
 from cdae.engine.protocol import FrameReply
 from cdae.engine.triton_client import AsyncTritonClient, AsyncTritonControl
@@ -772,9 +773,9 @@ class FilterIOC:
         bound = asyncio.create_task(listening.wait())
         await asyncio.wait([bound, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if listening.is_set():  # ready means clients can connect: the CA sockets are bound
-            print(f"cdae-ioc ready prefix={c.prefix} source={c.source} element={self.element.name} "
-                  f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()} "
-                  f"pva={self.pva.port if self.pva is not None else 'off'}", flush=True)
+            say(f"cdae-ioc ready prefix={c.prefix} source={c.source} element={self.element.name} "
+                f"max_elements={max_elements} engine={','.join(c.engine)} port={ca_server_port()} "
+                f"pva={self.pva.port if self.pva is not None else 'off'}")
             notifier.ready(self.status_line())
             ready.set()
             await asyncio.wait([stopper, *tasks, *keepalive], return_when=asyncio.FIRST_COMPLETED)

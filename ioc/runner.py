@@ -13,11 +13,13 @@ from typing import TypeVar
 from caproto.asyncio.server import Context as ServerContext
 from caproto.server import PVSpec
 
+from cdae.lines import say
+
 T = TypeVar("T")
 
 
 def log(who: str, msg: str) -> None:
-    print(f"{who}: {msg}", file=sys.stderr, flush=True)
+    say(f"{who}: {msg}", sys.stderr)
 
 
 def ca_server_port() -> int:

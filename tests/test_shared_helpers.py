@@ -75,3 +75,31 @@ def test_one_queue_size_range() -> None:
             IocConfig(source="S:", prefix="P:", queue_size=bad)
     limits = FilterPVs.queue_size.pvspec.cls_kwargs
     assert (limits["lower_ctrl_limit"], limits["upper_ctrl_limit"]) == (QUEUE_SIZE_MIN, QUEUE_SIZE_MAX)
+
+
+_WRITERS = """
+import sys, threading
+from cdae.lines import say
+def stderr_lines():
+    for i in range(3000):
+        {write}("E" * 60, sys.stderr)
+t = threading.Thread(target=stderr_lines)
+t.start()
+for i in range(3000):
+    {write}("O" * 60, sys.stdout)
+t.join()
+"""
+
+
+def test_lines_from_two_threads_on_one_pipe_arrive_whole() -> None:
+    """stdout and stderr on one pipe, unbuffered, as the services' readers have them: every line ``say``
+    writes arrives whole (``print`` writes the newline apart, and the other thread's line gets in between)."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _WRITERS.format(write="say")], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout
+    lines = r.stdout.splitlines()
+    assert len(lines) == 6000 and all(ln in ("E" * 60, "O" * 60) for ln in lines)
