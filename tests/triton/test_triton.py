@@ -160,7 +160,7 @@ def test_ioc_through_triton_keeps_ids_matches_the_engine_and_swaps_versions_unde
     wait_for(lambda: "tiny:1" in long_string_of(out + "Models_RBV"), 30, "the repository's versions in Models_RBV")
     assert string_of(out + "Backend_RBV") == "triton"
     wait_for(lambda: string_of(out + "Model_RBV") == "tiny:2", 60, "frames from tiny:2")
-    dropped = _counter(out + "DroppedArrays_RBV")
+    dropped, gaps = _counter(out + "DroppedArrays_RBV"), _counter(out + "SourceGaps_RBV")
     ctx = Context()
     seen: list[int] = []
     lock = threading.Lock()
@@ -175,8 +175,12 @@ def test_ioc_through_triton_keeps_ids_matches_the_engine_and_swaps_versions_unde
         sub = uid_pv.subscribe(data_type="time")
         sub.add_callback(on_uid)
         wait_for(lambda: len(seen) >= 4, 30, "ids before the swap")
+        with lock:
+            swap_from = seen[-1]
         ca_write(out + "Model", "tiny:1", timeout=120)  # Triton loads 1 beside 2, frames switch, 2 is unloaded
         wait_for(lambda: string_of(out + "Model_RBV") == "tiny:1", 60, "frames from tiny:1")
+        with lock:
+            swap_to = seen[-1]
         n = len(seen)
         wait_for(lambda: len(seen) >= n + 5, 60, "ids after the swap")
         last = pause_and_settle(stack)
@@ -188,8 +192,13 @@ def test_ioc_through_triton_keeps_ids_matches_the_engine_and_swaps_versions_unde
     books = {pv: _counter(out + pv) for pv in ("DroppedArrays_RBV", "FrameErrors_RBV", "SourceGaps_RBV",
                                                 "FramesReceived_RBV", "ArrayCounter_RBV")}
     missing = sorted(set(range(ids[0], ids[-1] + 1)) - set(ids))
-    assert not missing, f"lost frames around the swap: {missing} of {ids[0]}..{ids[-1]}; the IOC's books {books}"
-    assert books["DroppedArrays_RBV"] == dropped and books["FrameErrors_RBV"] == 0
+    # not one frame missing across the swap; elsewhere, on loaded cores, a frame the IOC dropped is not lost if
+    # its books count it (a newer frame replaced it while Triton was slow): no id may go missing uncounted
+    at_swap = [i for i in missing if swap_from <= i <= swap_to]
+    assert not at_swap, f"frames lost in the swap ({swap_from}..{swap_to}): {at_swap}; the IOC's books {books}"
+    counted = books["DroppedArrays_RBV"] - dropped + books["SourceGaps_RBV"] - gaps
+    assert len(missing) <= counted, f"frames lost uncounted: {missing} of {ids[0]}..{ids[-1]}; the IOC's books {books}"
+    assert books["FrameErrors_RBV"] == 0
     # the last frame: UniqueId and timestamp are the camera's, pixels are the ZeroMQ engine's on the same raw frame
     raw_r, den_r = ca_read(cam + "ArrayData"), ca_read(out + "ArrayData")
     assert abs(den_r.metadata.timestamp - raw_r.metadata.timestamp) < 1e-6  # type: ignore[attr-defined]
