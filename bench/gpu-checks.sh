@@ -47,7 +47,7 @@ if [ "${PARITY:-1}" != 0 ]; then
         --out "$OUT" ) >"$OUT/parity.log" 2>&1
     echo "parity rc=$?"; tail -20 "$OUT/parity.log"
 fi
-# the guard's impulse pass on the machine's many CPU cores (its threads; here 2 vCPUs showed no gain):
+# the guard's impulse pass on the machine's many CPU cores (its threads; on 2 vCPUs two were slower):
 # guard-<cpu>.json beside the rest
 if [ "${GUARD:-1}" != 0 ]; then
     ( cd /tmp && timeout "${GUARD_S:-150}" $PY "$ROOT/bench/guard.py" --sizes 1024,2048 --threads 1,2,4,8,16 \

@@ -18,3 +18,8 @@ def say(text: str, stream: TextIO | None = None) -> None:
     out = sys.stdout if stream is None else stream
     out.write(text + "\n")
     out.flush()
+
+
+def log(who: str, msg: str) -> None:
+    """A service's log line, ``who: msg``, on stderr (:func:`say`)."""
+    say(f"{who}: {msg}", sys.stderr)

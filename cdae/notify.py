@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 
-from cdae.lines import say
+from cdae.lines import log as log_line
 
 Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
-    say(f"sd_notify: {msg}", sys.stderr)
+    log_line("sd_notify", msg)
 
 
 def socket_address(value: str) -> str | None:

@@ -38,8 +38,8 @@ from cdae.ioc.frames import FrameInfo, NDDataType, RateMeter, ca_element_dtype, 
 from cdae.ioc.publish import write_image
 from cdae.ioc.pva import IMAGE, NTNDArrayServer
 from cdae.ioc.pvs import CameraPVs, camera_pvs
-from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
-from cdae.lines import say
+from cdae.ioc.runner import ca_server_port, cancel_all, serve_pvdb
+from cdae.lines import log, say
 
 CameraDataType = Literal["UInt8", "Int16", "UInt16", "Float32"]
 DamageKind = Literal["hot_pixels", "dead_pixels", "stuck_pixels", "hot_column", "dead_column", "radiation"]

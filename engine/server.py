@@ -25,7 +25,6 @@ clients whose public keys are allowed get any answer (:mod:`cdae.engine.curve`).
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 import threading
 import time
 import traceback
@@ -63,14 +62,14 @@ from cdae.engine.protocol import (
     error_reply_for,
 )
 from cdae.engine.stats import EngineStats
-from cdae.lines import say
+from cdae.lines import log as log_line, say
 from cdae.notify import Notifier
 
 Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
-    say(f"cdae-engine: {msg}", sys.stderr)
+    log_line("cdae-engine", msg)
 
 
 def _utc_now() -> str:

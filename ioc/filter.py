@@ -30,7 +30,6 @@ from caproto.asyncio.client import Context as ClientContext
 from cdae.engine.badpixels import MAX_HALF_WIDTH, BadPixelError, BadPixelMap
 from cdae.engine.client import AsyncControlClient, AsyncEngineClient
 from cdae.engine.errors import EngineError
-from cdae.lines import say
 from cdae.engine.residual import residual_of
 from cdae.engine.protocol import FrameReply
 from cdae.engine.triton_client import AsyncTritonClient, AsyncTritonControl
@@ -53,8 +52,9 @@ from cdae.ioc.health import HealthMonitor, default_state_dir, with_health
 from cdae.ioc.publish import set_alarm, write_image
 from cdae.ioc.pva import DEFECT_MAP, IMAGE, RESIDUAL, NTNDArrayServer, PvaFrameSource
 from cdae.ioc.pvs import STRING_MAX, FilterPVs, filter_pvs
-from cdae.ioc.runner import ca_server_port, cancel_all, log, serve_pvdb
+from cdae.ioc.runner import ca_server_port, cancel_all, serve_pvdb
 from cdae.ioc.source import FrameSource, SourceNames
+from cdae.lines import log, say
 from cdae.notify import Notifier
 
 _WHO = "cdae-ioc"

@@ -32,7 +32,7 @@ from cdae.health import HEALTH_NAMES, FrameResult, HealthConfig, HealthCounts, H
 from cdae.ioc.frames import FrameInfo, NDDataType
 from cdae.ioc.publish import write_image
 from cdae.ioc.pvs import YES_NO, FilterPVs, NDArrayPVs, _array, _long_string, pvproperty
-from cdae.ioc.runner import log
+from cdae.lines import log
 
 _WHO = "cdae-ioc"
 LIST_MAX_BYTES = 1 << 20  # HealthList_RBV: the map's defects with when each was first seen, JSON

@@ -40,8 +40,8 @@ from cdae.ioc.frames import (
     ca_element_dtype,
     nd_data_type,
 )
-from cdae.ioc.runner import log
 from cdae.ioc.source import OnConnection, OnError, OnFrame, SourceNames
+from cdae.lines import log
 
 PVA_HINT = "pip install 'cdae[pva]'"
 SCHEME = "pva://"

@@ -24,7 +24,7 @@ from caproto.server.server import (PvpropertyChar, PvpropertyCharRO, PvpropertyF
 
 from cdae import __version__
 from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
-from cdae.ioc.runner import log
+from cdae.lines import log
 
 #: The ADCore release whose PV set this emulates (reported, so clients know what to expect).
 AD_CORE_VERSION = "3.12.1"

@@ -6,20 +6,15 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from caproto.asyncio.server import Context as ServerContext
 from caproto.server import PVSpec
 
-from cdae.lines import say
+from cdae.lines import log
 
 T = TypeVar("T")
-
-
-def log(who: str, msg: str) -> None:
-    say(f"{who}: {msg}", sys.stderr)
 
 
 def ca_server_port() -> int:
