@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # none of its Python code runs: only the binary, its libraries and the Python-backend stub).
 TRITON_SPEC ?= nvidia-pytriton==0.7.0
 
-.PHONY: venv test test-all demo lint lock train-default evaluate-default clean
+.PHONY: venv test test-durations test-all demo lint lock train-default evaluate-default clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not tensorrt" --durations=20 \
 		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
+
+# Records each test file's seconds in tests/durations.json, the order (longest first) make test hands files out in.
+test-durations: $(STAMP)
+	CDAE_RECORD_DURATIONS=1 $(MAKE) test
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests

@@ -63,10 +63,25 @@ def cmd_engine(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        return run_engine(config, stop)
+        status = run_engine(config, stop)
     except EngineError as e:
         _err(f"cdae engine: error: {e}")
         return 2
+    _exit_stopped(status)
+    return status  # not reached
+
+
+def _exit_stopped(status: int) -> None:
+    """Exit a stopped engine at once: it has closed its sockets, released its backends and said so, and what the
+    interpreter would still do is free torch's modules one by one (0.5 s of CPU that a restart waits for)."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say to it
+            pass
+    os._exit(status)
 
 
 def _apply_epics_env(site) -> None:  # site: SiteConfig
