@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not tensorrt" --durations=20 \
-		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
 
 # Records each test file's seconds in tests/durations.json, the order (longest first) make test hands files out in.
 test-durations: $(STAMP)

@@ -330,12 +330,17 @@ def camera_values(out: Tensor, dtype: np.dtype, adc_max: float) -> Tensor:
 
 # --- the guard ----------------------------------------------------------------------------------
 
-def sigma(noise: NoiseModel, level: Tensor) -> Tensor:
-    """``NoiseModel.sigma`` of a float32 tensor."""
+def variance(noise: NoiseModel, level: Tensor) -> Tensor:
+    """``NoiseModel.variance`` of a float32 tensor."""
     var = torch.clamp_min(level - _f32(noise.offset_dn), 0.0)
     var *= _f32(noise.dn_per_e)
     var += _f32(noise.read_dn**2)
-    return _sqrt(var)
+    return var
+
+
+def sigma(noise: NoiseModel, level: Tensor) -> Tensor:
+    """``NoiseModel.sigma`` of a float32 tensor."""
+    return _sqrt(variance(noise, level))
 
 
 def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_pairs: int = 1 << 16) -> NoiseModel:
@@ -403,8 +408,8 @@ def _median4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor
     return torch.minimum(ab_lo, cd_lo), med, torch.maximum(ab_hi, cd_hi)
 
 
-def _sharpness(f: Tensor, lo: Tensor, hi: Tensor, neighbours: tuple[Tensor, ...], ratio: float, sig: Tensor,
-               tolerance: float) -> Tensor:
+def _excess(f: Tensor, lo: Tensor, hi: Tensor, neighbours: tuple[Tensor, ...], ratio: float, var: Tensor,
+            tolerance: float) -> tuple[Tensor, Tensor, Tensor]:
     r = _f32(ratio / len(neighbours))
     m = _f32(len(neighbours))
     total = neighbours[0].clone()
@@ -415,12 +420,20 @@ def _sharpness(f: Tensor, lo: Tensor, hi: Tensor, neighbours: tuple[Tensor, ...]
     up -= r * (total - m * lo)
     down = hi - f - r * (m * hi - total)
     slack *= slack
-    scale = _sqrt(sig * sig * _f32(1 + ratio * ratio / len(neighbours)) + slack)
-    up /= scale
-    down /= scale
-    up.clamp_(min=0)
-    down.clamp_(min=0)
-    return torch.where(up >= down, up, -down)
+    scale = _sqrt(var * _f32(1 + ratio * ratio / len(neighbours)) + slack)
+    return up, down, scale
+
+
+def _sharpness(f: Tensor, lo: Tensor, hi: Tensor, neighbours: tuple[Tensor, ...], ratio: float, var: Tensor,
+               tolerance: float) -> Tensor:
+    up, down, scale = _excess(f, lo, hi, neighbours, ratio, var, tolerance)
+    return (up.clamp_(min=0) - down.clamp_(min=0)) / scale
+
+
+def _beyond(f: Tensor, lo: Tensor, hi: Tensor, neighbours: tuple[Tensor, ...], ratio: float, var: Tensor,
+            tolerance: float, z: float) -> Tensor:
+    up, down, scale = _excess(f, lo, hi, neighbours, ratio, var, tolerance)
+    return torch.maximum(up, down) > z * scale
 
 
 def uniform_filter1d(t: Tensor, size: int, dim: int) -> Tensor:
@@ -456,16 +469,15 @@ def _tests(f: Tensor, at: Callable[[int, int], Tensor], noise: NoiseModel, confi
     lo, hi = torch.minimum(*lows), torch.maximum(*highs)
     for k in range(2):
         bg = backgrounds[k]
-        sig = sigma(noise, bg)
-        t = _sharpness(f, lo, hi, sides[k], r, sig, config.optics_tolerance)
+        var = variance(noise, bg)
+        t = _sharpness(f, lo, hi, sides[k], r, var, config.optics_tolerance)
         hit = torch.abs(t) > z
         if line_axes is not None and config.line_length > 1:
             along = uniform_filter1d(t, config.line_length, dim=line_axes[k])
-            hit |= (torch.abs(along) > z_line) & (t * along > 0) & (torch.abs(f - bg) > z * sig)
+            hit |= (torch.abs(along) > z_line) & (t * along > 0) & (torch.abs(f - bg) > z * _sqrt(var))
         axis_hits.append(hit)
     bg = 0.5 * (backgrounds[0] + backgrounds[1])
-    point = torch.abs(_sharpness(f, lo, hi, (*sides[0], *sides[1]), r, sigma(noise, bg),
-                                 config.optics_tolerance)) > z
+    point = _beyond(f, lo, hi, (*sides[0], *sides[1]), r, variance(noise, bg), config.optics_tolerance, z)
     mask = point | axis_hits[0] | axis_hits[1]
     background = torch.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
                              torch.where(axis_hits[1] & ~axis_hits[0], backgrounds[1], bg))

@@ -88,10 +88,14 @@ class NoiseModel:
     offset_dn: float
     measured: bool
 
-    def sigma(self, level: np.ndarray) -> np.ndarray:
+    def variance(self, level: np.ndarray) -> np.ndarray:
         var = np.maximum(np.asarray(level, dtype=np.float32) - np.float32(self.offset_dn), 0)
         var *= np.float32(self.dn_per_e)
         var += np.float32(self.read_dn**2)
+        return var
+
+    def sigma(self, level: np.ndarray) -> np.ndarray:
+        var = self.variance(level)
         return np.sqrt(var, out=var)
 
 
@@ -257,20 +261,21 @@ def _median4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tupl
     return np.minimum(ab_lo, cd_lo), median, np.maximum(ab_hi, cd_hi)
 
 
-def _sharpness(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[np.ndarray, ...],
-               ratio: float, sigma: np.ndarray, tolerance: float) -> np.ndarray:
+def _excess(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[np.ndarray, ...],
+            ratio: float, var: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reference form of :func:`_tests`' sharpness (which computes it in place, its shared terms once,
     element for element the same arithmetic); engine/device_frame.py mirrors it.
 
-    How far ``f`` stands out beyond what the optics allow given its neighbours' light, signed, in
-    units of the test's noise (``sigma`` the pixel noise; plus ``tolerance`` of the excess, for optics
-    that are not exactly the model).
+    How far ``f`` stands out beyond what the optics allow given its neighbours' light, up (``up``) and down
+    (``down``), and the test's noise (``scale``: ``var`` the pixel's noise variance; plus ``tolerance`` of the
+    excess, for optics that are not exactly the model).
 
     Light in a pixel spills at least ``1/R`` of itself into each side neighbour, so a real peak has
     ``f - lo <= (R / m) * sum(n - lo)`` over its ``m`` neighbours (noise ``sigma sqrt(1 + R^2 / m)``),
     measured from the lowest of the eight surrounding pixels ``lo``, not a median: in a crowded
     field a median background sits on the next source and makes a real peak look sharp. A dip
-    (dead) is tested the same way down from the highest, ``hi``.
+    (dead) is tested the same way down from the highest, ``hi``. The neighbours lie between ``lo`` and
+    ``hi``, so ``up + down = (1 - R)(hi - lo) <= 0``: at most one of the two is positive.
     """
     r = np.float32(ratio / len(neighbours))
     m = np.float32(len(neighbours))
@@ -282,12 +287,31 @@ def _sharpness(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[
     up -= r * (total - m * lo)
     down = hi - f - r * (m * hi - total)
     slack *= slack
-    scale = np.sqrt(sigma * sigma * np.float32(1 + ratio * ratio / len(neighbours)) + slack)
-    up /= scale
-    down /= scale
-    np.maximum(up, 0, out=up)
-    np.maximum(down, 0, out=down)
-    return np.where(up >= down, up, -down)
+    scale = np.sqrt(var * np.float32(1 + ratio * ratio / len(neighbours)) + slack)
+    return up, down, scale
+
+
+def _sharpness(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[np.ndarray, ...],
+               ratio: float, var: np.ndarray, tolerance: float) -> np.ndarray:
+    """:func:`_excess` signed, in units of the test's noise: up where the pixel stands above what the optics
+    allow, minus down where it sits below (one of the two is zero)."""
+    up, down, scale = _excess(f, lo, hi, neighbours, ratio, var, tolerance)
+    return (np.maximum(up, 0) - np.maximum(down, 0)) / scale
+
+
+def _beyond(f: np.ndarray, lo: np.ndarray, hi: np.ndarray, neighbours: tuple[np.ndarray, ...],
+            ratio: float, var: np.ndarray, tolerance: float, z: np.float32) -> np.ndarray:
+    """``|_sharpness| > z`` without the division: up or down beyond ``z`` of the test's noise."""
+    up, down, scale = _excess(f, lo, hi, neighbours, ratio, var, tolerance)
+    return np.maximum(up, down) > z * scale
+
+
+def _variance(noise, level: np.ndarray) -> np.ndarray:  # noqa: ANN001 - a NoiseModel, or anything with a sigma
+    """The pixel noise's variance at ``level``, as :func:`_tests` computes it."""
+    if isinstance(noise, NoiseModel):
+        return noise.variance(level)
+    s = np.asarray(noise.sigma(level), dtype=np.float32)
+    return s * s
 
 
 def find_impulses(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
@@ -519,8 +543,8 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     ``work``: buffers kept between calls of one shape (:func:`impulse_pass`'s blocks); the arrays returned are
     among them, to be copied before the next call. ``keep``: the rows of ``f`` to return (the others are a
     halo, needed only by the column average). ``width``: the columns of ``f`` that are pixels (the others
-    junk, left out of the row average and of nothing else). The arithmetic is :func:`_median4`'s and
-    :func:`_sharpness`'s, element for element in the same order (the same float32 bits), with the terms
+    junk, left out of the row average and of nothing else). The arithmetic is :func:`_median4`'s,
+    :func:`_sharpness`'s and :func:`_beyond`'s, element for element in the same order (the same float32 bits), with the terms
     the three tests share (the eight pixels' extremes, ``f - lo``, ``hi - f``, the optics slack) computed once.
     """
     work = {} if work is None else work
@@ -565,51 +589,45 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     slack *= tolerance
     slack *= slack
     m_lo, m_hi = buf("m_lo"), buf("m_hi")
-    sigma, t_buf, up_buf, absolute = buf("sigma"), buf("t"), buf("up"), buf("abs")
-    cond_buf, other = buf("cond", bool), buf("other", bool)
+    var, t_buf, up_buf, absolute = buf("var"), buf("t"), buf("up"), buf("abs")
+    other = buf("other", bool)
     zero = work.get(("zero", f.shape))
     if zero is None:  # np.maximum(x, 0) against an array of zeros: the same values, a vector loop (~3x faster)
         zero = work[("zero", f.shape)] = np.zeros(f.shape, dtype=np.float32)
 
-    def noise_sigma(level: np.ndarray, w) -> np.ndarray:  # noqa: ANN001 - NoiseModel.sigma, into sigma
+    def noise_var(level: np.ndarray, w) -> np.ndarray:  # noqa: ANN001 - _variance, into var
         if not isinstance(noise, NoiseModel):  # another noise (the camera-health window mean's): its own sigma
-            out = w(sigma)
+            out = w(var)
             out[...] = noise.sigma(level)
+            out *= out
             return out
-        var = np.subtract(level, np.float32(noise.offset_dn), out=w(sigma))
-        np.maximum(var, w(zero), out=var)
-        var *= np.float32(noise.dn_per_e)
-        var += np.float32(noise.read_dn**2)
-        return np.sqrt(var, out=var)
+        out = np.subtract(level, np.float32(noise.offset_dn), out=w(var))
+        np.maximum(out, w(zero), out=out)
+        out *= np.float32(noise.dn_per_e)
+        out += np.float32(noise.read_dn**2)
+        return out
 
     def sharpness(total: np.ndarray, m: int, w, significant: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
-        """_sharpness into t; given ``significant``, ``|t| > z`` into it instead."""
+        """_sharpness into t; given ``significant``, _beyond (``|t| > z``) into it instead, without the division."""
         rm = np.float32(r / m)
-        scale, up, t, cond = w(tmp), w(up_buf), w(t_buf), w(cond_buf)
+        scale, up, t = w(tmp), w(up_buf), w(t_buf)
         np.subtract(total, w(m_lo), out=scale)
         np.multiply(scale, rm, out=scale)
         np.subtract(w(f_lo), scale, out=up)
         np.subtract(w(m_hi), total, out=scale)
         np.multiply(scale, rm, out=scale)
         np.subtract(w(hi_f), scale, out=t)  # down
-        np.multiply(w(sigma), w(sigma), out=scale)
-        np.multiply(scale, np.float32(1 + r * r / m), out=scale)
+        np.multiply(w(var), np.float32(1 + r * r / m), out=scale)
         np.add(scale, w(slack), out=scale)
         np.sqrt(scale, out=scale)
-        np.divide(up, scale, out=up)
-        np.divide(t, scale, out=t)
+        if significant is not None:
+            np.maximum(up, t, out=up)
+            np.multiply(scale, z, out=scale)
+            return np.greater(up, scale, out=significant)
         np.maximum(up, w(zero), out=up)
         np.maximum(t, w(zero), out=t)
-        np.greater_equal(up, t, out=cond)
-        if significant is not None:  # |t| > z: up > z where up >= down, else down > z (no t)
-            np.greater(up, z, out=significant)
-            significant &= cond
-            np.greater(np.greater(t, z, out=w(other)), cond, out=w(other))  # (down > z) & ~cond
-            significant |= w(other)
-            return significant
-        np.negative(t, out=t)
-        np.copyto(t, up, where=cond)
-        return t
+        np.subtract(up, t, out=t)
+        return np.divide(t, scale, out=t)
 
     np.multiply(lo, np.float32(2), out=m_lo)
     np.multiply(hi, np.float32(2), out=m_hi)
@@ -619,7 +637,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
         w = (lambda a: a) if k == 0 else v  # the rows computed
         inner = v if k == 0 else (lambda a: a)  # of those, the rows kept
         bg = backgrounds[k]
-        noise_sigma(bg, w)
+        noise_var(bg, w)
         n1, p1 = sides[k]
         t = sharpness(np.add(n1, p1, out=w(buf(f"total{k}"))), 2, w)
         hit = np.greater(np.abs(inner(t), out=v(absolute)), z, out=v(buf(f"hit{k}", bool)))
@@ -632,17 +650,18 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
             along = inner(along)
             line = np.greater(np.abs(along, out=v(absolute)), z_line, out=v(buf("line", bool)))
             count = np.count_nonzero(line)
-            tk, fk, bk, sk = inner(t), v(f), inner(bg), v(sigma)
+            tk, fk, bk, vk = inner(t), v(f), inner(bg), v(var)
             if 8 * count > line.size:
                 spare = v(other)
                 line &= np.greater(np.multiply(tk, along, out=v(absolute)), 0, out=spare)
                 np.abs(np.subtract(fk, bk, out=v(absolute)), out=v(absolute))
-                line &= np.greater(v(absolute), np.multiply(sk, z, out=v(tmp)), out=spare)
+                sk = np.sqrt(vk, out=v(tmp))  # the pixel noise
+                line &= np.greater(v(absolute), np.multiply(sk, z, out=sk), out=spare)
                 hit |= line
             elif count:  # the few candidates alone, the same arithmetic
                 where = np.flatnonzero(line)
                 ok = (np.take(tk, where) * np.take(along, where) > 0) & \
-                    (np.abs(np.take(fk, where) - np.take(bk, where)) > z * np.take(sk, where))
+                    (np.abs(np.take(fk, where) - np.take(bk, where)) > z * np.sqrt(np.take(vk, where)))
                 np.put(hit, where[ok], True)
         axis_hits.append(hit)
     backgrounds[0] = v(backgrounds[0])
@@ -652,7 +671,7 @@ def _tests(f: np.ndarray, at, noise: NoiseModel, config: GuardConfig,  # noqa: A
     total += sides[1][1]
     np.multiply(v(lo), np.float32(4), out=v(m_lo))
     np.multiply(v(hi), np.float32(4), out=v(m_hi))
-    noise_sigma(bg, v)
+    noise_var(bg, v)
     mask = sharpness(total, 4, v, significant=v(buf("mask", bool)))
     mask |= axis_hits[0]
     mask |= axis_hits[1]

@@ -268,12 +268,12 @@ def test_median_is_numpys() -> None:
 
 def _reference_pass(raw: np.ndarray, noise, config: GuardConfig, block_rows: int = 64):  # noqa: ANN001, ANN202
     """The impulse pass as first written (whole-array temporaries, np.where), from guard's unchanged
-    _median4 and _sharpness: the optimised pass must give its bits."""
+    _median4, _sharpness and _beyond: the optimised pass must give its bits."""
     import math
 
     from scipy.ndimage import uniform_filter1d
 
-    from cdae.engine.guard import _median4, _sharpness, centre_to_neighbour_ratio
+    from cdae.engine.guard import _beyond, _median4, _sharpness, _variance, centre_to_neighbour_ratio
 
     def tests(f, at):  # noqa: ANN001, ANN202
         r = centre_to_neighbour_ratio(config.psf_sigma_px)
@@ -287,16 +287,15 @@ def _reference_pass(raw: np.ndarray, noise, config: GuardConfig, block_rows: int
         lo, hi = np.minimum(*lows), np.maximum(*highs)
         for k in range(2):
             bg = backgrounds[k]
-            sigma = noise.sigma(bg)
-            t = _sharpness(f, lo, hi, sides[k], r, sigma, config.optics_tolerance)
+            var = _variance(noise, bg)
+            t = _sharpness(f, lo, hi, sides[k], r, var, config.optics_tolerance)
             hit = np.abs(t) > z
             if config.line_length > 1:
                 along = uniform_filter1d(t, config.line_length, axis=k, mode="nearest")
-                hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > z * sigma)
+                hit |= (np.abs(along) > z_line) & (t * along > 0) & (np.abs(f - bg) > z * np.sqrt(var))
             axis_hits.append(hit)
         bg = 0.5 * (backgrounds[0] + backgrounds[1])
-        point = np.abs(_sharpness(f, lo, hi, (*sides[0], *sides[1]), r, noise.sigma(bg),
-                                  config.optics_tolerance)) > z
+        point = _beyond(f, lo, hi, (*sides[0], *sides[1]), r, _variance(noise, bg), config.optics_tolerance, z)
         mask = point | axis_hits[0] | axis_hits[1]
         background = np.where(axis_hits[0] & ~axis_hits[1], backgrounds[0],
                               np.where(axis_hits[1] & ~axis_hits[0], backgrounds[1], bg))
