@@ -3,6 +3,8 @@ lone hot pixels and dead columns are flagged and restored; large bright real str
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -314,11 +316,26 @@ def _reference_pass(raw: np.ndarray, noise, config: GuardConfig, block_rows: int
     return mask, background
 
 
+@pytest.fixture(params=["numpy", "compiled"])
+def pass_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The impulse pass in NumPy, and compiled (engine/_impulse.c) where the install built it."""
+    from cdae.engine import guard as g
+
+    if request.param == "compiled" and g._impulse is None:
+        pytest.skip("engine/_impulse.c was not built in this install (no C compiler?)")
+    g.use_compiled_pass(request.param == "compiled")
+    yield request.param
+    g.use_compiled_pass(True)
+
+
 @pytest.mark.parametrize("shape", [(150, 97), (70, 130), (3, 3), (1, 40), (40, 1)])
-def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int]) -> None:
+def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int], pass_kind: str) -> None:
     """In-place buffers, shared terms, wide rows and the transposed column average change no bit of the
-    impulse pass: against the reference on frames with hot, dead and radiation pixels and bad lines."""
-    from cdae.engine.guard import impulse_pass, noise_model
+    impulse pass, nor does the compiled pass: against the reference on frames with hot, dead and radiation
+    pixels and bad lines."""
+    from cdae.engine.guard import compiled_pass, impulse_pass, noise_model
+
+    assert compiled_pass() == (pass_kind == "compiled")
 
     rng = np.random.default_rng(sum(shape))
     h, w = shape
@@ -336,6 +353,54 @@ def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int]) -> No
         for threads in (1, 3):  # the blocks shared out over threads: the same bits
             got = impulse_pass(raw, noise, config, block_rows=32, threads=threads)
             assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1], equal_nan=True)
+
+
+def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
+    """engine/_impulse.c against the NumPy pass on frames NumPy's own corner cases live in: NaN, infinities,
+    signed zeros, huge and subnormal values, a constant frame; and the guard as served on a large frame."""
+    from cdae.engine import guard as g
+
+    if g._impulse is None:
+        pytest.skip("engine/_impulse.c was not built in this install (no C compiler?)")
+    rng = np.random.default_rng(7)
+    frames = []
+    for h, w in ((64, 80), (9, 33), (2, 2), (300, 7)):
+        f = rng.normal(500.0, 30.0, (h, w)).astype(np.float32)
+        picks = rng.integers(0, f.size, (5, max(1, f.size // 50)))
+        f.flat[picks[0]] = np.nan
+        f.flat[picks[1]] = np.inf
+        f.flat[picks[2]] = -np.inf
+        f.flat[picks[3]] = -0.0
+        f.flat[picks[4]] = np.float32(1e-42)
+        frames.append(f)
+    frames += [np.full((40, 40), 77.0, np.float32), (rng.standard_cauchy((50, 60)) * 1e30).astype(np.float32)]
+    noise = g.NoiseModel(read_dn=3.0, dn_per_e=0.5, offset_dn=100.0, measured=True)
+    try:
+        for config in (g.GuardConfig(defect_threshold=None), g.GuardConfig(defect_threshold=None, line_length=1),
+                       g.GuardConfig(defect_threshold=None, psf_sigma_px=1.0, optics_tolerance=0.0)):
+            for f in frames:
+                with np.errstate(all="ignore"):
+                    g.use_compiled_pass(False)
+                    expected = g.impulse_pass(f, noise, config)
+                    g.use_compiled_pass(True)
+                    got = g.impulse_pass(f, noise, config)
+                assert np.array_equal(got[0], expected[0])
+                assert np.array_equal(got[1].view(np.uint32), expected[1].view(np.uint32)) or \
+                    np.array_equal(got[1], expected[1], equal_nan=True)
+        raw = _camera(rng, _scene(rng, 512, 512))
+        raw.flat[rng.integers(0, raw.size, 300)] = 4095.0  # hot pixels
+        denoised = raw + rng.normal(0, 5, raw.shape).astype(np.float32)
+        probability = rng.random(raw.shape).astype(np.float32)
+        served = g.GuardConfig(defect_threshold=0.9)
+        results = []
+        for on in (False, True):
+            g.use_compiled_pass(on)
+            results.append(g.guard(raw, denoised, raw > 4094, served, probability))
+        assert np.array_equal(results[0].output, results[1].output) and np.array_equal(results[0].flags,
+                                                                                         results[1].flags)
+        assert results[0].counts == results[1].counts and results[1].counts["impulse"] > 0
+    finally:
+        g.use_compiled_pass(True)
 
 
 def test_guard_threads_are_set_and_checked() -> None:
