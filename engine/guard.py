@@ -443,9 +443,17 @@ def _replaced(f: np.ndarray, mask: np.ndarray, background: np.ndarray, cy: np.nd
     gathered without building the frame."""
     h, w = f.shape
     ff, mm, bb = f.ravel(), mask.ravel(), background.ravel()
+    rows: dict[int, np.ndarray] = {}  # the clipped row offsets (times w) and columns, once per offset
+    cols: dict[int, np.ndarray] = {}
 
     def at(oy: int, ox: int) -> np.ndarray:
-        i = np.clip(cy + oy, 0, h - 1) * w + np.clip(cx + ox, 0, w - 1)
+        r = rows.get(oy)
+        if r is None:
+            r = rows[oy] = np.minimum(np.maximum(cy + oy, 0), h - 1) * w
+        c = cols.get(ox)
+        if c is None:
+            c = cols[ox] = np.minimum(np.maximum(cx + ox, 0), w - 1)
+        i = r + c
         return np.where(mm[i], bb[i], ff[i])
 
     return at
