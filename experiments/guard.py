@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cdae-default:7")
+    p.add_argument("--models-dir", help="model store (default: the repository's models/)")
     p.add_argument("--which", choices=["val", "test"], default="val")
     p.add_argument("--frames", type=int, default=96)
     p.add_argument("--k", type=float, nargs="+", default=[1.0, 2.0], help="guard bounds to score (k sigma)")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     data = DataConfig()
     frames = simulated_frames(data, data.val_seed if args.which == "val" else data.test_seed, 0, args.frames,
                               DEFAULT_SIZES)
-    pkg = ModelRegistry(ROOT / "models").resolve(args.model)
+    pkg = ModelRegistry(Path(args.models_dir) if args.models_dir else ROOT / "models").resolve(args.model)
     # the scoring is training/real_scenes.py's, the same on simulated and on real scenes
     methods = {NOISY: noisy_method(), "median3": baseline_method("median3"),
                args.model: model_method(Denoiser.from_package(pkg))}
