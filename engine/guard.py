@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.engine.robust import MAD_TO_SIGMA
+from cdae.engine.robust import median as _median
 
 #: The defect head's calibrated threshold, beside a model package's manifest (``cdae calibrate``).
 CALIBRATION_FILE = "guard-calibration.json"
@@ -189,20 +190,6 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     floor = quantum * quantum / 12.0  # integer frames: the rounding's own variance
     intercept = max(float(intercept), floor)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
-
-
-def _median(a: np.ndarray, ordered: bool = False) -> np.floating:
-    """``np.median`` of a 1-D float array without its generic machinery: the same order statistics and the
-    same mean of the middle two (``(x + y) / 2``, rounded once), NaN if ``a`` has one. ``ordered``: ``a`` is
-    sorted already (NaNs last), nothing to partition."""
-    n = a.size
-    if n == 0:
-        return np.median(a)
-    half = n // 2
-    part = a if ordered else np.partition(a, [half - 1, half, -1] if n % 2 == 0 else [half, -1])
-    if np.isnan(part[-1]):
-        return a.dtype.type(np.nan)
-    return part[half] if n % 2 else (part[half - 1] + part[half]) / a.dtype.type(2)
 
 
 def _stable_argsort(x: np.ndarray) -> np.ndarray:

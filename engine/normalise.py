@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.engine.errors import EngineError
-from cdae.engine.robust import mad_sigma
+from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma, median, percentile_of_sorted, sorted_values
 
 F32_MAX = float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "uint32", "int8")
@@ -107,7 +107,7 @@ def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationC
         unsaturated = sample[sample < adc_max - 0.5]
         if unsaturated.size >= max(16, sample.size // 10):
             sample = unsaturated
-    lo, hi = np.percentile(sample, [config.low_percentile, config.high_percentile])
+    lo, hi = percentile_of_sorted(sorted_values(sample), [config.low_percentile, config.high_percentile])
     lo = float(lo)
     span = float(hi) - lo
     full_scale = adc_max if math.isfinite(adc_max) else max(float(np.max(np.abs(sample))), 1.0)
@@ -146,7 +146,7 @@ def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
     read noise, offset pattern, a little shot noise."""
     if a.size < 16:
         return 0.0
-    dark = np.maximum(a, b) <= np.percentile(a, 10)
+    dark = np.maximum(a, b) <= percentile_of_sorted(sorted_values(a), 10)
     d = (a - b)[dark]
     return mad_sigma(d) / math.sqrt(2.0) if d.size >= 16 else 0.0
 
@@ -179,10 +179,13 @@ def find_full_well(
         sample = sample[sample < adc_max - 0.5]
     if sample.size < 1024:
         return None
+    # sorted once (by counting, for an integer camera): the percentiles are look-ups, the band a suffix, each
+    # window a sorted slice; every statistic below is of the same values as unsorted, so the same numbers
+    sample = sorted_values(sample)
     a, b = (v.astype(np.float64) for v in _pairs(f, step))
     noise = max(dark_noise(a, b), 0.5)  # 0.5 DN: quantisation
-    lo, p80, top = (float(v) for v in np.percentile(sample, [10, q.band_percentile, 100]))
-    band = sample[sample >= p80]
+    lo, p80, top = (float(v) for v in percentile_of_sorted(sample, [10, q.band_percentile, 100]))
+    band = sample[np.searchsorted(sample, p80, side="left"):]  # sample >= p80
     nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
     # binned relative to p80: edges near 3e38 one unit apart do not exist ("Too many bins")
     counts, edges = np.histogram(band - p80, bins=nbins, range=(0.0, (top - p80) + max(1e-3, 1e-12 * abs(top))))
@@ -194,8 +197,8 @@ def find_full_well(
         near = band[np.abs(band - level) <= half]
         if near.size < 16:
             return None
-        median = np.median(near)
-        new_level, new_half = float(median), q.window_sigma * max(mad_sigma(near, median), 0.5)
+        m = median(near, ordered=True)
+        new_level, new_half = float(m), q.window_sigma * max(MAD_TO_SIGMA * float(median(np.abs(near - m))), 0.5)
         if (new_level, new_half) == (level, half):
             break  # converged: the same window again
         level, half = new_level, new_half
@@ -215,7 +218,7 @@ def find_full_well(
     # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
     half = max(q.window_sigma * math.sqrt(inside / 2.0), 1.0)
     core = sample[np.abs(sample - level) <= half]
-    level = float(np.median(core))
+    level = float(median(core, ordered=True))
     return FullWell(level, half, int(np.count_nonzero(np.abs(sample - level) <= half)) * step * step)
 
 

@@ -1,7 +1,11 @@
-"""Robust statistics the engine and training share: the standard deviation of a Gaussian from its MAD.
+"""Robust statistics the engine and training share: the standard deviation of a Gaussian from its MAD, and
+order statistics without NumPy's generic machinery.
 
 numpy only. One formula, so the frame path (normalisation, the guard's noise model) and the
-training side (camera characterisation, metrics) estimate noise alike, to the bit.
+training side (camera characterisation, metrics) estimate noise alike, to the bit. The order statistics
+(:func:`median`, :func:`sorted_values`, :func:`percentile_of_sorted`) give ``np.median``'s and
+``np.percentile``'s numbers bit for bit (tests compare them on random data); they exist because a frame's
+percentiles are a fixed cost of every frame, and a camera's pixels are integers that sort by counting.
 """
 
 from __future__ import annotations
@@ -16,4 +20,73 @@ def mad_sigma(a: np.ndarray, median: float | None = None) -> float:
     """``MAD_TO_SIGMA`` × median |a − median| (``a``'s own median unless given), in ``a``'s precision; 0.0 if empty."""
     if not a.size:
         return 0.0
-    return MAD_TO_SIGMA * float(np.median(np.abs(a - (np.median(a) if median is None else median))))
+    med = _median if a.ndim == 1 and a.dtype.char in "fd" else np.median  # the same numbers either way
+    return MAD_TO_SIGMA * float(med(np.abs(a - (med(a) if median is None else median))))
+
+
+#: :func:`sorted_values` sorts by counting the integers below this (a 20-bit camera's range).
+COUNTING_SPAN = 1 << 20
+
+
+def median(a: np.ndarray, ordered: bool = False) -> np.floating:
+    """``np.median`` of a 1-D float array without its generic machinery: the same order statistics and the
+    same mean of the middle two (``(x + y) / 2``, rounded once), NaN if ``a`` has one. ``ordered``: ``a`` is
+    sorted already (NaNs last), nothing to partition."""
+    n = a.size
+    if n == 0:
+        return np.median(a)
+    half = n // 2
+    part = a if ordered else np.partition(a, [half - 1, half, -1] if n % 2 == 0 else [half, -1])
+    if np.isnan(part[-1]):
+        return a.dtype.type(np.nan)
+    return part[half] if n % 2 else (part[half - 1] + part[half]) / a.dtype.type(2)
+
+
+_median = median  # for mad_sigma, whose argument of that name is older
+
+
+def sorted_values(a: np.ndarray) -> np.ndarray:
+    """``np.sort`` of a 1-D float array. Non-negative integers below ``COUNTING_SPAN`` (an integer camera's
+    pixels) sort by counting, in one pass; anything else (fractions, negatives, -0.0,
+    NaN, infinities) by ``np.sort``. Either way the same values in the same order: equal values are
+    indistinguishable, and -0.0 never takes the counting path."""
+    if a.size:
+        lo, hi = a.min(), a.max()  # NaN if a holds one
+        if 0 <= lo and hi < COUNTING_SPAN and not np.signbit(a).any() and np.array_equal(a, np.rint(a)):
+            start = int(lo)
+            counts = np.bincount((a - lo).astype(np.intp))
+            return np.repeat(np.arange(start, start + counts.size).astype(a.dtype), counts)
+    return np.sort(a)
+
+
+def percentile_of_sorted(s: np.ndarray, q: float | list[float]) -> np.floating | np.ndarray:
+    """``np.percentile(a, q)`` (method ``linear``) of any ``a`` whose sorted values are ``s`` (NaN-free),
+    without partitioning: NumPy's virtual index, neighbours and two-sided interpolation, in its dtypes (a
+    Python-number ``q`` gives ``s``'s dtype, a list float64)."""
+    n = s.size
+    if n == 0 or np.isnan(s[-1]):
+        return np.percentile(s, q)  # NumPy's error, or its NaN
+    weak = type(q) in (int, float)
+    qs = np.true_divide(q, 100)
+    virtual = np.asanyarray((n - 1) * qs)
+    prev = np.floor(virtual, out=...)
+    nxt = np.add(prev, 1, out=...)
+    above = virtual >= n - 1
+    prev[above] = -1  # as NumPy: past the end, both neighbours are the last value
+    nxt[above] = -1
+    below = virtual < 0
+    prev[below] = 0
+    nxt[below] = 0
+    gamma = np.asanyarray(virtual - prev, dtype=virtual.dtype)
+    prev_i, next_i = prev.astype(np.intp), nxt.astype(np.intp)
+    a, b = s[prev_i], s[next_i]
+    if weak:
+        t = float(gamma)
+        diff = b - a
+        out = np.add(a, diff * t, out=...)
+        np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
+        return out[()]
+    diff = b - a
+    out = np.add(a, diff * gamma, out=...)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out

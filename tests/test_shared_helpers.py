@@ -61,6 +61,37 @@ def test_one_robust_sigma() -> None:
     assert abs(mad_sigma(rng.normal(0.0, 3.0, 100_000)) - 3.0) < 0.05
 
 
+def test_order_statistics_are_numpys() -> None:
+    """A frame's percentiles from its sorted values (sorted by counting for integer pixels) are np.percentile's
+    bits and type, for list and scalar q; mad_sigma with the shared median is np.median's."""
+    import numpy as np
+
+    from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma, percentile_of_sorted, sorted_values
+
+    rng = np.random.default_rng(11)
+    counted = 0
+    for i in range(400):
+        n = int(rng.integers(1, 2500))
+        dtype = (np.float32, np.float64)[i % 2]
+        x = [rng.integers(0, 4096, n), rng.poisson(2.0, n), rng.standard_normal(n) * 1e3,
+             rng.random(n) * 3e38, rng.integers(0, 1 << 21, n)][i % 5].astype(dtype)
+        if i % 7 == 0:
+            x[rng.integers(0, n)] = -0.0
+        s = sorted_values(x)
+        assert np.array_equal(s, np.sort(x)) and s.dtype == x.dtype
+        counted += int(i % 5 in (0, 1) and i % 7 != 0)
+        for q in ([0.5, 99.9], [10, 80.0, 100], [0, 100], [37.3], 10, 0.1, 90, 50.0, 100, 0):
+            expected, got = np.percentile(x, q), percentile_of_sorted(s, q)
+            assert type(got) is type(expected) and np.asarray(got).dtype == np.asarray(expected).dtype
+            assert np.asarray(got).tobytes() == np.asarray(expected).tobytes(), (i, q)
+        m = np.median(x)
+        assert mad_sigma(x) == MAD_TO_SIGMA * float(np.median(np.abs(x - m)))
+        assert mad_sigma(x, m) == MAD_TO_SIGMA * float(np.median(np.abs(x - m)))
+    assert counted > 100
+    with_nan = np.array([3.0, np.nan, 1.0])
+    assert np.isnan(percentile_of_sorted(sorted_values(with_nan), [50])).all()
+
+
 def test_one_queue_size_range() -> None:
     """QueueSize's PV limits and the IOC configuration's bounds are the same two numbers."""
     from pydantic import ValidationError

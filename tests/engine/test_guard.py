@@ -255,8 +255,9 @@ def test_blocks_and_candidates_give_the_same_test() -> None:
 
 
 def test_median_is_numpys() -> None:
-    """measure_noise's median is np.median's value and type, partitioned or of a sorted array."""
-    from cdae.engine.guard import _median
+    """The shared median (measure_noise's, the full-well search's) is np.median's value and type, partitioned or
+    of a sorted array."""
+    from cdae.engine.robust import median as _median
 
     rng = np.random.default_rng(4)
     for x in [rng.poisson(200, n).astype(np.float32) * np.float32(1 / 3) for n in (1, 2, 3, 16, 17, 1000, 1001)] + \
