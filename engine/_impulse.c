@@ -16,13 +16,14 @@
 #include <stdint.h>
 #include <string.h>
 
-/* NumPy's minimum and maximum: a NaN in either gives a NaN (the sum), without branches the vectoriser refuses */
-#define NMIN(a, b) ((a) <= (b) ? (a) : ((a) > (b) ? (b) : (a) + (b)))
-#define NMAX(a, b) ((a) >= (b) ? (a) : ((a) < (b) ? (b) : (a) + (b)))
+/* NumPy's minimum and maximum: a NaN in either gives a NaN (the sum), a tie (-0 and +0) the second operand, as
+ * NumPy's; without branches the vectoriser refuses */
+#define NMIN(a, b) ((a) < (b) ? (a) : ((a) >= (b) ? (b) : (a) + (b)))
+#define NMAX(a, b) ((a) > (b) ? (a) : ((a) <= (b) ? (b) : (a) + (b)))
 
 typedef struct {
     float rm2, rm4, c2, c4, z, z_line, tol, offset, dn_per_e, read2;
-    int length;
+    int length, block;
 } Params;
 
 static inline float variance(float level, const Params *p) {
@@ -135,30 +136,37 @@ static inline uint32_t line_hit(float along, float t, float f, float bg, const P
     return (uint32_t)(fabsf(along) > p->z_line) & (uint32_t)(t * along > 0.0f) & (uint32_t)(fabsf(f - bg) > sigma * p->z);
 }
 
-/* Axis 0's line test: t0 averaged along each column. acc: w doubles. */
+/* Axis 0's line test: t0 averaged along each column, the running sums restarted for each block of rows as the
+ * NumPy pass's (its blocks of block_rows rows, with the halo the average needs). acc: w doubles. */
 CLONES static void column_lines(const float *frame, Py_ssize_t h, Py_ssize_t w, const Params *p, const float *t0,
                          const float *bg0, uint32_t *hits, double *acc) {
-    const Py_ssize_t before = p->length / 2, after = p->length - p->length / 2 - 1;
+    const Py_ssize_t before = p->length / 2, after = p->length - p->length / 2 - 1, halo = p->length / 2;
+    const Py_ssize_t block = p->block;
     const double n = (double)p->length;
-    for (Py_ssize_t x = 0; x < w; x++) acc[x] = 0.0;
-    for (Py_ssize_t k = -before; k <= after; k++) {  /* the first window, in order, edge-extended */
-        const Py_ssize_t r = k < 0 ? 0 : (k > h - 1 ? h - 1 : k);
-        const float *row = t0 + r * w;
-        for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)row[x];
-    }
-    for (Py_ssize_t y = 0; y < h; y++) {
-        if (y > 0) {
-            Py_ssize_t enter = y + after, leave = y - before - 1;
-            enter = enter > h - 1 ? h - 1 : enter;
-            leave = leave < 0 ? 0 : leave;
-            const float *in = t0 + enter * w, *out = t0 + leave * w;
-            for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)in[x] - (double)out[x];
+    for (Py_ssize_t y0 = 0; y0 < h; y0 += block) {
+        const Py_ssize_t y1 = y0 + block < h ? y0 + block : h;
+        const Py_ssize_t a = y0 - halo > 0 ? y0 - halo : 0, b = y1 + halo < h ? y1 + halo : h;
+        for (Py_ssize_t x = 0; x < w; x++) acc[x] = 0.0;
+        for (Py_ssize_t k = -before; k <= after; k++) {
+            const Py_ssize_t r = a + k < a ? a : (a + k > b - 1 ? b - 1 : a + k);
+            const float *row = t0 + r * w;
+            for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)row[x];
         }
-        const float *T = t0 + y * w, *F = frame + y * w, *B = bg0 + y * w;
-        uint32_t *H = hits + y * w;
-        for (Py_ssize_t x = 0; x < w; x++) {
-            const float along = (float)(acc[x] / n);
-            H[x] |= line_hit(along, T[x], F[x], B[x], p);
+        for (Py_ssize_t y = a; y < y1; y++) {
+            if (y > a) {
+                Py_ssize_t enter = y + after, leave = y - before - 1;
+                enter = enter > b - 1 ? b - 1 : enter;
+                leave = leave < a ? a : leave;
+                const float *in = t0 + enter * w, *out = t0 + leave * w;
+                for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)in[x] - (double)out[x];
+            }
+            if (y < y0) continue;
+            const float *T = t0 + y * w, *F = frame + y * w, *B = bg0 + y * w;
+            uint32_t *H = hits + y * w;
+            for (Py_ssize_t x = 0; x < w; x++) {
+                const float along = (float)(acc[x] / n);
+                H[x] |= line_hit(along, T[x], F[x], B[x], p);
+            }
         }
     }
 }
@@ -196,24 +204,26 @@ static int check(Py_buffer *b, Py_ssize_t bytes, const char *what) {
 
 PyDoc_STRVAR(impulse_pass_doc,
 "impulse_pass(padded, frame, h, w, mask, background, scratch, acc, rm2, rm4, c2, c4, z, z_line, tol, offset,\n"
-"             dn_per_e, read2, length)\n\n"
+"             dn_per_e, read2, length, block_rows)\n\n"
 "engine.guard.impulse_pass's arithmetic: padded (h + 4, w + 4) float32 (the frame edge-extended by 2), frame\n"
 "(h, w) float32; writes mask (h, w) uint8 0/1 and background (h, w) float32. scratch: 5 h w 32-bit words\n"
-"(4 h w float32, h w uint32); acc: w float64.");
+"(4 h w float32, h w uint32); acc: w float64. block_rows: the NumPy pass's blocks, whose column sums restart.");
 
 static PyObject *impulse_pass(PyObject *self, PyObject *args) {
     Py_buffer pad, frame, mask, background, scratch, acc;
     Py_ssize_t h, w;
     Params p;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*y*nnw*w*w*w*ffffffffffi", &pad, &frame, &h, &w, &mask, &background, &scratch,
+    if (!PyArg_ParseTuple(args, "y*y*nnw*w*w*w*ffffffffffii", &pad, &frame, &h, &w, &mask, &background, &scratch,
                           &acc, &p.rm2, &p.rm4, &p.c2, &p.c4, &p.z, &p.z_line, &p.tol, &p.offset, &p.dn_per_e,
-                          &p.read2, &p.length))
+                          &p.read2, &p.length, &p.block))
         return NULL;
     PyObject *result = NULL;
-    const Py_ssize_t n = h * w;
-    if (h < 1 || w < 1 || p.length < 1) {
-        PyErr_SetString(PyExc_ValueError, "h, w and length must be >= 1");
+    /* sizes whose byte counts (up to 20 h w and (h + 4)(w + 4) 4) cannot overflow */
+    const int sized = h >= 1 && w >= 1 && h <= (PY_SSIZE_T_MAX / 32) / (w + 4) && w <= PY_SSIZE_T_MAX / 32;
+    const Py_ssize_t n = sized ? h * w : 0;
+    if (!sized || p.length < 1 || p.block < 1) {
+        PyErr_SetString(PyExc_ValueError, "h, w, length and block_rows must be >= 1 (and h w a frame's size)");
     } else if (check(&pad, (h + 4) * (w + 4) * 4, "padded") && check(&frame, n * 4, "frame") &&
                check(&mask, n, "mask") && check(&background, n * 4, "background") &&
                check(&scratch, n * 20, "scratch") && check(&acc, w * 8, "acc")) {

@@ -56,7 +56,8 @@ class GuardConfig(BaseModel):
     psf_sigma_px: float = Field(0.45, gt=0.2, le=10, description="the optics' narrowest PSF (Gaussian sigma, pixels): "
                                                                "a real feature is never sharper")
     gain_e_per_dn: float | None = Field(None, gt=0, description="the camera's conversion gain; None: measured per frame")
-    read_noise_dn: float | None = Field(None, ge=0, description="the camera's read noise, DN RMS; None: measured")
+    read_noise_dn: float | None = Field(None, gt=0, description="the camera's read noise, DN RMS (> 0: no camera "
+                                        "reads without noise; its rounding alone is 0.29 DN); None: measured")
     offset_dn: float | None = Field(None, description="the camera's bias level, DN; None: measured")
     defect_threshold: float | Literal["calibrated"] | None = Field(
         "calibrated", description="the defect head's probability above which a pixel is flagged 'learned' and takes "
@@ -457,7 +458,7 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
     h, w = f.shape
     if _impulse is not None and _COMPILED[0] and isinstance(noise, NoiseModel) and f.size and \
             (guard_threads() if threads is None else threads) <= 1:
-        return _compiled_pass(f, noise, config)
+        return _compiled_pass(f, noise, config, block_rows)
     halo = config.line_length // 2
     # the padded frame, one spare row below; the blocks work "wide": rows of the padded width, contiguous
     # (numpy's loops are ~3x faster on contiguous operands than on 2-D views), the last 4 columns of
@@ -513,9 +514,11 @@ def use_compiled_pass(on: bool) -> None:
     _COMPILED[0] = bool(on)
 
 
-def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig) -> tuple[np.ndarray, np.ndarray]:
+def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig,
+                   block_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """:func:`impulse_pass` by engine/_impulse.c: the same arithmetic fused per pixel, four passes over the frame
-    instead of NumPy's ~80 (the same bits: tests/engine/test_guard.py)."""
+    instead of NumPy's ~80 (the same bits: tests/engine/test_guard.py), its column sums restarted per block of
+    ``block_rows`` as NumPy's (they differ where a sum met a NaN or an infinity, or rounded)."""
     h, w = f.shape
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
     z = np.float32(config.impulse_sigma)
@@ -532,7 +535,8 @@ def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig) -> tup
     _impulse.impulse_pass(padded, np.ascontiguousarray(f), h, w, mask.view(np.uint8), background, scratch[0],
                           scratch[1], *f32, float(z), float(z / np.float32(math.sqrt(config.line_length))),
                           float(np.float32(config.optics_tolerance)), float(np.float32(noise.offset_dn)),
-                          float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2)), config.line_length)
+                          float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2)), config.line_length,
+                          block_rows)
     return mask, background
 
 

@@ -347,7 +347,7 @@ def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int], pass_
         raw[:, w // 3] -= 25.0  # a faint dead column
         raw[h // 2, :] += 30.0  # a faint hot row
     for config in (GuardConfig(defect_threshold=None), GuardConfig(defect_threshold=None, line_length=5, k_sigma=2.0),
-                   GuardConfig(defect_threshold=None, gain_e_per_dn=2.0, read_noise_dn=0.0, offset_dn=0.0)):
+                   GuardConfig(defect_threshold=None, gain_e_per_dn=2.0, read_noise_dn=0.3, offset_dn=0.0)):
         noise = noise_model(raw, config)
         with np.errstate(all="ignore"):
             expected = _reference_pass(raw, noise, config)
@@ -358,7 +358,9 @@ def test_impulse_pass_is_the_reference_bit_for_bit(shape: tuple[int, int], pass_
 
 def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
     """engine/_impulse.c against the NumPy pass on frames NumPy's own corner cases live in: NaN, infinities,
-    signed zeros, huge and subnormal values, a constant frame; and the guard as served on a large frame."""
+    signed zeros (ties of -0 and +0 in the minima and maxima), huge and subnormal values, a constant frame, a NaN
+    in a column far above a faint bad line (the column sums restart per block of rows, in both); every bit of
+    the background but NaNs' payloads; and the guard as served on a large frame."""
     from cdae.engine import guard as g
 
     if g._impulse is None:
@@ -375,19 +377,30 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
         f.flat[picks[4]] = np.float32(1e-42)
         frames.append(f)
     frames += [np.full((40, 40), 77.0, np.float32), (rng.standard_cauchy((50, 60)) * 1e30).astype(np.float32)]
+    zeros = np.zeros((5, 5), np.float32)
+    zeros[2, 1] = zeros[1, 2] = -0.0  # ties of -0 and +0 around a hot pixel
+    zeros[2, 2] = 4095.0
+    column = np.full((200, 20), 100.0, np.float32)
+    column[100:150, 10] += 250.0  # a faint bad column segment, found by the line test alone
+    column[5, 10] = np.nan  # 95 rows above it
+    frames += [zeros, column]
     noise = g.NoiseModel(read_dn=3.0, dn_per_e=0.5, offset_dn=100.0, measured=True)
     try:
         for config in (g.GuardConfig(defect_threshold=None), g.GuardConfig(defect_threshold=None, line_length=1),
                        g.GuardConfig(defect_threshold=None, psf_sigma_px=1.0, optics_tolerance=0.0)):
             for f in frames:
-                with np.errstate(all="ignore"):
-                    g.use_compiled_pass(False)
-                    expected = g.impulse_pass(f, noise, config)
-                    g.use_compiled_pass(True)
-                    got = g.impulse_pass(f, noise, config)
-                assert np.array_equal(got[0], expected[0])
-                assert np.array_equal(got[1].view(np.uint32), expected[1].view(np.uint32)) or \
-                    np.array_equal(got[1], expected[1], equal_nan=True)
+                for block_rows in (64, 32):
+                    with np.errstate(all="ignore"):
+                        g.use_compiled_pass(False)
+                        expected = g.impulse_pass(f, noise, config, block_rows=block_rows)
+                        g.use_compiled_pass(True)
+                        got = g.impulse_pass(f, noise, config, block_rows=block_rows)
+                    assert np.array_equal(got[0], expected[0])
+                    nan = np.isnan(expected[1])
+                    assert np.array_equal(np.isnan(got[1]), nan)
+                    assert np.array_equal(got[1][~nan].view(np.uint32), expected[1][~nan].view(np.uint32))
+                    if f is column and config.line_length > 1:
+                        assert got[0][100:150, 10].all()  # the NaN does not hide the line below it
         raw = _camera(rng, _scene(rng, 512, 512))
         raw.flat[rng.integers(0, raw.size, 300)] = 4095.0  # hot pixels
         denoised = raw + rng.normal(0, 5, raw.shape).astype(np.float32)
@@ -402,6 +415,13 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
         assert results[0].counts == results[1].counts and results[1].counts["impulse"] > 0
     finally:
         g.use_compiled_pass(True)
+
+
+def test_a_noiseless_camera_is_refused() -> None:
+    """A site's read noise of 0 would make the impulse test's noise 0 on a dark flat patch (0/0): refused."""
+    with pytest.raises(ValueError, match="greater than 0"):
+        GuardConfig(gain_e_per_dn=2.0, read_noise_dn=0.0)
+    assert GuardConfig(gain_e_per_dn=2.0, read_noise_dn=0.3).read_noise_dn == 0.3
 
 
 def test_guard_threads_are_set_and_checked() -> None:
