@@ -37,6 +37,7 @@ import argparse
 import datetime as _dt
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -173,16 +174,17 @@ def run_one(size: int, backend: str, store: Path, ref: str, args: argparse.Names
 
 def rate_ramp(args: argparse.Namespace, cam_rate: object, books: Callable[[], tuple[float, ...]],
               clients: dict[str, int], label: str) -> tuple[float, list[dict]]:
-    """Step the camera's ``FrameRate`` up until a step is not sustained; returns the highest sustained rate and the steps.
+    """Step the camera's ``FrameRate`` up until a step is not sustained, then narrow the gap between the last
+    sustained step and the first that was not by ``--refine`` geometric midpoints (each sustained or not, as the
+    steps are); returns the highest sustained rate and the steps.
 
     ``books()``: (monotonic time, camera frames, published, dropped, IOC CPU s, then what each client received, at
     the index ``clients`` gives). Sustained: nothing dropped, and the IOC published and every client received at
     least 90 % of what the camera sent, less one frame (still in flight when the step's window closes: at 2 Hz
     a 4 s step is 8 frames, and a 2048² frame takes a few hundred ms end to end)."""
-    sustained, steps = 0.0, []
-    for rate in RATES:
-        if rate > args.max_rate:
-            break
+    steps: list[dict] = []
+
+    def step(rate: float) -> tuple[bool, float]:  # (sustained, the camera's achieved rate)
         cam_rate.write([rate], wait=True, timeout=10.0)  # type: ignore[attr-defined]
         time.sleep(min(1.0, args.step_seconds / 3))  # let the new rate reach the filter
         b0 = books()
@@ -199,11 +201,29 @@ def rate_ramp(args: argparse.Namespace, cam_rate: object, books: Callable[[], tu
         received = "".join(f", {k} client {g / dt:.1f} Hz" for k, g in got.items())
         print(f"  {label} camera {rate:6.1f} Hz (achieved {sent / dt:6.1f}) → out {out / dt:6.1f} Hz{received}, "
               f"dropped {drops}, IOC {steps[-1]['ioc_cpu_ms_per_frame']} ms CPU/frame", flush=True)
+        return ok, sent / dt
+
+    sustained, good, bad = 0.0, 0.0, None
+    for rate in RATES:
+        if rate > args.max_rate:
+            break
+        ok, achieved = step(rate)
         if not ok:
+            bad = rate
             break
-        sustained = round(sent / dt, 2)
-        if sent / dt < 0.8 * rate:  # the camera itself cannot go faster
+        sustained, good = round(achieved, 2), rate
+        if achieved < 0.8 * rate:  # the camera itself cannot go faster
             break
+    for _ in range(args.refine if bad is not None and good > 0 else 0):
+        rate = round(math.sqrt(good * bad), 1)
+        if not good < rate < bad:
+            break
+        time.sleep(min(2.0, args.step_seconds))  # the failed step's backlog drains at the lower rate
+        ok, achieved = step(rate)
+        if ok:
+            sustained, good = max(sustained, round(achieved, 2)), rate
+        else:
+            bad = rate
     return sustained, steps
 
 
@@ -550,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-rate", type=float, default=2.0, help="camera Hz while measuring latency")
     p.add_argument("--step-seconds", type=float, default=3.0, help="seconds per rate step")
     p.add_argument("--max-rate", type=float, default=320.0)
+    p.add_argument("--refine", type=int, default=2, help="geometric midpoints tried between the last sustained "
+                   "rate step and the first that was not")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--outputs", help="compare the outputs instead (pass-through engine): e.g. ca,pva,both")
     p.add_argument("--engine-args", default="", help="more arguments for every engine started, e.g. --no-guard "

@@ -59,6 +59,10 @@ def cmd_engine(args: argparse.Namespace) -> int:
     except (ValueError, SiteError) as e:  # pydantic's ValidationError: say which flag is wrong, no traceback
         _err(f"cdae engine: error: {e}")
         return 2
+    from cdae.lines import log
+    from cdae.memory import retain_frame_memory
+
+    log("cdae-engine", retain_frame_memory())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -119,6 +123,10 @@ def cmd_ioc(args: argparse.Namespace) -> int:
     except (ValueError, OSError, IocError, SiteError) as e:
         _err(f"cdae ioc: error: {e}")
         return 2
+    from cdae.lines import log
+    from cdae.memory import retain_frame_memory
+
+    log("cdae-ioc", retain_frame_memory())
     return run_until_signalled(lambda stop: run_ioc(config, stop))
 
 
