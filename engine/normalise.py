@@ -304,7 +304,8 @@ def to_dtype(frame_dn: np.ndarray, dtype: np.dtype | str, adc_max: float) -> np.
     info = np.iinfo(dt)
     hi = _below(min(float(info.max), adc_max), src)
     lo = _below(float(info.min), src) if dt.kind == "i" else 0.0
-    return np.clip(np.rint(frame_dn), lo, hi).astype(dt)
+    rounded = np.rint(frame_dn)
+    return np.clip(rounded, lo, hi, out=rounded).astype(dt)  # in place: one frame-sized temporary, not two
 
 
 #: Bit depths cameras deliver in wider integer containers, smallest first.
