@@ -220,7 +220,7 @@ static PyObject *impulse_pass(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     /* sizes whose byte counts (up to 20 h w and (h + 4)(w + 4) 4) cannot overflow */
-    const int sized = h >= 1 && w >= 1 && h <= (PY_SSIZE_T_MAX / 32) / (w + 4) && w <= PY_SSIZE_T_MAX / 32;
+    const int sized = h >= 1 && w >= 1 && w <= PY_SSIZE_T_MAX / 32 && h <= (PY_SSIZE_T_MAX / 32) / (w + 4);
     const Py_ssize_t n = sized ? h * w : 0;
     if (!sized || p.length < 1 || p.block < 1) {
         PyErr_SetString(PyExc_ValueError, "h, w, length and block_rows must be >= 1 (and h w a frame's size)");
