@@ -28,6 +28,7 @@ import datetime as _dt
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class EngineServer:
         self.log = log
         self.registry = ModelRegistry(config.models_dir)
         self.stats = EngineStats(config.timing_window)
+        # this life of the engine: a client that sees another one knows it restarted, however briefly either lived
+        self.instance = uuid.uuid4().hex
         self.queue: FrameQueue[_Pending] = FrameQueue(config.queue, config.max_clients, config.queued_bytes_limit())
         self._active: ActiveModel | None = None
         self._retired: deque[ActiveModel] = deque()
@@ -348,7 +351,7 @@ class EngineServer:
             "max_pixels": self.config.max_pixels, "bad_pixel_maps": len(self.bad_pixel_maps),
             "guard": a.guard.model_dump() if a.guard else None,  # type: ignore[dict-item]
             "curve": self._curve is not None,
-            "uptime_s": round(time.monotonic() - self.stats.started, 3),
+            "uptime_s": round(time.monotonic() - self.stats.started, 3), "instance": self.instance,
         }
 
     def metrics(self) -> dict[str, JsonValue]:

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -72,6 +72,29 @@ async def _post_changed(pairs: Iterable[tuple[Any, object]], **write: object) ->
 _ENGINE_TROUBLE = (EngineError, asyncio.TimeoutError, zmq.ZMQError)
 
 
+class EngineLife(NamedTuple):
+    """Which life of the engine a status came from: its instance id (cdae's engine, one per start) and uptime."""
+
+    instance: str | None
+    uptime_s: float | None
+
+    @classmethod
+    def of(cls, status: Mapping[str, object]) -> EngineLife:
+        instance, uptime = status.get("instance"), status.get("uptime_s")
+        return cls(instance if isinstance(instance, str) else None,
+                   float(uptime) if isinstance(uptime, (int, float)) else None)
+
+    def follows_a_restart(self, before: EngineLife | None) -> bool:
+        """Whether the engine restarted since the status ``before``: another instance; for an engine that names
+        none (Triton), an uptime that went back. Uptimes alone miss a restart after a short life: the new
+        engine, first seen later, may already have lived longer than the old one had."""
+        if before is None:
+            return False
+        if self.instance is not None and before.instance is not None:
+            return self.instance != before.instance
+        return self.uptime_s is not None and before.uptime_s is not None and self.uptime_s < before.uptime_s
+
+
 class FilterIOC:
     """The filter IOC's behaviour behind :class:`~cdae.ioc.pvs.FilterPVs`."""
 
@@ -111,7 +134,7 @@ class FilterIOC:
         self._pending_writes: set[asyncio.Task[None]] = set()
         self.wanted_model: str | None = config.model  # the operator's choice: re-applied when the engine restarts
         self._applying_model = False
-        self._engine_uptime: float | None = None
+        self._engine_life: EngineLife | None = None  # what the engine's last status said of its life
         # the camera's bad-pixel map: held here, filled by the engine (sent over the control channel once,
         # named by its id in every frame request); None until the engine holds it
         self.bad_pixels: BadPixelMap | None = None
@@ -451,10 +474,9 @@ class FilterIOC:
                 if not st.ok:
                     raise EngineError(st.error or "status refused")
                 misses = 0
-                uptime = st.result.get("uptime_s")
-                restarted = (isinstance(uptime, (int, float)) and self._engine_uptime is not None
-                             and uptime < self._engine_uptime)  # restarted between two polls: never seen down
-                self._engine_uptime = float(uptime) if isinstance(uptime, (int, float)) else None
+                life = EngineLife.of(st.result)
+                restarted = life.follows_a_restart(self._engine_life)  # between two polls: never seen down
+                self._engine_life = life
                 if not self.engine_ok:
                     await self._engine_found(st.result)
                     polls = 0

@@ -114,6 +114,7 @@ def test_control_status_list_metrics(engine_a: EngineProcess) -> None:
     s = after.result
     assert s["backend"] == "torch-cpu" and s["device"] == "cpu" and s["model"] == "tiny:1"
     assert s["data"] == engine_a.data and s["control"] == engine_a.control
+    assert len(str(s["instance"])) == 32 and before.result["instance"] == s["instance"]  # one life, one id
     assert s["counters"]["processed"] == before.result["counters"]["processed"] + 1  # type: ignore[index]
     assert {"received", "processed", "dropped", "errors"} <= set(s["counters"])  # type: ignore[arg-type]
     assert s["timings_ms"]["total_ms"]["p50"] is not None and "p99" in s["timings_ms"]["total_ms"]  # type: ignore[index]

@@ -328,6 +328,22 @@ def test_books_balance_over_three_swaps(stack: Stack) -> None:
 
 # --- defect 10: an engine restart does not undo the operator's model choice -------------------
 
+def test_a_restart_after_a_short_life_is_seen() -> None:
+    """The IOC knows the engine restarted by its instance id, not only by an uptime that went back: an engine
+    killed after 3 s and seen again at 5 s of its new life has restarted (the uptime rule alone missed it, and
+    the operator's model was not activated again). An engine without an instance (Triton) keeps the uptime rule."""
+    from cdae.ioc.filter import EngineLife
+
+    old = EngineLife.of({"instance": "a" * 32, "uptime_s": 3.0})
+    assert EngineLife.of({"instance": "b" * 32, "uptime_s": 5.0}).follows_a_restart(old)
+    assert not EngineLife.of({"instance": "a" * 32, "uptime_s": 5.0}).follows_a_restart(old)
+    assert not EngineLife.of({"instance": "b" * 32, "uptime_s": 5.0}).follows_a_restart(None)
+    triton = EngineLife.of({"uptime_s": 9.0})
+    assert EngineLife.of({"uptime_s": 1.0}).follows_a_restart(triton)
+    assert not EngineLife.of({"uptime_s": 10.0}).follows_a_restart(triton)
+    assert EngineLife.of({"instance": 7, "uptime_s": "x"}) == EngineLife(None, None)
+
+
 def test_engine_restart_gets_the_operators_model_again(stack: Stack, tmp_path: Path) -> None:
     import shutil
 
