@@ -112,6 +112,7 @@ def start_stack(size: int, backend: str, store: Path, ref: str, args: argparse.N
     procs.append(Proc("camera", ["sim-camera", "--prefix", cam_p, "--size", f"{size}x{size}", "--rate",
                                  str(args.latency_rate), "--bank", "2"], r"^cdae-sim-camera ready ", log_dir,
                       CAM_PORT))
+    ioc_args = (*ioc_args, *getattr(args, "ioc_args", "").split())
     procs.append(Proc("ioc", ["ioc", "--source", cam_p, "--prefix", ioc_p, "--engine", data_ep, "--control",
                               control_ep, "--bit-depth", "12", *ioc_args], r"^cdae-ioc ready ", log_dir, IOC_PORT,
                       env_extra=pva_server_env(IOC_PVA_PORT)))
@@ -469,7 +470,7 @@ def _header(args: argparse.Namespace, device: str, **extra: object) -> dict:
 def main_raw(args: argparse.Namespace, eb: object, out: Path, device: str) -> int:
     t0 = time.monotonic()
     results = _header(args, device, client="pyepics in this process, auto_monitor, form=time",
-                      engine_args=args.engine_args)
+                      engine_args=args.engine_args, ioc_args=args.ioc_args)
     _sweep(args, eb, results, ["raw", "filter"], run_raw, "")
     results["ratios"] = raw_ratios(results["runs"])
     tag = f"-{args.tag}" if args.tag else ""
@@ -576,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outputs", help="compare the outputs instead (pass-through engine): e.g. ca,pva,both")
     p.add_argument("--engine-args", default="", help="more arguments for every engine started, e.g. --no-guard "
                    "(the pass-through engine without the guard: normalisation, copies and the protocol only)")
+    p.add_argument("--ioc-args", default="", help="more arguments for every filter IOC started, e.g. "
+                   "--queue-size=4")
     p.add_argument("--tag", default="", help="--raw: written as pipeline-raw-TAG-<device>.json (e.g. noguard)")
     p.add_argument("--raw", action="store_true", help="compare the filter IOC (pass-through engine) with raw CA "
                    "instead: a pyepics client on the camera, then on the filter IOC")
