@@ -39,7 +39,8 @@ def median(a: np.ndarray, ordered: bool = False) -> np.floating:
     part = a if ordered else np.partition(a, [half - 1, half, -1] if n % 2 == 0 else [half, -1])
     if np.isnan(part[-1]):
         return a.dtype.type(np.nan)
-    return part[half] if n % 2 else (part[half - 1] + part[half]) / a.dtype.type(2)
+    zero = a.dtype.type(0)  # np.median's mean sums from +0: a middle -0.0 comes out +0.0
+    return part[half] + zero if n % 2 else (part[half - 1] + zero + part[half]) / a.dtype.type(2)
 
 
 _median = median  # for mad_sigma, whose argument of that name is older
@@ -62,12 +63,14 @@ def sorted_values(a: np.ndarray) -> np.ndarray:
 def percentile_of_sorted(s: np.ndarray, q: float | list[float]) -> np.floating | np.ndarray:
     """``np.percentile(a, q)`` (method ``linear``) of any ``a`` whose sorted values are ``s`` (NaN-free),
     without partitioning: NumPy's virtual index, neighbours and two-sided interpolation, in its dtypes (a
-    Python-number ``q`` gives ``s``'s dtype, a list float64)."""
+    Python-number ``q`` gives ``s``'s dtype, a list float64). One exception, of sign only: where ``a`` holds both
+    -0.0 and +0.0 and the percentile is zero, its sign may differ from NumPy's, whose own depends on how its
+    partition happened to leave the two zeros (a camera's integer pixels never take the sorted path with -0.0)."""
     n = s.size
-    if n == 0 or np.isnan(s[-1]):
+    qs = np.true_divide(q, 100)
+    if n == 0 or np.isnan(s[-1]) or not np.all((qs >= 0) & (qs <= 1)):
         return np.percentile(s, q)  # NumPy's error, or its NaN
     weak = type(q) in (int, float)
-    qs = np.true_divide(q, 100)
     virtual = np.asanyarray((n - 1) * qs)
     prev = np.floor(virtual, out=...)
     nxt = np.add(prev, 1, out=...)
@@ -89,4 +92,4 @@ def percentile_of_sorted(s: np.ndarray, q: float | list[float]) -> np.floating |
     diff = b - a
     out = np.add(a, diff * gamma, out=...)
     np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
-    return out
+    return out[()] if out.ndim == 0 else out  # a NumPy scalar q: a scalar, as NumPy's

@@ -90,6 +90,12 @@ def test_order_statistics_are_numpys() -> None:
     assert counted > 100
     with_nan = np.array([3.0, np.nan, 1.0])
     assert np.isnan(percentile_of_sorted(sorted_values(with_nan), [50])).all()
+    zeros = np.array([-0.0, 0.0, -0.0, 0.0, 5.0])  # both zeros: the same value, its sign NumPy's partition's
+    assert percentile_of_sorted(sorted_values(zeros), 30) == np.percentile(zeros, 30) == 0.0
+    for q in (np.float64(10), np.array(10.0)):  # NumPy scalars and 0-d q: a scalar back, as NumPy's
+        assert type(percentile_of_sorted(np.sort(zeros), q)) is type(np.percentile(zeros, q))
+    with pytest.raises(ValueError):
+        percentile_of_sorted(np.sort(zeros), [50, 101])
 
 
 def test_one_queue_size_range() -> None:

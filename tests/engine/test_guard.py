@@ -262,7 +262,8 @@ def test_median_is_numpys() -> None:
     rng = np.random.default_rng(4)
     for x in [rng.poisson(200, n).astype(np.float32) * np.float32(1 / 3) for n in (1, 2, 3, 16, 17, 1000, 1001)] + \
              [rng.normal(0, 1e-40, 64).astype(np.float32), np.array([1.0, np.nan, 0.5], np.float32),
-              np.array([-0.0, 0.0], np.float32), (rng.standard_cauchy(999) * 1e30).astype(np.float32)]:
+              np.array([-0.0, 0.0], np.float32), np.array([-0.0], np.float32), np.array([-0.0, -0.0]),
+              np.array([2.0, -0.0, -0.0]), (rng.standard_cauchy(999) * 1e30).astype(np.float32)]:
         for value in (_median(x), _median(np.sort(x), ordered=True)):
             expected = np.median(x)
             assert type(value) is type(expected) and (value == expected or (np.isnan(value) and np.isnan(expected)))
@@ -381,7 +382,7 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
     zeros[2, 1] = zeros[1, 2] = -0.0  # ties of -0 and +0 around a hot pixel
     zeros[2, 2] = 4095.0
     column = np.full((200, 20), 100.0, np.float32)
-    column[100:150, 10] += 250.0  # a faint bad column segment, found by the line test alone
+    column[100:150, 10] += 60.0  # a faint bad column segment, found by the line test alone (line_length 1: none)
     column[5, 10] = np.nan  # 95 rows above it
     frames += [zeros, column]
     noise = g.NoiseModel(read_dn=3.0, dn_per_e=0.5, offset_dn=100.0, measured=True)
@@ -399,8 +400,9 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
                     nan = np.isnan(expected[1])
                     assert np.array_equal(np.isnan(got[1]), nan)
                     assert np.array_equal(got[1][~nan].view(np.uint32), expected[1][~nan].view(np.uint32))
-                    if f is column and config.line_length > 1:
-                        assert got[0][100:150, 10].all()  # the NaN does not hide the line below it
+                    if f is column:  # the NaN does not hide the line below it
+                        found = int(got[0][100:150, 10].sum())
+                        assert found >= 40 if config.line_length > 1 else found == 0
         raw = _camera(rng, _scene(rng, 512, 512))
         raw.flat[rng.integers(0, raw.size, 300)] = 4095.0  # hot pixels
         denoised = raw + rng.normal(0, 5, raw.shape).astype(np.float32)
