@@ -522,7 +522,8 @@ def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig,
     h, w = f.shape
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
     z = np.float32(config.impulse_sigma)
-    padded = np.pad(np.ascontiguousarray(f), 2, mode="edge")
+    f = np.ascontiguousarray(f)
+    padded = np.pad(f, 2, mode="edge")
     mask = np.empty((h, w), dtype=bool)
     background = np.empty((h, w), dtype=np.float32)
     buffers = _SCRATCH.__dict__.setdefault("by_shape", {})
@@ -532,7 +533,7 @@ def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig,
             buffers.clear()
         scratch = buffers[(h, w)] = (np.empty(5 * h * w, dtype=np.float32), np.empty(w, dtype=np.float64))
     f32 = [float(np.float32(v)) for v in (r / 2, r / 4, 1 + r * r / 2, 1 + r * r / 4)]
-    _impulse.impulse_pass(padded, np.ascontiguousarray(f), h, w, mask.view(np.uint8), background, scratch[0],
+    _impulse.impulse_pass(padded, f, h, w, mask.view(np.uint8), background, scratch[0],
                           scratch[1], *f32, float(z), float(z / np.float32(math.sqrt(config.line_length))),
                           float(np.float32(config.optics_tolerance)), float(np.float32(noise.offset_dn)),
                           float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2)), config.line_length,

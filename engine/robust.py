@@ -83,13 +83,8 @@ def percentile_of_sorted(s: np.ndarray, q: float | list[float]) -> np.floating |
     gamma = np.asanyarray(virtual - prev, dtype=virtual.dtype)
     prev_i, next_i = prev.astype(np.intp), nxt.astype(np.intp)
     a, b = s[prev_i], s[next_i]
-    if weak:
-        t = float(gamma)
-        diff = b - a
-        out = np.add(a, diff * t, out=...)
-        np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
-        return out[()]
+    t = float(gamma) if weak else gamma  # a Python float keeps s's dtype (NumPy's weak promotion)
     diff = b - a
-    out = np.add(a, diff * gamma, out=...)
-    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
-    return out[()] if out.ndim == 0 else out  # a NumPy scalar q: a scalar, as NumPy's
+    out = np.add(a, diff * t, out=...)
+    np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out[()] if out.ndim == 0 else out  # a scalar q: a scalar, as NumPy's
