@@ -530,16 +530,24 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
     cy, cx = torch.nonzero(candidates, as_tuple=True)
     if cy.numel() == 0:
         return out
-    pad = _pad_edge(f if impulses is None or background is None else torch.where(impulses, background, f), 2)
+    lines = config.learned_peak_sigma is not None and config.learned_line_peaks and config.line_length > 1
+    p = max(3, config.line_length) if lines else 2  # the line test reaches half a line along, three across
+    pad = _pad_edge(f if impulses is None or background is None else torch.where(impulses, background, f), p)
 
-    def at(oy: int, ox: int) -> Tensor:
-        return pad[cy + 2 + oy, cx + 2 + ox]
+    def gather(cy: Tensor, cx: Tensor) -> Callable[[int, int], Tensor]:
+        return lambda oy, ox: pad[cy + p + oy, cx + p + ox]
 
+    at = gather(cy, cx)
     hit = torch.ones_like(cy, dtype=torch.bool)
     if config.learned_evidence_sigma is not None:
         hit &= _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)[0]
     if config.learned_peak_sigma is not None:
-        hit &= _not_a_real_peak(at, noise, config)
+        peak = _not_a_real_peak(at, noise, config)
+        if lines:
+            again = torch.nonzero(hit & ~peak, as_tuple=True)[0]
+            if again.numel():
+                peak[again] = _line_peak(gather(cy[again], cx[again]), noise, config)
+        hit &= peak
     out[cy[hit], cx[hit]] = True
     return out
 
@@ -549,26 +557,55 @@ def _not_a_real_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config
     f = at(0, 0)
     rim = torch.sort(torch.stack([at(dy, dx) for dy, dx in PEAK_RIM]), dim=0).values
     b = (rim[7] + rim[8]) * 0.5
-    r = centre_to_neighbour_ratio(config.psf_sigma_px)
-    z = _f32(config.learned_peak_sigma)
-    tolerance = _f32(config.optics_tolerance)
     var = sigma(noise, b)
     var = var * var
-
-    def peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor) -> Tensor:
-        excess = f - b
-        slack = tolerance * excess
-        slack = slack * slack
-        one, other = one + one, other + other
-        sharp = torch.zeros_like(f, dtype=torch.bool)
-        for m, total in ((2, one), (2, other), (4, one + other)):
-            up = excess - _f32(r / m) * (total - float(m) * b)
-            sharp |= up > z * torch.sqrt(var * _f32(1 + r * r / m) + slack)
-        return (excess > 0) & sharp
-
     w, e, n, s = at(0, -1), at(0, 1), at(-1, 0), at(1, 0)
-    return peaks(f, b, torch.maximum(w, e), torch.maximum(n, s)) | peaks(-f, -b, -torch.minimum(w, e),
-                                                                       -torch.minimum(n, s))
+    return _peaks(f, b, torch.maximum(w, e), torch.maximum(n, s), var, config) | \
+        _peaks(-f, -b, -torch.minimum(w, e), -torch.minimum(n, s), var, config)
+
+
+def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor, config: GuardConfig) -> Tensor:
+    """:func:`cdae.engine.guard._peaks` on tensors."""
+    r = centre_to_neighbour_ratio(config.psf_sigma_px)
+    z = _f32(config.learned_peak_sigma)
+    excess = f - b
+    slack = _f32(config.optics_tolerance) * excess
+    slack = slack * slack
+    one = one + one
+    tests = [(2, one)]
+    if other is not None:
+        other = other + other
+        tests += [(2, other), (4, one + other)]
+    sharp = torch.zeros_like(f, dtype=torch.bool)
+    for m, total in tests:
+        up = excess - _f32(r / m) * (total - float(m) * b)
+        sharp |= up > z * torch.sqrt(var * _f32(1 + r * r / m) + slack)
+    return (excess > 0) & sharp
+
+
+def _line_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig) -> Tensor:
+    """:func:`cdae.engine.guard._line_peak` on tensors."""
+    length = config.line_length
+    steps = range(-(length // 2), length - length // 2)
+    inverse = _f32(1 / length)
+    out = None
+    for (ay, ax), (cy, cx) in (((0, 1), (1, 0)), ((1, 0), (0, 1))):
+        def stretch(d: int, ay: int = ay, ax: int = ax, cy: int = cy, cx: int = cx) -> Tensor:
+            total = at(d * cy - (length // 2) * ay, d * cx - (length // 2) * ax).clone()
+            for k in steps[1:]:
+                total += at(d * cy + k * ay, d * cx + k * ax)
+            total *= inverse
+            return total
+
+        f, n, s = stretch(0), stretch(-1), stretch(1)
+        b = _median4(stretch(-2), stretch(2), stretch(-3), stretch(3))[1]
+        var = sigma(noise, b)
+        var = var * var
+        var *= inverse
+        sharp = _peaks(f, b, torch.maximum(n, s), None, var, config) | \
+            _peaks(-f, -b, -torch.minimum(n, s), None, var, config)
+        out = sharp if out is None else out | sharp
+    return out
 
 
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,

@@ -80,6 +80,10 @@ class GuardConfig(BaseModel):
         1.0, ge=0, description="a learned flag stands only where the pixel is also sharper than the narrowest "
         "optics (psf_sigma_px) allow, by this significance above or below its surroundings (the median of the 16 "
         "pixels two away): the head may not move a peak or a valley real light can make; None: no such test")
+    learned_line_peaks: bool = Field(
+        True, description="the peak test also sees lines: a learned flag on a row (column) whose line_length pixels, "
+        "averaged along it, are sharper across it than the narrowest optics allow stands (a bad line's noise "
+        "averaged down, as the impulse test's line test does); False: single pixels only")
 
 
 @dataclass(frozen=True)
@@ -375,7 +379,12 @@ def impulse_evidence(raw: np.ndarray, noise: NoiseModel, config: GuardConfig, ca
         if config.learned_evidence_sigma is not None:
             hit &= _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)[0]
         if config.learned_peak_sigma is not None:
-            hit &= _not_a_real_peak(at, noise, config)
+            peak = _not_a_real_peak(at, noise, config)
+            if config.learned_line_peaks and config.line_length > 1:  # the line test on those the point test refused
+                again = np.flatnonzero(hit & ~peak)
+                if again.size:
+                    peak[again] = _line_peak(_replaced(f, impulses, background, cy[again], cx[again]), noise, config)
+            hit &= peak
     out.ravel()[idx[hit]] = True
     return out
 
@@ -403,27 +412,70 @@ def _not_a_real_peak(at, noise: NoiseModel, config: GuardConfig) -> np.ndarray: 
     f = at(0, 0)
     rim = np.sort(np.stack([at(dy, dx) for dy, dx in PEAK_RIM]), axis=0)
     b = (rim[7] + rim[8]) * np.float32(0.5)
-    r = centre_to_neighbour_ratio(config.psf_sigma_px)
-    z = np.float32(config.learned_peak_sigma)
-    tolerance = np.float32(config.optics_tolerance)
     var = noise.sigma(b)
     var *= var
-
-    def peaks(f: np.ndarray, b: np.ndarray, one: np.ndarray, other: np.ndarray) -> np.ndarray:
-        """``f`` above ``b`` beyond the optics; each axis's pair as twice ``one`` (``other``) of its sides."""
-        excess = f - b
-        slack = tolerance * excess
-        slack *= slack
-        one, other = one + one, other + other
-        sharp = np.zeros(f.shape, dtype=bool)
-        for m, total in ((2, one), (2, other), (4, one + other)):
-            up = excess - np.float32(r / m) * (total - np.float32(m) * b)
-            sharp |= up > z * np.sqrt(var * np.float32(1 + r * r / m) + slack)
-        return (excess > 0) & sharp
-
     w, e, n, s = at(0, -1), at(0, 1), at(-1, 0), at(1, 0)
     # a dip is a peak of the negated frame (exact in float), each pair's darker side its brighter one
-    return peaks(f, b, np.maximum(w, e), np.maximum(n, s)) | peaks(-f, -b, -np.minimum(w, e), -np.minimum(n, s))
+    return _peaks(f, b, np.maximum(w, e), np.maximum(n, s), var, config) | \
+        _peaks(-f, -b, -np.minimum(w, e), -np.minimum(n, s), var, config)
+
+
+def _peaks(f: np.ndarray, b: np.ndarray, one: np.ndarray, other: np.ndarray | None, var: np.ndarray,
+           config: GuardConfig) -> np.ndarray:
+    """The peak test's arithmetic: ``f`` above ``b`` beyond the narrowest optics, each axis's pair as twice ``one``
+    (``other``) of its sides, across each axis and both together (``other`` None: across ``one``'s axis alone);
+    ``var`` the noise variance of ``f``, ``b`` and the sides."""
+    r = centre_to_neighbour_ratio(config.psf_sigma_px)
+    z = np.float32(config.learned_peak_sigma)
+    excess = f - b
+    slack = np.float32(config.optics_tolerance) * excess
+    slack *= slack
+    one = one + one
+    tests = [(2, one)]
+    if other is not None:
+        other = other + other
+        tests += [(2, other), (4, one + other)]
+    sharp = np.zeros(f.shape, dtype=bool)
+    for m, total in tests:
+        up = excess - np.float32(r / m) * (total - np.float32(m) * b)
+        sharp |= up > z * np.sqrt(var * np.float32(1 + r * r / m) + slack)
+    return (excess > 0) & sharp
+
+
+def _line_peak(at, noise: NoiseModel, config: GuardConfig) -> np.ndarray:  # noqa: ANN001 - at: (dy, dx) -> array
+    """:func:`_not_a_real_peak` for lines: True where the pixel's row (column), its ``line_length`` pixels averaged
+    along it, is sharper across it than the narrowest optics allow, above or below its surroundings.
+
+    A bad row's pixels one by one may be no sharper than the optics allow within their noise (the test's noise is
+    ``sigma sqrt(1 + R^2 / 2)``, 8.4 sigma at 0.45 px, and a dead row's darker side sits low by chance), but its
+    average along the row is: the noise falls by ``sqrt(line_length)``. The test is the point test's across the
+    line, on the averages: ``f`` the pixel's stretch of the line, ``n`` and ``s`` the stretches either side (the
+    pair as twice its brighter side for a peak, its darker for a dip), the background the median of the four
+    stretches two and three away (a neighbouring bad line is out of it). Real light obeys the optics on every
+    pixel and so on their average (the test is linear in the pixels, but for the background's median and the
+    pair's brighter side, which only make it stricter); what it could take for a defect is what the impulse
+    test's line test could: a real line that thin, straight and on the pixel grid.
+    The arithmetic is mirrored, operation for operation, in engine/device_frame.py."""
+    length = config.line_length
+    steps = range(-(length // 2), length - length // 2)
+    inverse = np.float32(1 / length)
+    out = None
+    for (ay, ax), (cy, cx) in (((0, 1), (1, 0)), ((1, 0), (0, 1))):  # a row (across: y), a column (across: x)
+        def stretch(d: int, ay: int = ay, ax: int = ax, cy: int = cy, cx: int = cx) -> np.ndarray:
+            total = at(d * cy - (length // 2) * ay, d * cx - (length // 2) * ax).copy()
+            for k in steps[1:]:
+                total += at(d * cy + k * ay, d * cx + k * ax)
+            total *= inverse
+            return total
+
+        f, n, s = stretch(0), stretch(-1), stretch(1)
+        b = _median4(stretch(-2), stretch(2), stretch(-3), stretch(3))[1]
+        var = noise.sigma(b)
+        var *= var
+        var *= inverse  # the noise of a stretch's mean
+        sharp = _peaks(f, b, np.maximum(n, s), None, var, config) | _peaks(-f, -b, -np.minimum(n, s), None, var, config)
+        out = sharp if out is None else out | sharp
+    return out
 
 
 def _replaced(f: np.ndarray, mask: np.ndarray, background: np.ndarray, cy: np.ndarray, cx: np.ndarray):  # noqa: ANN202

@@ -147,6 +147,46 @@ def test_a_faint_hot_pixel_the_head_finds_is_restored() -> None:
     assert g.noise == NoiseModel(read_dn=10.0, dn_per_e=1e-9, offset_dn=0.0, measured=False)
 
 
+def test_a_faint_bad_line_the_head_finds_is_restored_and_a_real_edge_is_not_claimed() -> None:
+    """A dead row and a hot column 12 sigma from a flat field: too faint for the impulse test's line test
+    (whose lowest/highest-of-eight background costs it ~15 sigma) and, pixel by pixel, for the peak test (a
+    neighbour's noise counts 5.9x at 0.45 px); the head claims them, and the line peak test, their stretches
+    averaged along them, lets the flags stand. A real edge (blurred by 0.7 px optics) and a real thin ridge
+    (1 px optics) the head claims stay held to the bound: real light obeys the optics on average too."""
+    from scipy import ndimage
+
+    from cdae.engine.guard import LEARNED
+
+    rng = np.random.default_rng(3)
+    h, w = 128, 160
+    f = (1000 + rng.normal(0, 10, (h, w))).astype(np.float32)
+    f[40, 8:120] -= 120  # a dead row, 12 sigma
+    f[60:120, 100] += 120  # a hot column from a charge trap down, 12 sigma
+    yy, xx = np.mgrid[0:h, 0:w]
+    edge = ndimage.gaussian_filter((yy >= 90).astype(float), 0.7) * 400  # real light: a horizontal edge, low left
+    ridge = ndimage.gaussian_filter((yy == 20).astype(float), 1.0) * 300 * (xx > 120)  # and a ridge on the right
+    f += ((edge * (xx < 80)) + ridge).astype(np.float32)
+    p = np.zeros(f.shape, dtype=np.float32)
+    line = np.zeros(f.shape, dtype=bool)
+    line[40, 12:116] = True
+    line[64:116, 100] = True  # the lines, a few pixels in from their ends
+    real = np.zeros(f.shape, dtype=bool)
+    real[88:92, 4:76] = True  # the rows either side of the edge
+    real[18:23, 124:156] = True  # the ridge and its flanks
+    p[line | real] = 0.9
+    config = GuardConfig(gain_e_per_dn=1e9, read_noise_dn=10.0, offset_dn=0.0, defect_threshold=0.5)
+    network = ndimage.median_filter(f, 5)  # the network's fill: the lines gone; and the edge and ridge smoothed
+    network[real] = 1000.0  # painted over
+    g = guard(f, network, np.zeros(f.shape, dtype=bool), config, p)
+    assert (g.flags[line] == 3).mean() < 0.05  # too faint for the impulse test
+    assert (g.flags[line] == LEARNED).mean() >= 0.9
+    assert np.abs(g.output[line] - 1000).mean() < 10
+    assert (g.flags[real] == LEARNED).mean() <= 0.01
+    assert (np.abs(g.output - f)[real] <= g.noise.sigma(f)[real] + 1e-3).mean() >= 0.99
+    points = guard(f, network, np.zeros(f.shape, dtype=bool), config.model_copy(update={"learned_line_peaks": False}), p)
+    assert (points.flags[line] == LEARNED).mean() <= 0.6  # pixel by pixel, most are refused
+
+
 def test_a_head_that_claims_real_point_sources_does_not_lower_them() -> None:
     """Point sources through the simulator's sharpest optics (0.45-0.55 px, anywhere in their pixel), the head
     sure each peak is a hot pixel and the network painting it down (what it did on simulated point fields):
