@@ -347,18 +347,21 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
     """:func:`cdae.engine.guard.measure_noise` of a float32 frame tensor; the per-bin medians in one batched sort,
     the line fit on the host on the bins' statistics (the same code)."""
     h, w = f.shape
-    if h < 3 or w < 3:
+    by, bx = h // 3, w // 3
+    if by < 3 or bx < 1:
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.numel() else 0.0, measured=True)
-    triples = w // 3
-    stride = max(1, math.ceil((h - 2) * triples / max_pairs))
-    rows = torch.arange(1, h - 1, stride, device=f.device)
-    a, b, c = (f[:, i:3 * triples:3] for i in range(3))
-    d_all = (a - 2 * b + c) * _f32(1 / math.sqrt(6))
-    diff = d_all[rows]
-    level = (a[rows] + b[rows] + c[rows]) * _f32(1 / 3)
-    structure = torch.abs(d_all[rows - 1]) + torch.abs(d_all[rows + 1])
+    stride = max(1, math.ceil((by - 2) * bx / max_pairs))
+    rows = torch.arange(1, by - 1, stride, device=f.device)
+    near = torch.stack([rows - 1, rows, rows + 1])
+    blocks = f[:3 * by, :3 * bx].reshape(by, 3, bx, 3)[near]
+    across = blocks[..., 0] - 2 * blocks[..., 1] + blocks[..., 2]
+    d_all = (across[:, :, 0] - 2 * across[:, :, 1] + across[:, :, 2]) * _f32(1 / 6)
+    diff = d_all[1]
+    sums = blocks[1, ..., 0] + blocks[1, ..., 1] + blocks[1, ..., 2]
+    level = (sums[:, 0] + sums[:, 1] + sums[:, 2]) * _f32(1 / 9)
+    structure = torch.abs(d_all[0]) + torch.abs(d_all[2])
     if exclude is not None:
-        ex = exclude[:, 0:3 * triples:3] | exclude[:, 1:3 * triples:3] | exclude[:, 2:3 * triples:3]
+        ex = exclude[:3 * by, :3 * bx].reshape(by, 3, bx, 3).any(dim=3).any(dim=1)
         keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
         level, diff, structure = level[keep], diff[keep], structure[keep]
     level, diff, structure = level.reshape(-1), diff.reshape(-1), structure.reshape(-1)
@@ -388,7 +391,7 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
         vs.append((MAD_TO_SIGMA * float(np.float32(mad_b))) ** 2)
         ns.append(int(n_b))
     x, v, nn_ = np.array(xs), np.array(vs), np.array(ns, dtype=float)
-    slope, intercept = fit_variance(x - offset, v, nn_)
+    slope, intercept = fit_variance(x - offset, v, nn_, 1.0 / 12.0)
     intercept = max(float(intercept), 1.0 / 12.0)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
 
@@ -546,7 +549,11 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
         if lines:
             again = torch.nonzero(hit & ~peak, as_tuple=True)[0]
             if again.numel():
-                peak[again] = _line_peak(gather(cy[again], cx[again]), noise, config)
+                claimed = candidates if impulses is None else candidates | impulses
+                pad_claimed = _pad_edge(claimed.to(torch.float32), p)
+                ay, ax = cy[again], cx[again]
+                peak[again] = _line_peak(gather(ay, ax), noise, config,
+                                         lambda oy, ox: pad_claimed[ay + p + oy, ax + p + ox])
         hit &= peak
     out[cy[hit], cx[hit]] = True
     return out
@@ -583,7 +590,8 @@ def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor,
     return (excess > 0) & sharp
 
 
-def _line_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig) -> Tensor:
+def _line_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig,
+               claimed: Callable[[int, int], Tensor]) -> Tensor:
     """:func:`cdae.engine.guard._line_peak` on tensors."""
     length = config.line_length
     steps = range(-(length // 2), length - length // 2)
@@ -604,6 +612,8 @@ def _line_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: Guar
         var *= inverse
         sharp = _peaks(f, b, torch.maximum(n, s), None, var, config) | \
             _peaks(-f, -b, -torch.minimum(n, s), None, var, config)
+        for k in steps:
+            sharp &= claimed(k * ay, k * ax) > 0
         out = sharp if out is None else out | sharp
     return out
 

@@ -185,7 +185,9 @@ def calibrate_package(pkg: Path, frames: int = 192, alpha: float = 0.01, data: D
                                "sizes": [list(s) for s in DEFAULT_SIZES]},
         "evidence": {"learned_evidence_sigma": g.learned_evidence_sigma, "learned_evidence_psf_px":
                      g.learned_evidence_psf_px, "learned_peak_sigma": g.learned_peak_sigma,
-                     "psf_sigma_px": g.psf_sigma_px, "k_sigma": g.k_sigma},
+                     "learned_line_peaks": g.learned_line_peaks, "line_length": g.line_length,
+                     "psf_sigma_px": g.psf_sigma_px, "k_sigma": g.k_sigma,
+                     "noise_model": "measured per frame (engine.guard.measure_noise: 3x3 blocks)"},
         "model": den.manifest.ref, "cdae_version": __version__,
         "made_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -151,8 +151,9 @@ def test_a_faint_bad_line_the_head_finds_is_restored_and_a_real_edge_is_not_clai
     """A dead row and a hot column 12 sigma from a flat field: too faint for the impulse test's line test
     (whose lowest/highest-of-eight background costs it ~15 sigma) and, pixel by pixel, for the peak test (a
     neighbour's noise counts 5.9x at 0.45 px); the head claims them, and the line peak test, their stretches
-    averaged along them, lets the flags stand. A real edge (blurred by 0.7 px optics) and a real thin ridge
-    (1 px optics) the head claims stay held to the bound: real light obeys the optics on average too."""
+    averaged along them, lets the flags stand (where the head claims the stretch whole). A real edge (blurred by
+    0.7 px optics) and a real thin ridge (1 px optics) the head claims stay held to the bound: real light obeys
+    the optics on average too."""
     from scipy import ndimage
 
     from cdae.engine.guard import LEARNED
@@ -169,11 +170,12 @@ def test_a_faint_bad_line_the_head_finds_is_restored_and_a_real_edge_is_not_clai
     p = np.zeros(f.shape, dtype=np.float32)
     line = np.zeros(f.shape, dtype=bool)
     line[40, 12:116] = True
-    line[64:116, 100] = True  # the lines, a few pixels in from their ends
+    line[64:116, 100] = True  # the lines, half a line_length in from their ends
     real = np.zeros(f.shape, dtype=bool)
     real[88:92, 4:76] = True  # the rows either side of the edge
     real[18:23, 124:156] = True  # the ridge and its flanks
-    p[line | real] = 0.9
+    p[40, 8:120] = p[60:120, 100] = 0.9  # the head claims the lines along their length
+    p[real] = 0.9
     config = GuardConfig(gain_e_per_dn=1e9, read_noise_dn=10.0, offset_dn=0.0, defect_threshold=0.5)
     network = ndimage.median_filter(f, 5)  # the network's fill: the lines gone; and the edge and ridge smoothed
     network[real] = 1000.0  # painted over
@@ -185,6 +187,9 @@ def test_a_faint_bad_line_the_head_finds_is_restored_and_a_real_edge_is_not_clai
     assert (np.abs(g.output - f)[real] <= g.noise.sigma(f)[real] + 1e-3).mean() >= 0.99
     points = guard(f, network, np.zeros(f.shape, dtype=bool), config.model_copy(update={"learned_line_peaks": False}), p)
     assert (points.flags[line] == LEARNED).mean() <= 0.6  # pixel by pixel, most are refused
+    p[40, 20:100:10] = 0  # a line the head claims with gaps: each stretch must be claimed whole
+    gaps = guard(f, network, np.zeros(f.shape, dtype=bool), config, p)
+    assert (gaps.flags[40, 12:116] == LEARNED).mean() <= 0.6
 
 
 def test_a_head_that_claims_real_point_sources_does_not_lower_them() -> None:
