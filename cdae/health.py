@@ -10,7 +10,7 @@ frames. The rule, stated once (``docs/design.md`` says the same with the measure
 operations on the handful of pixels the screen lets through):
 
 1. The frame's noise, Poisson-Gaussian, measured on the frame itself (the guard's
-   :func:`~cdae.engine.guard.measure_noise`: read noise and offset from its quietest, darkest
+   :func:`~cdae.engine.guard.measure_noise_rows`: read noise and offset from its quietest, darkest
    parts) on every ``noise_every``-th frame; the median of the last five is used.
 2. A screen: each pixel's excess over its side neighbours along rows and columns
    (``a = 2c - l - r``, ``b = 2c - u - d``) against the noise at its four neighbours' level.
@@ -87,7 +87,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdae.engine.badpixels import BadPixelMap
-from cdae.engine.guard import GuardConfig, NoiseModel, _tests, centre_to_neighbour_ratio, measure_noise
+from cdae.engine.guard import GuardConfig, NoiseModel, _tests, centre_to_neighbour_ratio
+from cdae.engine.guard import measure_noise_rows as measure_noise
 from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma
 
 __all__ = ["HealthConfig", "HealthLimits", "HealthTracker", "HealthError", "Limit", "judge"]

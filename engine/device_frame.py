@@ -368,6 +368,7 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
     n = level.numel()
     if n < 64:
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(level.min()) if n else 0.0, measured=True)
+    bins = max(1, min(bins, n // 64))
     level, order = torch.sort(level, stable=True)
     diff, structure = diff[order], structure[order]
     offset = float(level[int(0.001 * (n - 1))])

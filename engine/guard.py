@@ -184,6 +184,33 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     return fit_noise(level.ravel(), diff.ravel(), structure.ravel(), bins, quantum)
 
 
+def measure_noise_rows(raw: np.ndarray, exclude: np.ndarray | None = None, max_pairs: int = 1 << 16,
+                       quantum: float = 1.0) -> NoiseModel:
+    """:func:`measure_noise` from horizontal pixel triples' second differences ``(a - 2b + c) / sqrt(6)``
+    (smoothness from the triples above and below), the guard's estimator until session 15. Less robust to
+    texture than the blocks (a gradient cancels, curvature along rows does not), but three times the samples
+    of a small frame: the camera-health tracker (``cdae.health``), whose thresholds were set on it, keeps it."""
+    f = np.asarray(raw, dtype=np.float32)
+    h, w = f.shape
+    if h < 3 or w < 3:
+        return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.size else 0.0, measured=True)
+    triples = w // 3
+    stride = max(1, math.ceil((h - 2) * triples / max_pairs))
+    rows = np.arange(1, h - 1, stride)
+    near = np.stack([rows - 1, rows, rows + 1])
+    a, b, c = (f[:, i:3 * triples:3][near] for i in range(3))
+    d_all = (a - 2 * b + c) * np.float32(1 / math.sqrt(6))
+    level = (a[1] + b[1] + c[1]) * np.float32(1 / 3)
+    structure = np.abs(d_all[0]) + np.abs(d_all[2])
+    diff = d_all[1]
+    if exclude is not None:
+        ex = exclude[near]
+        ex = ex[..., 0:3 * triples:3] | ex[..., 1:3 * triples:3] | ex[..., 2:3 * triples:3]
+        keep = ~(ex[1] | ex[0] | ex[2])
+        level, diff, structure = level[keep], diff[keep], structure[keep]
+    return fit_noise(level.ravel(), diff.ravel(), structure.ravel(), quantum=quantum)
+
+
 def fit_noise(level: np.ndarray, diff: np.ndarray, structure: np.ndarray, bins: int = 16,
               quantum: float = 1.0) -> NoiseModel:
     """:func:`measure_noise`'s model from its samples (1-D float32): each sample's level, its noise-only
@@ -191,6 +218,7 @@ def fit_noise(level: np.ndarray, diff: np.ndarray, structure: np.ndarray, bins: 
     if level.size < 64:
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(level.min()) if level.size else 0.0,
                           measured=True)
+    bins = max(1, min(bins, level.size // 64))  # a small frame: fewer bins, each with 32 smooth samples or more
     order = _stable_argsort(level)
     level, diff, structure = level[order], diff[order], structure[order]
     offset = float(level[int(0.001 * (level.size - 1))])

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
                    help="also score the guard with these GuardConfig fields (JSON), e.g. "
                    "--variant peaks-off '{\"defect_threshold\": 0.5, \"learned_peak_sigma\": null}'")
+    p.add_argument("--bad-pixel-maps", action="store_true", help="also score the served guard with each camera's "
+                   "bad-pixel map, as a site deploys it (found by cdae badpixels from 16 darks and 16 flats)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "guard-val.json"))
     args = p.parse_args(argv)
 
@@ -62,6 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, fields in args.variant:
         methods[f"{args.model} + {name}"] = model_method(Denoiser.from_package(pkg, guard=GuardConfig(
             **json.loads(fields))))
+    if args.bad_pixel_maps:
+        from cdae.engine.badpixels import BadPixelMap
+        from cdae.engine.pipeline import denoise_frame
+        from cdae.training.evaluate import calibrated_bad_pixel_masks
+        from cdae.training.real_scenes import _camera_dtype
+
+        found, _ = calibrated_bad_pixel_masks(data, data.val_seed if args.which == "val" else data.test_seed, frames)
+        maps = {id(fr.noisy): BadPixelMap.from_mask(m) for fr, m in zip(frames, found)}
+        served = Denoiser.from_package(pkg, guard=GuardConfig())
+
+        def with_map(noisy, adc_max):  # noqa: ANN001, ANN202 - the frame path with the camera's map, as deployed
+            r = denoise_frame(noisy, served.backend, adc_max=float(adc_max), want_residual=False,
+                              bad_pixels=maps[id(noisy)], guard_config=served.guard)
+            return _camera_dtype(r.denoised, adc_max), r.flags
+
+        methods[f"{args.model} + guard + bad-pixel map"] = with_map
     summary, _ = score_methods(frames, methods, RESTORABLE, reference="median3")
     for name, s in summary.items():
         ratios = s.pop("defect_ratio_to_reference")

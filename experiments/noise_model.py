@@ -14,36 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def row_triples(raw: np.ndarray, exclude: np.ndarray | None = None, max_pairs: int = 1 << 16):  # noqa: ANN201
-    """The samples the guard measured its noise from until session 15: horizontal pixel triples' second
-    differences ``(a - 2b + c) / sqrt(6)``, smoothness from the triples above and below."""
-    from cdae.engine.guard import fit_noise
-
-    f = np.asarray(raw, dtype=np.float32)
-    h, w = f.shape
-    triples = w // 3
-    stride = max(1, math.ceil((h - 2) * triples / max_pairs))
-    rows = np.arange(1, h - 1, stride)
-    near = np.stack([rows - 1, rows, rows + 1])
-    a, b, c = (f[:, i:3 * triples:3][near] for i in range(3))
-    d_all = (a - 2 * b + c) * np.float32(1 / math.sqrt(6))
-    level = (a[1] + b[1] + c[1]) * np.float32(1 / 3)
-    structure = np.abs(d_all[0]) + np.abs(d_all[2])
-    diff = d_all[1]
-    if exclude is not None:
-        ex = exclude[near]
-        ex = ex[..., 0:3 * triples:3] | ex[..., 1:3 * triples:3] | ex[..., 2:3 * triples:3]
-        keep = ~(ex[1] | ex[0] | ex[2])
-        level, diff, structure = level[keep], diff[keep], structure[keep]
-    return fit_noise(level.ravel(), diff.ravel(), structure.ravel())
 
 
 def true_sigma(params: object, clean: np.ndarray) -> np.ndarray:
@@ -61,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "noise-model-val.json"))
     args = p.parse_args(argv)
 
-    from cdae.engine.guard import measure_noise
+    from cdae.engine.guard import measure_noise, measure_noise_rows
     from cdae.training.config import DataConfig
     from cdae.training.dataset import simulated_frames
     from cdae.training.defects import frame_camera
@@ -70,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     data = DataConfig()
     seed = data.val_seed if args.which == "val" else data.test_seed
     frames = simulated_frames(data, seed, 0, args.frames, DEFAULT_SIZES)
-    estimators = {"blocks (served)": measure_noise, "row triples": row_triples}
+    estimators = {"blocks (served)": measure_noise, "row triples": measure_noise_rows}
     ratios: dict[str, list[float]] = {name: [] for name in estimators}
     for i, fr in enumerate(frames):
         h, w = fr.noisy.shape
