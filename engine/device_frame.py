@@ -551,10 +551,7 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
             again = torch.nonzero(hit & ~peak, as_tuple=True)[0]
             if again.numel():
                 claimed = candidates if impulses is None else candidates | impulses
-                pad_claimed = _pad_edge(claimed.to(torch.float32), p)
-                ay, ax = cy[again], cx[again]
-                peak[again] = _line_peak(gather(ay, ax), noise, config,
-                                         lambda oy, ox: pad_claimed[ay + p + oy, ax + p + ox])
+                peak[again] = _line_peak(gather, claimed, cy[again], cx[again], noise, config)
         hit &= peak
     out[cy[hit], cx[hit]] = True
     return out
@@ -591,18 +588,27 @@ def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor,
     return (excess > 0) & sharp
 
 
-def _line_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig,
-               claimed: Callable[[int, int], Tensor]) -> Tensor:
+def _line_peak(gather: Callable[[Tensor, Tensor], Callable[[int, int], Tensor]], claimed: Tensor, cy: Tensor,
+               cx: Tensor, noise: NoiseModel, config: GuardConfig) -> Tensor:
     """:func:`cdae.engine.guard._line_peak` on tensors."""
     length = config.line_length
     steps = range(-(length // 2), length - length // 2)
     inverse = _f32(1 / length)
-    out = None
-    for (ay, ax), (cy, cx) in (((0, 1), (1, 0)), ((1, 0), (0, 1))):
-        def stretch(d: int, ay: int = ay, ax: int = ax, cy: int = cy, cx: int = cx) -> Tensor:
-            total = at(d * cy - (length // 2) * ay, d * cx - (length // 2) * ax).clone()
+    h, w = claimed.shape
+    out = torch.zeros_like(cy, dtype=torch.bool)
+    for (ay, ax), (qy, qx) in (((0, 1), (1, 0)), ((1, 0), (0, 1))):
+        whole = ~out
+        for k in steps:
+            whole &= claimed[torch.clamp(cy + k * ay, 0, h - 1), torch.clamp(cx + k * ax, 0, w - 1)]
+        sel = torch.nonzero(whole, as_tuple=True)[0]
+        if sel.numel() == 0:
+            continue
+        at = gather(cy[sel], cx[sel])
+
+        def stretch(d: int, ay: int = ay, ax: int = ax, qy: int = qy, qx: int = qx, at=at) -> Tensor:  # noqa: ANN001
+            total = at(d * qy - (length // 2) * ay, d * qx - (length // 2) * ax).clone()
             for k in steps[1:]:
-                total += at(d * cy + k * ay, d * cx + k * ax)
+                total += at(d * qy + k * ay, d * qx + k * ax)
             total *= inverse
             return total
 
@@ -611,11 +617,8 @@ def _line_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: Guar
         var = sigma(noise, b)
         var = var * var
         var *= inverse
-        sharp = _peaks(f, b, torch.maximum(n, s), None, var, config) | \
+        out[sel] = _peaks(f, b, torch.maximum(n, s), None, var, config) | \
             _peaks(-f, -b, -torch.minimum(n, s), None, var, config)
-        for k in steps:
-            sharp &= claimed(k * ay, k * ax) > 0
-        out = sharp if out is None else out | sharp
     return out
 
 
