@@ -14,13 +14,19 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 #: What must be equal for a bit-for-bit promise (the rest of the record is for the reader).
-MATCH_KEYS = ("python", "torch", "numpy", "scipy", "cpu_capability", "cpu_model", "threads", "device")
+#: ``cpu_id`` and ``cpu_isa`` since session 16: a hypervisor that names every CPU "AMD EPYC" (one capability,
+#: "AVX512") hid a Zen 5 behind the name a Zen 4-era record carried, and the default's recipe, the same code
+#: bit for bit on one machine (``weights_sha256`` of a 64-step run), gave other weights from its first epoch.
+#: A record without them matches nothing: judged by the metrics.
+MATCH_KEYS = ("python", "torch", "numpy", "scipy", "cpu_capability", "cpu_model", "cpu_id", "cpu_isa", "threads",
+              "device")
 
 #: Elsewhere, the metrics of a re-run must agree within these: absolute dB for PSNR, relative for loss.
 TOLERANCE = {"val_psnr_db": 0.3, "val_loss_relative": 0.05}
@@ -39,6 +45,40 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The instruction-set extensions torch's kernels (oneDNN, its own AVX dispatch) may choose by.
+_ISA = re.compile(r"^(sse\S*|ssse3|avx\S*|fma|f16c|amx\S*|bmi\d|adx|vpclmulqdq|gfni|vaes|sha_ni)$")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def _cpu_id(info: dict[str, str]) -> str:
+    """Vendor, family, model, stepping and cache size: what tells CPUs apart that share a model name (kernels
+    block by cache size)."""
+    labels = {"vendor_id": "", "cpu family": "family ", "model": "model ", "stepping": "stepping ",
+              "cache size": "cache "}
+    if not any(k in info for k in labels):
+        return platform.processor() or platform.machine()
+    return " ".join(f"{label}{info.get(k, '?')}" for k, label in labels.items())
+
+
+def _cpu_isa(info: dict[str, str]) -> str:
+    """The vector and crypto extensions the CPU reports, sorted (``/proc/cpuinfo`` ``flags``)."""
+    return " ".join(sorted(f for f in info.get("flags", "").split() if _ISA.match(f)))
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -50,12 +90,15 @@ def training_environment(threads: int, device: str = "cpu") -> dict[str, Any]:
     """This process's environment as a manifest records it."""
     import torch
 
+    info = _cpuinfo()
     env: dict[str, Any] = {
         "python": ".".join(map(str, sys.version_info[:3])),
         **{p: _version(p) for p in _PACKAGES},
         "torch_build": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_model": _cpu_model(),
+        "cpu_id": _cpu_id(info),
+        "cpu_isa": _cpu_isa(info),
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "threads": threads,

@@ -62,6 +62,7 @@ def test_a_staged_run_resumed_mid_recipe_equals_an_uninterrupted_one(tmp_path: P
     assert [s["name"] for s in m.metrics["stages"]] == ["base", "bright"]
     assert m.metrics["epochs"] == 3 and m.metrics["cpu_seconds"] >= 0
     assert m.environment["torch"] and m.environment["threads"] == 1 and m.environment["cpu_model"]
+    assert m.environment["cpu_id"] and "cpu_isa" in m.environment  # what tells two "AMD EPYC"s apart
     assert (full / "loss.png").is_file()
 
 
