@@ -1,10 +1,11 @@
-/* The guard's whole-frame impulse pass (engine/guard.py, impulse_pass and _tests) in one compiled function.
+/* The guard's whole-frame impulse pass (engine/guard.py, impulse_pass and _tests) and its finish, compiled.
  *
  * The same float32 arithmetic as the NumPy pass, operation for operation and in the same order (so the same
  * bits: tests/engine/test_guard.py compares them), fused per pixel instead of one array pass per operation:
- * NumPy's version makes ~80 passes over the frame, this one four. Built without floating-point contraction
- * (no fused multiply-add: -ffp-contract=off) and without fast-math; NumPy's minimum and maximum propagate a NaN,
- * and so do NMIN and NMAX. The column and row averages are SciPy's uniform_filter1d (mode "nearest"): a float64
+ * NumPy's version makes ~80 passes over the frame, this one works a block of rows at a time (its scratch in the
+ * CPU's cache); and the guard's last steps (the bound, fills, flags, counts) in one pass. Built without
+ * floating-point contraction (no fused multiply-add: -ffp-contract=off) and without fast-math; NumPy's minimum
+ * and maximum propagate a NaN, and so do NMIN and NMAX. The column and row averages are SciPy's uniform_filter1d (mode "nearest"): a float64
  * running sum, the first window summed in order, then += entering - leaving, divided by the length, rounded to
  * float32.
  *
@@ -136,61 +137,111 @@ static inline uint32_t line_hit(float along, float t, float f, float bg, const P
     return (uint32_t)(fabsf(along) > p->z_line) & (uint32_t)(t * along > 0.0f) & (uint32_t)(fabsf(f - bg) > sigma * p->z);
 }
 
-/* Axis 0's line test: t0 averaged along each column, the running sums restarted for each block of rows as the
- * NumPy pass's (its blocks of block_rows rows, with the halo the average needs). acc: w doubles. */
-CLONES static void column_lines(const float *frame, Py_ssize_t h, Py_ssize_t w, const Params *p, const float *t0,
-                         const float *bg0, uint32_t *hits, double *acc) {
-    const Py_ssize_t before = p->length / 2, after = p->length - p->length / 2 - 1, halo = p->length / 2;
-    const Py_ssize_t block = p->block;
+/* Axis 0's line test for the block of rows [y0, y1): t0 averaged along each column over the block's rows [a, b)
+ * (the block and the halo the average needs, clipped to the frame), the running sums restarted for each block as
+ * the NumPy pass's (its blocks of block_rows rows). t0, bg0 and hits hold rows [a, b) (row a first); frame the
+ * whole frame. acc: w doubles. */
+CLONES static void column_lines(const float *frame, Py_ssize_t w, Py_ssize_t a, Py_ssize_t b, Py_ssize_t y0,
+                                Py_ssize_t y1, const Params *p, const float *t0, const float *bg0, uint32_t *hits,
+                                double *acc) {
+    const Py_ssize_t before = p->length / 2, after = p->length - p->length / 2 - 1;
     const double n = (double)p->length;
-    for (Py_ssize_t y0 = 0; y0 < h; y0 += block) {
-        const Py_ssize_t y1 = y0 + block < h ? y0 + block : h;
-        const Py_ssize_t a = y0 - halo > 0 ? y0 - halo : 0, b = y1 + halo < h ? y1 + halo : h;
-        for (Py_ssize_t x = 0; x < w; x++) acc[x] = 0.0;
-        for (Py_ssize_t k = -before; k <= after; k++) {
-            const Py_ssize_t r = a + k < a ? a : (a + k > b - 1 ? b - 1 : a + k);
-            const float *row = t0 + r * w;
-            for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)row[x];
+    for (Py_ssize_t x = 0; x < w; x++) acc[x] = 0.0;
+    for (Py_ssize_t k = -before; k <= after; k++) {
+        const Py_ssize_t r = a + k < a ? a : (a + k > b - 1 ? b - 1 : a + k);
+        const float *row = t0 + (r - a) * w;
+        for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)row[x];
+    }
+    for (Py_ssize_t y = a; y < y1; y++) {
+        if (y > a) {
+            Py_ssize_t enter = y + after, leave = y - before - 1;
+            enter = enter > b - 1 ? b - 1 : enter;
+            leave = leave < a ? a : leave;
+            const float *in = t0 + (enter - a) * w, *out = t0 + (leave - a) * w;
+            for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)in[x] - (double)out[x];
         }
-        for (Py_ssize_t y = a; y < y1; y++) {
-            if (y > a) {
-                Py_ssize_t enter = y + after, leave = y - before - 1;
-                enter = enter > b - 1 ? b - 1 : enter;
-                leave = leave < a ? a : leave;
-                const float *in = t0 + enter * w, *out = t0 + leave * w;
-                for (Py_ssize_t x = 0; x < w; x++) acc[x] += (double)in[x] - (double)out[x];
-            }
-            if (y < y0) continue;
-            const float *T = t0 + y * w, *F = frame + y * w, *B = bg0 + y * w;
-            uint32_t *H = hits + y * w;
-            for (Py_ssize_t x = 0; x < w; x++) {
-                const float along = (float)(acc[x] / n);
-                H[x] |= line_hit(along, T[x], F[x], B[x], p);
-            }
+        if (y < y0) continue;
+        const float *T = t0 + (y - a) * w, *F = frame + y * w, *B = bg0 + (y - a) * w;
+        uint32_t *H = hits + (y - a) * w;
+        for (Py_ssize_t x = 0; x < w; x++) {
+            const float along = (float)(acc[x] / n);
+            H[x] |= line_hit(along, T[x], F[x], B[x], p);
         }
     }
 }
 
-/* Axis 1's line test: t1 averaged along each row. */
-static void row_lines(const float *frame, Py_ssize_t h, Py_ssize_t w, const Params *p, const float *t1,
-                      const float *bg1, uint32_t *hits) {
-    const Py_ssize_t before = p->length / 2, after = p->length - p->length / 2 - 1;
-    const double n = (double)p->length;
-    for (Py_ssize_t y = 0; y < h; y++) {
-        const float *T = t1 + y * w, *F = frame + y * w, *B = bg1 + y * w;
-        uint32_t *H = hits + y * w;
-        double acc = 0.0;
-        for (Py_ssize_t k = -before; k <= after; k++) acc += (double)T[k < 0 ? 0 : (k > w - 1 ? w - 1 : k)];
-        for (Py_ssize_t x = 0; x < w; x++) {
-            if (x > 0) {
-                Py_ssize_t enter = x + after, leave = x - before - 1;
-                enter = enter > w - 1 ? w - 1 : enter;
-                leave = leave < 0 ? 0 : leave;
-                acc += (double)T[enter] - (double)T[leave];
-            }
-            const float along = (float)(acc / n);
-            H[x] |= line_hit(along, T[x], F[x], B[x], p) << 1;
+/* Axis 1's line test of ``rows`` rows: t1 averaged along each. The running sums (SciPy's, each row's in its own
+ * order) are the one serial part: ROWS_AT_ONCE rows' side by side (independent chains: one row's adds wait on each
+ * other, four rows' do not) into sums (ROWS_AT_ONCE w doubles); the tests on them then vectorise. */
+#define ROWS_AT_ONCE 4
+static void running_sums(const float *T, Py_ssize_t w, Py_ssize_t m, Py_ssize_t before, Py_ssize_t after,
+                         double *sums) {
+    double acc[ROWS_AT_ONCE] = {0.0};
+    for (Py_ssize_t j = 0; j < m; j++) {
+        const float *t = T + j * w;
+        for (Py_ssize_t k = -before; k <= after; k++) acc[j] += (double)t[k < 0 ? 0 : (k > w - 1 ? w - 1 : k)];
+        sums[j * w] = acc[j];
+    }
+    for (Py_ssize_t x = 1; x < w; x++) {
+        Py_ssize_t enter = x + after, leave = x - before - 1;
+        enter = enter > w - 1 ? w - 1 : enter;
+        leave = leave < 0 ? 0 : leave;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            acc[j] += (double)T[j * w + enter] - (double)T[j * w + leave];
+            sums[j * w + x] = acc[j];
         }
+    }
+}
+
+CLONES static void row_hits(const float *F, const float *T, const float *B, const double *sums, Py_ssize_t n_px,
+                            const Params *p, uint32_t *H) {
+    const double n = (double)p->length;
+    for (Py_ssize_t i = 0; i < n_px; i++) {
+        const float along = (float)(sums[i] / n);
+        H[i] |= line_hit(along, T[i], F[i], B[i], p) << 1;
+    }
+}
+
+static void row_lines(const float *F, Py_ssize_t w, Py_ssize_t rows, const Params *p, const float *T, const float *B,
+                      uint32_t *H, double *sums) {
+    const Py_ssize_t before = p->length / 2, after = p->length - p->length / 2 - 1;
+    for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS_AT_ONCE) {
+        const Py_ssize_t m = rows - r0 < ROWS_AT_ONCE ? rows - r0 : ROWS_AT_ONCE, o = r0 * w;
+        running_sums(T + o, w, m, before, after, sums);
+        row_hits(F + o, T + o, B + o, sums, m * w, p, H + o);
+    }
+}
+
+/* The pass's output for rows of ``n_px`` pixels: the mask, and the background a hit is replaced with (a line pixel
+ * from across the line, a point from both axes), without branches so that it vectorises. */
+CLONES static void outputs(const uint32_t *hit, const float *b0, const float *b1, Py_ssize_t n_px, uint8_t *M,
+                           float *O) {
+    for (Py_ssize_t x = 0; x < n_px; x++) {
+        const uint32_t a0 = hit[x] & 1u, a1 = (hit[x] >> 1) & 1u;
+        float both = b0[x] + b1[x];
+        both *= 0.5f;
+        M[x] = hit[x] != 0;
+        O[x] = a0 == a1 ? both : (a0 ? b0[x] : b1[x]);
+    }
+}
+
+/* Rows [y_start, y_end) of the pass, a block of rows at a time (the block's tests, with their halo, then its line
+ * tests and its output), so that the scratch (the block's rows) stays in the CPU's cache: the halo's tests are made
+ * twice (once for each block that needs them), the same bits each time. scratch: 5 (block + 2 halo) w words. */
+static void pass_rows(const float *pad, const float *f, Py_ssize_t h, Py_ssize_t w, Py_ssize_t y_start,
+                      Py_ssize_t y_end, const Params *p, float *scratch, double *acc, uint8_t *m, float *out) {
+    const Py_ssize_t halo = p->length > 1 ? p->length / 2 : 0, rows = p->block + 2 * halo;
+    float *t0 = scratch, *t1 = t0 + rows * w, *bg0 = t1 + rows * w, *bg1 = bg0 + rows * w;
+    uint32_t *hits = (uint32_t *)(bg1 + rows * w);
+    for (Py_ssize_t y0 = y_start; y0 < y_end; y0 += p->block) {
+        const Py_ssize_t y1 = y0 + p->block < h ? y0 + p->block : h;
+        const Py_ssize_t a = y0 - halo > 0 ? y0 - halo : 0, b = y1 + halo < h ? y1 + halo : h;
+        tests(pad + a * (w + 4), b - a, w, p, t0, t1, bg0, bg1, hits);
+        if (p->length > 1) {
+            column_lines(f, w, a, b, y0, y1, p, t0, bg0, hits, acc);
+            row_lines(f + y0 * w, w, y1 - y0, p, t1 + (y0 - a) * w, bg1 + (y0 - a) * w, hits + (y0 - a) * w, acc);
+        }
+        outputs(hits + (y0 - a) * w, bg0 + (y0 - a) * w, bg1 + (y0 - a) * w, (y1 - y0) * w, m + y0 * w, out + y0 * w);
     }
 }
 
@@ -204,54 +255,39 @@ static int check(Py_buffer *b, Py_ssize_t bytes, const char *what) {
 
 PyDoc_STRVAR(impulse_pass_doc,
 "impulse_pass(padded, frame, h, w, mask, background, scratch, acc, rm2, rm4, c2, c4, z, z_line, tol, offset,\n"
-"             dn_per_e, read2, length, block_rows)\n\n"
-"engine.guard.impulse_pass's arithmetic: padded (h + 4, w + 4) float32 (the frame edge-extended by 2), frame\n"
-"(h, w) float32; writes mask (h, w) uint8 0/1 and background (h, w) float32. scratch: 5 h w 32-bit words\n"
-"(4 h w float32, h w uint32); acc: w float64. block_rows: the NumPy pass's blocks, whose column sums restart.");
+"             dn_per_e, read2, length, block_rows, y_start, y_end)\n\n"
+"engine.guard.impulse_pass's arithmetic on rows [y_start, y_end) (y_start a multiple of block_rows): padded\n"
+"(h + 4, w + 4) float32 (the frame edge-extended by 2), frame (h, w) float32; writes those rows of mask (h, w)\n"
+"uint8 0/1 and background (h, w) float32. scratch: 5 (block_rows + 2 (length // 2)) w 32-bit words; acc: 4 w\n"
+"float64 (both the caller's, one set per thread). block_rows: the NumPy pass's blocks, whose column sums\n"
+"restart. The GIL is released: calls on disjoint rows with their own scratch may run at once.");
 
 static PyObject *impulse_pass(PyObject *self, PyObject *args) {
     Py_buffer pad, frame, mask, background, scratch, acc;
-    Py_ssize_t h, w;
+    Py_ssize_t h, w, y_start, y_end;
     Params p;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*y*nnw*w*w*w*ffffffffffii", &pad, &frame, &h, &w, &mask, &background, &scratch,
-                          &acc, &p.rm2, &p.rm4, &p.c2, &p.c4, &p.z, &p.z_line, &p.tol, &p.offset, &p.dn_per_e,
-                          &p.read2, &p.length, &p.block))
+    if (!PyArg_ParseTuple(args, "y*y*nnw*w*w*w*ffffffffffiinn", &pad, &frame, &h, &w, &mask, &background,
+                          &scratch, &acc, &p.rm2, &p.rm4, &p.c2, &p.c4, &p.z, &p.z_line, &p.tol, &p.offset,
+                          &p.dn_per_e, &p.read2, &p.length, &p.block, &y_start, &y_end))
         return NULL;
     PyObject *result = NULL;
-    /* sizes whose byte counts (up to 20 h w and (h + 4)(w + 4) 4) cannot overflow */
-    const int sized = h >= 1 && w >= 1 && w <= PY_SSIZE_T_MAX / 32 && h <= (PY_SSIZE_T_MAX / 32) / (w + 4);
+    /* sizes whose byte counts (up to 20 (block + length) w and (h + 4)(w + 4) 4) cannot overflow */
+    const int sized = h >= 1 && w >= 1 && w <= PY_SSIZE_T_MAX / 32 && h <= (PY_SSIZE_T_MAX / 32) / (w + 4) &&
+                      p.length >= 1 && p.block >= 1 && p.length <= (1 << 20) && p.block <= (1 << 20) &&
+                      (Py_ssize_t)p.block + p.length <= (PY_SSIZE_T_MAX / 32) / (w + 4);
     const Py_ssize_t n = sized ? h * w : 0;
-    if (!sized || p.length < 1 || p.block < 1) {
+    const Py_ssize_t rows = sized ? p.block + 2 * (p.length > 1 ? p.length / 2 : 0) : 0;
+    if (!sized) {
         PyErr_SetString(PyExc_ValueError, "h, w, length and block_rows must be >= 1 (and h w a frame's size)");
+    } else if (y_start < 0 || y_start > y_end || y_end > h || y_start % p.block) {
+        PyErr_SetString(PyExc_ValueError, "rows: 0 <= y_start <= y_end <= h, y_start a multiple of block_rows");
     } else if (check(&pad, (h + 4) * (w + 4) * 4, "padded") && check(&frame, n * 4, "frame") &&
                check(&mask, n, "mask") && check(&background, n * 4, "background") &&
-               check(&scratch, n * 20, "scratch") && check(&acc, w * 8, "acc")) {
-        float *t0 = (float *)scratch.buf, *t1 = t0 + n, *bg0 = t1 + n, *bg1 = bg0 + n;
-        uint32_t *hits = (uint32_t *)(bg1 + n);
-        const float *f = (const float *)frame.buf;
-        float *out = (float *)background.buf;
-        uint8_t *m = (uint8_t *)mask.buf;
+               check(&scratch, rows * w * 20, "scratch") && check(&acc, ROWS_AT_ONCE * w * 8, "acc")) {
         Py_BEGIN_ALLOW_THREADS
-        tests((const float *)pad.buf, h, w, &p, t0, t1, bg0, bg1, hits);
-        if (p.length > 1) {
-            column_lines(f, h, w, &p, t0, bg0, hits, (double *)acc.buf);
-            row_lines(f, h, w, &p, t1, bg1, hits);
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {  /* a line pixel is replaced from across the line, a point from both */
-            const uint32_t hit = hits[i];
-            const int a0 = hit & 1u, a1 = (hit >> 1) & 1u;
-            m[i] = hit != 0;
-            if (a0 && !a1) {
-                out[i] = bg0[i];
-            } else if (a1 && !a0) {
-                out[i] = bg1[i];
-            } else {
-                float bg = bg0[i] + bg1[i];
-                bg *= 0.5f;
-                out[i] = bg;
-            }
-        }
+        pass_rows((const float *)pad.buf, (const float *)frame.buf, h, w, y_start, y_end, &p, (float *)scratch.buf,
+                  (double *)acc.buf, (uint8_t *)mask.buf, (float *)background.buf);
         Py_END_ALLOW_THREADS
         Py_INCREF(Py_None);
         result = Py_None;
@@ -265,8 +301,95 @@ static PyObject *impulse_pass(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* numpy's clip of float32 (numpy/_core/src/umath/clip.cpp): max(x, lo) keeping a NaN x, else x > lo ? x : lo;
+ * then min(., hi) alike. NMAX and NMIN give those numbers (a NaN either side comes out a NaN, ties the bound) and,
+ * unlike an isnan test, vectorise. */
+static inline float np_clip(float x, float lo, float hi) {
+    x = NMAX(x, lo);
+    return NMIN(x, hi);
+}
+
+/* The class codes (SATURATED 2 where not an impulse, IMPULSE 3, LEARNED 4, else 0): bytes alone, so that it
+ * vectorises. */
+CLONES static void finish_codes(const uint8_t *restrict imp, const uint8_t *restrict sat,
+                                const uint8_t *restrict learned, Py_ssize_t n, uint8_t *restrict flags) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t m = imp[i] != 0, s = sat[i] != 0, l = learned[i] != 0;
+        const uint8_t code = (uint8_t)(l * 4), code2 = m ? 3 : code;
+        flags[i] = (s & (m ^ 1)) ? 2 : code2;
+    }
+}
+
+/* The output by class code: 32-bit lanes throughout (the code widened), so that it vectorises. */
+CLONES static void finish_px(const float *restrict f, const float *restrict den, const float *restrict bg,
+                             const uint8_t *restrict flags, Py_ssize_t n, float k, float offset, float dn_per_e,
+                             float read2, float *restrict out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float fi = f[i], di = den[i], bi = bg[i];
+        const int c = flags[i];
+        float v = fi - offset;  /* variance(), spelt out */
+        v = NMAX(v, 0.0f);
+        v *= dn_per_e;
+        v += read2;
+        const float sigma = sqrtf(v);
+        const float bound = sigma * k;  /* k 1: sigma, to the bit (numpy's path skips the product) */
+        const float clipped = np_clip(di, fi - bound, fi + bound);
+        out[i] = c == 2 ? fi : (c == 3 ? bi : (c == 4 ? di : clipped));
+    }
+}
+
+PyDoc_STRVAR(finish_doc,
+"finish(frame, denoised, impulses, background, saturated, learned, k, offset, dn_per_e, read2, out, flags)\n\n"
+"engine.guard._guard's last steps in one pass, the same bits: out = denoised clipped to frame +- k sigma(frame)\n"
+"(sigma from the noise model offset, dn_per_e, read2 = read_dn^2; k 1: sigma itself), then denoised where learned,\n"
+"background where impulses, frame where saturated and not an impulse; flags the class codes (SATURATED 2,\n"
+"IMPULSE 3, LEARNED 4, else 0). frame, denoised, background, out: n float32; the masks and flags n uint8 0/1.\n"
+"learned must exclude impulses and saturated pixels (as the guard's does). Returns (saturated, impulses,\n"
+"learned): each class's pixels.");
+
+static PyObject *finish(PyObject *self, PyObject *args) {
+    Py_buffer f, den, imp, bg, sat, learned, out, flags;
+    float k, offset, dn_per_e, read2;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*ffffw*w*", &f, &den, &imp, &bg, &sat, &learned, &k, &offset, &dn_per_e,
+                          &read2, &out, &flags))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t n = f.len / 4;
+    if (f.len % 4 == 0 && check(&f, n * 4, "frame") && check(&den, n * 4, "denoised") && check(&imp, n, "impulses") &&
+        check(&bg, n * 4, "background") && check(&sat, n, "saturated") && check(&learned, n, "learned") &&
+        check(&out, n * 4, "out") && check(&flags, n, "flags")) {
+        Py_ssize_t counts[5] = {0, 0, 0, 0, 0};
+        const uint8_t *fl = (const uint8_t *)flags.buf;
+        Py_BEGIN_ALLOW_THREADS
+        finish_codes((const uint8_t *)imp.buf, (const uint8_t *)sat.buf, (const uint8_t *)learned.buf, n,
+                     (uint8_t *)flags.buf);
+        finish_px((const float *)f.buf, (const float *)den.buf, (const float *)bg.buf, fl, n, k, offset, dn_per_e,
+                  read2, (float *)out.buf);
+        for (Py_ssize_t i = 0; i < n; i++) {  /* 0, 2, 3 or 4: just written; sums vectorise, a histogram does not */
+            counts[2] += fl[i] == 2;
+            counts[3] += fl[i] == 3;
+            counts[4] += fl[i] == 4;
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_BuildValue("nnn", counts[2], counts[3], counts[4]);
+    } else if (f.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "frame: float32 expected");
+    }
+    PyBuffer_Release(&f);
+    PyBuffer_Release(&den);
+    PyBuffer_Release(&imp);
+    PyBuffer_Release(&bg);
+    PyBuffer_Release(&sat);
+    PyBuffer_Release(&learned);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&flags);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"impulse_pass", impulse_pass, METH_VARARGS, impulse_pass_doc},
+    {"finish", finish, METH_VARARGS, finish_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -178,11 +178,20 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     sums = blocks[1, ..., 0] + blocks[1, ..., 1] + blocks[1, ..., 2]  # (rows, 3, bx)
     level = (sums[:, 0] + sums[:, 1] + sums[:, 2]) * np.float32(1 / 9)
     structure = np.abs(d_all[0]) + np.abs(d_all[2])
-    if exclude is not None:
-        ex = np.asarray(exclude, dtype=bool)[:3 * by, :3 * bx].reshape(by, 3, bx, 3).any(axis=(1, 3))
+    if exclude is not None and (ex := _blocks_touched(np.asarray(exclude, dtype=bool), by, bx)) is not None:
         keep = ~(ex[rows] | ex[rows - 1] | ex[rows + 1])
         level, diff, structure = level[keep], diff[keep], structure[keep]
     return fit_noise(level.ravel(), diff.ravel(), structure.ravel(), bins, quantum)
+
+
+def _blocks_touched(exclude: np.ndarray, by: int, bx: int) -> np.ndarray | None:
+    """Which of the ``by x bx`` 3x3 blocks hold an excluded pixel (``.any(axis=(1, 3))`` of the blocks, whose
+    reduction over two strided axes cost 4 ms of a 1024² frame's 9), None where none does (most frames)."""
+    ex = exclude[:3 * by, :3 * bx]
+    if not ex.any():
+        return None
+    rows = ex[0::3] | ex[1::3] | ex[2::3]  # (by, 3 bx)
+    return rows[:, 0::3] | rows[:, 1::3] | rows[:, 2::3]
 
 
 def measure_noise_rows(raw: np.ndarray, exclude: np.ndarray | None = None, max_pairs: int = 1 << 16,
@@ -575,9 +584,8 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
     share them out, numpy releasing the GIL in its loops; the result is the same bits for any count."""
     f = np.asarray(raw, dtype=np.float32)
     h, w = f.shape
-    if _impulse is not None and _COMPILED[0] and isinstance(noise, NoiseModel) and f.size and \
-            (guard_threads() if threads is None else threads) <= 1:
-        return _compiled_pass(f, noise, config, block_rows)
+    if _impulse is not None and _COMPILED[0] and isinstance(noise, NoiseModel) and f.size:
+        return _compiled_pass(f, noise, config, block_rows, guard_threads() if threads is None else threads)
     halo = config.line_length // 2
     # the padded frame, one spare row below; the blocks work "wide": rows of the padded width, contiguous
     # (numpy's loops are ~3x faster on contiguous operands than on 2-D views), the last 4 columns of
@@ -633,11 +641,13 @@ def use_compiled_pass(on: bool) -> None:
     _COMPILED[0] = bool(on)
 
 
-def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig,
-                   block_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`impulse_pass` by engine/_impulse.c: the same arithmetic fused per pixel, four passes over the frame
-    instead of NumPy's ~80 (the same bits: tests/engine/test_guard.py), its column sums restarted per block of
-    ``block_rows`` as NumPy's (they differ where a sum met a NaN or an infinity, or rounded)."""
+def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig, block_rows: int = 64,
+                   threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`impulse_pass` by engine/_impulse.c: the same arithmetic fused per pixel, a block of ``block_rows``
+    rows at a time (its tests with their halo, its line tests, its output: the scratch stays in cache) instead of
+    NumPy's ~80 passes over the frame (the same bits: tests/engine/test_guard.py), its column sums restarted per
+    block as NumPy's (they differ where a sum met a NaN or an infinity, or rounded). ``threads``: the blocks split
+    into that many runs of rows, one per thread, the GIL released (the same bits for any count)."""
     h, w = f.shape
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
     z = np.float32(config.impulse_sigma)
@@ -645,18 +655,29 @@ def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig,
     padded = np.pad(f, 2, mode="edge")
     mask = np.empty((h, w), dtype=bool)
     background = np.empty((h, w), dtype=np.float32)
-    buffers = _SCRATCH.__dict__.setdefault("by_shape", {})
-    scratch = buffers.get((h, w))
-    if scratch is None:
-        if len(buffers) > 8:  # a few frame shapes at a time
-            buffers.clear()
-        scratch = buffers[(h, w)] = (np.empty(5 * h * w, dtype=np.float32), np.empty(w, dtype=np.float64))
     f32 = [float(np.float32(v)) for v in (r / 2, r / 4, 1 + r * r / 2, 1 + r * r / 4)]
-    _impulse.impulse_pass(padded, f, h, w, mask.view(np.uint8), background, scratch[0],
-                          scratch[1], *f32, float(z), float(z / np.float32(math.sqrt(config.line_length))),
-                          float(np.float32(config.optics_tolerance)), float(np.float32(noise.offset_dn)),
-                          float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2)), config.line_length,
-                          block_rows)
+    args = (*f32, float(z), float(z / np.float32(math.sqrt(config.line_length))),
+            float(np.float32(config.optics_tolerance)), float(np.float32(noise.offset_dn)),
+            float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2)), config.line_length, block_rows)
+    rows = block_rows + 2 * (config.line_length // 2 if config.line_length > 1 else 0)
+
+    def run(y0: int, y1: int) -> None:
+        buffers = _SCRATCH.__dict__.setdefault("by_shape", {})  # this thread's, by row width and block height
+        scratch = buffers.get((w, rows))
+        if scratch is None:
+            if len(buffers) > 8:  # a few frame shapes at a time
+                buffers.clear()
+            scratch = buffers[(w, rows)] = (np.empty(5 * rows * w, dtype=np.float32), np.empty(4 * w, dtype=np.float64))
+        _impulse.impulse_pass(padded, f, h, w, mask.view(np.uint8), background, scratch[0], scratch[1], *args, y0, y1)
+
+    blocks = -(-h // block_rows)
+    n = max(1, min(threads, blocks))
+    edges = [min(h, (blocks * i // n) * block_rows) for i in range(n + 1)]  # runs of whole blocks
+    if n == 1:
+        run(0, h)
+    else:
+        for done in [_pool(n).submit(run, a, b) for a, b in zip(edges[:-1], edges[1:])]:
+            done.result()
     return mask, background
 
 
@@ -877,6 +898,26 @@ def _along(t: np.ndarray, length: int, axis: int, out: np.ndarray, work: dict, z
 HEADROOM = 2.0**60
 
 
+def _compiled_finish(f: np.ndarray, denoised: np.ndarray, impulses: np.ndarray, background: np.ndarray,
+                     saturated: np.ndarray, learned: np.ndarray | None, config: GuardConfig,
+                     noise: NoiseModel) -> GuardResult:
+    """:func:`_guard`'s bound, fills, flags and counts in one pass by engine/_impulse.c (the NumPy steps' bits:
+    tests/engine/test_guard.py): a dozen frame-sized NumPy passes (the bound, its clip, six masked copies, three
+    counts) read and wrote ~100 MB of a 1024² frame."""
+    out = np.empty(f.shape, dtype=np.float32)
+    flags = np.empty(f.shape, dtype=np.uint8)
+    if learned is None:
+        learned = np.zeros(f.shape, dtype=bool)
+    c = [np.ascontiguousarray(a) for a in (f, denoised, impulses, background, saturated, learned)]
+    n_sat, n_imp, n_learned = _impulse.finish(
+        c[0], c[1], c[2].view(np.uint8), c[3], c[4].view(np.uint8), c[5].view(np.uint8),
+        float(np.float32(config.k_sigma)), float(np.float32(noise.offset_dn)), float(np.float32(noise.dn_per_e)),
+        float(np.float32(noise.read_dn**2)), out, flags)
+    counts = {FLAG_NAMES[BAD_PIXEL_MAP]: 0, FLAG_NAMES[SATURATED]: n_sat, FLAG_NAMES[IMPULSE]: n_imp,
+              FLAG_NAMES[LEARNED]: n_learned}
+    return GuardResult(output=out, flags=flags, counts=counts, noise=noise)
+
+
 def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,
           defect_probability: np.ndarray | None = None) -> GuardResult:
     """The network's float DN output held to the noise bound, impulses replaced, saturation kept raw,
@@ -904,18 +945,21 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
     # a lone pixel at the ADC maximum is a defect, not saturated light: the impulse test decides first
     impulses, background = find_impulses(f, noise, config)
     saturated = saturated & ~impulses
-    bound = noise.sigma(f)
-    if config.k_sigma != 1.0:  # x * 1 is x
-        bound *= np.float32(config.k_sigma)
-    low = np.subtract(f, bound)
     denoised = np.asarray(denoised_dn, dtype=np.float32)
-    out = np.clip(denoised, low, np.add(f, bound, out=bound), out=low)
-    flags = np.zeros(f.shape, dtype=np.uint8)
     learned = None
     if isinstance(config.defect_threshold, float) and defect_probability is not None:
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
         if config.learned_evidence_sigma is not None or config.learned_peak_sigma is not None:
             learned = impulse_evidence(f, noise, config, learned, impulses, background)  # the optics agree
+    if compiled_pass() and isinstance(noise, NoiseModel):  # the steps below in one pass (engine/_impulse.c)
+        return _compiled_finish(f, denoised, impulses, background, saturated, learned, config, noise)
+    bound = noise.sigma(f)
+    if config.k_sigma != 1.0:  # x * 1 is x
+        bound *= np.float32(config.k_sigma)
+    low = np.subtract(f, bound)
+    out = np.clip(denoised, low, np.add(f, bound, out=bound), out=low)
+    flags = np.zeros(f.shape, dtype=np.uint8)
+    if learned is not None:
         np.copyto(out, denoised, where=learned)
         np.copyto(flags, np.uint8(LEARNED), where=learned)
     np.copyto(out, background, where=impulses)

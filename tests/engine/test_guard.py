@@ -460,6 +460,21 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
         assert np.array_equal(results[0].output, results[1].output) and np.array_equal(results[0].flags,
                                                                                          results[1].flags)
         assert results[0].counts == results[1].counts and results[1].counts["impulse"] > 0
+        # the compiled finish (bound, fills, flags, counts) on NumPy's corner cases, k 1 and not
+        flagged = 0
+        for f in [*frames[:2], raw[:128, :128]]:
+            den = f + rng.normal(0, 50, f.shape).astype(np.float32)
+            den.flat[rng.integers(0, den.size, 20)] = np.nan
+            for cfg in (g.GuardConfig(defect_threshold=0.5), g.GuardConfig(defect_threshold=0.5, k_sigma=2.5)):
+                results, probability = [], rng.random(f.shape).astype(np.float32)
+                for on in (False, True):
+                    g.use_compiled_pass(on)
+                    with np.errstate(all="ignore"):
+                        results.append(g.guard(f, den, np.isposinf(f), cfg, probability))
+                assert np.array_equal(results[0].output, results[1].output, equal_nan=True)
+                assert np.array_equal(results[0].flags, results[1].flags) and results[0].counts == results[1].counts
+                flagged += results[1].counts["learned"] + results[1].counts["impulse"]
+        assert flagged > 0
     finally:
         g.use_compiled_pass(True)
 
