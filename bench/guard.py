@@ -6,8 +6,8 @@ Per frame size (uint16, a simulated camera frame), the whole frame path
 runs without and with the guard as the engine serves it (the package's calibrated defect head and the
 learned flags' tests), the two interleaved frame by frame so that both see the same machine; the guard's
 own time is taken inside the guarded path (in situ: after the network, with the caches as the network leaves
-them). Once with the compiled impulse pass (engine/_impulse.c, where the install built it) and once with the
-NumPy pass; then the guard alone on the network's output, once per thread count of the NumPy pass. The figure
+them). With the compiled impulse pass (engine/_impulse.c, where the install built it) on each of
+``--compiled-threads`` (the first, one, is what the engine serves) and once with the NumPy pass; then the guard alone on the network's output, once per thread count of the NumPy pass. The figure
 of merit is the guard's in-situ time over the unguarded path's; the issue's limit: at most 15 % at 1024 x 1024.
 
     python bench/guard.py                      # 512², 1024²; the NumPy pass alone on 1 and 2 threads
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="cdae-default:7")
     p.add_argument("--precision", default="auto", help="the network's, as torch-cpu serves it: auto, bf16 or fp32")
     p.add_argument("--threads", default="1,2", help="comma list: the guard timed alone with each thread count")
+    p.add_argument("--compiled-threads", default="1,2", help="comma list: the compiled pass in situ with each "
+                   "thread count (the first is the served figure: the engine's default, one)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = TorchCPUBackend(den.manifest, den.backend.model, precision=args.precision)
     cfg = for_package(GuardConfig(), pkg)  # as the engine serves it: the calibrated head, the learned-flag tests
     threads = [int(t) for t in args.threads.split(",")]
+    compiled_threads = [int(t) for t in args.compiled_threads.split(",")]
     import time
 
     from cdae.engine import pipeline
@@ -98,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             _, det = simulate_frame(99, 0, n, n, 12)
             frame = np.clip(np.rint(det.noisy), 0, 4095).astype(np.uint16)
             passes = {}
-            for kind in (["compiled"] if guard_module.compiled_pass() else []) + ["numpy"]:
-                guard_module.use_compiled_pass(kind == "compiled")
+            kinds = [f"compiled, {t} thread{'s' if t > 1 else ''}" for t in compiled_threads] \
+                if guard_module.compiled_pass() else []
+            for kind, t in zip(kinds + ["numpy"], compiled_threads + [None]):
+                guard_module.use_compiled_pass(t is not None)
+                guard_module.set_guard_threads(t)
                 passes[kind] = interleaved(frame)
             guard_module.use_compiled_pass(True)
+            guard_module.set_guard_threads(None)
             f = frame.astype(np.float32)
             x, offset, scale = network_input(f, 4095.0, backend.normalisation)
             restored, prob = backend.infer(x)
@@ -114,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 alone[t] = _median_ms(lambda: guard(f, out_dn, sat, cfg, prob), args.repeats)  # noqa: B023
             guard_module.set_guard_threads(None)
             guard_module.use_compiled_pass(True)
-            served = passes.get("compiled", passes["numpy"])
+            served = passes[kinds[0]] if kinds else passes["numpy"]  # the engine's: one thread unless set
             counts = guard(f, out_dn, sat, cfg, prob).counts
             rows.append({"size": n, "path_ms": served["path"], "guarded_path_ms": served["guarded"],
                          "guard_ms": served["guard"], "guard_share": served["share"],
-                         "impulse_pass": "compiled" if "compiled" in passes else "numpy",
+                         "impulse_pass": kinds[0] if kinds else "numpy",
                          "by_pass": passes, "numpy_guard_alone_ms_by_threads": {str(t): v for t, v in alone.items()},
                          "flags": counts})
             print(f"{n}²: " + "; ".join(
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = [r["by_pass"][kind]["path"] for r in rows]
         guards = [r["by_pass"][kind]["guard"] for r in rows]
         ax.bar(xs, paths, width * 0.95, color="#1f77b4", label="frame path (network, normalisation)" if j == 0 else None)
-        ax.bar(xs, guards, width * 0.95, bottom=paths, color=("#ff7f0e", "#d62728")[j % 2],
+        ax.bar(xs, guards, width * 0.95, bottom=paths, color=("#ff7f0e", "#2ca02c", "#d62728", "#9467bd")[j % 4],
                label=f"guard, {kind} impulse pass")
         for x, p_, g_ in zip(xs, paths, guards):
             ax.text(x, p_ + g_, f"+{100 * g_ / p_:.1f} %", ha="center", va="bottom", fontsize=8)
