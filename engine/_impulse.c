@@ -280,8 +280,8 @@ static PyObject *impulse_pass(PyObject *self, PyObject *args) {
     const Py_ssize_t rows = sized ? p.block + 2 * (p.length > 1 ? p.length / 2 : 0) : 0;
     if (!sized) {
         PyErr_SetString(PyExc_ValueError, "h, w, length and block_rows must be >= 1 (and h w a frame's size)");
-    } else if (y_start < 0 || y_start > y_end || y_end > h || y_start % p.block) {
-        PyErr_SetString(PyExc_ValueError, "rows: 0 <= y_start <= y_end <= h, y_start a multiple of block_rows");
+    } else if (y_start < 0 || y_start > y_end || y_end > h || y_start % p.block || (y_end != h && y_end % p.block)) {
+        PyErr_SetString(PyExc_ValueError, "rows: 0 <= y_start <= y_end <= h, each a multiple of block_rows (or h)");
     } else if (check(&pad, (h + 4) * (w + 4) * 4, "padded") && check(&frame, n * 4, "frame") &&
                check(&mask, n, "mask") && check(&background, n * 4, "background") &&
                check(&scratch, rows * w * 20, "scratch") && check(&acc, ROWS_AT_ONCE * w * 8, "acc")) {
@@ -302,11 +302,13 @@ static PyObject *impulse_pass(PyObject *self, PyObject *args) {
 }
 
 /* numpy's clip of float32 (numpy/_core/src/umath/clip.cpp): max(x, lo) keeping a NaN x, else x > lo ? x : lo;
- * then min(., hi) alike. NMAX and NMIN give those numbers (a NaN either side comes out a NaN, ties the bound) and,
- * unlike an isnan test, vectorise. */
+ * then min(., hi) alike. NMAX and NMIN give those numbers for a non-NaN x (a NaN bound comes out as that NaN: lo
+ * and hi are NaN together, from one NaN frame pixel or bound, with one payload), and a NaN x is kept as it is,
+ * payload and all, by the last select; in that form it vectorises. */
 static inline float np_clip(float x, float lo, float hi) {
-    x = NMAX(x, lo);
-    return NMIN(x, hi);
+    float r = NMAX(x, lo);
+    r = NMIN(r, hi);
+    return x != x ? x : r;
 }
 
 /* The class codes (SATURATED 2 where not an impulse, IMPULSE 3, LEARNED 4, else 0): bytes alone, so that it

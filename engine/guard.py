@@ -951,7 +951,9 @@ def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config
         learned = (defect_probability > np.float32(config.defect_threshold)) & ~impulses & ~saturated
         if config.learned_evidence_sigma is not None or config.learned_peak_sigma is not None:
             learned = impulse_evidence(f, noise, config, learned, impulses, background)  # the optics agree
-    if compiled_pass() and isinstance(noise, NoiseModel):  # the steps below in one pass (engine/_impulse.c)
+    if compiled_pass() and isinstance(noise, NoiseModel) and all(  # the steps below in one pass (engine/_impulse.c)
+            a.dtype == np.bool_ and a.shape == f.shape for a in (saturated, *(() if learned is None else (learned,)))) \
+            and denoised.shape == f.shape:  # anything else: NumPy's own errors, or its broadcasting
         return _compiled_finish(f, denoised, impulses, background, saturated, learned, config, noise)
     bound = noise.sigma(f)
     if config.k_sigma != 1.0:  # x * 1 is x

@@ -429,7 +429,7 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
     column = np.full((200, 20), 100.0, np.float32)
     column[100:150, 10] += 60.0  # a faint bad column segment, found by the line test alone (line_length 1: none)
     column[5, 10] = np.nan  # 95 rows above it
-    frames += [zeros, column]
+    frames += [zeros, column, frames[0][:1].copy(), frames[0][:, :1].copy()]  # and a row, a column
     noise = g.NoiseModel(read_dn=3.0, dn_per_e=0.5, offset_dn=100.0, measured=True)
     try:
         for config in (g.GuardConfig(defect_threshold=None), g.GuardConfig(defect_threshold=None, line_length=1),
@@ -440,11 +440,12 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
                         g.use_compiled_pass(False)
                         expected = g.impulse_pass(f, noise, config, block_rows=block_rows)
                         g.use_compiled_pass(True)
-                        got = g.impulse_pass(f, noise, config, block_rows=block_rows)
-                    assert np.array_equal(got[0], expected[0])
-                    nan = np.isnan(expected[1])
-                    assert np.array_equal(np.isnan(got[1]), nan)
-                    assert np.array_equal(got[1][~nan].view(np.uint32), expected[1][~nan].view(np.uint32))
+                        runs = [g.impulse_pass(f, noise, config, block_rows=block_rows, threads=t) for t in (1, 3)]
+                    for got in runs:  # one thread, and the blocks split over three
+                        assert np.array_equal(got[0], expected[0])
+                        nan = np.isnan(expected[1])
+                        assert np.array_equal(np.isnan(got[1]), nan)
+                        assert np.array_equal(got[1][~nan].view(np.uint32), expected[1][~nan].view(np.uint32))
                     if f is column:  # the NaN does not hide the line below it
                         found = int(got[0][100:150, 10].sum())
                         assert found >= 40 if config.line_length > 1 else found == 0
@@ -460,21 +461,31 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
         assert np.array_equal(results[0].output, results[1].output) and np.array_equal(results[0].flags,
                                                                                          results[1].flags)
         assert results[0].counts == results[1].counts and results[1].counts["impulse"] > 0
-        # the compiled finish (bound, fills, flags, counts) on NumPy's corner cases, k 1 and not
-        flagged = 0
-        for f in [*frames[:2], raw[:128, :128]]:
+        # the compiled finish (bound, fills, flags, counts) on NumPy's corner cases, every bit but NaN payloads
+        # (those too where the denoised pixel is a NaN: kept as it is), with the camera's noise given (a finite
+        # bound: a frame's own model of these frames is NaN) and measured, k 1 and not
+        cam = dict(defect_threshold=0.5, gain_e_per_dn=2.0, read_noise_dn=3.0, offset_dn=100.0)
+        learned = impulses = 0
+        for f in [*frames[:3], frames[-1], raw[:128, :128]]:
             den = f + rng.normal(0, 50, f.shape).astype(np.float32)
             den.flat[rng.integers(0, den.size, 20)] = np.nan
-            for cfg in (g.GuardConfig(defect_threshold=0.5), g.GuardConfig(defect_threshold=0.5, k_sigma=2.5)):
-                results, probability = [], rng.random(f.shape).astype(np.float32)
+            den.flat[rng.integers(0, den.size, 20)] = -0.0
+            den.flat[0] = np.frombuffer(np.uint32(0x7FC12345).tobytes(), np.float32)[0]  # a NaN with a payload
+            probability = rng.random(f.shape).astype(np.float32)
+            for cfg in (g.GuardConfig(**cam), g.GuardConfig(**cam, k_sigma=2.5), g.GuardConfig(defect_threshold=0.5)):
+                results = []
                 for on in (False, True):
                     g.use_compiled_pass(on)
                     with np.errstate(all="ignore"):
                         results.append(g.guard(f, den, np.isposinf(f), cfg, probability))
-                assert np.array_equal(results[0].output, results[1].output, equal_nan=True)
+                o0, o1 = results[0].output, results[1].output
+                assert np.array_equal(o0.view(np.uint32)[~np.isnan(o0)], o1.view(np.uint32)[~np.isnan(o0)])
+                assert np.array_equal(np.isnan(o0), np.isnan(o1))
+                assert o1.view(np.uint32).flat[0] == o0.view(np.uint32).flat[0] or results[0].flags.flat[0]
                 assert np.array_equal(results[0].flags, results[1].flags) and results[0].counts == results[1].counts
-                flagged += results[1].counts["learned"] + results[1].counts["impulse"]
-        assert flagged > 0
+                learned += results[1].counts["learned"]
+                impulses += results[1].counts["impulse"]
+        assert learned > 0 and impulses > 0
     finally:
         g.use_compiled_pass(True)
 
