@@ -42,13 +42,13 @@ demo: $(STAMP)
 	$(VENV)/bin/cdae demo
 
 # The default, from scratch: the staged recipe in one config, into a scratch store; `cdae train` then says
-# whether the result is the recorded run's weights bit for bit (same recorded environment) or its
-# metrics within tolerance (another environment). The record is the recipe's second run (cdae-default:9,
-# a candidate: the shipped default is still :7, whose defect head it does not yet match; experiments/README.md).
-# Its bright stage took 4478 s of CPU, the base stage 2533 s wall, on 2 cores shared with other jobs.
+# whether the result is the shipped default's weights bit for bit (the recorded environment: packages, and the
+# CPU by family, model, stepping, cache and instruction set) or its metrics within tolerance (elsewhere).
+# The shipped default cdae-default:11 is this recipe's run: 59 min wall on this project's 2-core AMD EPYC
+# (family 26), 8 + 30 epochs (models/cdae-default/CHANGELOG.md).
 train-default: $(STAMP)
 	$(VENV)/bin/cdae train --config training/configs/cdae-default.toml --out runs/store --no-progress \
-		--compare experiments/results/recipe-cdae-default-9.json
+		--compare models/cdae-default/11
 
 # Rewrites constraints.txt from the current .venv (after a deliberate upgrade).
 lock: $(STAMP)

@@ -32,6 +32,7 @@ from cdae.engine.package import (
 )
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "cdae-default"
+SCHEMA_1 = Path(__file__).parents[1] / "training" / "data" / "cdae-default-5.manifest.json"
 COMMITTED = sorted((p for p in MODELS.iterdir() if (p / MANIFEST_FILE).is_file()), key=lambda p: int(p.name))
 ARCH = ArchitectureConfig(base_width=4, depth=1, convs_per_level=1)
 
@@ -57,7 +58,10 @@ def test_committed_package_loads_through_the_migrations(pkg: Path) -> None:
 
 
 def test_migration_from_schema_1_is_explicit_and_leaves_its_input() -> None:
-    old = json.loads((COMMITTED[0] / MANIFEST_FILE).read_text())
+    # a schema-1 manifest as packages were written before schema 2 (cdae-default:5's; :6, the last shipped one,
+    # left the store in session 16)
+    old = json.loads(SCHEMA_1.read_text())
+    assert "schema_version" not in old
     before = json.dumps(old)
     new = migrate_manifest(old)
     assert json.dumps(old) == before and new["schema_version"] == SCHEMA_VERSION
