@@ -326,14 +326,14 @@ CLONES static void finish_codes(const uint8_t *restrict imp, const uint8_t *rest
 CLONES static void finish_px(const float *restrict f, const float *restrict den, const float *restrict bg,
                              const uint8_t *restrict flags, Py_ssize_t n, float k, float offset, float dn_per_e,
                              float read2, float *restrict out) {
+    Params p;
+    p.offset = offset;
+    p.dn_per_e = dn_per_e;
+    p.read2 = read2;
     for (Py_ssize_t i = 0; i < n; i++) {
         const float fi = f[i], di = den[i], bi = bg[i];
         const int c = flags[i];
-        float v = fi - offset;  /* variance(), spelt out */
-        v = NMAX(v, 0.0f);
-        v *= dn_per_e;
-        v += read2;
-        const float sigma = sqrtf(v);
+        const float sigma = sqrtf(variance(fi, &p));
         const float bound = sigma * k;  /* k 1: sigma, to the bit (numpy's path skips the product) */
         const float clipped = np_clip(di, fi - bound, fi + bound);
         out[i] = c == 2 ? fi : (c == 3 ? bi : (c == 4 ? di : clipped));

@@ -641,6 +641,11 @@ def use_compiled_pass(on: bool) -> None:
     _COMPILED[0] = bool(on)
 
 
+def _c_noise(noise: NoiseModel) -> tuple[float, float, float]:
+    """The noise model as engine/_impulse.c's variance() takes it: offset, DN per electron, read variance (float32)."""
+    return float(np.float32(noise.offset_dn)), float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2))
+
+
 def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig, block_rows: int = 64,
                    threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """:func:`impulse_pass` by engine/_impulse.c: the same arithmetic fused per pixel, a block of ``block_rows``
@@ -657,8 +662,7 @@ def _compiled_pass(f: np.ndarray, noise: NoiseModel, config: GuardConfig, block_
     background = np.empty((h, w), dtype=np.float32)
     f32 = [float(np.float32(v)) for v in (r / 2, r / 4, 1 + r * r / 2, 1 + r * r / 4)]
     args = (*f32, float(z), float(z / np.float32(math.sqrt(config.line_length))),
-            float(np.float32(config.optics_tolerance)), float(np.float32(noise.offset_dn)),
-            float(np.float32(noise.dn_per_e)), float(np.float32(noise.read_dn**2)), config.line_length, block_rows)
+            float(np.float32(config.optics_tolerance)), *_c_noise(noise), config.line_length, block_rows)
     rows = block_rows + 2 * (config.line_length // 2 if config.line_length > 1 else 0)
 
     def run(y0: int, y1: int) -> None:
@@ -911,8 +915,7 @@ def _compiled_finish(f: np.ndarray, denoised: np.ndarray, impulses: np.ndarray, 
     c = [np.ascontiguousarray(a) for a in (f, denoised, impulses, background, saturated, learned)]
     n_sat, n_imp, n_learned = _impulse.finish(
         c[0], c[1], c[2].view(np.uint8), c[3], c[4].view(np.uint8), c[5].view(np.uint8),
-        float(np.float32(config.k_sigma)), float(np.float32(noise.offset_dn)), float(np.float32(noise.dn_per_e)),
-        float(np.float32(noise.read_dn**2)), out, flags)
+        float(np.float32(config.k_sigma)), *_c_noise(noise), out, flags)
     counts = {FLAG_NAMES[BAD_PIXEL_MAP]: 0, FLAG_NAMES[SATURATED]: n_sat, FLAG_NAMES[IMPULSE]: n_imp,
               FLAG_NAMES[LEARNED]: n_learned}
     return GuardResult(output=out, flags=flags, counts=counts, noise=noise)
