@@ -2,7 +2,10 @@
 
 ``data/frame_path_reference.npz`` holds the shipped default's outputs on fixed frames, made by the
 code before offline use was routed through ``engine.pipeline.denoise_frame`` (when it had its own
-normalise/residual/bad-pixel code); the same model must give the same bits now.
+normalise/residual/bad-pixel code); the same model must give the same bits now on a CPU whose
+convolution kernels are the reference's (an AMD EPYC with AVX-512), and the same numbers to their
+float rounding on another (an Intel Xeon with AMX picks other oneDNN kernels: a few ulp apart, so an
+output rounded to whole DN may land on the other side of a half: 1 DN on 11 of 7680 pixels at 16 bits).
 """
 
 from __future__ import annotations
@@ -66,7 +69,24 @@ def test_offline_output_unchanged_by_the_one_frame_path(now: dict, ref: dict, na
     keys = [k for k in ref if k.startswith(name + "_") and not k.endswith("_raw")]
     assert keys
     for k in keys:
-        np.testing.assert_array_equal(now[k], ref[k], err_msg=k)
+        assert_same_to_rounding(now[k], ref[k], k)
+
+
+def assert_same_to_rounding(now: np.ndarray, ref: np.ndarray, what: str) -> None:
+    """The reference's bits; where the CPU's kernels round otherwise, float outputs within 2e-6 of the array's
+    range, and outputs rounded to whole DN at most 1 DN off on at most 2 % of the pixels (a change of the path
+    moves far more: a different normalisation or fill is tens of DN on most pixels)."""
+    assert now.dtype == ref.dtype and now.shape == ref.shape, what
+    if np.array_equal(now, ref, equal_nan=True):
+        return
+    d = np.abs(now.astype(np.float64) - ref.astype(np.float64))
+    if np.issubdtype(ref.dtype, np.integer) or np.array_equal(ref, np.rint(ref)):  # whole DN (a residual too)
+        off = d > 0
+        assert d.max() <= 1.0 and np.count_nonzero(off) <= ref.size // 50, (
+            f"{what}: {np.count_nonzero(off)} of {ref.size} values off by up to {d.max()} DN")
+    else:
+        tol = 2e-6 * float(np.abs(ref.astype(np.float64)).max())
+        assert d.max() <= tol, f"{what}: off by up to {d.max()} (allowed {tol})"
 
 
 def test_the_bad_pixel_fill_is_certain_in_the_defect_map(now: dict) -> None:
