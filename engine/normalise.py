@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from cdae.engine import frame_kernels
 from cdae.engine.errors import EngineError
 from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma, median, percentile_of_sorted, sorted_values
 
@@ -170,7 +171,8 @@ def find_full_well(
     neighbour variance, so no shot noise at all.
     """
     q = search or FullWellSearch()
-    f = np.asarray(frame, dtype=np.float32)
+    # only sampled pixels are read: an integer frame that float32 holds exactly is converted where sampled
+    f = frame if frame.dtype in frame_kernels.EXACT_IN_FLOAT32 else np.asarray(frame, dtype=np.float32)
     h, w = f.shape[-2:]
     step = max(1, int(math.sqrt(h * w / max_samples)))
     # the sampled pixels in float64: differences across a float32 frame's range (+-3e38) overflow float32
@@ -238,11 +240,18 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
     """
     if frame.ndim != 2:
         raise NormalisationError(f"expected a 2-D frame, got shape {frame.shape}")
-    f = np.asarray(frame, dtype=np.float32)
-    if not np.isfinite(f).all():
-        raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
-    offset, scale = frame_offset_scale(f, adc_max, config)
-    x = np.empty((2, *f.shape), dtype=np.float32)
+    x = np.empty((2, *frame.shape), dtype=np.float32)
+    if frame.dtype in frame_kernels.EXACT_IN_FLOAT32:  # an integer camera's: every value finite, exact in float32
+        offset, scale = frame_offset_scale(frame, adc_max, config)
+        if frame_kernels.normalise_into(frame, offset, scale, adc_max, x):  # one pass, the same bits as below
+            mark_full_well(x, frame, detect_full_well(frame, adc_max, config), offset, scale)
+            return x, offset, scale
+        f = np.asarray(frame, dtype=np.float32)
+    else:
+        f = np.asarray(frame, dtype=np.float32)
+        if frame.dtype.kind == "f" and not np.isfinite(f).all():  # (an int32 frame's float32 values are finite)
+            raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
+        offset, scale = frame_offset_scale(f, adc_max, config)
     with np.errstate(over="ignore"):  # an overflow is caught just below
         np.subtract(f, offset, out=x[0])
         x[0] *= np.float32(1.0 / scale)
@@ -304,6 +313,9 @@ def to_dtype(frame_dn: np.ndarray, dtype: np.dtype | str, adc_max: float) -> np.
     info = np.iinfo(dt)
     hi = _below(min(float(info.max), adc_max), src)
     lo = _below(float(info.min), src) if dt.kind == "i" else 0.0
+    cast = frame_kernels.to_integer(frame_dn, dt, lo, hi)  # one pass, the same bits as below (None: NumPy's turn)
+    if cast is not None:
+        return cast
     rounded = np.rint(frame_dn)
     return np.clip(rounded, lo, hi, out=rounded).astype(dt)  # in place: one frame-sized temporary, not two
 

@@ -28,6 +28,7 @@ import numpy as np
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
+from cdae.engine import frame_kernels
 from cdae.engine.errors import EngineError
 
 PROTOCOL_VERSION = 1
@@ -337,6 +338,9 @@ def decode_request(parts: Sequence[Part], max_frame_pixels: int = DEFAULT_MAX_FR
 def defect_map_to_wire(probability: np.ndarray, dtype: Literal["float32", "uint8"]) -> np.ndarray:
     """The defect probability map as sent: float32, or uint8 = round(255 * p)."""
     if dtype == "uint8":
+        compiled = frame_kernels.probability_to_uint8(probability)  # one pass, the same bits (None: NumPy's turn)
+        if compiled is not None:
+            return compiled
         return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.asarray(probability, dtype=np.float32)
 
