@@ -142,6 +142,32 @@ def _pair_variance(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> float:
     return float(np.mean(np.minimum(d, np.percentile(d, 90)) ** 2))
 
 
+def _window(s: np.ndarray, level: float, half: float) -> slice:
+    """The slice of the sorted ``s`` that ``np.abs(s - level) <= half`` selects, without a pass over ``s``.
+
+    A slice: ``s - level`` rounds monotonically, so the pixels the test keeps are contiguous in sorted order.
+    Its ends come from a binary search and are then moved, a run of equal values at a time, until the test
+    itself (the same float64 arithmetic) holds just inside them and fails just outside.
+    """
+    level, half = float(level), float(half)
+    n = s.size
+
+    def inside(i: int) -> bool:
+        return bool(abs(s[i] - level) <= half)
+
+    i = int(np.searchsorted(s, level - half, side="left"))
+    j = int(np.searchsorted(s, level + half, side="right"))
+    while i > 0 and inside(i - 1):
+        i = int(np.searchsorted(s, s[i - 1], side="left"))
+    while i < min(j, n) and not inside(i):
+        i = int(np.searchsorted(s, s[i], side="right"))
+    while j < n and inside(j):
+        j = int(np.searchsorted(s, s[j], side="right"))
+    while j > i and not inside(j - 1):
+        j = int(np.searchsorted(s, s[j - 1], side="left"))
+    return slice(i, max(i, j))
+
+
 def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
     """Pixel-to-pixel noise (DN RMS) in the darkest tenth of the frame, from its neighbour pairs (``_pairs``):
     read noise, offset pattern, a little shot noise."""
@@ -196,7 +222,7 @@ def find_full_well(
     # narrow the window onto the spike: the dark noise only bounds it (textured dark regions inflate it)
     level, half = centre, q.window_sigma * noise
     for _ in range(q.iterations):
-        near = band[np.abs(band - level) <= half]
+        near = band[_window(band, level, half)]
         if near.size < 16:
             return None
         m = median(near, ordered=True)
@@ -206,8 +232,9 @@ def find_full_well(
         level, half = new_level, new_half
     if level - lo < q.min_height_windows * half:  # a full well lies far above the frame's dark tenth
         return None
-    pixels = int(np.count_nonzero(np.abs(sample - level) <= half))
-    above = int(np.count_nonzero(sample > level + half))
+    window = _window(sample, level, half)
+    pixels = window.stop - window.start
+    above = sample.size - int(np.searchsorted(sample, level + half, side="right"))  # sample > level + half
     if pixels < max(16, q.min_share * sample.size) or above > q.max_above * pixels:
         return None
     inside = _pair_variance(a, b, level - half, level + half)
@@ -219,9 +246,10 @@ def find_full_well(
         return None
     # the clipped pixels themselves: within 4 sigma of the level, sigma from their neighbours' differences
     half = max(q.window_sigma * math.sqrt(inside / 2.0), 1.0)
-    core = sample[np.abs(sample - level) <= half]
+    core = sample[_window(sample, level, half)]
     level = float(median(core, ordered=True))
-    return FullWell(level, half, int(np.count_nonzero(np.abs(sample - level) <= half)) * step * step)
+    window = _window(sample, level, half)
+    return FullWell(level, half, (window.stop - window.start) * step * step)
 
 
 def detect_full_well(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> FullWell | None:

@@ -134,3 +134,26 @@ def test_the_search_is_part_of_the_normalisation_a_manifest_records(tmp_path) ->
     pkg = write_package(tmp_path, name="fw", version="1", state_dict=build_model(arch).state_dict(),
                         architecture=arch, normalisation=strict)
     assert read_manifest(pkg).normalisation.full_well_search.min_share == 0.9
+
+
+def test_the_window_of_a_sorted_sample_is_the_elementwise_test() -> None:
+    """find_full_well reads its windows as slices of the sorted sample (``_window``): the same pixels, to the
+    last one at each edge, as ``np.abs(s - level) <= half`` over the whole sample, for integer and float
+    samples, levels and half-widths on and between the values, infinities and NaN."""
+    from cdae.engine.normalise import _window
+
+    rng = np.random.default_rng(0)
+    for t in range(4000):
+        n = int(rng.integers(0, 200))
+        s = [rng.integers(0, 40, n).astype(np.float64), rng.normal(0, 10, n),
+             rng.integers(0, 4096, n) * float(rng.choice([1e-7, 1.0, 1e7, 1e300])), rng.normal(0, 1, n)][t % 4]
+        if t % 4 == 3 and n:
+            s[rng.integers(0, n, min(n, 3))] = rng.choice([np.inf, -np.inf, np.nan])
+        s = np.sort(s)
+        finite = s[np.isfinite(s)]
+        level = (float(rng.choice(finite)) + float(rng.choice([0.0, 0.5, -0.5, 1e-9]))) if finite.size and t % 2 \
+            else float(rng.normal(0, 20))
+        half = float(rng.choice([0.0, 0.5, 1.0, 2.5, 10 * rng.random(), 1e-300, np.inf]))
+        w = _window(s, level, half)
+        np.testing.assert_array_equal(np.arange(w.start, w.stop), np.flatnonzero(np.abs(s - level) <= half),
+                                      err_msg=f"{s} {level} {half}")
