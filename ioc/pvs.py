@@ -19,8 +19,8 @@ from caproto import AlarmSeverity, AlarmStatus, CAStatus, ChannelType
 from caproto._data import Forbidden
 from caproto.server import PVGroup, SubGroup
 from caproto.server import pvproperty as _pvproperty
-from caproto.server.server import (PvpropertyChar, PvpropertyCharRO, PvpropertyFloatRO, PvpropertyString,
-                                   PvpropertyStringRO, pvspec_type_map)
+from caproto.server.server import (PvpropertyByteRO, PvpropertyChar, PvpropertyCharRO, PvpropertyFloatRO,
+                                   PvpropertyString, PvpropertyStringRO, pvspec_type_map)
 
 from cdae import __version__
 from cdae.ioc.frames import COLOR_MODE_NAMES, DATA_TYPE_NAMES
@@ -93,6 +93,11 @@ def ca_channel_type(element: np.dtype | str) -> ChannelType:
 
 
 def _array(element: np.dtype | str, max_elements: int, doc: str, dtype: type | None = None) -> _pvproperty:
+    """An image's ``ArrayData``. A uint8 image is caproto's byte channel (DBR_CHAR, kept as the array), not
+    its default for CHAR, the string channel: that one decodes every frame written into a Python str and
+    serves each read of it element by element (76 ms per 1024² frame read, against 0.16 ms)."""
+    if dtype is None and np.dtype(element) == np.uint8:
+        dtype = PvpropertyByteRO
     return pvproperty(name="ArrayData", value=np.zeros(1, dtype=np.dtype(element)),
                       dtype=dtype or ca_channel_type(element), max_length=max_elements, read_only=True, doc=doc)
 
