@@ -72,3 +72,24 @@ def test_with_confidence_the_threshold_is_higher_and_needs_more_frames() -> None
     assert t_exp is not None and t_conf is not None and t_conf >= t_exp and b_conf <= 0.02 and b_exp <= 0.02
     # 40 frames cannot give 90 % confidence at alpha 0.02 (log(1 / 0.1) / 0.02 = 116 frames at least)
     assert choose_threshold(probs[:40], brights[:40], alpha=0.02, delta=0.1)[0] is None
+
+
+def test_the_command_holds_alpha_with_confidence_by_default_and_in_expectation_with_delta_0(tiny_package: Path) -> None:
+    """`cdae calibrate` states the issue's guarantee by default (alpha with 90 % confidence); --delta 0 asks for
+    conformal risk control in expectation; a delta outside [0, 1) is a one-line error."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("cdae")
+    where = ["--model", "tiny:1", "--models-dir", str(tiny_package.parent.parent)]
+    r = subprocess.run([str(exe), "calibrate", *where, "--frames", "24", "--alpha", "0.3"], capture_output=True,
+                       text=True, timeout=300)
+    record = json.loads((tiny_package / CALIBRATION_FILE).read_text())
+    assert record["delta"] == 0.1 and record["alpha"] == 0.3 and record["frames"] == 24, r.stderr
+    assert "Bates" in record["method"]
+    r = subprocess.run([str(exe), "calibrate", *where, "--frames", "24", "--alpha", "0.3", "--delta", "0"],
+                       capture_output=True, text=True, timeout=300)
+    record = json.loads((tiny_package / CALIBRATION_FILE).read_text())
+    assert record["delta"] is None and "conformal risk control" in record["method"], r.stderr
+    r = subprocess.run([str(exe), "calibrate", *where, "--delta", "1.5"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--delta" in r.stderr and "Traceback" not in r.stderr

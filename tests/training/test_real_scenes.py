@@ -71,6 +71,35 @@ def test_identity_network_with_the_guard_flags_almost_no_real_light() -> None:
     assert s["frames_bright_over_1.5x"] == 0  # the raw frame, bounded: nothing painted over
 
 
+def test_flags_on_real_bright_structure_are_the_calibrated_loss() -> None:
+    """The share of a frame's real bright-feature pixels flagged (what `cdae calibrate` bounds): a method that
+    flags every bright pixel of the first frame and nothing else scores 1 there, 0 on the second, 0.5 on average;
+    an impulse flag counts as much as a learned one."""
+    from cdae.engine.guard import IMPULSE, LEARNED
+    from cdae.training.metrics import bright_feature_mask
+
+    frames = build_frames([synthetic_real_like(128)], exposures=(0.2, 0.5), kinds=("noise-only",))
+    calls = {"n": 0}
+
+    def flag_bright_first(noisy: np.ndarray, adc_max: int) -> tuple[np.ndarray, np.ndarray]:
+        fr = frames[calls["n"]]
+        calls["n"] += 1
+        flags = np.zeros(noisy.shape, np.uint8)
+        if calls["n"] == 1:
+            bright = bright_feature_mask(fr.clean, fr.defect_mask)
+            flags[bright] = LEARNED
+            flags.flat[np.flatnonzero(bright)[::2]] = IMPULSE
+        return np.asarray(noisy, np.float32), flags
+
+    summary, per = score_methods(frames, {"flagger": flag_bright_first})
+    assert per["flagger"][0]["n_bright"] > 0
+    assert per["flagger"][0]["bright_flag_share"] == pytest.approx(1.0)
+    assert 0.4 < per["flagger"][0]["bright_learned_share"] < 0.6  # every other one an impulse instead
+    assert per["flagger"][1]["bright_flag_share"] == 0.0
+    assert summary["flagger"]["bright_flag_share_mean"] == pytest.approx(0.5)
+    assert summary["flagger"]["false_flag_share"] > 0
+
+
 def test_told_the_camera_the_guard_holds_every_unflagged_pixel_to_its_noise() -> None:
     """With the camera's gain, read noise and bias given, an unflagged pixel moves at most k sigma of the
     camera's true noise, whatever the network does (here: a wild one)."""
@@ -108,4 +137,14 @@ def test_report_on_the_shipped_model(tmp_path: Path) -> None:
     for name, t in report["targets"].items():
         assert set(t["defect_ratio_to_median_by_class"]) >= {"dead", "hot", "bad_line"}
         assert t["meets_all"] in (True, False)
+    # :7 carries a calibration: the false-flag target is its rate on real bright pixels, the reference beside it
+    cal = json.loads((pkg / "guard-calibration.json").read_text())
+    assert data["calibration"]["alpha"] == cal["alpha"]
+    guarded = [n for n in report["targets"] if "guard" in n]
+    assert any(f"head>{cal['defect_threshold']:g}" in n for n in guarded)  # the variant at the calibrated threshold
+    for name in guarded:
+        t = report["targets"][name]
+        assert t["calibrated_rate"] == cal["alpha"]
+        assert t["false_flag_ok"] == (t["bright_flag_share_noise_only"] <= cal["alpha"])
+    assert "calibrated rate" in (tmp_path / "report.md").read_text()
     assert "| method |" in (tmp_path / "report.md").read_text()
