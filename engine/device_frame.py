@@ -51,12 +51,14 @@ from cdae.engine.guard import (
     fit_variance,
 )
 from cdae.engine.normalise import (
+    CLUSTERED_ABOVE,
     F32_MAX,
     FullWell,
     FullWellSearch,
     NormalisationConfig,
     NormalisationError,
     _below,
+    _other_peaks,
     adc_max_for,
 )
 from cdae.engine.robust import MAD_TO_SIGMA
@@ -229,7 +231,7 @@ def _histogram(a: Tensor, bins: int, first: float, last: float) -> tuple[Tensor,
 
 
 def find_full_well(f: Tensor, adc_max: float, max_samples: int = 65536, dark_reference: bool = False,
-                   search: FullWellSearch | None = None) -> FullWell | None:
+                   search: FullWellSearch | None = None, candidates: int = 1) -> FullWell | None:
     """:func:`cdae.engine.normalise.find_full_well` of a float32 frame tensor (same steps; see the module note)."""
     q = search or FullWellSearch()
     h, w = f.shape[-2:]
@@ -247,8 +249,19 @@ def find_full_well(f: Tensor, adc_max: float, max_samples: int = 65536, dark_ref
     nbins = int(min(4096, max(1, math.ceil((top - p80) / (2.0 * noise)))))
     counts, edges = _histogram(band - p80, nbins, 0.0, (top - p80) + max(1e-3, 1e-12 * abs(top)))
     k = int(torch.argmax(counts))
-    e = edges[k: k + 2].cpu().numpy()
-    centre = p80 + 0.5 * (float(e[0]) + float(e[1]))
+    host_counts = counts.cpu().numpy() if candidates > 1 else None
+    others = _other_peaks(host_counts, k, q.min_share * sample.numel(), candidates - 1) if host_counts is not None else []
+    for c in [k, *others]:
+        e = edges[c: c + 2].cpu().numpy()
+        found = _full_well_at(p80 + 0.5 * (float(e[0]) + float(e[1])), sample, band, a, b, noise, lo, q,
+                              dark_reference, step)
+        if found is not None and (c == k or _only_impulses_above(f, found, adc_max)):
+            return found
+    return None
+
+
+def _full_well_at(centre: float, sample: Tensor, band: Tensor, a: Tensor, b: Tensor, noise: float, lo: float,
+                  q: FullWellSearch, dark_reference: bool, step: int) -> FullWell | None:
     level, half = centre, q.window_sigma * noise
     for _ in range(q.iterations):
         near = band[torch.abs(band - level) <= half]
@@ -278,14 +291,31 @@ def find_full_well(f: Tensor, adc_max: float, max_samples: int = 65536, dark_ref
     return FullWell(level, half, int(torch.count_nonzero(torch.abs(sample - level) <= half)) * step * step)
 
 
-def detect_full_well(f: Tensor, adc_max: float, config: NormalisationConfig) -> FullWell | None:
+def _only_impulses_above(f: Tensor, fw: FullWell, adc_max: float) -> bool:
+    """:func:`cdae.engine.normalise._only_impulses_above` of a frame tensor."""
+    above = f > fw.level + fw.half_width
+    if math.isfinite(adc_max):
+        above &= f < adc_max - 0.5
+    if not bool(above.any()):
+        return True
+    joined = torch.zeros_like(above)
+    joined[1:] |= above[:-1]
+    joined[:-1] |= above[1:]
+    joined[:, 1:] |= above[:, :-1]
+    joined[:, :-1] |= above[:, 1:]
+    clustered = int(torch.count_nonzero(joined & above))
+    return clustered <= max(CLUSTERED_ABOVE[0], CLUSTERED_ABOVE[1] * fw.pixels)
+
+
+def detect_full_well(f: Tensor, adc_max: float, config: NormalisationConfig, candidates: int = 1) -> FullWell | None:
     if config.full_well == "off":
         return None
     return find_full_well(f, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark",
-                          search=config.full_well_search)
+                          search=config.full_well_search, candidates=candidates)
 
 
-def network_input(f: Tensor, adc_max: float, config: NormalisationConfig) -> tuple[Tensor, float, float]:
+def network_input(f: Tensor, adc_max: float, config: NormalisationConfig,
+                  full_well_candidates: int = 1) -> tuple[Tensor, float, float]:
     """:func:`cdae.engine.normalise.network_input` of a float32 (H, W) frame tensor whose normalised values fit
     float32 (the caller's range check: no float64 fallback here)."""
     if f.ndim != 2:
@@ -301,7 +331,7 @@ def network_input(f: Tensor, adc_max: float, config: NormalisationConfig) -> tup
         x[1] = (f >= _f32(adc_max - 0.5)).to(torch.float32)
     else:
         x[1] = 0.0
-    fw = detect_full_well(f, adc_max, config)
+    fw = detect_full_well(f, adc_max, config, full_well_candidates)
     if fw is not None:
         at = torch.abs(f - _f32(fw.level)) <= _f32(fw.half_width)
         x[1][at] = 1.0
@@ -776,7 +806,8 @@ def denoise_frame_on_device(
         f = as_float32(raw, dt)
         if dt.kind == "f" and float(torch.max(torch.abs(f))) > FLOAT_FRAME_LIMIT:
             return None  # NaN compares False: network_input refuses the frame as the host path does
-        x, offset, scale = network_input(f, adc_max, runner.normalisation)
+        x, offset, scale = network_input(f, adc_max, runner.normalisation,
+                                         guard_config.full_well_candidates if guard_config is not None else 1)
         tiles = plan_tiles(tuple(frame.shape), max_pixels=max_pixels, margin=margin, multiple=runner.multiple,
                            max_side=runner.max_side)
         restored, prob = run_tiled(x, runner.infer_tensor, tiles, getattr(runner, "infer_batch", None),

@@ -84,6 +84,11 @@ class GuardConfig(BaseModel):
         True, description="the peak test also sees lines: a learned flag on a row (column) whose line_length pixels, "
         "averaged along it, are sharper across it than the narrowest optics allow stands (a bad line's noise "
         "averaged down, as the impulse test's line test does); False: single pixels only")
+    full_well_candidates: int = Field(
+        8, ge=1, le=64, description="pile-ups the full-well search tries (engine.normalise.find_full_well): where "
+        "the densest band near the top (what the model was trained with, 1) is no full well, the next highest "
+        "peaks, each held to the same tests and with nothing but lone pixels above it; the pixels of one found are "
+        "saturated: kept raw, not moved by a shot noise they no longer have")
 
 
 @dataclass(frozen=True)

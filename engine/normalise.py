@@ -180,7 +180,7 @@ def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
 
 def find_full_well(
     frame: np.ndarray, adc_max: float, max_samples: int = 65536, dark_reference: bool = False,
-    search: FullWellSearch | None = None,
+    search: FullWellSearch | None = None, candidates: int = 1,
 ) -> FullWell | None:
     """The level at which a sensor's full well clipped this frame's brightest real features, if it did.
 
@@ -195,6 +195,11 @@ def find_full_well(
     region at the full well over a dark scene: a small well, read noise of hundreds of DN) is
     judged against its darkest tenth instead: at most ``search.max_dark_ratio`` times its
     neighbour variance, so no shot noise at all.
+
+    ``candidates``: how many pile-ups are tried. The first is the densest band above the percentile (what a
+    model's normalisation uses, 1); where it fails the tests, the next are the histogram's other local peaks
+    holding at least ``search.min_share`` of the pixels, highest level first: a small full-well plateau over
+    a bright background, which the background's own densest band hides. Each is held to the same tests.
     """
     q = search or FullWellSearch()
     # only sampled pixels are read: an integer frame that float32 holds exactly is converted where sampled
@@ -218,7 +223,51 @@ def find_full_well(
     # binned relative to p80: edges near 3e38 one unit apart do not exist ("Too many bins")
     counts, edges = np.histogram(band - p80, bins=nbins, range=(0.0, (top - p80) + max(1e-3, 1e-12 * abs(top))))
     k = int(np.argmax(counts))
-    centre = p80 + 0.5 * (edges[k] + edges[k + 1])
+    for c in [k, *_other_peaks(counts, k, q.min_share * sample.size, candidates - 1)]:
+        found = _full_well_at(p80 + 0.5 * (edges[c] + edges[c + 1]), sample, band, a, b, noise, lo, q, dark_reference,
+                              step)
+        if found is not None and (c == k or _only_impulses_above(f, found, adc_max)):
+            return found
+    return None
+
+
+#: A pile-up found past the first candidate is a full well only if at most this many pixels above it have a
+#: neighbour above it too (besides this share of the pile-up's pixels): above a full well lie hot pixels and hits
+#: only, alone, where above a flat real region (an 8-bit camera's quiet sky) lies the rest of the scene.
+CLUSTERED_ABOVE = (4, 0.02)
+
+
+def _only_impulses_above(f: np.ndarray, fw: FullWell, adc_max: float) -> bool:
+    """Whether the pixels above the pile-up ``fw`` (and below the ADC maximum) stand alone: no 4-neighbour above."""
+    above = np.asarray(f > fw.level + fw.half_width)
+    if math.isfinite(adc_max):
+        above &= np.asarray(f < adc_max - 0.5)
+    if not above.any():
+        return True
+    joined = np.zeros_like(above)
+    joined[1:] |= above[:-1]
+    joined[:-1] |= above[1:]
+    joined[:, 1:] |= above[:, :-1]
+    joined[:, :-1] |= above[:, 1:]
+    clustered = int(np.count_nonzero(joined & above))
+    return clustered <= max(CLUSTERED_ABOVE[0], CLUSTERED_ABOVE[1] * fw.pixels)
+
+
+def _other_peaks(counts: np.ndarray, first: int, min_count: float, n: int) -> list[int]:
+    """Up to ``n`` bins other than ``first`` that are local peaks of ``counts`` holding at least ``min_count``,
+    highest first."""
+    if n <= 0 or counts.size < 2:
+        return []
+    c = counts.astype(np.int64)
+    left = np.concatenate(([-1], c[:-1]))
+    right = np.concatenate((c[1:], [-1]))
+    peaks = np.flatnonzero((c >= left) & (c > right) & (c >= min_count))
+    return [int(i) for i in peaks[::-1] if i != first][:n]
+
+
+def _full_well_at(centre: float, sample: np.ndarray, band: np.ndarray, a: np.ndarray, b: np.ndarray, noise: float,
+                  lo: float, q: FullWellSearch, dark_reference: bool, step: int) -> FullWell | None:
+    """:func:`find_full_well`'s tests of the pile-up around ``centre``."""
     # narrow the window onto the spike: the dark noise only bounds it (textured dark regions inflate it)
     level, half = centre, q.window_sigma * noise
     for _ in range(q.iterations):
@@ -252,18 +301,24 @@ def find_full_well(
     return FullWell(level, half, (window.stop - window.start) * step * step)
 
 
-def detect_full_well(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> FullWell | None:
-    """The full well as ``config.full_well`` asks for it (None when 'off' or not found)."""
+def detect_full_well(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
+                     candidates: int = 1) -> FullWell | None:
+    """The full well as ``config.full_well`` asks for it (None when 'off' or not found); ``candidates``: as
+    :func:`find_full_well` takes it (1: what the model was trained with)."""
     if config.full_well == "off":
         return None
     return find_full_well(frame, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark",
-                          search=config.full_well_search)
+                          search=config.full_well_search, candidates=candidates)
 
 
-def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[np.ndarray, float, float]:
+def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
+                  full_well_candidates: int = 1) -> tuple[np.ndarray, float, float]:
     """Build the (2, H, W) float32 network input: normalised frame and saturation mask (with
     ``config.full_well`` set, also pixels at the full well, read as its level).
 
+    ``full_well_candidates``: pile-ups the full-well search tries (:func:`find_full_well`); 1, the default, is
+    what training uses; the guarded frame path looks further (``GuardConfig.full_well_candidates``), so that a
+    small plateau at the full well is kept raw as saturated rather than moved by a shot noise it does not have.
     Returns the input and the (offset, scale) needed to denormalise the network's output.
     """
     if frame.ndim != 2:
@@ -272,7 +327,7 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
     if frame.dtype in frame_kernels.EXACT_IN_FLOAT32:  # an integer camera's: every value finite, exact in float32
         offset, scale = frame_offset_scale(frame, adc_max, config)
         if frame_kernels.normalise_into(frame, offset, scale, adc_max, x):  # one pass, the same bits as below
-            mark_full_well(x, frame, detect_full_well(frame, adc_max, config), offset, scale)
+            mark_full_well(x, frame, detect_full_well(frame, adc_max, config, full_well_candidates), offset, scale)
             return x, offset, scale
         f = np.asarray(frame, dtype=np.float32)
     else:
@@ -291,7 +346,7 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
         np.greater_equal(f, np.float32(adc_max - 0.5), out=x[1], casting="unsafe")
     else:
         x[1] = 0.0
-    mark_full_well(x, f, detect_full_well(f, adc_max, config), offset, scale)
+    mark_full_well(x, f, detect_full_well(f, adc_max, config, full_well_candidates), offset, scale)
     return x, offset, scale
 
 

@@ -102,7 +102,8 @@ def denoise_frame(
     t0 = time.perf_counter()
     if adc_max is None:
         adc_max = adc_max_for(frame.dtype, bit_depth)
-    x, offset, scale = network_input(frame, adc_max, runner.normalisation)
+    x, offset, scale = network_input(frame, adc_max, runner.normalisation,
+                                     guard_config.full_well_candidates if guard_config is not None else 1)
     tiles = plan_tiles(
         frame.shape, max_pixels=max_pixels, margin=tile_margin(runner.architecture, margin),
         multiple=runner.multiple, max_side=runner.max_side,

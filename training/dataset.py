@@ -29,7 +29,8 @@ def simulated_frames(
         h, w = sizes[index % len(sizes)]
         bits = bit_depth_for(data.bit_depths, seed, index)
         scene, det = simulate_frame(seed, index, h, w, bits, data.scene, data.defects)
-        frames.append(EvalFrame(det.noisy, det.clean, det.defect_mask, det.adc_max, bits, scene.kind))
+        frames.append(EvalFrame(det.noisy, det.clean, det.defect_mask, det.adc_max, bits, scene.kind,
+                                 det.params.saturation_dn))
     return frames
 
 

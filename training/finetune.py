@@ -380,7 +380,8 @@ def camera_frames(profile: CameraProfile, data: DataConfig, seed: int, start: in
         params = params.model_copy(update=update)
         top, left = int(rng.integers(profile.height - size + 1)), int(rng.integers(profile.width - size + 1))
         det = apply_detector(scene.signal, rng, params, layout.crop(top, left, size, size))
-        frames.append(EvalFrame(det.noisy, det.clean, det.defect_mask, det.adc_max, bits, f"camera:{scene.kind}"))
+        frames.append(EvalFrame(det.noisy, det.clean, det.defect_mask, det.adc_max, bits, f"camera:{scene.kind}",
+                                 det.params.saturation_dn))
     return frames
 
 

@@ -53,6 +53,8 @@ class EvalFrame:
 
     ``noisy``/``clean`` are float32 DN; ``defect_mask`` is non-zero on defective pixels
     (hot/dead pixels, cosmic rays...); ``kind`` names the scene generator or source.
+    ``saturation_dn``: what real light at the camera's full well reads in ``clean`` (None: the ADC maximum),
+    where the scene is gone for any filter.
     """
 
     noisy: np.ndarray
@@ -61,6 +63,7 @@ class EvalFrame:
     adc_max: int
     bit_depth: int
     kind: str
+    saturation_dn: float | None = None
 
 
 def _pair(estimate: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -286,7 +286,8 @@ def recoverable(fr: object) -> np.ndarray:
     mask = np.asarray(fr.defect_mask)  # type: ignore[attr-defined]
     clean = np.asarray(fr.clean)  # type: ignore[attr-defined]
     lost = (mask & (BLOOM | SATURATED_BLOB)) != 0
-    top = min(float(fr.adc_max), float(getattr(fr, "saturation_dn", fr.adc_max)))  # type: ignore[attr-defined]
+    sat = getattr(fr, "saturation_dn", None)
+    top = min(float(fr.adc_max), float(fr.adc_max if sat is None else sat))  # type: ignore[attr-defined]
     lost |= clean >= top - 0.5
     return ~lost
 

@@ -157,3 +157,80 @@ def test_the_window_of_a_sorted_sample_is_the_elementwise_test() -> None:
         w = _window(s, level, half)
         np.testing.assert_array_equal(np.arange(w.start, w.stop), np.flatnonzero(np.abs(s - level) <= half),
                                       err_msg=f"{s} {level} {half}")
+
+
+def _bright_scene_with_a_small_clipped_disc(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A bright real scene (30-70 % of the well, most of the frame above its 80th percentile's band) and a disc of
+    0.7 % of the pixels past the well: the densest band near the top is the scene's, the well's spike beside it."""
+    yy, xx = np.mgrid[:256, :256]
+    e = FULL_WELL_E * (0.3 + 0.2 * (1 + np.sin(xx / 23.0) * np.cos(yy / 17.0)))
+    disc = (yy - 128) ** 2 + (xx - 100) ** 2 <= 12**2
+    e[disc] = 1.6 * FULL_WELL_E
+    raw, _ = _camera(e, seed)
+    return raw, disc
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_small_well_beside_a_bright_scene_is_found_past_the_first_candidate(seed: int) -> None:
+    """The first candidate (what the models were trained with) is the scene's densest band and fails the tests;
+    the next peaks, highest first, find the well at its level with every clipped pixel; the device mirror too."""
+    import torch
+
+    from cdae.engine import device_frame
+
+    raw, disc = _bright_scene_with_a_small_clipped_disc(seed)
+    assert find_full_well(raw, ADC) is None
+    fw = find_full_well(raw, ADC, candidates=8)
+    assert fw is not None and abs(fw.level - LEVEL) <= 2.0
+    found = np.abs(raw - fw.level) <= fw.half_width
+    assert (found & disc).sum() == disc.sum() and (found & ~disc).sum() <= 2
+    on_device = device_frame.find_full_well(torch.from_numpy(raw), ADC, candidates=8)
+    assert on_device is not None and on_device.level == fw.level and on_device.pixels == fw.pixels
+    # the training default is untouched: one candidate, nothing found, the same network input as before
+    cfg = NormalisationConfig(full_well="detect")
+    assert np.array_equal(network_input(raw, ADC, cfg)[0], network_input(raw, ADC, cfg, 1)[0])
+    assert not network_input(raw, ADC, cfg)[0][1][disc].any() and network_input(raw, ADC, cfg, 8)[0][1][disc].all()
+
+
+def test_a_pile_up_with_real_light_above_it_is_no_full_well() -> None:
+    """Past the first candidate a well must have only lone pixels above it (hot pixels, hits), not real light."""
+    from cdae.engine.normalise import FullWell, _only_impulses_above
+
+    fw = FullWell(level=100.0, half_width=3.0, pixels=4000)
+    f = np.full((128, 128), 50.0, np.float32)
+    f[::16, ::16] = 200.0  # 64 lone hot pixels
+    assert _only_impulses_above(f, fw, 255.0)
+    f[10:20, 10:20] = 180.0  # a real bright patch above the "well"
+    assert not _only_impulses_above(f, fw, 255.0)
+    f[10:20, 10:20] = 255.0  # at the ADC maximum: saturated, flagged anyway, not counted
+    assert _only_impulses_above(f, fw, 255.0)
+
+
+def test_the_guarded_path_keeps_a_small_well_raw_where_the_network_would_move_it() -> None:
+    """A network that darkens everything: with one candidate the disc's clipped pixels move by the shot noise of
+    their level (far beyond the read noise they carry); the guard's default search flags them saturated and
+    keeps them raw."""
+    from pathlib import Path
+
+    from cdae.engine.backends.passthrough import PassthroughBackend
+    from cdae.engine.guard import SATURATED, GuardConfig
+    from cdae.engine.package import read_manifest
+    from cdae.engine.pipeline import denoise_frame
+
+    class Darkening(PassthroughBackend):
+        def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return np.array(x[0] - 0.5, dtype=np.float32), np.zeros(x.shape[1:], dtype=np.float32)
+
+    manifest = read_manifest(Path(__file__).resolve().parents[2] / "models" / "cdae-default" / "11")
+    runner = Darkening(manifest)
+    raw, disc = _bright_scene_with_a_small_clipped_disc()
+    frame = raw.astype(np.uint16)
+    one = denoise_frame(frame, runner, guard_config=GuardConfig(defect_threshold=None, full_well_candidates=1))
+    served = denoise_frame(frame, runner, guard_config=GuardConfig(defect_threshold=None))
+    moved = np.abs(one.denoised.astype(np.float64) - frame)[disc]
+    assert np.median(moved) > 10 * READ_E / GAIN  # the bound read the well's pixels as shot-noisy light
+    assert served.flags is not None
+    sat = disc & (served.flags == SATURATED)
+    # all but the disc's four one-pixel tips (sharper than any optics: the impulse test takes those first)
+    assert sat.sum() >= disc.sum() - 4 and (served.flags[disc & ~sat] != 0).all()
+    assert np.array_equal(served.denoised[sat], frame[sat])
