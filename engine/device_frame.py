@@ -49,10 +49,12 @@ from cdae.engine.guard import (
     centre_to_neighbour_ratio,
     evidence_config,
     fit_variance,
+    frame_quantum,
 )
 from cdae.engine.normalise import (
     CLUSTERED_ABOVE,
     F32_MAX,
+    MAX_CAMERA_FULL_SCALE,
     FullWell,
     FullWellSearch,
     NormalisationConfig,
@@ -186,7 +188,8 @@ def frame_offset_scale(f: Tensor, adc_max: float, config: NormalisationConfig) -
     lo_hi = percentile(sample, [config.low_percentile, config.high_percentile])
     lo = float(lo_hi[0])
     span = float(lo_hi[1]) - lo
-    full_scale = adc_max if math.isfinite(adc_max) else max(float(torch.max(torch.abs(sample))), 1.0)
+    full_scale = adc_max if math.isfinite(adc_max) and adc_max <= MAX_CAMERA_FULL_SCALE else \
+        max(float(torch.max(torch.abs(sample))), 1.0)
     floor = config.min_scale_fraction * full_scale
     return lo, max(span, floor, 1e-6)
 
@@ -373,7 +376,8 @@ def sigma(noise: NoiseModel, level: Tensor) -> Tensor:
     return _sqrt(variance(noise, level))
 
 
-def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_pairs: int = 1 << 16) -> NoiseModel:
+def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_pairs: int = 1 << 16,
+                  quantum: float = 1.0) -> NoiseModel:
     """:func:`cdae.engine.guard.measure_noise` of a float32 frame tensor; the per-bin medians in one batched sort,
     the line fit on the host on the bins' statistics (the same code)."""
     h, w = f.shape
@@ -422,17 +426,18 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
         vs.append((MAD_TO_SIGMA * float(np.float32(mad_b))) ** 2)
         ns.append(int(n_b))
     x, v, nn_ = np.array(xs), np.array(vs), np.array(ns, dtype=float)
-    slope, intercept = fit_variance(x - offset, v, nn_, 1.0 / 12.0)
-    intercept = max(float(intercept), 1.0 / 12.0)
+    floor = quantum * quantum / 12.0  # the rounding's variance, one step of the frame's values (guard.frame_quantum)
+    slope, intercept = fit_variance(x - offset, v, nn_, floor)
+    intercept = max(float(intercept), floor)
     return NoiseModel(read_dn=math.sqrt(intercept), dn_per_e=float(slope), offset_dn=offset, measured=True)
 
 
-def noise_model(f: Tensor, config: GuardConfig, exclude: Tensor | None = None) -> NoiseModel:
+def noise_model(f: Tensor, config: GuardConfig, exclude: Tensor | None = None, quantum: float = 1.0) -> NoiseModel:
     if config.gain_e_per_dn is not None and config.read_noise_dn is not None:
         offset = config.offset_dn if config.offset_dn is not None else float(percentile(f[::4, ::4].reshape(-1), 0.1))
         return NoiseModel(read_dn=config.read_noise_dn, dn_per_e=1.0 / config.gain_e_per_dn, offset_dn=offset,
                           measured=False)
-    return measure_noise(f, exclude)
+    return measure_noise(f, exclude, quantum=quantum)
 
 
 def _median4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -653,9 +658,10 @@ def _line_peak(gather: Callable[[Tensor, Tensor], Callable[[int, int], Tensor]],
 
 
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,
-          defect_probability: Tensor | None = None) -> tuple[Tensor, Tensor, NoiseModel]:
-    """:func:`cdae.engine.guard.guard` on float32 tensors: (output, uint8 flags, noise model)."""
-    noise = noise_model(f, config, exclude=saturated)
+          defect_probability: Tensor | None = None, quantum: float = 1.0) -> tuple[Tensor, Tensor, NoiseModel]:
+    """:func:`cdae.engine.guard.guard` on float32 tensors: (output, uint8 flags, noise model); ``quantum``: the
+    host frame's :func:`cdae.engine.guard.frame_quantum`."""
+    noise = noise_model(f, config, exclude=saturated, quantum=quantum)
     impulses, background = find_impulses(f, noise, config)
     saturated = saturated & ~impulses
     bound = sigma(noise, f)
@@ -815,7 +821,7 @@ def denoise_frame_on_device(
         out = denormalise(restored, offset, scale)
         flags = counts = None
         if guard_config is not None:
-            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob)
+            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob, frame_quantum(frame))
             counts = torch.bincount(flags.reshape(-1).to(torch.int64), minlength=len(FLAG_NAMES))
         values = camera_values(out, dt, adc_max)
         denoised = as_carrier(values, dt)

@@ -926,10 +926,26 @@ def _compiled_finish(f: np.ndarray, denoised: np.ndarray, impulses: np.ndarray, 
     return GuardResult(output=out, flags=flags, counts=counts, noise=noise)
 
 
+def frame_quantum(raw: np.ndarray) -> float:
+    """One step of the frame's values, whose rounding sets the floor of its noise (``quantum**2 / 12``): 1 for
+    an integer camera, and for a float frame of whole numbers (a camera's DN carried in floats); else (a float
+    frame in physical units, [0, 1] or photons) the float32 spacing at its typical magnitude, no floor to speak
+    of: a floor of one DN there would read a noise of 0.01 as 0.29 and let the bound move pixels 29 sigma."""
+    a = np.asarray(raw)
+    if a.dtype.kind in "biu":
+        return 1.0
+    s = np.asarray(a[::7, ::7] if a.ndim == 2 else a.ravel()[::49], dtype=np.float32).ravel()
+    s = s[np.isfinite(s)]
+    if s.size == 0 or np.array_equal(s, np.rint(s)):
+        return 1.0
+    return float(np.spacing(np.float32(max(float(np.median(np.abs(s))), float(np.finfo(np.float32).tiny)))))
+
+
 def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,
           defect_probability: np.ndarray | None = None) -> GuardResult:
     """The network's float DN output held to the noise bound, impulses replaced, saturation kept raw,
     and where the calibrated defect head is sure, the network's output unbounded."""
+    quantum = frame_quantum(raw)
     f = np.asarray(raw, dtype=np.float32)
     peak = max(float(f.max()), -float(f.min())) if f.size else 0.0  # max |f|; NaN where f has a NaN
     if math.isfinite(peak) and peak > HEADROOM:  # a float frame near float32's limit: sums would overflow
@@ -940,11 +956,11 @@ def guard(raw: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, confi
             "gain_e_per_dn": None if config.gain_e_per_dn is None else config.gain_e_per_dn / scale})
         s32 = np.float32(scale)
         r = _guard(f * s32, np.asarray(denoised_dn, dtype=np.float32) * s32, saturated, scaled, defect_probability,
-                   quantum=scale)
+                   quantum=quantum * scale)
         noise = NoiseModel(read_dn=r.noise.read_dn / scale, dn_per_e=r.noise.dn_per_e / scale,
                            offset_dn=r.noise.offset_dn / scale, measured=r.noise.measured)
         return GuardResult(output=r.output / s32, flags=r.flags, counts=r.counts, noise=noise)
-    return _guard(f, denoised_dn, saturated, config, defect_probability)
+    return _guard(f, denoised_dn, saturated, config, defect_probability, quantum=quantum)
 
 
 def _guard(f: np.ndarray, denoised_dn: np.ndarray, saturated: np.ndarray, config: GuardConfig,

@@ -95,6 +95,11 @@ def adc_max_for(dtype: np.dtype | str, bit_depth: int | None = None) -> float:
     raise NormalisationError(f"unsupported frame dtype {dt}; expected one of {', '.join(SUPPORTED_DTYPES)}")
 
 
+#: The largest full scale a camera's ADC has (24 bits); above it (a 32-bit container without a bit depth) the scale
+#: floor is taken from the frame.
+MAX_CAMERA_FULL_SCALE = float(2**24 - 1)
+
+
 def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[float, float]:
     """Robust per-frame (offset, scale) in DN.
 
@@ -111,7 +116,10 @@ def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationC
     lo, hi = percentile_of_sorted(sorted_values(sample), [config.low_percentile, config.high_percentile])
     lo = float(lo)
     span = float(hi) - lo
-    full_scale = adc_max if math.isfinite(adc_max) else max(float(np.max(np.abs(sample))), 1.0)
+    # a 32-bit container's maximum (no bit depth given) is no camera's full scale: the frame's own peak is, as for
+    # a float frame; the floor against amplifying a flat dark frame would otherwise flatten every real one
+    full_scale = adc_max if math.isfinite(adc_max) and adc_max <= MAX_CAMERA_FULL_SCALE else \
+        max(float(np.max(np.abs(sample))), 1.0)
     floor = config.min_scale_fraction * full_scale
     return lo, max(span, floor, 1e-6)
 
@@ -404,7 +412,7 @@ def to_dtype(frame_dn: np.ndarray, dtype: np.dtype | str, adc_max: float) -> np.
 
 
 #: Bit depths cameras deliver in wider integer containers, smallest first.
-CAMERA_BIT_DEPTHS = (8, 10, 12, 14, 16)
+CAMERA_BIT_DEPTHS = (8, 10, 12, 14, 16, 18, 20, 24)  # 18-24: scientific CMOS/CCD ADCs, photon-counting counters
 
 
 def infer_bit_depth(frame: np.ndarray) -> int | None:
@@ -417,7 +425,7 @@ def infer_bit_depth(frame: np.ndarray) -> int | None:
     lo, hi = int(np.min(frame)), int(np.max(frame))
     if lo < 0:
         return None
-    container = 8 * dt.itemsize
+    container = 8 * dt.itemsize - (1 if dt.kind == "i" else 0)  # a signed type holds one bit less
     for bits in CAMERA_BIT_DEPTHS:
         if bits <= container and hi <= 2**bits - 1:
             return bits

@@ -510,3 +510,28 @@ def test_guard_threads_are_set_and_checked() -> None:
             g.set_guard_threads(0)
     finally:
         g.set_guard_threads(before)
+
+
+def test_a_float_frame_in_physical_units_is_bounded_by_its_own_noise_at_any_scale() -> None:
+    """A float frame has no DN: its rounding floor is not one unit. In [0, 1] with noise 0.01, a floor of 1/12
+    read the noise as 0.29 and let unflagged pixels move 29 sigma; the same frame x1000 was bounded. Now the
+    bound and the flags are the same at every scale, and no unflagged pixel moves beyond the frame's noise."""
+    from cdae.engine.guard import frame_quantum
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:128, 0:128]
+    truth = 0.2 + 0.6 * np.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / (2 * 10.0**2)) + 0.1 * (xx / 128)
+    sigma = 0.01
+    noisy = truth + rng.normal(0, sigma, truth.shape)
+    flat = np.full(truth.shape, float(noisy.mean()))  # a network that paints everything over
+    results = {}
+    for k in (1e-3, 1.0, 1e3):
+        f = (noisy * k).astype(np.float32)
+        r = guard(f, (flat * k).astype(np.float32), np.zeros(f.shape, bool), GuardConfig(defect_threshold=None))
+        moved = np.abs(r.output.astype(np.float64) / k - f.astype(np.float64) / k)
+        assert moved[r.flags == 0].max() <= 1.6 * sigma  # k = 1 of a noise measured within its error
+        results[k] = r
+    assert all(np.array_equal(results[1.0].flags, r.flags) for r in results.values())
+    assert frame_quantum(np.zeros((4, 4), np.uint16)) == 1.0
+    assert frame_quantum(np.arange(64, dtype=np.float32).reshape(8, 8)) == 1.0  # DN carried in floats
+    assert frame_quantum(noisy.astype(np.float32)) < 1e-6

@@ -79,3 +79,33 @@ def test_rejects_inf() -> None:
     f[0, 0] = np.inf
     with pytest.raises(NormalisationError, match="1 NaN/Inf"):
         network_input(f, math.inf, CFG)
+
+
+def test_bit_depth_inferred_from_the_data_fits_the_type_and_deep_cameras() -> None:
+    """A signed type holds one bit less than its size (int16 above 16383 is 15-bit, not 16: full scale 32767, not
+    a level it cannot hold); 18-24-bit cameras in 32-bit containers are told apart from a 32-bit one."""
+    from cdae.engine.normalise import infer_bit_depth
+
+    assert infer_bit_depth(np.array([[0, 4095]], np.uint16)) == 12
+    assert infer_bit_depth(np.array([[0, 32767]], np.int16)) == 15
+    assert infer_bit_depth(np.array([[0, 127]], np.int8)) == 7
+    assert infer_bit_depth(np.array([[0, 200]], np.uint8)) == 8
+    assert infer_bit_depth(np.array([[0, 453286]], np.uint32)) == 20
+    assert infer_bit_depth(np.array([[0, 2**24 - 1]], np.int32)) == 24
+    assert infer_bit_depth(np.array([[0, 2**24]], np.int32)) == 31
+    assert infer_bit_depth(np.array([[-1, 5]], np.int16)) is None
+
+
+def test_a_32_bit_frame_without_a_bit_depth_is_scaled_by_its_own_range() -> None:
+    """Without a bit depth a 32-bit container's full scale is 2**31 - 1 or 2**32 - 1, no camera's: the scale floor
+    (a fraction of full scale, against amplifying a flat dark frame) then flattened every real frame. The same
+    16-bit data in int32 or uint32 gets the uint16 frame's offset and scale."""
+    from cdae.engine.normalise import frame_offset_scale
+
+    rng = np.random.default_rng(5)
+    data = np.rint(rng.normal(8000, 300, (128, 128)))
+    cfg = NormalisationConfig()
+    ref = frame_offset_scale(data.astype(np.uint16), adc_max_for(np.uint16), cfg)
+    for dt in (np.int32, np.uint32):
+        offset, scale = frame_offset_scale(data.astype(dt), adc_max_for(dt), cfg)
+        assert offset == pytest.approx(ref[0]) and scale == pytest.approx(ref[1], rel=1e-6)
