@@ -52,6 +52,7 @@ _KEYS = (("Median", "median"), ("Set", "set"), ("Replace", "replace"))
 MAX_PIXELS = 262_144  # 6 % of a 2048 x 2048 sensor: a camera with more bad pixels needs repair, not a map
 MAX_HALF_WIDTH = 16  # Median boxes (given or grown) up to 33 x 33
 MAX_MEDIAN_WORK = 16_000_000  # pixels read per frame by all given Median boxes together (~0.1 s)
+_MAX_COORD = 2**31  # Pixel, Median and Replace values at most this (exclusive) in magnitude
 _CHUNK_ELEMENTS = 1 << 22  # box values held at once by one fill step (16 MiB of float32)
 
 
@@ -317,10 +318,14 @@ def _pair(v: object, where: str, integer: bool, minimum: int | None) -> tuple[in
         raise BadPixelError(f"{where}: expected [x, y], got {_kind(v)}")
     out = []
     for c in v:
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or (integer and c != int(c)):
+        # an int is checked as an int: math.isfinite(10**400) would raise OverflowError itself
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or (
+                isinstance(c, float) and not math.isfinite(c)) or (integer and c != int(c)):
             raise BadPixelError(f"{where}: expected integers")
         if minimum is not None and c < minimum:
             raise BadPixelError(f"{where}: expected values >= {minimum}")
+        if abs(c) >= _MAX_COORD:  # no sensor is that large; int64 arrays and C longs downstream would overflow
+            raise BadPixelError(f"{where}: expected values below 2**31 in magnitude")
         out.append(int(c))
     return out[0], out[1]
 

@@ -17,6 +17,7 @@ from torch import nn
 from cdae.engine.backends import TorchBackend
 from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.guard import GuardConfig, for_package
+from cdae.engine.normalise import NormalisationError
 from cdae.engine.package import Manifest, load_model
 from cdae.engine.pipeline import FrameResult, denoise_frame
 
@@ -42,11 +43,20 @@ class Denoiser:
 
         ``bad_pixels``: the camera's bad-pixel map, filled in the denoised frame (defect probability 1 there).
         """
+        _refuse_empty(frame)
         return denoise_frame(frame, self.backend, bit_depth=bit_depth, bad_pixels=bad_pixels, guard_config=self.guard)
 
     def denoise_dn(self, frame: np.ndarray, adc_max: float) -> tuple[np.ndarray, np.ndarray]:
         """Float DN in, float32 DN out (not rounded or clipped: scores round like the camera) plus the
         defect probability: the same path, for evaluation on simulated float frames."""
+        _refuse_empty(frame)
         r = denoise_frame(np.asarray(frame, dtype=np.float32), self.backend, adc_max=float(adc_max),
                           want_residual=False, guard_config=self.guard)
         return r.denoised, r.defect_probability
+
+
+def _refuse_empty(frame: np.ndarray) -> None:
+    """A frame with no pixels has nothing to denoise (the frame path would fail deep inside, unhelpfully)."""
+    if np.size(frame) == 0:
+        raise NormalisationError(f"empty frame (shape {np.shape(frame)}): nothing to denoise; expected a 2-D "
+                                 "frame with pixels")

@@ -14,7 +14,7 @@ from cdae.engine.badpixels import BadPixelMap
 from cdae.engine.guard import FLAG_NAMES, count_flags
 from cdae.engine.inference import Denoiser
 from cdae.engine.normalise import NormalisationError, infer_bit_depth
-from cdae.training.fileio import FileFormatError, output_spec_for, read_image, write_image
+from cdae.training.fileio import FileFormatError, output_spec_for, read_image, spec_path, write_image
 
 
 def denoise_array(denoiser: Denoiser, array: np.ndarray, bit_depth: int | None = None,
@@ -25,10 +25,33 @@ def denoise_array(denoiser: Denoiser, array: np.ndarray, bit_depth: int | None =
         r = denoiser(array, bit_depth, bad_pixels)
         return r.denoised, r.flags
     if array.ndim == 3:
+        _refuse_colour(array.shape)
         rs = [denoiser(f, bit_depth, bad_pixels) for f in array]
         flags = np.stack([r.flags for r in rs]) if all(r.flags is not None for r in rs) else None
         return np.stack([r.denoised for r in rs]), flags
     raise FileFormatError(f"expected a 2-D frame or a 3-D stack, got shape {array.shape}")
+
+
+def _refuse_colour(shape: tuple[int, ...]) -> None:
+    """A (H, W, 3|4) array is an RGB(A) picture, not a stack of H frames of W x 3 (TIFF and PNG readers
+    refuse colour by their metadata; a bare .npy or HDF5 array has none, so its shape decides)."""
+    if len(shape) == 3 and shape[2] in (3, 4) and min(shape[0], shape[1]) > shape[2]:
+        raise FileFormatError(
+            f"shape {shape} looks like a colour image (H, W, C); cdae denoises monochrome frames (H, W) "
+            "or stacks (N, H, W)"
+        )
+
+
+def make_output_folder(outdir: Path | str) -> Path:
+    """Create ``outdir`` (and its parents); a FileFormatError, one line, when it cannot be made."""
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = ("it exists and is not a folder" if isinstance(e, FileExistsError) and outdir.exists()
+                  else e.strerror or str(e) or type(e).__name__)
+        raise FileFormatError(f"cannot create output folder {str(outdir)!r}: {reason}") from e
+    return outdir
 
 
 def write_defect_map(flags: np.ndarray, target: Path) -> list[Path]:
@@ -73,14 +96,15 @@ def denoise_files(
 
     ``bad_pixels``: the camera's bad-pixel map (all inputs from that camera), filled after the model.
     ``bit_depth`` None: inferred per file from its pixels, and said. ``defect_map``: write each
-    output's flag classes beside it (the denoiser must guard its output).
+    output's flag classes beside it (the denoiser must guard its output). An ``outdir`` that cannot
+    be created raises FileFormatError before any input is read.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = make_output_folder(outdir)
     written, errors = [], []
     for spec in inputs:
         try:
             array = read_image(spec)
+            _refuse_colour(array.shape)  # before its bit depth is inferred and said
             bits = bit_depth
             if bits is None and (bits := infer_bit_depth(array)) is not None:
                 log(f"{spec}: bit depth {bits} inferred (largest pixel {int(array.max())}; --bit-depth overrides)")
@@ -88,7 +112,7 @@ def denoise_files(
             target = output_spec_for(spec, outdir)
             write_image(target, out)
             if defect_map and flags is not None:
-                for extra in write_defect_map(flags, Path(target.split(":")[0])):
+                for extra in write_defect_map(flags, spec_path(target)):
                     log(f"{spec} -> {extra}")
         except (FileFormatError, NormalisationError, OSError) as e:
             msg = f"{spec}: {e}"

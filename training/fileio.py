@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "output_spec_for",
     "read_image",
+    "spec_path",
     "write_image",
 ]
 
@@ -57,6 +58,12 @@ def _parse(spec: str | Path) -> _Spec:
             f"{', '.join(IMAGE_SUFFIXES)} (HDF5 as 'file.h5:/path/to/dataset')"
         )
     return _Spec(path, kinds[suffix])
+
+
+def spec_path(spec: str | Path) -> Path:
+    """The file a spec names: ``scan.h5:/entry/data`` -> ``scan.h5``; any other spec is a path as it is
+    (a ':' in the name of a .npy/.tif/.png file is part of its name)."""
+    return _parse(spec).path
 
 
 def _check_array(name: str, array: np.ndarray) -> np.ndarray:

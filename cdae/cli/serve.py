@@ -201,12 +201,18 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         _err(problem)
         return 2
     guard = None if fields is None else GuardConfig(**fields)
+    from cdae.training.denoise import denoise_files, make_output_folder
+    from cdae.training.fileio import FileFormatError
+
+    try:  # before the model loads: a folder that cannot be made is the command line's error
+        make_output_folder(args.output)
+    except FileFormatError as e:
+        _err(f"cdae denoise: error: {e}")
+        return 2
     registry = ModelRegistry(_models_dir(args.models_dir))
     denoiser = Denoiser.from_package(registry.resolve(args.model or DEFAULT_MODEL), guard=guard)
     print(f"model {denoiser.manifest.ref}" + (f", {len(bad_pixels)} listed bad pixels" if bad_pixels else ""),
           file=sys.stderr)
-    from cdae.training.denoise import denoise_files
-
     written, errors = denoise_files(args.inputs, args.output, denoiser, args.bit_depth, error=_err,
                                     bad_pixels=bad_pixels, defect_map=args.defect_map)
     print(f"{len(written)} written, {len(errors)} failed", file=sys.stderr)

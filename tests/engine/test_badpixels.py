@@ -90,6 +90,12 @@ def test_pixels_outside_a_region_of_interest_are_skipped_and_counted() -> None:
     ('{"Bad pixels": [{"Pixel": [1, 2], "Set": "hot"}]}', "finite number"),
     ('{"Bad pixels": [{"Pixel": [1, 2], "Median": [-1, 1]}]}', "Median"),
     ('{"Bad pixels": [3]}', "expected an object"),
+    ('{"Bad pixels": [{"Pixel": [1e300, 2]}]}', r"entry 0: Pixel: expected values below 2\*\*31"),
+    ('{"Bad pixels": [{"Pixel": [2, 1%s]}]}' % ("0" * 400), r"entry 0: Pixel: expected values below 2\*\*31"),
+    ('{"Bad pixels": [{"Pixel": [2147483648, 0]}]}', r"entry 0: Pixel: expected values below 2\*\*31"),
+    ('{"Bad pixels": [{"Pixel": [1e400, 2]}]}', r"entry 0: Pixel: expected integers"),
+    ('{"Bad pixels": [{"Pixel": [1, 2], "Replace": [-2147483648, 0]}]}', r"entry 0: Replace: expected values below"),
+    ('{"Bad pixels": [{"Pixel": [1, 2]}, {"Pixel": [1, 2], "Median": [1e20, 1]}]}', r"entry 1: Median: expected"),
 ])
 def test_malformed_files_say_which_entry_and_why(text: str, match: str) -> None:
     with pytest.raises(BadPixelError, match=match):
@@ -135,3 +141,10 @@ def test_fill_cost_is_bounded_by_validation_and_by_growth_limits() -> None:
     ring = block & ~core
     assert np.all((filled[ring] >= frame[~block].min()) & (filled[ring] <= frame[~block].max()))
     assert took < 2.0, took  # was 10.6 s (12.2 s on this 2-core host); ~0.15 s now
+
+
+def test_coordinates_up_to_2_31_are_read_and_skipped_outside_the_frame() -> None:
+    bp = BadPixelMap.from_json('{"Bad pixels": [{"Pixel": [2147483647, 1], "Replace": [-2147483647, 0]},'
+                               ' {"Pixel": [1, 1], "Set": 7}]}')
+    out = bp.apply(np.zeros((4, 4), np.uint16))
+    assert out[1, 1] == 7 and int(out.sum()) == 7

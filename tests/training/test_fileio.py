@@ -184,3 +184,14 @@ def test_colour_images_are_refused(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 5, 3), np.uint8), photometric="rgb")
     with pytest.raises(FileFormatError, match=r"rgb\.tif.*colour"):
         read_image(tmp_path / "rgb.tif")
+
+
+def test_spec_path_splits_only_hdf5_specs(tmp_path: Path) -> None:
+    from cdae.training.fileio import spec_path
+
+    assert spec_path("t_12:30.npy") == Path("t_12:30.npy")
+    assert spec_path("col:on/o/f.tif") == Path("col:on/o/f.tif")
+    assert spec_path(f"{tmp_path / 'scan.h5'}:/entry/data") == tmp_path / "scan.h5"
+    assert spec_path("run:3/scan.NXS:/entry/data") == Path("run:3/scan.NXS")
+    out = output_spec_for(tmp_path / "in" / "t_12:30.npy", tmp_path / "out")
+    assert spec_path(out) == tmp_path / "out" / "t_12:30.npy"
