@@ -419,6 +419,11 @@ class HealthTracker:
             self._lo, self._hi = f.copy(), f.copy()
             self._integer = f.dtype.kind in "iu"
         else:
+            if f.dtype != self._lo.dtype:  # the camera's data type changed mid-window (UInt16 → Float32, ...):
+                wide = np.promote_types(self._lo.dtype, f.dtype)  # the bounds in a type that holds both
+                if wide != self._lo.dtype:
+                    self._lo, self._hi = self._lo.astype(wide), self._hi.astype(wide)
+                self._integer = self._integer and f.dtype.kind in "iu"
             np.minimum(self._lo, f, out=self._lo)
             np.maximum(self._hi, f, out=self._hi)
         self._sum += centre

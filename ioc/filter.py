@@ -128,7 +128,8 @@ class FilterIOC:
         self.client: AsyncEngineClient | AsyncTritonClient | None = None
         self.engine_guards: bool | None = None  # the engine's status says it guards (flags) or not; None: not known
         self.models: list[str] = []
-        self.counter = 0  # ArrayCounter: frames published
+        self.counter = 0  # frames published (ArrayCounter_RBV, plus what writes to ArrayCounter added)
+        self._drops_reset: dict[str, int] = {}  # books.drops when DroppedArrays was last reset
         self.last_reply_t = 0.0  # monotonic time of the engine's last frame reply
         self.rate = RateMeter()
         self._pending_writes: set[asyncio.Task[None]] = set()
@@ -170,7 +171,6 @@ class FilterIOC:
         self._see(info.unique_id)
         if not self.flow.enabled:
             return
-        self.health.offer(frame, info)
         capacity = self.pvs.array_data.max_length
         if frame.size > capacity:  # the output PVs' length is fixed at start (like a waveform's NELM)
             h, w = frame.shape
@@ -179,6 +179,7 @@ class FilterIOC:
                                   f"{capacity} elements of ArrayData (fixed at start: restart the IOC, or set "
                                   f"max_elements)", alarm=(AlarmStatus.HWLIMIT, AlarmSeverity.MAJOR_ALARM))
             return
+        self.health.offer(frame, info)  # only frames the IOC takes: HealthMap's length is ArrayData's
         self.flow.offer((frame, info))  # the frame it replaced is counted there
         self.frame_ready.set()
         self._soon(self._write_counters())
@@ -229,10 +230,17 @@ class FilterIOC:
         """The counters, each posted only when it changed (a monitor per change, not per call)."""
         p = self._require_pvs()
         b = self.books
-        await _post_changed(((p.frames_received, b.received), (p.dropped_arrays_rbv, b.dropped),
+        since = {k: n - self._drops_reset.get(k, 0) for k, n in b.drops.items()}  # since DroppedArrays=0
+        await _post_changed(((p.frames_received, b.received), (p.dropped_arrays_rbv, sum(since.values())),
                              (p.frame_errors, b.errors), (p.source_gaps, b.source_gaps),
                              (p.queue_free, self.flow.queue_free),
-                             (p.drop_causes, b.causes_text())))
+                             (p.drop_causes, " ".join(f"{k}={v}" for k, v in since.items()))))
+
+    async def reset_dropped(self) -> None:
+        """DroppedArrays = 0: ``DroppedArrays_RBV`` and ``DropCauses_RBV`` count again from 0 (the books, which
+        balance and go to the log at the end, keep every frame)."""
+        self._drops_reset = dict(self.books.drops)
+        await self._write_counters()
 
     async def _report_error(self, message: str, alarm: tuple[AlarmStatus, AlarmSeverity] | None = None) -> None:
         log(_WHO, message)

@@ -221,8 +221,10 @@ class HealthMonitor:
                 posted = await loop.run_in_executor(self._worker, self._analyse, *item)
                 await self._post(posted)
             except HealthError as e:  # a frame the map cannot take (odd type or size): said, never fatal
+                self._dirty = True  # the next frame analysed posts the whole state again, HealthStatus_RBV too
                 await p.health_status.write(f"frame {item[1].unique_id} not analysed: {e}"[:255])
             except Exception as e:  # noqa: BLE001 - camera health never takes the filter down
+                self._dirty = True
                 why = f"camera health: frame {item[1].unique_id}: {type(e).__name__}: {e}"
                 if why.split(":", 2)[-1] != self._last_failure:
                     log(_WHO, why)

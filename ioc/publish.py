@@ -55,7 +55,7 @@ async def write_image(group: NDArrayPVs, pixels: np.ndarray | Callable[[], np.nd
         (group.time_stamp, nd_timestamp(ts)),
         (group.epics_ts_sec, sec),
         (group.epics_ts_nsec, nsec),
-        (group.array_counter_rbv, counter),
+        (group.array_counter_rbv, group.array_count(counter)),
         (group.array_rate, round(rate_hz, 3)),
     ):
         if _same(pv.value, value):  # no monitor for an unchanged value, but a get sees the frame's time

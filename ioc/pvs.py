@@ -199,6 +199,7 @@ class FilterController(Protocol):
     async def set_enabled(self, enabled: bool) -> None: ...
     async def set_queue_size(self, size: int) -> None: ...
     async def set_bad_pixel_file(self, path: str) -> None: ...
+    async def reset_dropped(self) -> None: ...
 
 
 # --- NDArrayBase: one image ---------------------------------------------------------------------
@@ -232,10 +233,21 @@ class NDArrayPVs(PVGroup):
     array_counter_rbv = pvproperty(name="ArrayCounter_RBV", value=0, read_only=True)
     array_rate = pvproperty(name="ArrayRate_RBV", value=0.0, precision=2, units="Hz", read_only=True)
 
+    # ArrayCounter_RBV is the frames published (the counter :func:`~cdae.ioc.publish.write_image` is given)
+    # plus what a write to ArrayCounter added: a write sets the count the next frames go on from, as areaDetector's
+    _counted = 0  # the last counter this image was published with
+    _counter_shift = 0
+
+    def array_count(self, counter: int) -> int:
+        """What ArrayCounter_RBV says for a frame published as the ``counter``-th."""
+        self._counted = counter
+        return counter + self._counter_shift
+
     @array_counter.putter
     async def array_counter(self, instance: object, value: int) -> int:
         if value < 0:
             raise ValueError(f"ArrayCounter: expected >= 0, got {value}")
+        self._counter_shift = value - self._counted
         await self.array_counter_rbv.write(value)
         return value
 
@@ -364,7 +376,10 @@ class FilterPVs(NDArrayPVs):
     async def dropped_arrays(self, instance: object, value: int) -> int:
         if value != 0:
             raise ValueError(f"DroppedArrays: only 0 (reset) may be written, got {value}")
-        await self.dropped_arrays_rbv.write(0)
+        if self.controller is not None:  # the count itself (and DropCauses_RBV) starts again from 0
+            await self.controller.reset_dropped()
+        else:
+            await self.dropped_arrays_rbv.write(0)
         return value
 
     @bad_pixel_file.putter

@@ -1,8 +1,10 @@
 """The camera side of the filter IOC: subscribe to a source's image PVs and assemble frames.
 
-Works with any areaDetector NDStdArrays plugin (``ArrayData`` + ``ArraySize0/1_RBV``,
-``DataType_RBV``, ``UniqueId_RBV``, ``ColorMode_RBV``) and with a plain waveform PV given an
-explicit width and height. The caproto asyncio client re-searches and re-subscribes by itself
+Works with any areaDetector NDStdArrays plugin (``ArrayData`` + ``ArraySize0/1/2_RBV``,
+``NDimensions_RBV``, ``DataType_RBV``, ``UniqueId_RBV``, ``ColorMode_RBV``) and with a plain
+waveform PV given an explicit width and height. Colour frames (a ColorMode other than Mono or
+Bayer) and frames that are not 2-D (``NDimensions_RBV``) are refused, as the PVA source refuses
+them; a source without ``NDimensions_RBV`` is taken to serve 2-D frames. The caproto asyncio client re-searches and re-subscribes by itself
 when the camera IOC restarts.
 
 Which UniqueId goes with which pixels: areaDetector posts the ids before the array and CA
@@ -12,6 +14,7 @@ the frame's. A source without a UniqueId PV gets a local counter.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Callable
@@ -19,10 +22,10 @@ from dataclasses import dataclass
 
 import caproto
 import numpy as np
-from caproto import ChannelType
+from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.asyncio.client import PV, Context
 
-from cdae.ioc.frames import FrameError, FrameInfo, NDDataType, frame_from_ca
+from cdae.ioc.frames import FrameError, FrameInfo, NDColorMode, NDDataType, frame_from_ca
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +90,21 @@ class SourceNames:
     data_type: str | None = None
     unique_id: str | None = None
     color_mode: str | None = None
+    ndimensions: str | None = None
+    size2: str | None = None
 
     @classmethod
     def nd_std_arrays(cls, prefix: str, array: str = "ArrayData") -> SourceNames:
         return cls(array=prefix + array, size0=prefix + "ArraySize0_RBV", size1=prefix + "ArraySize1_RBV",
                    data_type=prefix + "DataType_RBV", unique_id=prefix + "UniqueId_RBV",
-                   color_mode=prefix + "ColorMode_RBV")
+                   color_mode=prefix + "ColorMode_RBV", ndimensions=prefix + "NDimensions_RBV",
+                   size2=prefix + "ArraySize2_RBV")
+
+
+#: The alarm the image PVs go to when a source frame is refused (until the next good frame), as the PVA source's.
+REFUSED_ALARM = (AlarmStatus.READ, AlarmSeverity.MAJOR_ALARM)
+#: The colour modes a frame may have: one value per pixel (Bayer is a mono image of a mosaic sensor).
+MONO_MODES = (NDColorMode.Mono, NDColorMode.Bayer)
 
 
 class FrameSource:
@@ -100,11 +112,12 @@ class FrameSource:
 
     def __init__(self, names: SourceNames, on_frame: OnFrame, on_error: OnError, on_connection: OnConnection, *,
                  width: int | None = None, height: int | None = None, data_type: NDDataType | None = None,
-                 on_bad_frame: Callable[[int, str], None] | None = None) -> None:
+                 on_bad_frame: Callable[..., None] | None = None) -> None:
         self.names = names
         self.on_frame = on_frame
         self.on_error = on_error
-        self.on_bad_frame = on_bad_frame  # (UniqueId, message) of a frame that cannot be assembled; else on_error
+        # (UniqueId, message, alarm=...) of a frame that cannot be assembled or is refused; else on_error
+        self.on_bad_frame = on_bad_frame
         self.on_connection = on_connection
         self.width = width or 0
         self.height = height or 0
@@ -113,6 +126,8 @@ class FrameSource:
         self.fixed_type = data_type is not None
         self.unique_id: tuple[int, float] | None = None  # (value, CA timestamp)
         self.color_mode = 0
+        self.ndimensions = 2  # a source without NDimensions_RBV (plain waveform, older plugin): 2-D
+        self.size2 = 0
         self._ids = itertools.count(1)
         self._pvs: dict[str, PV] = {}
         self._subs: list[object] = []
@@ -131,17 +146,23 @@ class FrameSource:
         self.element = CA_ELEMENTS[native]
         self.native_count = int(array.channel.native_data_count)
         self._pvs["array"] = array
-        meta = {k: getattr(self.names, k) for k in ("size0", "size1", "data_type", "unique_id", "color_mode")}
-        for key, name in meta.items():
-            if name is None or (key in ("size0", "size1") and self.fixed_size) or (key == "data_type" and self.fixed_type):
-                continue
-            (pv,) = await ctx.get_pvs(name)
-            self._pvs[key] = pv
+        sizes = ("size0", "size1", "size2", "ndimensions")
+        meta = {k: name for k in (*sizes, "data_type", "unique_id", "color_mode")
+                if (name := getattr(self.names, k)) is not None
+                and not (k in sizes and self.fixed_size) and not (k == "data_type" and self.fixed_type)}
+        pvs = await ctx.get_pvs(*meta.values()) if meta else []
+
+        async def current(key: str, pv: PV) -> None:
             try:  # start from the current sizes and type, so the first array is not refused
                 await pv.wait_for_connection(timeout=timeout_s)
                 await getattr(self, f"_on_{key}")(None, await pv.read(data_type="time", timeout=timeout_s))
             except TimeoutError:
                 pass  # an optional PV this source lacks; its monitor fills it in if it appears
+
+        # side by side: a source lacking several optional PVs waits timeout_s once, not once per PV
+        await asyncio.gather(*(current(key, pv) for key, pv in zip(meta, pvs)))
+        for key, pv in zip(meta, pvs):
+            self._pvs[key] = pv
             sub = pv.subscribe(data_type="time")
             sub.add_callback(getattr(self, f"_on_{key}"))
             self._subs.append(sub)
@@ -166,6 +187,12 @@ class FrameSource:
     async def _on_size1(self, sub: object, response: object) -> None:
         self.height = int(response.data[0])  # type: ignore[attr-defined]
 
+    async def _on_size2(self, sub: object, response: object) -> None:
+        self.size2 = int(response.data[0])  # type: ignore[attr-defined]
+
+    async def _on_ndimensions(self, sub: object, response: object) -> None:
+        self.ndimensions = int(response.data[0])  # type: ignore[attr-defined]
+
     async def _on_data_type(self, sub: object, response: object) -> None:
         try:
             self.data_type = NDDataType(int(response.data[0]))  # type: ignore[attr-defined]
@@ -184,13 +211,27 @@ class FrameSource:
         ts = (int(stamp.secondsSinceEpoch), int(stamp.nanoSeconds))
         uid = self.unique_id[0] if self.unique_id is not None else next(self._ids)
         assert self.element is not None
-        data_type = self.data_type or DEFAULT_DATA_TYPE[self.element.name]
+        # not ``or``: Int8 is data type index 0
+        data_type = self.data_type if self.data_type is not None else DEFAULT_DATA_TYPE[self.element.name]
         try:
+            self._check_mono_2d()
             frame = frame_from_ca(data, self.width, self.height, data_type)
         except FrameError as e:
             if self.on_bad_frame is not None:
-                self.on_bad_frame(uid, f"frame {uid}: {e}")
+                self.on_bad_frame(uid, f"frame {uid}: {e}", alarm=REFUSED_ALARM)
             else:
                 self.on_error(f"frame {uid}: {e}")
             return
         self.on_frame(frame, FrameInfo(unique_id=uid, stamp=ts, data_type=data_type, color_mode=self.color_mode))
+
+    def _check_mono_2d(self) -> None:
+        """Refuse (FrameError) what is not one value per pixel in two dimensions: colour frames (RGB1 is
+        [3, x, y], RGB2 [x, 3, y], ...) would otherwise go out as a mono image of a part of the array."""
+        if self.color_mode not in MONO_MODES:
+            cm = self.color_mode
+            name = NDColorMode(cm).name if cm in NDColorMode._value2member_map_ else str(cm)
+            raise FrameError(f"ColorMode {name}: colour frames are not taken (Mono or Bayer only)")
+        n = self.ndimensions
+        if n != 2 and not (n == 3 and self.size2 == 1):  # [x, y, 1] is a 2-D frame too
+            sizes = [self.width, self.height, self.size2][:max(n, 0)] if n <= 3 else f"{n} sizes"
+            raise FrameError(f"NDimensions {n} (ArraySize {sizes}): expected a 2-D frame (x, y)")

@@ -322,6 +322,21 @@ def test_frames_it_cannot_take_are_refused() -> None:
         HealthTracker((4, 64))
 
 
+def test_a_data_type_change_at_the_same_size_goes_on_analysing() -> None:
+    """A camera switched from an integer type to Float32 (or back) mid-window: the window's bounds widen to a type
+    that holds both, and windows keep closing (UInt16 bounds could not take Float32 frames)."""
+    cam, model, where = _camera()
+    t = HealthTracker((H, W), CONFIG)
+    windows = 0
+    for i, dtype in enumerate([np.uint16] * (WINDOW // 2) + [np.float32] * (2 * WINDOW) + [np.uint8] * WINDOW):
+        frame = camera_frame(model, cam, i, where)  # type: ignore[arg-type]
+        r = t.update((frame if dtype is not np.uint8 else frame / 16).astype(dtype), unique_id=i + 1,
+                     timestamp=1000.0 + i / 10)
+        windows += r.window is not None
+    assert windows == 3 and t.frames == WINDOW // 2 + 3 * WINDOW
+    assert t.counts().hot + t.counts().dead + t.counts().stuck < 10  # nothing made up by the switch
+
+
 def test_maps_from_images_and_merged_maps() -> None:
     img = np.zeros((H, W), np.uint8)
     img[5, 6] = HOT | NEW

@@ -48,6 +48,7 @@ READY = {
     "engine": re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+) .*model=(?P<model>\S+)"),
     "camera": re.compile(r"^cdae-sim-camera ready "),
     "ioc": re.compile(r"^cdae-ioc ready "),
+    "ndsource": re.compile(r"^cdae-test-ndsource ready "),
 }
 
 
@@ -165,6 +166,13 @@ class Stack:
                                           "--rate", str(rate), "--bank", "2", *args), "camera", CAMERA_PORT,
                           env=pva_server_env(CAMERA_PVA_PORT))
 
+    def nd_source(self, element: str = "int16", max_elements: int = 64 * 48 * 3, *args: str) -> Child:
+        """A scripted NDStdArrays source (nd_source_child.py) under the camera prefix; frames on demand
+        (:func:`push_frames`)."""
+        script = str(Path(__file__).resolve().parent / "nd_source_child.py")
+        return self.start("ndsource", [sys.executable, script, self.camera_prefix, element, str(max_elements), *args],
+                          "ndsource", CAMERA_PORT)
+
     def ioc(self, engine: Child, *args: str, env: dict[str, str] | None = None, source: str | None = None) -> Child:
         assert engine.match is not None
         return self.start("ioc", cdae("ioc", "--source", source or self.camera_prefix, "--prefix", self.ioc_prefix,
@@ -247,6 +255,16 @@ def pause_and_settle(stack: Stack) -> int:
     last = int(value_of(cam + "UniqueId_RBV"))  # type: ignore[arg-type]
     wait_for(lambda: int(value_of(out + "UniqueId_RBV")) == last, 30, f"the filter to publish frame {last}")  # type: ignore[arg-type]
     return last
+
+
+def push_frames(stack: Stack, **command: object) -> None:
+    """Frames from :meth:`Stack.nd_source`: the put returns once they are all posted (fields: nd_source_child.py)."""
+    import json
+
+    from caproto import ChannelType
+
+    _pv(stack.camera_prefix + "Cmd").write(list(json.dumps(command).encode()) + [0], wait=True, timeout=30,  # type: ignore[attr-defined]
+                                           data_type=ChannelType.CHAR)
 
 
 def string_of(name: str) -> str:
