@@ -129,6 +129,9 @@ class FrameSource:
         self.ndimensions = 2  # a source without NDimensions_RBV (plain waveform, older plugin): 2-D
         self.size2 = 0
         self._ids = itertools.count(1)
+        # the first ArrayData update after each connection is the camera's current array, which an idle camera
+        # holds empty (NORD 0, or caproto's one-element start): no frame, not a frame error
+        self._initial = True
         self._pvs: dict[str, PV] = {}
         self._subs: list[object] = []
         self.element: np.dtype | None = None
@@ -177,6 +180,8 @@ class FrameSource:
         self._subs.clear()
 
     async def _array_connection(self, pv: PV, state: str) -> None:
+        if state == "connected":
+            self._initial = True
         self.on_connection(state == "connected")
 
     # callbacks: coroutine functions, so caproto runs them in the event loop, in arrival order
@@ -207,6 +212,11 @@ class FrameSource:
 
     async def _on_array(self, sub: object, response: object) -> None:
         data = response.data  # type: ignore[attr-defined]
+        initial, self._initial = self._initial, False
+        if initial and len(data) <= 1 < self.width * self.height:
+            log.info("%s: the camera's current array holds %d element(s): no frame yet, waiting for its first",
+                     self.names.array, len(data))
+            return
         stamp = response.metadata.stamp  # type: ignore[attr-defined]
         ts = (int(stamp.secondsSinceEpoch), int(stamp.nanoSeconds))
         uid = self.unique_id[0] if self.unique_id is not None else next(self._ids)

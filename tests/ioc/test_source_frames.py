@@ -177,3 +177,19 @@ def test_writing_dropped_arrays_and_array_counter_resets_them(stack: Stack) -> N
     push_frames(stack, uid=43)
     _published(out, 43)
     wait_for(lambda: _n(out + "ArrayCounter_RBV") == 101, 10, "ArrayCounter counting from 100")
+
+
+def test_an_idle_camera_is_no_frame_error_at_connection(stack: Stack) -> None:
+    """The first ArrayData update after connecting is the camera's current array: an idle camera's is empty (or
+    caproto's one-element start). It is neither a frame nor a frame error; the first real frame is published."""
+    eng = stack.engine()
+    stack.nd_source("int16", W * H * 3)
+    stack.ioc(eng)
+    out = stack.ioc_prefix
+    wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1 and value_of(out + "SourceConnected_RBV") == 1, 60,
+             "the engine and the camera")
+    time.sleep(2.0)
+    assert _n(out + "FrameErrors_RBV") == 0 and _n(out + "ArrayCounter_RBV") == 0
+    wait_for(lambda: (push_frames(stack, uid=1, dt="UInt16", val=100), _n(out + "UniqueId_RBV") == 1)[1], 60,
+             "the first frame", poll_s=1.0)
+    assert _n(out + "FrameErrors_RBV") == 0
