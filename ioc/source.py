@@ -213,9 +213,9 @@ class FrameSource:
     async def _on_array(self, sub: object, response: object) -> None:
         data = response.data  # type: ignore[attr-defined]
         initial, self._initial = self._initial, False
-        if initial and (len(data) <= 1 or self.width * self.height == 0):  # empty, or of a size not yet known
-            log.info("%s: the camera's current array (%d elements, frame size %dx%d) is no frame yet; waiting for its "
-                     "first", self.names.array, len(data), self.width, self.height)
+        if initial and len(data) <= 1 < self.width * self.height:  # an idle camera's empty array: no frame yet
+            log.info("%s: the camera's current array holds %d element(s): no frame yet, waiting for its first",
+                     self.names.array, len(data))
             return
         stamp = response.metadata.stamp  # type: ignore[attr-defined]
         ts = (int(stamp.secondsSinceEpoch), int(stamp.nanoSeconds))
