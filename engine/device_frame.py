@@ -52,7 +52,6 @@ from cdae.engine.guard import (
     frame_quantum,
 )
 from cdae.engine.normalise import (
-    CLUSTERED_ABOVE,
     F32_MAX,
     MAX_CAMERA_FULL_SCALE,
     FullWell,
@@ -62,6 +61,7 @@ from cdae.engine.normalise import (
     _below,
     _other_peaks,
     adc_max_for,
+    lone_pixels,
 )
 from cdae.engine.robust import MAD_TO_SIGMA
 from cdae.engine.tiling import Tile, plan_tiles
@@ -295,19 +295,12 @@ def _full_well_at(centre: float, sample: Tensor, band: Tensor, a: Tensor, b: Ten
 
 
 def _only_impulses_above(f: Tensor, fw: FullWell, adc_max: float) -> bool:
-    """:func:`cdae.engine.normalise._only_impulses_above` of a frame tensor."""
+    """:func:`cdae.engine.normalise._only_impulses_above` of a frame tensor: the mask made here, tested on the host
+    (only for a pile-up past the first candidate that passed every other test)."""
     above = f > fw.level + fw.half_width
     if math.isfinite(adc_max):
         above &= f < adc_max - 0.5
-    if not bool(above.any()):
-        return True
-    joined = torch.zeros_like(above)
-    joined[1:] |= above[:-1]
-    joined[:-1] |= above[1:]
-    joined[:, 1:] |= above[:, :-1]
-    joined[:, :-1] |= above[:, 1:]
-    clustered = int(torch.count_nonzero(joined & above))
-    return clustered <= max(CLUSTERED_ABOVE[0], CLUSTERED_ABOVE[1] * fw.pixels)
+    return lone_pixels(above.cpu().numpy(), fw)
 
 
 def detect_full_well(f: Tensor, adc_max: float, config: NormalisationConfig, candidates: int = 1) -> FullWell | None:

@@ -250,6 +250,11 @@ def _only_impulses_above(f: np.ndarray, fw: FullWell, adc_max: float) -> bool:
     above = np.asarray(f > fw.level + fw.half_width)
     if math.isfinite(adc_max):
         above &= np.asarray(f < adc_max - 0.5)
+    return lone_pixels(above, fw)
+
+
+def lone_pixels(above: np.ndarray, fw: FullWell) -> bool:
+    """:func:`_only_impulses_above`'s test of the mask of pixels above the pile-up (the device path's too)."""
     if not above.any():
         return True
     joined = np.zeros_like(above)
