@@ -279,7 +279,7 @@ def _record_torch_bf16(pkg: Path, manifest: Manifest, reference: Backend, frames
                           f"this one has {torch.backends.cpu.get_cpu_capability()} without it")
     _, model = load_model(pkg)
     candidate = TorchCPUBackend(manifest, model, "bf16")
-    log(f"comparing {manifest.ref} in bf16 with fp32 on {frames} simulated frames")
+    log(f"comparing {manifest.ref} in bf16 ({candidate.kernels} kernels) with fp32 on {frames} simulated frames")
     parity = measure_parity(candidate, reference, "bf16", frames)
     log(parity.describe())
     qualities = []
@@ -291,7 +291,8 @@ def _record_torch_bf16(pkg: Path, manifest: Manifest, reference: Backend, frames
         raise ExportError(f"{manifest.ref} in bf16 does not reproduce fp32: {said}; nothing recorded "
                           "(torch-cpu keeps running it in fp32)")
     weights = pkg / WEIGHTS_FILE
-    tools = {**_tools(), "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    tools = {**_tools(), "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "bf16_kernels": candidate.kernels}
     record = ArtefactRecord(kind="torch-bf16", path=WEIGHTS_FILE, sha256=sha256_file(weights),
                             bytes=weights.stat().st_size, precision="bf16", tools=tools,
                             parity={**parity.as_record(), "quality": [q.as_record() for q in qualities],

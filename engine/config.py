@@ -47,6 +47,9 @@ class BackendOptions(BaseModel):
         "torch-cpu: fp32 or bf16 (auto: bf16 where the CPU has it natively, the manifest records a passed bf16 parity "
         "check and it is faster here)"
     )
+    cpu_kernels: Literal["fused", "module"] = Field(
+        "fused", description="torch-cpu in bf16: the network as fused oneDNN calls (each convolution with its "
+        "activation, no concatenated copies; cdae.engine.backends.cpu_fused) or the module under autocast")
     cuda_graphs: bool = Field(True, description="torch-cuda: capture a CUDA graph per steady input shape")
     max_cuda_graphs: int = Field(8, ge=1, le=64, description="captured shapes kept (a tiled frame uses one per tile "
                                  "shape: up to 9, corner, edge and inner tiles)")

@@ -103,7 +103,7 @@ def load_backend(kind: str, pkg: Path | str, options: BackendOptions | None = No
 
 def make_backend(kind: str, manifest: Manifest, model: nn.Module, pkg: Path, options: BackendOptions, log: Log) -> Backend:
     if kind == "torch-cpu":
-        return TorchCPUBackend(manifest, model, options.precision, log)
+        return TorchCPUBackend(manifest, model, options.precision, log, options.cpu_kernels)
     if kind == "passthrough":
         return PassthroughBackend(manifest)
     if kind == "onnxruntime":

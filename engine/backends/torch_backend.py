@@ -7,7 +7,10 @@ BF16 instructions (AVX512-BF16, AMX); the input's range compression, the residua
 output stay FP32. A package runs in BF16 by ``auto`` only when its manifest holds a passed
 ``torch-bf16`` parity record for its weights (``cdae export --to torch-bf16``: the frame path
 compared with FP32 in DN, and PSNR and bright-feature error on held-out simulated frames), the
-CPU has native BF16, and a timing at load shows it faster on this machine.
+CPU has native BF16, and a timing at load shows it faster on this machine. In BF16 the network runs
+as fused oneDNN calls (:mod:`cdae.engine.backends.cpu_fused`: each convolution with its activation,
+the decoder's concatenations never made), ``backend_options.cpu_kernels = "module"`` runs the module
+under autocast instead; FP32, the reference every parity check compares with, is always the module.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.backends.base import Backend, Log
+from cdae.engine.backends.cpu_fused import FusedCDAE, fused_unsupported
 from cdae.engine.device_frame import FrameStaging
 from cdae.engine.errors import BackendError
 from cdae.engine.package import ArtefactRecord, Manifest
@@ -68,6 +72,15 @@ class TorchBackend(Backend):
         if dev.type == "cpu":
             # channels-last halves CPU convolution time with oneDNN
             self.model = self.model.to(memory_format=torch.channels_last)
+        #: the BF16 network as fused oneDNN calls (TorchCPUBackend sets it; None: the module under autocast)
+        self.fused: FusedCDAE | None = None
+
+    def _network(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None and self.autocast is torch.bfloat16:
+            return self.fused(t)
+        with torch.autocast(self.torch_device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            return self.model(t)
 
     @torch.inference_mode()
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,9 +88,7 @@ class TorchBackend(Backend):
         t, (h, w) = pad_to_multiple(t, self.multiple)
         if self.torch_device.type == "cpu":
             t = t.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.torch_device.type, dtype=self.autocast or torch.bfloat16,
-                            enabled=self.autocast is not None):
-            restored, logit = self.model(t)
+        restored, logit = self._network(t)
         restored_np = restored[0, 0, :h, :w].float().cpu().numpy()
         prob = torch.sigmoid(logit[0, 0, :h, :w].float()).cpu().numpy()
         return restored_np, prob
@@ -88,9 +99,7 @@ class TorchBackend(Backend):
         t, (h, w) = pad_to_multiple(x[: self.architecture.in_channels][None], self.multiple)
         if self.torch_device.type == "cpu":
             t = t.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.torch_device.type, dtype=self.autocast or torch.bfloat16,
-                            enabled=self.autocast is not None):
-            restored, logit = self.model(t)
+        restored, logit = self._network(t)
         return restored[0, 0, :h, :w].float(), torch.sigmoid(logit[0, 0, :h, :w].float())
 
     def device_scope(self) -> contextlib.AbstractContextManager[object]:
@@ -106,8 +115,19 @@ class TorchCPUBackend(TorchBackend):
 
     name = "torch-cpu"
 
-    def __init__(self, manifest: Manifest, model: nn.Module, precision: str = "fp32", log: Log = lambda s: None) -> None:
+    def __init__(self, manifest: Manifest, model: nn.Module, precision: str = "fp32", log: Log = lambda s: None,
+                 kernels: str = "fused") -> None:
         super().__init__(manifest, model, "cpu")
+        if kernels not in ("fused", "module"):
+            raise BackendError(f"torch-cpu: unknown cpu_kernels {kernels!r}; expected fused or module")
+        self.kernels = "module"
+        if kernels == "fused" and precision != "fp32" and cpu_bf16_native():
+            why = fused_unsupported(self.model)
+            if why is None:
+                self.fused = FusedCDAE(self.model)  # type: ignore[arg-type]
+                self.kernels = "fused"
+            else:
+                log(f"torch-cpu: bf16 runs the module under autocast ({why})")
         self.choice = ""
         self.autocast = self._choose(precision, log)
 
@@ -156,4 +176,5 @@ class TorchCPUBackend(TorchBackend):
 
     def describe(self) -> dict[str, str | int | float | bool | None]:
         return {**super().describe(), "threads": torch.get_num_threads(), "precision": self.precision,
-                "precision_choice": self.choice}
+                "precision_choice": self.choice,
+                "bf16_kernels": self.kernels if self.autocast is torch.bfloat16 else None}
