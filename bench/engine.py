@@ -13,6 +13,7 @@ Per backend and size:
     python bench/engine.py                            # all backends available here, 256²…2048²
     python bench/engine.py --sizes 256 --frames 20    # smoke check
     python bench/engine.py --backends torch-cuda,torch-cuda+host --sizes 1024,2048   # device vs host pre/post
+    python bench/engine.py --backends torch-cpu@bf16,torch-cpu@bf16+module --sizes 512,1024  # fused vs autocast
 
 Writes ``bench/results/engine-<device>.json`` and ``engine-<device>.png``.
 """
@@ -90,8 +91,8 @@ class Engine(ChildProcess):
     def __init__(self, spec: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
         base, _, variant = spec.partition("+")
         backend, _, precision = base.partition("@")
-        if variant not in ("", "host"):
-            raise SystemExit(f"bench/engine.py: unknown variant +{variant} in {spec!r} (known: +host)")
+        if variant not in ("", "host", "module"):
+            raise SystemExit(f"bench/engine.py: unknown variant +{variant} in {spec!r} (known: +host, +module)")
         cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
                "--model", ref, "--backend", backend, "--queue", str(max(2, args.window)),
                "--max-pixels", str(max(s for s in args.sizes) ** 2)]
@@ -99,6 +100,8 @@ class Engine(ChildProcess):
             cmd += ["--precision", precision]
         if variant == "host":  # torch-cuda with the pre/post-processing on the host (NumPy), as before device_frame
             cmd += ["--no-device-pre-post"]
+        if variant == "module":  # torch-cpu in BF16 as the module under autocast, not the fused oneDNN plan
+            cmd += ["--cpu-kernels", "module"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         name = spec.replace("@", "-")
@@ -186,10 +189,11 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", help="comma list of BACKEND[@PRECISION][+host] (default: every backend available "
-                   "here, torch-cpu in fp32 and, where the CPU has native BF16, bf16); +host: torch-cuda with its "
-                   "pre/post-processing on the host (--no-device-pre-post), to compare with the device path; "
-                   "passthrough is always added")
+    p.add_argument("--backends", help="comma list of BACKEND[@PRECISION][+host|+module] (default: every backend "
+                   "available here, torch-cpu in fp32 and, where the CPU has native BF16, bf16); +host: torch-cuda "
+                   "with its pre/post-processing on the host (--no-device-pre-post), to compare with the device path; "
+                   "+module: torch-cpu in bf16 as the module under autocast (--cpu-kernels module); passthrough is "
+                   "always added")
     p.add_argument("--sizes", default="256,512,1024,2048", help="square frame sides")
     p.add_argument("--frames", type=int, default=200, help="frames per size and phase")
     p.add_argument("--window", type=int, default=2, help="frames in flight in the throughput phase")

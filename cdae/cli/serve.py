@@ -18,7 +18,7 @@ from cdae.engine.kinds import BACKEND_KINDS
 #: EngineConfig fields with a flag of their own (``--models`` is ``models_dir``), and BackendOptions fields.
 ENGINE_FIELDS = ("bind", "control", "models_dir", "model", "max_pixels", "tile_margin", "max_frame_pixels", "queue",
                  "threads")
-BACKEND_FIELDS = ("device", "precision", "trt_max_side", "trt_opt_side")
+BACKEND_FIELDS = ("device", "precision", "cpu_kernels", "trt_max_side", "trt_opt_side")
 #: IocConfig fields with a flag of their own.
 IOC_FIELDS = ("source", "prefix", "engine", "control", "model", "width", "height", "data_type", "bit_depth",
               "queue_size", "max_elements", "engine_timeout_s", "bad_pixel_file", "pva")
