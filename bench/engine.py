@@ -271,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                     "frames_per_s": round(r["pipelined"]["frames_per_s"] / h["pipelined"]["frames_per_s"], 3),
                     "latency_p50": round(r["latency_ms"]["p50"] / h["latency_ms"]["p50"], 3),
                     "engine_total_ms_p50": round(r["engine_total_ms_p50"] / h["engine_total_ms_p50"], 3)}
+    for backend, rows in results["backends"].items():  # torch-cpu's fused BF16 plan against autocast's module
+        module_rows = {r["size"]: r for r in results["backends"].get(f"{backend}+module", [])}
+        for r in rows:
+            m = module_rows.get(r["size"])
+            if m and "+" not in backend:
+                r["vs_module_autocast"] = {
+                    "frames_per_s": round(r["pipelined"]["frames_per_s"] / m["pipelined"]["frames_per_s"], 3),
+                    "latency_p50": round(r["latency_ms"]["p50"] / m["latency_ms"]["p50"], 3),
+                    "engine_inference_ms_p50": round(r["engine_inference_ms_p50"] / m["engine_inference_ms_p50"], 3)}
     json_path = out / f"engine-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"engine-{device}.png")
