@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cdae.training.environment import cpu_id
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     device = _device_name()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "cpu_count": os.cpu_count(), "date": _dt.date.today().isoformat(),
+    result = {"device": device, "cpu_count": os.cpu_count(), "cpu_id": cpu_id(), "date": _dt.date.today().isoformat(),
               "fraction": args.fraction, "repeats": args.repeats, "rows": rows}
     (out / f"badpixels-{device}.json").write_text(json.dumps(result, indent=2))
 

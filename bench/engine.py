@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cdae.children import ChildProcess
+from cdae.training.environment import cpu_id
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"^cdae-engine ready data=(?P<data>\S+) control=(?P<control>\S+)")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "python": platform.python_version(),
             "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "cpu_count": os.cpu_count(), "threads": args.threads, "backends": {},
+            "cpu_count": os.cpu_count(), "cpu_id": cpu_id(), "threads": args.threads, "backends": {},
         }
         for backend in backends:
             print(f"[{backend}] starting engine", flush=True)

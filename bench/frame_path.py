@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cdae.training.environment import cpu_id
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"device": device, "model": args.model, "when": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "cpu_count": os.cpu_count(), "repeats": args.repeats, "rows": rows}
+              "cpu_count": os.cpu_count(), "cpu_id": cpu_id(), "repeats": args.repeats, "rows": rows}
     (out / f"frame-path-{device}.json").write_text(json.dumps(record, indent=1))
 
     import matplotlib

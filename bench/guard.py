@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cdae.training.environment import cpu_id
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"device": device, "model": args.model, "when": _dt.datetime.now(_dt.timezone.utc).isoformat(),
               "precision": backend.precision, "precision_choice": backend.choice, "cpu_count": os.cpu_count(),
+              "cpu_id": cpu_id(),
               "repeats": args.repeats, "guard": cfg.model_dump(), "rows": rows}
     (out / f"guard-{device}.json").write_text(json.dumps(record, indent=1))
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from cdae.children import ChildProcess, free_port, pva_loopback_env, pva_server_env
+from cdae.training.environment import cpu_id
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -462,7 +463,7 @@ def _write(results: dict, t0: float, json_path: Path, plot_fn: Callable[[dict, P
 
 def _header(args: argparse.Namespace, device: str, **extra: object) -> dict:
     return {"device": device, "engine": "passthrough", "camera": "cdae sim-camera over CA, UInt16 12-bit", **extra,
-            "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "cpu_count": os.cpu_count(), "cpu_id": cpu_id(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": args.seconds, "step_seconds": args.step_seconds, "runs": []}
 
@@ -594,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store, ref, note = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
         results: dict = {"device": device, "model": ref, "model_note": note, "cpu_count": os.cpu_count(),
+                         "cpu_id": cpu_id(),
                          "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          "seconds": args.seconds, "runs": [], "overhead": []}
         for size in (int(s) for s in args.sizes.split(",")):

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cdae.training.environment import cpu_id
+
 ROOT = Path(__file__).resolve().parent.parent
 
 COUNTERS = ("ArrayCounter_RBV", "DroppedArrays_RBV", "FrameErrors_RBV", "SourceGaps_RBV", "FramesReceived_RBV")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         store, ref, note = eb.resolve_model(args.models, args.model, Path(tmp))  # type: ignore[attr-defined]
         print(f"soak {args.minutes:g} min, {args.size}x{args.size} at {args.rate:g} Hz, {args.backend} engine ...",
               flush=True)
-        result = {"device": device, "model": ref, "model_note": note, "cpu_count": os.cpu_count(),
+        result = {"device": device, "model": ref, "model_note": note, "cpu_count": os.cpu_count(), "cpu_id": cpu_id(),
                   "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   **soak(args, store, ref, Path(tmp))}
     stem = f"soak-{device}-{args.size}-{args.rate:g}hz-{args.minutes:g}min"

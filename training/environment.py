@@ -74,6 +74,12 @@ def _cpu_id(info: dict[str, str]) -> str:
     return " ".join(f"{label}{info.get(k, '?')}" for k, label in labels.items())
 
 
+def cpu_id() -> str:
+    """This machine's CPU as :func:`training_environment` records it (vendor, family, model, stepping, cache): what a
+    benchmark names beside its device, since two CPU kinds share a model name (\"Intel(R) Xeon(R) Processor\")."""
+    return _cpu_id(_cpuinfo())
+
+
 def _cpu_isa(info: dict[str, str]) -> str:
     """The vector and crypto extensions the CPU reports, sorted (``/proc/cpuinfo`` ``flags``)."""
     return " ".join(sorted(f for f in info.get("flags", "").split() if _ISA.match(f)))
