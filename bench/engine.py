@@ -188,6 +188,18 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _variant_ratios(results: dict, suffix: str, key: str, engine_ms: str) -> None:
+    """Each plain backend's rows against its ``suffix`` variant's (same run, same sizes), as ``key``."""
+    for backend, rows in results["backends"].items():
+        variant = {r["size"]: r for r in results["backends"].get(f"{backend}{suffix}", [])}
+        for r in rows:
+            v = variant.get(r["size"])
+            if v and "+" not in backend:
+                r[key] = {"frames_per_s": round(r["pipelined"]["frames_per_s"] / v["pipelined"]["frames_per_s"], 3),
+                          "latency_p50": round(r["latency_ms"]["p50"] / v["latency_ms"]["p50"], 3),
+                          engine_ms: round(r[engine_ms] / v[engine_ms], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", help="comma list of BACKEND[@PRECISION][+host|+module] (default: every backend "
@@ -263,24 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["vs_torch_cpu_fp32"] = {
                     "frames_per_s": round(r["pipelined"]["frames_per_s"] / ref_row["pipelined"]["frames_per_s"], 3),
                     "latency_p50": round(r["latency_ms"]["p50"] / ref_row["latency_ms"]["p50"], 3)}
-    for backend, rows in results["backends"].items():  # the device path against the same backend's host path
-        host_rows = {r["size"]: r for r in results["backends"].get(f"{backend}+host", [])}
-        for r in rows:
-            h = host_rows.get(r["size"])
-            if h and "+" not in backend:
-                r["vs_host_pre_post"] = {
-                    "frames_per_s": round(r["pipelined"]["frames_per_s"] / h["pipelined"]["frames_per_s"], 3),
-                    "latency_p50": round(r["latency_ms"]["p50"] / h["latency_ms"]["p50"], 3),
-                    "engine_total_ms_p50": round(r["engine_total_ms_p50"] / h["engine_total_ms_p50"], 3)}
-    for backend, rows in results["backends"].items():  # torch-cpu's fused BF16 plan against autocast's module
-        module_rows = {r["size"]: r for r in results["backends"].get(f"{backend}+module", [])}
-        for r in rows:
-            m = module_rows.get(r["size"])
-            if m and "+" not in backend:
-                r["vs_module_autocast"] = {
-                    "frames_per_s": round(r["pipelined"]["frames_per_s"] / m["pipelined"]["frames_per_s"], 3),
-                    "latency_p50": round(r["latency_ms"]["p50"] / m["latency_ms"]["p50"], 3),
-                    "engine_inference_ms_p50": round(r["engine_inference_ms_p50"] / m["engine_inference_ms_p50"], 3)}
+    _variant_ratios(results, "+host", "vs_host_pre_post", "engine_total_ms_p50")  # device path vs host path
+    _variant_ratios(results, "+module", "vs_module_autocast", "engine_inference_ms_p50")  # fused BF16 vs autocast
     json_path = out / f"engine-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"engine-{device}.png")
