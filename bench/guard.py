@@ -7,7 +7,9 @@ runs without and with the guard as the engine serves it (the package's calibrate
 learned flags' tests), the two interleaved frame by frame so that both see the same machine; the guard's
 own time is taken inside the guarded path (in situ: after the network, with the caches as the network leaves
 them). With the compiled impulse pass (engine/_impulse.c, where the install built it) on each of
-``--compiled-threads`` (the first, one, is what the engine serves) and once with the NumPy pass; then the guard alone on the network's output, once per thread count of the NumPy pass. The figure
+``--compiled-threads`` (the engine serves one below 1024², two from there where it has two CPUs:
+``guard.guard_threads``) and once with the NumPy pass; then the guard alone on the network's output, once per
+thread count of the NumPy pass. The figure
 of merit is the guard's in-situ time over the unguarded path's; the issue's limit: at most 15 % at 1024 x 1024.
 
     python bench/guard.py                      # 512², 1024²; the NumPy pass alone on 1 and 2 threads

@@ -389,9 +389,281 @@ static PyObject *finish(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ---- The guard's noise model (engine/guard.py measure_noise and fit_noise), its samples and level bins ---- */
+
+/* measure_noise's samples: for each used block row r (1, 1 + stride, ... < by - 1) and block column j, the
+ * block's level (its mean), its second difference across and down (diff) and the structure beside it (the
+ * same difference's size on the blocks above and below), with NumPy's operations in NumPy's order. ex: the
+ * (by, bx) blocks holding an excluded pixel, or NULL; a sample whose block or either neighbour holds one is left
+ * out. Returns the samples written, in NumPy's order (row-major over (rows, bx)). */
+static inline float block_d(const float *f, Py_ssize_t w, Py_ssize_t r, Py_ssize_t j) {
+    float a[3];
+    for (int p = 0; p < 3; p++) {
+        const float *q = f + (3 * r + p) * w + 3 * j;
+        float t = 2.0f * q[1];
+        t = q[0] - t;
+        a[p] = t + q[2];
+    }
+    float t = 2.0f * a[1];
+    t = a[0] - t;
+    t = t + a[2];
+    return t * (float)(1.0 / 6.0);
+}
+
+static Py_ssize_t samples(const float *f, Py_ssize_t w, Py_ssize_t by, Py_ssize_t bx, Py_ssize_t stride,
+                          const uint8_t *ex, float *level, float *diff, float *structure) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t r = 1; r < by - 1; r += stride) {
+        for (Py_ssize_t j = 0; j < bx; j++) {
+            if (ex && (ex[r * bx + j] | ex[(r - 1) * bx + j] | ex[(r + 1) * bx + j]))
+                continue;
+            float s[3];
+            for (int p = 0; p < 3; p++) {
+                const float *q = f + (3 * r + p) * w + 3 * j;
+                float t = q[0] + q[1];
+                s[p] = t + q[2];
+            }
+            float t = s[0] + s[1];
+            t = t + s[2];
+            level[n] = t * (float)(1.0 / 9.0);
+            diff[n] = block_d(f, w, r, j);
+            float up = fabsf(block_d(f, w, r - 1, j)), down = fabsf(block_d(f, w, r + 1, j));
+            structure[n] = up + down;
+            n++;
+        }
+    }
+    return n;
+}
+
+/* guard._stable_argsort's key: order-preserving, -0 as +0, every NaN last (ties keep their order) */
+static inline uint32_t sort_key(float x) {
+    if (isnan(x))
+        return 0xFFFFFFFFu;
+    float z = x + 0.0f;
+    uint32_t b;
+    memcpy(&b, &z, 4);
+    return b >= 0x80000000u ? ~b : (b | 0x80000000u);
+}
+
+/* a stable argsort of n keys (the permutation guard._stable_argsort gives: a stable sort's is unique), as
+ * three counting passes over 11-bit digits, least significant first, whose counts stay in the L1 cache; each
+ * pass moves the keys with their indices, so that it reads both in order. key is overwritten; tkey: n scratch
+ * keys; tmp and out: n indices each */
+#define DIGIT_BITS 11
+#define DIGITS 3
+static void stable_argsort(uint32_t *key, uint32_t *tkey, Py_ssize_t n, Py_ssize_t *tmp, Py_ssize_t *out) {
+    Py_ssize_t counts[DIGITS][1 << DIGIT_BITS];
+    const uint32_t mask = (1u << DIGIT_BITS) - 1;
+    memset(counts, 0, sizeof counts);
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (int d = 0; d < DIGITS; d++)
+            counts[d][(key[i] >> (DIGIT_BITS * d)) & mask]++;
+    for (int d = 0; d < DIGITS; d++) {
+        Py_ssize_t at = 0;
+        for (Py_ssize_t v = 0; v < (1 << DIGIT_BITS); v++) {
+            const Py_ssize_t c = counts[d][v];
+            counts[d][v] = at;
+            at += c;
+        }
+    }
+    /* pass 0 reads (key, i) and writes (tkey, tmp), pass 1 writes (key, out), pass 2 (tkey, tmp) */
+    uint32_t *ks = key, *kd = tkey;
+    Py_ssize_t *is = NULL, *id = tmp;
+    for (int d = 0; d < DIGITS; d++) {
+        const int shift = DIGIT_BITS * d;
+        Py_ssize_t *c = counts[d];
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint32_t k = ks[i];
+            const Py_ssize_t at = c[(k >> shift) & mask]++;
+            kd[at] = k;
+            id[at] = is ? is[i] : i;
+        }
+        uint32_t *kt = ks;
+        ks = kd;
+        kd = kt;
+        is = id;
+        id = id == tmp ? out : tmp;
+    }
+    if (is != out)
+        memcpy(out, is, (size_t)n * sizeof(Py_ssize_t));
+}
+
+/* the k-th smallest of a[0..n) (no NaN), a reordered (Hoare's selection) */
+static float select_kth(float *a, Py_ssize_t n, Py_ssize_t k) {
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pivot = a[lo + (hi - lo) / 2];
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot)
+                i++;
+            while (a[j] > pivot)
+                j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k <= j)
+            hi = j;
+        else if (k >= i)
+            lo = i;
+        else
+            break;
+    }
+    return a[k];
+}
+
+/* robust.median (np.median's numbers) of a[0..n), n >= 1, a reordered: NaN if one is there; the middle value,
+ * or the mean of the middle two as (x + 0 + y) / 2 in float32 */
+static float median_of(float *a, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (isnan(a[i]))
+            return NAN;
+    const Py_ssize_t half = n / 2;
+    const float upper = select_kth(a, n, half);
+    if (n % 2)
+        return upper + 0.0f;
+    float lower = a[0];  /* the largest of a[0..half): the selection left the smaller ones there */
+    for (Py_ssize_t i = 1; i < half; i++)
+        lower = a[i] > lower ? a[i] : lower;
+    float t = lower + 0.0f;
+    t = t + upper;
+    return t / 2.0f;
+}
+
+/* robust.median(a, ordered=True) of a sorted run (NaNs last) */
+static float median_sorted(const float *a, Py_ssize_t n) {
+    if (isnan(a[n - 1]))
+        return NAN;
+    const Py_ssize_t half = n / 2;
+    if (n % 2)
+        return a[half] + 0.0f;
+    float t = a[half - 1] + 0.0f;
+    t = t + a[half];
+    return t / 2.0f;
+}
+
+PyDoc_STRVAR(noise_fit_doc,
+"noise_fit(frame, h, w, stride, blocks_excluded, bins, min_samples)\n\n"
+"engine.guard.measure_noise's samples from frame (h, w) float32 (3x3 blocks, every stride-th block row;\n"
+"blocks_excluded: (h // 3, w // 3) uint8 0/1, or b'' for none), then, with at least min_samples of them,\n"
+"fit_noise's level bins (at most bins, each of 64 samples or more): returns (n, offset, level_min, rows), rows\n"
+"a list of (level median, MAD, samples) per bin kept: the smoother half's median level, the median absolute\n"
+"deviation of its differences (float32 values, as doubles) and its size. Fewer samples than min_samples: rows\n"
+"is None and offset NaN. The same numbers as the NumPy code (tests/engine/test_guard.py).");
+
+static PyObject *noise_fit(PyObject *self, PyObject *args) {
+    Py_buffer frame, ex;
+    Py_ssize_t h, w, stride, bins, min_samples;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnny*nn", &frame, &h, &w, &stride, &ex, &bins, &min_samples))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t by = h >= 0 ? h / 3 : 0, bx = w >= 0 ? w / 3 : 0;
+    if (h < 9 || w < 3 || stride < 1 || bins < 1 || h > PY_SSIZE_T_MAX / 4 / (w > 0 ? w : 1)) {
+        PyErr_SetString(PyExc_ValueError, "noise_fit: h >= 9, w >= 3, stride >= 1 and bins >= 1 expected");
+    } else if (check(&frame, h * w * 4, "frame") && (ex.len == 0 || check(&ex, by * bx, "blocks_excluded"))) {
+        const Py_ssize_t most = ((by - 2 + stride - 1) / stride) * bx;
+        float *buf = PyMem_RawMalloc((size_t)most * 6 * sizeof(float) + 16);
+        Py_ssize_t *idx = PyMem_RawMalloc((size_t)(2 * most) * sizeof(Py_ssize_t) + 16);
+        uint32_t *key = PyMem_RawMalloc((size_t)most * 2 * sizeof(uint32_t) + 16);
+        Py_ssize_t kept = 0, n = 0;
+        float offset = NAN, lmin = NAN;
+        Py_ssize_t bin_n[64];
+        float bin_x[64], bin_mad[64];
+        if (!buf || !idx || !key) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            float *level = buf, *diff = buf + most, *st = buf + 2 * most;
+            float *sl = buf + 3 * most, *sd = buf + 4 * most, *ss = buf + 5 * most;
+            n = samples((const float *)frame.buf, w, by, bx, stride, ex.len ? (const uint8_t *)ex.buf : NULL, level,
+                        diff, st);
+            if (n > 0) {  /* level.min(): NaN if one is there, as NumPy's */
+                lmin = level[0];
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    if (isnan(level[i])) {
+                        lmin = NAN;
+                        break;
+                    }
+                    lmin = level[i] < lmin ? level[i] : lmin;
+                }
+            }
+            if (n >= min_samples && n > 0) {
+                Py_ssize_t nb = n / 64;
+                nb = nb < bins ? nb : bins;
+                nb = nb < 1 ? 1 : nb;
+                nb = nb > 64 ? 64 : nb;
+                for (Py_ssize_t i = 0; i < n; i++)
+                    key[i] = sort_key(level[i]);
+                Py_ssize_t *order = idx + most, *tmp = idx;
+                stable_argsort(key, key + most, n, tmp, order);
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    sl[i] = level[order[i]];
+                    sd[i] = diff[order[i]];
+                    ss[i] = st[order[i]];
+                }
+                offset = sl[(Py_ssize_t)(0.001 * (double)(n - 1))];
+                /* np.array_split: the first n % nb bins one longer */
+                const Py_ssize_t each = n / nb, extra = n % nb;
+                Py_ssize_t start = 0;
+                float *work = level, *dw = diff;  /* free now: scratch for the selections */
+                for (Py_ssize_t b = 0; b < nb; b++) {
+                    const Py_ssize_t len = each + (b < extra);
+                    const float *lv = sl + start, *d = sd + start, *s = ss + start;
+                    start += len;
+                    memcpy(work, s, (size_t)len * sizeof(float));
+                    const float med = median_of(work, len);
+                    Py_ssize_t m = 0;
+                    for (Py_ssize_t i = 0; i < len; i++)
+                        if (s[i] <= med) {
+                            work[m] = lv[i];  /* the smooth ones' levels, still in order */
+                            dw[m] = d[i];
+                            m++;
+                        }
+                    if (m < 16)
+                        continue;
+                    const float x = median_sorted(work, m);
+                    memcpy(work, dw, (size_t)m * sizeof(float));
+                    const float dmed = median_of(work, m);
+                    for (Py_ssize_t i = 0; i < m; i++) {
+                        const float t = dw[i] - dmed;
+                        work[i] = fabsf(t);
+                    }
+                    bin_x[kept] = x;
+                    bin_mad[kept] = median_of(work, m);
+                    bin_n[kept] = m;
+                    kept++;
+                }
+            }
+            Py_END_ALLOW_THREADS
+            if (n >= min_samples && n > 0) {
+                PyObject *rows = PyList_New(kept);
+                for (Py_ssize_t b = 0; rows && b < kept; b++)
+                    PyList_SET_ITEM(rows, b, Py_BuildValue("ddn", (double)bin_x[b], (double)bin_mad[b], bin_n[b]));
+                if (rows)
+                    result = Py_BuildValue("nddN", n, (double)offset, (double)lmin, rows);
+            } else {
+                result = Py_BuildValue("nddO", n, (double)offset, (double)lmin, Py_None);
+            }
+        }
+        PyMem_RawFree(buf);
+        PyMem_RawFree(idx);
+        PyMem_RawFree(key);
+    }
+    PyBuffer_Release(&frame);
+    PyBuffer_Release(&ex);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"impulse_pass", impulse_pass, METH_VARARGS, impulse_pass_doc},
     {"finish", finish, METH_VARARGS, finish_doc},
+    {"noise_fit", noise_fit, METH_VARARGS, noise_fit_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -114,7 +114,8 @@ class EngineConfig(BaseModel):
     curve: CurveServerKeys | None = Field(
         None, description="CURVE encryption and client authentication on both sockets; needed off loopback"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice); 1 also keeps the "
+                                "guard's impulse pass on one thread (by default two on frames of 1024² and more)")
     warmup_shape: tuple[int, int] = Field((256, 256), description="warm-up shape before the first frame arrives")
     timing_window: int = Field(2048, ge=16, description="frames the p50/p99 timings are computed over")
     guard: GuardConfig | None = Field(

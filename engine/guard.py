@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -166,7 +167,8 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     edges and defects out. Variance against level is fitted by a line with non-negative slope (shot noise)
     and intercept (read noise); the offset is the frame's 0.1th percentile level. ``max_pairs``: at most
     this many blocks (rows of blocks evenly spaced). ``quantum``: one DN in the frame's units (the rounding's
-    variance floor, ``quantum^2 / 12``).
+    variance floor, ``quantum^2 / 12``). Where the install built engine/_impulse.c, its ``noise_fit`` does the
+    samples, the sort and the level bins in one call, the same numbers (half the time at 1024²).
     """
     f = np.asarray(raw, dtype=np.float32)
     h, w = f.shape
@@ -174,6 +176,13 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     if by < 3 or bx < 1:  # not three rows of blocks: a block, one above and one below
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.size else 0.0, measured=True)
     stride = max(1, math.ceil((by - 2) * bx / max_pairs))
+    if _impulse is not None and _COMPILED[0] and 1 <= bins <= 64:  # engine/_impulse.c: the same numbers
+        ex = None if exclude is None else _blocks_touched(np.asarray(exclude, dtype=bool), by, bx)
+        n, offset, lowest, rows = _impulse.noise_fit(np.ascontiguousarray(f), h, w, stride,
+                                                     b"" if ex is None else ex.view(np.uint8), bins, 64)
+        if rows is None:  # fit_noise's too few samples
+            return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=lowest if n else 0.0, measured=True)
+        return _noise_from_bins(rows, offset, quantum)
     rows = np.arange(1, by - 1, stride)
     near = np.stack([rows - 1, rows, rows + 1])  # the rows of blocks used, and those above and below
     blocks = f[:3 * by, :3 * bx].reshape(by, 3, bx, 3)[near]  # (3, rows, 3, bx, 3): block row, pixel row, block, column
@@ -237,16 +246,21 @@ def fit_noise(level: np.ndarray, diff: np.ndarray, structure: np.ndarray, bins: 
     order = _stable_argsort(level)
     level, diff, structure = level[order], diff[order], structure[order]
     offset = float(level[int(0.001 * (level.size - 1))])
-    xs, vs, ns = [], [], []
+    rows = []
     for lv, d, st in zip(np.array_split(level, bins), np.array_split(diff, bins), np.array_split(structure, bins)):
         smooth = st <= _median(st)  # equal-count level bins, the smoother half of each
         d = d[smooth]
         if d.size < 16:
             continue
-        xs.append(float(_median(lv[smooth], ordered=True)))
-        vs.append((MAD_TO_SIGMA * float(_median(np.abs(d - _median(d))))) ** 2)  # mad_sigma(d), its medians ours
-        ns.append(d.size)
-    x, v, n = np.array(xs), np.array(vs), np.array(ns, dtype=float)
+        rows.append((float(_median(lv[smooth], ordered=True)), float(_median(np.abs(d - _median(d)))), d.size))
+    return _noise_from_bins(rows, offset, quantum)
+
+
+def _noise_from_bins(rows: list[tuple[float, float, int]], offset: float, quantum: float) -> NoiseModel:
+    """fit_noise's line through its level bins, each (median level, MAD of the differences, samples)."""
+    x = np.array([r[0] for r in rows])
+    v = np.array([(MAD_TO_SIGMA * r[1]) ** 2 for r in rows])  # mad_sigma(d), its medians ours
+    n = np.array([r[2] for r in rows], dtype=float)
     floor = quantum * quantum / 12.0  # integer frames: the rounding's own variance
     slope, intercept = fit_variance(x - offset, v, n, floor)
     intercept = max(float(intercept), floor)
@@ -590,7 +604,7 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
     f = np.asarray(raw, dtype=np.float32)
     h, w = f.shape
     if _impulse is not None and _COMPILED[0] and isinstance(noise, NoiseModel) and f.size:
-        return _compiled_pass(f, noise, config, block_rows, guard_threads() if threads is None else threads)
+        return _compiled_pass(f, noise, config, block_rows, guard_threads(f.size) if threads is None else threads)
     halo = config.line_length // 2
     # the padded frame, one spare row below; the blocks work "wide": rows of the padded width, contiguous
     # (numpy's loops are ~3x faster on contiguous operands than on 2-D views), the last 4 columns of
@@ -619,7 +633,7 @@ def impulse_pass(raw: np.ndarray, noise: NoiseModel, config: GuardConfig,
             mask[y0:y1], background[y0:y1] = m[:, :w], bg[:, :w]
 
     blocks = list(range(0, h, block_rows))
-    n = min(guard_threads() if threads is None else threads, len(blocks))
+    n = min(guard_threads(f.size) if threads is None else threads, len(blocks))
     if n <= 1:
         run(blocks)
     else:  # interleaved, so that each thread gets as many full blocks
@@ -694,14 +708,29 @@ _THREADS: int | None = None
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def guard_threads() -> int:
-    """Threads the whole-frame impulse pass uses: :func:`set_guard_threads`'s, else one (the engine sets none
-    until ``bench/guard.py --threads`` shows more paying on a kind of host: docs/results.md)."""
-    return 1 if _THREADS is None else _THREADS
+#: Frames of at least this many pixels share the impulse pass between two threads by default (where the process
+#: has two CPUs): at 1024² it paid on every host measured (docs/results.md), at 512² not on all.
+AUTO_THREADS_PIXELS = 1 << 20
+
+
+def guard_threads(pixels: int = 0) -> int:
+    """Threads the whole-frame impulse pass uses on a frame of ``pixels``: :func:`set_guard_threads`'s, else two
+    from :data:`AUTO_THREADS_PIXELS` up where this process may run on two CPUs or more, else one. The bits are the
+    same for any count."""
+    if _THREADS is not None:
+        return _THREADS
+    return 2 if pixels >= AUTO_THREADS_PIXELS and _cpus() >= 2 else 1
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def set_guard_threads(threads: int | None) -> None:
-    """The impulse pass's threads for this process; None: :func:`guard_threads`' default (one)."""
+    """The impulse pass's threads for this process; None: :func:`guard_threads`' default (by frame size)."""
     global _THREADS
     if threads is not None and threads < 1:
         raise ValueError(f"guard threads must be >= 1, not {threads}")

@@ -46,7 +46,7 @@ from cdae.engine.config import EngineConfig
 from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
 from cdae.engine.frame_queue import FrameQueue
-from cdae.engine.guard import GuardConfig, for_package
+from cdae.engine.guard import GuardConfig, for_package, set_guard_threads
 from cdae.engine.package import ModelRegistry, read_manifest
 from cdae.engine.pipeline import warm_up
 from cdae.engine.protocol import (
@@ -156,6 +156,8 @@ class EngineServer:
             import torch
 
             torch.set_num_threads(self.config.threads)
+            if self.config.threads == 1:  # an engine told to use one core: the guard's impulse pass too
+                set_guard_threads(1)
         self._active = self._load(self.config.model, self.config.warmup_shape, "uint16")
         ctx = self._ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)

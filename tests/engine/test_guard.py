@@ -490,6 +490,40 @@ def test_compiled_pass_gives_the_numpy_bits_on_any_values() -> None:
         g.use_compiled_pass(True)
 
 
+def test_compiled_noise_model_is_the_numpy_one() -> None:
+    """measure_noise by engine/_impulse.c (samples, stable sort, level bins, medians) gives the NumPy code's
+    NoiseModel to the bit: integer and float frames, ties, NaN, infinities, signed zeros, a constant frame,
+    excluded blocks (none, some, all), fewer bins, a sampling stride, and frames too small for the fit."""
+    from cdae.engine import guard as g
+
+    if g._impulse is None:
+        pytest.skip("engine/_impulse.c was not built in this install (no C compiler?)")
+    rng = np.random.default_rng(11)
+    frames = []
+    for h, w in ((9, 3), (10, 11), (64, 64), (100, 37), (700, 600)):
+        scene = _scene(rng, h, w) if min(h, w) > 8 else np.full((h, w), 50.0)
+        frames.append(_camera(rng, scene))
+        frames.append(rng.poisson(rng.uniform(0, 50, (h, w))).astype(np.float32))
+        f = rng.normal(100.0, 5.0, (h, w)).astype(np.float32)
+        f.flat[rng.integers(0, f.size, 4)] = np.nan
+        f.flat[rng.integers(0, f.size, 2)] = np.inf
+        frames.append(f)
+        frames.append(np.where(rng.random((h, w)) < 0.5, -0.0, 0.0).astype(np.float32))
+        frames.append(np.full((h, w), 7.0, np.float32))
+    try:
+        for f in frames:
+            for exclude in (None, rng.random(f.shape) < 0.02, np.ones(f.shape, bool)):
+                for kw in ({}, {"bins": 4, "max_pairs": 500}, {"quantum": 0.25}):
+                    with np.errstate(all="ignore"):
+                        g.use_compiled_pass(True)
+                        compiled = g.measure_noise(f, exclude, **kw)
+                        g.use_compiled_pass(False)
+                        numpy = g.measure_noise(f, exclude, **kw)
+                    assert repr(compiled) == repr(numpy), (f.shape, kw)
+    finally:
+        g.use_compiled_pass(True)
+
+
 def test_a_noiseless_camera_is_refused() -> None:
     """A site's read noise of 0 would make the impulse test's noise 0 on a dark flat patch (0/0): refused."""
     with pytest.raises(ValueError, match="greater than 0"):
@@ -503,9 +537,10 @@ def test_guard_threads_are_set_and_checked() -> None:
     before = g._THREADS
     try:
         g.set_guard_threads(3)
-        assert g.guard_threads() == 3
+        assert g.guard_threads() == 3 and g.guard_threads(1 << 22) == 3
         g.set_guard_threads(None)
-        assert g.guard_threads() == 1
+        assert g.guard_threads() == 1 and g.guard_threads(512 * 512) == 1
+        assert g.guard_threads(1024 * 1024) == (2 if g._cpus() >= 2 else 1)  # a large frame: two where there are
         with pytest.raises(ValueError, match=">= 1"):
             g.set_guard_threads(0)
     finally:
