@@ -13,8 +13,8 @@ of the forward (torch profiler: ``cat`` 39 ms, ``leaky_relu`` 29 ms, the input's
 - the decoder's first convolution over ``cat(up, skip)`` is split by input channels:
   ``conv(skip; W_skip)`` then ``conv(up; W_up) + that`` as one primitive with a fused add, so the
   concatenated tensor is never made (the same sum, accumulated in another order);
-- the range compression ``asinh`` is computed from ``log1p`` (torch's CPU ``asinh`` is not
-  vectorised; the two agree to ~1e-7 relative, far below BF16's 4e-3).
+- the range compression ``asinh`` is NumPy's (torch's CPU ``asinh`` is not vectorised; the two
+  agree to ~1e-7 relative, far below BF16's 4e-3).
 
 The frame-sized FP32 steps around the network (compression, the residual sum, the saturation gate,
 ``sinh``) are the model's own, in FP32 as under autocast. :func:`fused_unsupported` says why a model
@@ -25,9 +25,9 @@ structure (split convolutions, fused activations) against the module on any CPU.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,9 +36,6 @@ from cdae.engine.architecture import CDAE
 
 #: Input shapes whose reordered weights are kept (a tiled frame has up to 9 tile shapes).
 MAX_PACKED_SHAPES = 16
-
-#: Above this, asinh(a) is log(2a) to float32 precision, and a² would overflow.
-_ASINH_LARGE = 1e18
 
 _POST_OPS = {"relu": ("relu", []), "leaky_relu": ("leaky_relu", [0.1])}
 
@@ -55,15 +52,11 @@ def fused_unsupported(model: nn.Module) -> str | None:
 
 
 def fast_asinh(x: torch.Tensor) -> torch.Tensor:
-    """``torch.asinh`` from vectorised ``log1p`` and ``sqrt``: asinh|x| = log1p(|x| + |x|²/(1 + sqrt(1 + |x|²)))."""
-    a = x.abs()
-    if bool((a > _ASINH_LARGE).any()):  # NaN-safe, unlike a.max()
-        small = a.clamp(max=_ASINH_LARGE)
-        y = torch.where(a > _ASINH_LARGE, torch.log(a) + math.log(2.0),
-                        torch.log1p(small + small * (small / (1.0 + torch.sqrt(1.0 + small * small)))))
-    else:
-        y = torch.log1p(a + a * (a / (1.0 + torch.sqrt(1.0 + a * a))))
-    return torch.copysign(y, x)
+    """``torch.asinh`` of a CPU float tensor by NumPy's vectorised ``arcsinh`` (torch's CPU ``asinh`` is a scalar
+    loop: 15 ms for a 1024² frame against 2.7 here, on a strided view); the two agree to ~1e-7 relative, far
+    below BF16's 4e-3, with the same signed zeros, infinities and NaNs."""
+    with np.errstate(all="ignore"):
+        return torch.from_numpy(np.arcsinh(x.numpy()))
 
 
 class _Conv:
