@@ -160,7 +160,9 @@ class FusedCDAE:
             h = self._act_(with_up.plus(u, with_skip(skips.pop())))
             for conv in rest:
                 h = conv(h, self.post)
-        out = self.head(h).float()
+        # FP32 and planar in one pass: each output channel contiguous, so the FP32 steps below and the
+        # backend's sigmoid read them at full speed (a channel of a channels-last pair is a stride-2 view)
+        out = self.head(h).to(dtype=torch.float32, memory_format=torch.contiguous_format)
         restored = frame + out[:, :1]
         if cfg.defect_head:
             defect_logit = out[:, 1:2]
