@@ -100,8 +100,9 @@ def _block(block: nn.Sequential, dtype: torch.dtype) -> list[_Conv]:
 class FusedCDAE:
     """``CDAE.forward`` under BF16 autocast, as fused oneDNN calls (module docstring); inference only.
 
-    Called on an (N, C, H, W) float32 tensor (channels-last, H and W multiples of the model's
-    ``multiple``), it returns ``(restored, defect_logit)`` in float32, as the module does.
+    Called on an (N, C, H, W) float32 CPU tensor (planar is fastest: the compression reads one contiguous
+    channel; H and W multiples of the model's ``multiple``), it returns ``(restored, defect_logit)`` in
+    float32, planar, as the module does.
     """
 
     def __init__(self, model: CDAE, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -145,7 +146,7 @@ class FusedCDAE:
         cfg = self.config
         frame = self.compress(x[:, :1])
         h = torch.cat([frame, x[:, 1:]], dim=1) if x.shape[1] > 1 else frame
-        h = h.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        h = h.to(dtype=self.dtype, memory_format=torch.channels_last)
         for conv in self.stem:
             h = conv(h, self.post)
         skips = [h]

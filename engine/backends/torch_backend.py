@@ -77,7 +77,9 @@ class TorchBackend(Backend):
 
     def _network(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused is not None and self.autocast is torch.bfloat16:
-            return self.fused(t)
+            return self.fused(t)  # planar in, its own layout inside
+        if self.torch_device.type == "cpu":
+            t = t.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.torch_device.type, dtype=self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
             return self.model(t)
@@ -86,8 +88,6 @@ class TorchBackend(Backend):
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.torch_device)
         t, (h, w) = pad_to_multiple(t, self.multiple)
-        if self.torch_device.type == "cpu":
-            t = t.contiguous(memory_format=torch.channels_last)
         restored, logit = self._network(t)
         restored_np = restored[0, 0, :h, :w].float().cpu().numpy()
         prob = torch.sigmoid(logit[0, 0, :h, :w].float()).cpu().numpy()
@@ -97,8 +97,6 @@ class TorchBackend(Backend):
     def infer_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``_run`` on a (C, h, w) tensor already on the device: (restored, probability) stay there."""
         t, (h, w) = pad_to_multiple(x[: self.architecture.in_channels][None], self.multiple)
-        if self.torch_device.type == "cpu":
-            t = t.contiguous(memory_format=torch.channels_last)
         restored, logit = self._network(t)
         return restored[0, 0, :h, :w].float(), torch.sigmoid(logit[0, 0, :h, :w].float())
 
