@@ -15,6 +15,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* NumPy's minimum and maximum: a NaN in either gives a NaN (the sum), a tie (-0 and +0) the second operand, as
@@ -488,11 +489,25 @@ static void stable_argsort(uint32_t *key, uint32_t *tkey, Py_ssize_t n, Py_ssize
         memcpy(out, is, (size_t)n * sizeof(Py_ssize_t));
 }
 
-/* the k-th smallest of a[0..n) (no NaN), a reordered (Hoare's selection) */
+static int cmp_float(const void *x, const void *y) {
+    const float a = *(const float *)x, b = *(const float *)y;
+    return (a > b) - (a < b);
+}
+
+/* the k-th smallest of a[0..n) (no NaN), a reordered: Hoare's selection with a median-of-three pivot, and past
+ * 2 log2(n) + 8 rounds (an input built against the pivot rule) a sort of what is left, as introselect does */
 static float select_kth(float *a, Py_ssize_t n, Py_ssize_t k) {
     Py_ssize_t lo = 0, hi = n - 1;
+    int rounds = 8;
+    for (Py_ssize_t m = n; m > 1; m >>= 1)
+        rounds += 2;
     while (lo < hi) {
-        const float pivot = a[lo + (hi - lo) / 2];
+        if (rounds-- <= 0) {
+            qsort(a + lo, (size_t)(hi - lo + 1), sizeof(float), cmp_float);
+            break;
+        }
+        float p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi];
+        const float pivot = p0 < p1 ? (p1 < p2 ? p1 : (p0 < p2 ? p2 : p0)) : (p0 < p2 ? p0 : (p1 < p2 ? p2 : p1));
         Py_ssize_t i = lo, j = hi;
         while (i <= j) {
             while (a[i] < pivot)
@@ -567,6 +582,8 @@ static PyObject *noise_fit(PyObject *self, PyObject *args) {
     if (h < 9 || w < 3 || stride < 1 || bins < 1 || h > PY_SSIZE_T_MAX / 4 / (w > 0 ? w : 1)) {
         PyErr_SetString(PyExc_ValueError, "noise_fit: h >= 9, w >= 3, stride >= 1 and bins >= 1 expected");
     } else if (check(&frame, h * w * 4, "frame") && (ex.len == 0 || check(&ex, by * bx, "blocks_excluded"))) {
+        if (stride > by)  /* one block row either way; and no overflow stepping past it */
+            stride = by;
         const Py_ssize_t most = ((by - 2 + stride - 1) / stride) * bx;
         float *buf = PyMem_RawMalloc((size_t)most * 6 * sizeof(float) + 16);
         Py_ssize_t *idx = PyMem_RawMalloc((size_t)(2 * most) * sizeof(Py_ssize_t) + 16);
@@ -643,8 +660,14 @@ static PyObject *noise_fit(PyObject *self, PyObject *args) {
             Py_END_ALLOW_THREADS
             if (n >= min_samples && n > 0) {
                 PyObject *rows = PyList_New(kept);
-                for (Py_ssize_t b = 0; rows && b < kept; b++)
-                    PyList_SET_ITEM(rows, b, Py_BuildValue("ddn", (double)bin_x[b], (double)bin_mad[b], bin_n[b]));
+                for (Py_ssize_t b = 0; rows && b < kept; b++) {
+                    PyObject *row = Py_BuildValue("ddn", (double)bin_x[b], (double)bin_mad[b], bin_n[b]);
+                    if (!row) {
+                        Py_CLEAR(rows);
+                        break;
+                    }
+                    PyList_SET_ITEM(rows, b, row);
+                }
                 if (rows)
                     result = Py_BuildValue("nddN", n, (double)offset, (double)lmin, rows);
             } else {

@@ -176,13 +176,12 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     if by < 3 or bx < 1:  # not three rows of blocks: a block, one above and one below
         return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=float(f.min()) if f.size else 0.0, measured=True)
     stride = max(1, math.ceil((by - 2) * bx / max_pairs))
-    if _impulse is not None and _COMPILED[0] and 1 <= bins <= 64:  # engine/_impulse.c: the same numbers
+    if _NOISE_FIT is not None and _COMPILED[0] and 1 <= bins <= 64:  # engine/_impulse.c: the same numbers
         ex = None if exclude is None else _blocks_touched(np.asarray(exclude, dtype=bool), by, bx)
-        n, offset, lowest, rows = _impulse.noise_fit(np.ascontiguousarray(f), h, w, stride,
-                                                     b"" if ex is None else ex.view(np.uint8), bins, 64)
-        if rows is None:  # fit_noise's too few samples
-            return NoiseModel(read_dn=1.0, dn_per_e=0.0, offset_dn=lowest if n else 0.0, measured=True)
-        return _noise_from_bins(rows, offset, quantum)
+        _, offset, _, rows = _NOISE_FIT(np.ascontiguousarray(f), h, w, stride,
+                                        b"" if ex is None else ex.view(np.uint8), bins, 64)
+        if rows is not None:  # else too few samples for the fit: NumPy's answer below (its min's signed zero)
+            return _noise_from_bins(rows, offset, quantum)
     rows = np.arange(1, by - 1, stride)
     near = np.stack([rows - 1, rows, rows + 1])  # the rows of blocks used, and those above and below
     blocks = f[:3 * by, :3 * bx].reshape(by, 3, bx, 3)[near]  # (3, rows, 3, bx, 3): block row, pixel row, block, column
@@ -646,6 +645,8 @@ try:  # engine/_impulse.c, built at install; without a C compiler the NumPy pass
     from cdae.engine import _impulse
 except ImportError:  # pragma: no cover - an install without the compiled pass
     _impulse = None
+#: the compiled noise model, where the built extension has it (one built before it still serves the impulse pass)
+_NOISE_FIT = getattr(_impulse, "noise_fit", None)
 _COMPILED = [True]
 _SCRATCH = threading.local()  # each thread's work buffers, by frame shape
 

@@ -25,6 +25,7 @@ structure (split convolutions, fused activations) against the module on any CPU.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -69,19 +70,21 @@ class _Conv:
         self.padding = [padding, padding]
         self.stride = [stride, stride]
         self._packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     def packed(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
-        w = self._packed.get(key)
-        if w is None:
-            w = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), self.padding, self.stride,
-                                                         [1, 1], 1, list(x.shape))
-            self._packed[key] = w
-            if len(self._packed) > MAX_PACKED_SHAPES:
-                self._packed.popitem(last=False)
-        else:
-            self._packed.move_to_end(key)
-        return w
+        with self._lock:  # one backend is called from one thread, but the cache must not break if it is not
+            w = self._packed.get(key)
+            if w is None:
+                w = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), self.padding, self.stride,
+                                                             [1, 1], 1, list(x.shape))
+                self._packed[key] = w
+                if len(self._packed) > MAX_PACKED_SHAPES:
+                    self._packed.popitem(last=False)
+            else:
+                self._packed.move_to_end(key)
+            return w
 
     def __call__(self, x: torch.Tensor, post: tuple[str, list[float]] = ("none", [])) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed(x), self.bias, self.padding, self.stride,

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cdae.engine.architecture import pad_to_multiple
@@ -84,10 +85,22 @@ class TorchBackend(Backend):
                             enabled=self.autocast is not None):
             return self.model(t)
 
+    def _padded(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``t`` padded to the network's multiple; in BF16 on the CPU also to at least two of it per side: oneDNN's
+        BF16 stride-2 convolution (AMX, torch 2.13) returns NaN, at random, where its output is one pixel wide
+        (a frame up to ``multiple`` pixels wide reaches a one-pixel bottleneck; autocast and the fused plan alike)."""
+        t, (h, w) = pad_to_multiple(t, self.multiple)
+        if self.torch_device.type == "cpu" and self.autocast is torch.bfloat16:
+            least = 2 * self.multiple
+            ph, pw = max(0, least - t.shape[-2]), max(0, least - t.shape[-1])
+            if ph or pw:
+                t = F.pad(t, (0, pw, 0, ph), mode="replicate")
+        return t, (h, w)
+
     @torch.inference_mode()
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.torch_device)
-        t, (h, w) = pad_to_multiple(t, self.multiple)
+        t, (h, w) = self._padded(t)
         restored, logit = self._network(t)
         restored_np = restored[0, 0, :h, :w].float().cpu().numpy()
         prob = torch.sigmoid(logit[0, 0, :h, :w].float()).cpu().numpy()
@@ -96,7 +109,7 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def infer_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``_run`` on a (C, h, w) tensor already on the device: (restored, probability) stay there."""
-        t, (h, w) = pad_to_multiple(x[: self.architecture.in_channels][None], self.multiple)
+        t, (h, w) = self._padded(x[: self.architecture.in_channels][None])
         restored, logit = self._network(t)
         return restored[0, 0, :h, :w].float(), torch.sigmoid(logit[0, 0, :h, :w].float())
 

@@ -129,3 +129,28 @@ def test_torch_cpu_runs_bf16_fused_unless_told_to_run_the_module() -> None:
     # the export's own check, in DN of real bit depths: the plan passes what autocast passes
     parity = measure_parity(fused, fp32, "bf16", frames=2)
     assert parity.passed, parity.as_record()
+
+
+@pytest.mark.skipif(not cpu_bf16_native(), reason="this CPU has no native BF16: torch-cpu keeps fp32")
+def test_narrow_frames_come_out_finite_in_bf16() -> None:
+    """oneDNN's BF16 stride-2 convolution (AMX, torch 2.13) returns NaN, at random, where its output is one
+    pixel wide: a frame up to the network's multiple wide reached a one-pixel bottleneck (710 NaN pixels of a
+    130x8 frame, fused or autocast alike). torch-cpu pads such frames to two multiples; the output is finite and
+    as close to FP32 as a wide frame's."""
+    manifest, model = load_model(DEFAULT)
+    fused = TorchCPUBackend(manifest, model, "bf16")
+    module = TorchCPUBackend(*load_model(DEFAULT), "bf16", kernels="module")
+    fp32 = TorchCPUBackend(*load_model(DEFAULT), "fp32")
+    rng = np.random.default_rng(3)
+    for h, w in ((130, 8), (136, 8), (8, 136), (2048, 4), (9, 9)):
+        x = np.zeros((2, h, w), np.float32)
+        x[0] = 0.2 + 0.6 * rng.random((h, w))
+        # FP32 on the same padded frame: what the BF16 paths should approximate (their padding is theirs alone)
+        padded, _ = fused._padded(torch.from_numpy(x)[None])
+        assert min(padded.shape[-2:]) >= 2 * fused.multiple
+        reference = fp32._run(padded[0].numpy())[0][:h, :w]
+        for _ in range(3):  # the NaNs came at random
+            for backend in (fused, module):
+                restored, prob = backend._run(x)
+                assert np.isfinite(restored).all() and np.isfinite(prob).all(), (h, w, backend.kernels)
+                assert np.abs(restored - reference).max() < 0.1
