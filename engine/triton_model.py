@@ -27,7 +27,7 @@ from cdae.engine.backends import Backend, load_backend
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import BackendOptions, FramePathSettings
 from cdae.engine.errors import EngineError
-from cdae.engine.guard import for_package
+from cdae.engine.guard import for_package, set_guard_threads
 from cdae.engine.pipeline import warm_up
 from cdae.engine.protocol import (
     ErrorCode,
@@ -61,6 +61,8 @@ class FramePath:
             import torch
 
             torch.set_num_threads(settings.threads)
+            if settings.threads == 1:  # as the engine: one core for the guard's impulse pass too
+                set_guard_threads(1)
         self.settings = settings
         self.backend: Backend = load_backend(settings.backend, pkg, options, log)  # sha256-checked here
         self.ref = self.backend.ref
