@@ -40,13 +40,13 @@ from pydantic import JsonValue
 from cdae import __version__
 from cdae.endpoints import is_loopback, parse_tcp
 from cdae.engine.answer import answer_frame
-from cdae.engine.backends import Backend, load_backend
+from cdae.engine.backends import Backend, load_backend, set_cpu_threads
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import EngineConfig
 from cdae.engine.curve import CurveServer
 from cdae.engine.errors import EngineError
 from cdae.engine.frame_queue import FrameQueue
-from cdae.engine.guard import GuardConfig, for_package, set_guard_threads
+from cdae.engine.guard import GuardConfig, for_package
 from cdae.engine.package import ModelRegistry, read_manifest
 from cdae.engine.pipeline import warm_up
 from cdae.engine.protocol import (
@@ -152,12 +152,7 @@ class EngineServer:
 
     def start(self) -> None:
         """Load and warm up the model, bind both sockets, start the threads. Raises on any failure."""
-        if self.config.threads:
-            import torch
-
-            torch.set_num_threads(self.config.threads)
-            if self.config.threads == 1:  # an engine told to use one core: the guard's impulse pass too
-                set_guard_threads(1)
+        set_cpu_threads(self.config.threads)
         self._active = self._load(self.config.model, self.config.warmup_shape, "uint16")
         ctx = self._ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from cdae.engine.answer import answer_frame
-from cdae.engine.backends import Backend, load_backend
+from cdae.engine.backends import Backend, load_backend, set_cpu_threads
 from cdae.engine.badpixels import BadPixelMap, BadPixelMaps
 from cdae.engine.config import BackendOptions, FramePathSettings
 from cdae.engine.errors import EngineError
-from cdae.engine.guard import for_package, set_guard_threads
+from cdae.engine.guard import for_package
 from cdae.engine.pipeline import warm_up
 from cdae.engine.protocol import (
     ErrorCode,
@@ -57,12 +57,7 @@ class FramePath:
         options = settings.backend_options
         if device is not None:
             options = BackendOptions.model_validate({**options.model_dump(exclude_unset=True), "device": device})
-        if settings.threads:
-            import torch
-
-            torch.set_num_threads(settings.threads)
-            if settings.threads == 1:  # as the engine: one core for the guard's impulse pass too
-                set_guard_threads(1)
+        set_cpu_threads(settings.threads)
         self.settings = settings
         self.backend: Backend = load_backend(settings.backend, pkg, options, log)  # sha256-checked here
         self.ref = self.backend.ref

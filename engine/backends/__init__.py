@@ -60,8 +60,22 @@ __all__ = [
     "ArtefactIntegrityError", "Backend", "BackendError", "BackendUnavailable", "Log", "OnnxRuntimeBackend",
     "PassthroughBackend", "ShapeProfile", "TensorRTBackend", "TorchBackend", "TorchCPUBackend", "TorchCUDABackend",
     "artefact_dir", "autocast_dtype", "bf16_record", "cpu_bf16_native", "build_plan", "cuda_available", "export_onnx", "load_backend", "make_backend",
-    "onnx_artefact", "plan_key", "read_verified_artefact", "resolve_kind", "tensorrt_importable",
+    "onnx_artefact", "plan_key", "read_verified_artefact", "resolve_kind", "set_cpu_threads", "tensorrt_importable",
 ]
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """A frame-path process's CPU threads (an engine's or a Triton model's ``threads``): torch's, and with one
+    thread the guard's impulse pass too (by default it takes two on large frames); None: the defaults."""
+    if not threads:
+        return
+    import torch
+
+    from cdae.engine.guard import set_guard_threads
+
+    torch.set_num_threads(threads)
+    if threads == 1:
+        set_guard_threads(1)
 
 
 def resolve_kind(kind: str) -> str:

@@ -533,6 +533,25 @@ def test_a_noiseless_camera_is_refused() -> None:
     assert GuardConfig(gain_e_per_dn=2.0, read_noise_dn=0.3).read_noise_dn == 0.3
 
 
+def test_one_cpu_thread_keeps_the_guard_on_one() -> None:
+    """An engine's (or a Triton model's) ``threads = 1`` holds torch and the guard's impulse pass to one thread."""
+    import torch
+
+    from cdae.engine import guard as g
+    from cdae.engine.backends import set_cpu_threads
+
+    before, torch_before = g._THREADS, torch.get_num_threads()
+    try:
+        g.set_guard_threads(None)
+        set_cpu_threads(None)  # nothing set: the defaults stay
+        assert g._THREADS is None and torch.get_num_threads() == torch_before
+        set_cpu_threads(1)
+        assert torch.get_num_threads() == 1 and g.guard_threads(1 << 22) == 1
+    finally:
+        torch.set_num_threads(torch_before)
+        g.set_guard_threads(before)
+
+
 def test_guard_threads_are_set_and_checked() -> None:
     from cdae.engine import guard as g
 
