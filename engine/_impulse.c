@@ -566,10 +566,10 @@ PyDoc_STRVAR(noise_fit_doc,
 "noise_fit(frame, h, w, stride, blocks_excluded, bins, min_samples)\n\n"
 "engine.guard.measure_noise's samples from frame (h, w) float32 (3x3 blocks, every stride-th block row;\n"
 "blocks_excluded: (h // 3, w // 3) uint8 0/1, or b'' for none), then, with at least min_samples of them,\n"
-"fit_noise's level bins (at most bins, each of 64 samples or more): returns (n, offset, level_min, rows), rows\n"
-"a list of (level median, MAD, samples) per bin kept: the smoother half's median level, the median absolute\n"
-"deviation of its differences (float32 values, as doubles) and its size. Fewer samples than min_samples: rows\n"
-"is None and offset NaN. The same numbers as the NumPy code (tests/engine/test_guard.py).");
+"fit_noise's level bins (at most bins, each of 64 samples or more): returns (n, offset, rows), rows a list of\n"
+"(level median, MAD, samples) per bin kept: the smoother half's median level, the median absolute deviation\n"
+"of its differences (float32 values, as doubles) and its size. Fewer samples than min_samples: rows is None\n"
+"and offset NaN (the caller's NumPy takes those). The same numbers as the NumPy code (tests/engine/test_guard.py).");
 
 static PyObject *noise_fit(PyObject *self, PyObject *args) {
     Py_buffer frame, ex;
@@ -589,7 +589,7 @@ static PyObject *noise_fit(PyObject *self, PyObject *args) {
         Py_ssize_t *idx = PyMem_RawMalloc((size_t)(2 * most) * sizeof(Py_ssize_t) + 16);
         uint32_t *key = PyMem_RawMalloc((size_t)most * 2 * sizeof(uint32_t) + 16);
         Py_ssize_t kept = 0, n = 0;
-        float offset = NAN, lmin = NAN;
+        float offset = NAN;
         Py_ssize_t bin_n[64];
         float bin_x[64], bin_mad[64];
         if (!buf || !idx || !key) {
@@ -600,16 +600,6 @@ static PyObject *noise_fit(PyObject *self, PyObject *args) {
             float *sl = buf + 3 * most, *sd = buf + 4 * most, *ss = buf + 5 * most;
             n = samples((const float *)frame.buf, w, by, bx, stride, ex.len ? (const uint8_t *)ex.buf : NULL, level,
                         diff, st);
-            if (n > 0) {  /* level.min(): NaN if one is there, as NumPy's */
-                lmin = level[0];
-                for (Py_ssize_t i = 0; i < n; i++) {
-                    if (isnan(level[i])) {
-                        lmin = NAN;
-                        break;
-                    }
-                    lmin = level[i] < lmin ? level[i] : lmin;
-                }
-            }
             if (n >= min_samples && n > 0) {
                 Py_ssize_t nb = n / 64;
                 nb = nb < bins ? nb : bins;
@@ -669,9 +659,9 @@ static PyObject *noise_fit(PyObject *self, PyObject *args) {
                     PyList_SET_ITEM(rows, b, row);
                 }
                 if (rows)
-                    result = Py_BuildValue("nddN", n, (double)offset, (double)lmin, rows);
+                    result = Py_BuildValue("ndN", n, (double)offset, rows);
             } else {
-                result = Py_BuildValue("nddO", n, (double)offset, (double)lmin, Py_None);
+                result = Py_BuildValue("ndO", n, (double)offset, Py_None);
             }
         }
         PyMem_RawFree(buf);

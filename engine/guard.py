@@ -178,8 +178,8 @@ def measure_noise(raw: np.ndarray, exclude: np.ndarray | None = None, bins: int 
     stride = max(1, math.ceil((by - 2) * bx / max_pairs))
     if _NOISE_FIT is not None and _COMPILED[0] and 1 <= bins <= 64:  # engine/_impulse.c: the same numbers
         ex = None if exclude is None else _blocks_touched(np.asarray(exclude, dtype=bool), by, bx)
-        _, offset, _, rows = _NOISE_FIT(np.ascontiguousarray(f), h, w, stride,
-                                        b"" if ex is None else ex.view(np.uint8), bins, 64)
+        _, offset, rows = _NOISE_FIT(np.ascontiguousarray(f), h, w, stride,
+                                     b"" if ex is None else ex.view(np.uint8), bins, 64)
         if rows is not None:  # else too few samples for the fit: NumPy's answer below (its min's signed zero)
             return _noise_from_bins(rows, offset, quantum)
     rows = np.arange(1, by - 1, stride)
