@@ -11,6 +11,7 @@
 #    NumPy on the host) and the passthrough engine, in one run: $OUT/engine-<gpu>.json and .png, each
 #    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's);
 #    before it, the guard's cost on the CPU by thread count (bench/guard.py: $OUT/guard-<cpu>.json).
+# STAGES="parity bench tests" picks and orders them; PARITY=0, GUARD=0, BENCH=0 are gone: name the stages instead.
 # Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
 set -u
 OUT=${OUT:-/tmp/cdae-gpu}
@@ -31,34 +32,36 @@ $PY -c "import cdae" 2>/dev/null || $PY -m pip install -q --no-index --no-deps -
 cat "$OUT/machine.txt"
 
 SWEEP_S=${SWEEP_S:-330}; TEST_S=${TEST_S:-330}; BENCH_S=${BENCH_S:-200}  # tests and sweep run side by side
-( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 ${SWEEP_ARGS:-} \
-      --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
-sweep=$!
-# from outside the tree: the source's cdae/ folder must not shadow the installed package
 ROOT=$PWD
-( cd /tmp && timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider -m "not slow" -W "ignore::DeprecationWarning" \
-    ${TESTS:-"$ROOT/tests/engine" "$ROOT/tests/training/test_train.py" "$ROOT/tests/deploy/test_export.py"} ) >"$OUT/tests.log" 2>&1
-echo "tests rc=$?"; tail -15 "$OUT/tests.log"
-wait $sweep
-tail -12 "$OUT/sweep.log"
+tests() {
+    ( timeout "$SWEEP_S" $PY experiments/bright_sweep.py ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --device cuda --epochs "${SWEEP_EPOCHS:-3}" --parallel 8 ${SWEEP_ARGS:-} \
+          --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
+    local sweep=$!
+    # from outside the tree: the source's cdae/ folder must not shadow the installed package
+    ( cd /tmp && timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider -m "not slow" -W "ignore::DeprecationWarning" \
+        ${TESTS:-"$ROOT/tests/engine" "$ROOT/tests/training/test_train.py" "$ROOT/tests/deploy/test_export.py"} ) >"$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -15 "$OUT/tests.log"
+    wait $sweep
+    tail -12 "$OUT/sweep.log"
+}
 # the device path's parity with the NumPy path on this GPU, stage by stage and whole (device-parity-cuda.json)
-if [ "${PARITY:-1}" != 0 ]; then
+parity() {
     ( cd /tmp && timeout "${PARITY_S:-90}" $PY "$ROOT/bench/device_parity.py" --device cuda --max-side "${PARITY_SIDE:-1024}" \
         --out "$OUT" ) >"$OUT/parity.log" 2>&1
     echo "parity rc=$?"; tail -20 "$OUT/parity.log"
-fi
+}
 # the guard's impulse pass on the machine's many CPU cores (its threads; on 2 vCPUs two were slower):
 # guard-<cpu>.json beside the rest
-if [ "${GUARD:-1}" != 0 ]; then
+guard() {
     ( cd /tmp && timeout "${GUARD_S:-150}" $PY "$ROOT/bench/guard.py" --sizes 1024,2048 --threads 1,2,4,8,16 \
         --precision fp32 --out "$OUT" ) >"$OUT/guard.log" 2>&1
     echo "guard rc=$?"; tail -4 "$OUT/guard.log"
-fi
-[ "${BENCH:-1}" = 0 ] && exit 0
-( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host}" \
-    --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1
-echo "bench rc=$?"; tail -12 "$OUT/bench.log"
-$PY - "$OUT" <<'PY' || true
+}
+bench() {
+    ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host}" \
+        --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1
+    echo "bench rc=$?"; tail -12 "$OUT/bench.log"
+    $PY - "$OUT" <<'PY' || true
 import json, pathlib, sys
 for p in sorted(pathlib.Path(sys.argv[1]).glob("engine-*.json")):
     for backend, rows in json.loads(p.read_text())["backends"].items():
@@ -66,3 +69,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("engine-*.json")):
             print(p.name, backend, r["size"], r["pipelined"]["frames_per_s"], "frames/s, p50", r["latency_ms"]["p50"],
                   "ms, engine total p50", r["engine_total_ms_p50"], "ms", r.get("vs_host_pre_post", ""))
 PY
+}
+# STAGES: which checks, in which order (the benchmark last by default: alone on the machine)
+for stage in ${STAGES:-tests parity guard bench}; do
+    case $stage in tests|parity|guard|bench) $stage ;; *) echo "unknown stage $stage (tests, parity, guard, bench)"; exit 2 ;; esac
+done
