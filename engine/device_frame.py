@@ -520,6 +520,29 @@ def _pad_edge(f: Tensor, p: int) -> Tensor:
     return F.pad(f[None, None], (p, p, p, p), mode="replicate")[0, 0]
 
 
+#: The offsets :func:`_tests` reads around a pixel, and those :func:`impulse_evidence` reads (the peak test's rim too).
+TEST_OFFSETS = ((0, 0), (0, -1), (0, 1), (0, -2), (0, 2), (-1, 0), (1, 0), (-2, 0), (2, 0))
+EVIDENCE_OFFSETS = tuple(dict.fromkeys(TEST_OFFSETS + PEAK_RIM))
+
+
+class _Gather:
+    """A padded frame's values at some pixels and fixed offsets around them, all in one gather: ``at(dy, dx)``
+    is a column of that table (an offset outside it gathers on its own). One indexing kernel instead of one per
+    offset: on a GPU the guard's cost there is the number of calls, not the bytes."""
+
+    def __init__(self, pad: Tensor, cy: Tensor, cx: Tensor, p: int, offsets: Sequence[tuple[int, int]]) -> None:
+        w = pad.shape[1]
+        self.flat, self.w = pad.reshape(-1), w
+        self.base = (cy + p) * w + (cx + p)
+        self.cols = {o: i for i, o in enumerate(offsets)}
+        steps = torch.tensor([dy * w + dx for dy, dx in offsets], device=pad.device)
+        self.table = self.flat[self.base[:, None] + steps[None, :]]
+
+    def __call__(self, dy: int, dx: int) -> Tensor:
+        i = self.cols.get((dy, dx))
+        return self.table[:, i] if i is not None else self.flat[self.base + (dy * self.w + dx)]
+
+
 def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
                   exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`cdae.engine.guard.find_impulses` on a float32 frame tensor (the first pass on the whole frame at
@@ -545,9 +568,8 @@ def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
         if flat.numel() == 0:
             break
         cy, cx = flat // w, flat % w
-        work = _pad_edge(torch.where(mask, background, f), 2)
-        hit, bg = _tests(work[cy + 2, cx + 2], lambda oy, ox: work[cy + 2 + oy, cx + 2 + ox], noise, config,
-                         line_axes=None)
+        at = _Gather(_pad_edge(torch.where(mask, background, f), 2), cy, cx, 2, TEST_OFFSETS)
+        hit, bg = _tests(at(0, 0), at, noise, config, line_axes=None)
         if not bool(hit.any()):
             break
         mask[cy[hit], cx[hit]] = True
@@ -565,11 +587,7 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
     lines = config.learned_peak_sigma is not None and config.learned_line_peaks and config.line_length > 1
     p = max(3, config.line_length) if lines else 2  # the line test reaches half a line along, three across
     pad = _pad_edge(f if impulses is None or background is None else torch.where(impulses, background, f), p)
-
-    def gather(cy: Tensor, cx: Tensor) -> Callable[[int, int], Tensor]:
-        return lambda oy, ox: pad[cy + p + oy, cx + p + ox]
-
-    at = gather(cy, cx)
+    at = _Gather(pad, cy, cx, p, EVIDENCE_OFFSETS)
     hit = torch.ones_like(cy, dtype=torch.bool)
     if config.learned_evidence_sigma is not None:
         hit &= _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)[0]
@@ -579,7 +597,7 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
             again = torch.nonzero(hit & ~peak, as_tuple=True)[0]
             if again.numel():
                 claimed = candidates if impulses is None else candidates | impulses
-                peak[again] = _line_peak(gather, claimed, cy[again], cx[again], noise, config)
+                peak[again] = _line_peak(pad, p, claimed, cy[again], cx[again], noise, config)
         hit &= peak
     out[cy[hit], cx[hit]] = True
     return out
@@ -616,38 +634,52 @@ def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor,
     return (excess > 0) & sharp
 
 
-def _line_peak(gather: Callable[[Tensor, Tensor], Callable[[int, int], Tensor]], claimed: Tensor, cy: Tensor,
-               cx: Tensor, noise: NoiseModel, config: GuardConfig) -> Tensor:
-    """:func:`cdae.engine.guard._line_peak` on tensors."""
+def _line_peak(pad: Tensor, p: int, claimed: Tensor, cy: Tensor, cx: Tensor, noise: NoiseModel,
+               config: GuardConfig) -> Tensor:
+    """:func:`cdae.engine.guard._line_peak` on tensors. Its stretches are shifts of one sum along the line: that
+    sum over the whole padded frame (the same terms added in the same order, so the same bits as summing at each
+    candidate), then one gather of the seven stretches; the claimed test as a running count along the axis."""
     length = config.line_length
-    steps = range(-(length // 2), length - length // 2)
+    half = length // 2
     inverse = _f32(1 / length)
-    h, w = claimed.shape
     out = torch.zeros_like(cy, dtype=torch.bool)
-    for (ay, ax), (qy, qx) in (((0, 1), (1, 0)), ((1, 0), (0, 1))):
-        whole = ~out
-        for k in steps:
-            whole &= claimed[torch.clamp(cy + k * ay, 0, h - 1), torch.clamp(cx + k * ax, 0, w - 1)]
+    shifts = torch.arange(-3, 4, device=cy.device)  # the stretches across: -3 .. 3
+    for dim, (qy, qx) in ((1, (1, 0)), (0, (0, 1))):
+        whole = ~out & _claimed_along(claimed, dim, length)[cy, cx]
         sel = torch.nonzero(whole, as_tuple=True)[0]
         if sel.numel() == 0:
             continue
-        at = gather(cy[sel], cx[sel])
+        n = pad.shape[dim] - length + 1
+        along = pad.narrow(dim, 0, n).clone()  # along[i] = pad[i] + ... + pad[i + length - 1], in that order
+        for k in range(1, length):
+            along += pad.narrow(dim, k, n)
+        along *= inverse
+        rows = cy[sel] + (p - (half if dim == 0 else 0))
+        cols = cx[sel] + (p - (half if dim == 1 else 0))
+        st = along[rows[:, None] + qy * shifts[None, :], cols[:, None] + qx * shifts[None, :]]  # (n, 7)
 
-        def stretch(d: int, ay: int = ay, ax: int = ax, qy: int = qy, qx: int = qx, at=at) -> Tensor:  # noqa: ANN001
-            total = at(d * qy - (length // 2) * ay, d * qx - (length // 2) * ax).clone()
-            for k in steps[1:]:
-                total += at(d * qy + k * ay, d * qx + k * ax)
-            total *= inverse
-            return total
+        def stretch(d: int, st: Tensor = st) -> Tensor:
+            return st[:, d + 3]
 
-        f, n, s = stretch(0), stretch(-1), stretch(1)
+        f, n_, s_ = stretch(0), stretch(-1), stretch(1)
         b = _median4(stretch(-2), stretch(2), stretch(-3), stretch(3))[1]
         var = sigma(noise, b)
         var = var * var
         var *= inverse
-        out[sel] = _peaks(f, b, torch.maximum(n, s), None, var, config) | \
-            _peaks(-f, -b, -torch.minimum(n, s), None, var, config)
+        out[sel] = _peaks(f, b, torch.maximum(n_, s_), None, var, config) | \
+            _peaks(-f, -b, -torch.minimum(n_, s_), None, var, config)
     return out
+
+
+def _claimed_along(claimed: Tensor, dim: int, length: int) -> Tensor:
+    """Where all ``length`` pixels of the line centred on a pixel along ``dim`` are claimed (positions past the
+    frame's edge read its edge pixel, as the NumPy test's clamped indices do)."""
+    half = length // 2
+    size = claimed.shape[dim]
+    pos = torch.arange(-half, size + length - half - 1, device=claimed.device).clamp_(0, size - 1)
+    counts = torch.cumsum(claimed.index_select(dim, pos).to(torch.int32), dim)
+    counts = F.pad(counts, (1, 0) if dim == 1 else (0, 0, 1, 0))
+    return counts.narrow(dim, length, size) - counts.narrow(dim, 0, size) == length
 
 
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,

@@ -125,6 +125,60 @@ def test_the_guard_is_the_numpy_paths(name: str, frame: np.ndarray, bits: int) -
             assert 0 < want.counts["learned"] < int((prob > config.defect_threshold).sum()) // 2
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_the_line_peak_test_is_the_numpy_paths(axis: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real filament and a radiation streak, both claimed by the head along their length: the line test (one
+    sum along the line over the frame, one gather of its stretches) keeps the filament and lets the streak go,
+    exactly as NumPy's per-candidate sums do."""
+    rng = np.random.default_rng(11)
+    f = rng.normal(200.0, 4.0, (96, 120)).astype(np.float32)
+    prob = np.zeros(f.shape, dtype=np.float32)
+    lines = {"filament": (30, np.array([0.3, 1.0, 0.3]) * 400.0), "streak": (60, np.array([0.0, 1.0, 0.0]) * 15.0)}
+    for row, profile in lines.values():
+        for k, v in enumerate(profile):
+            f[row - 1 + k, 20:80] += v
+        prob[row - 1: row + 2, 20:80] = 0.9
+    if axis == 0:
+        f, prob = np.ascontiguousarray(f.T), np.ascontiguousarray(prob.T)
+    frame = np.clip(np.rint(f), 0, 4095).astype(np.uint16)
+    f = frame.astype(np.float32)
+    out = (f + rng.normal(0.0, 3.0, f.shape)).astype(np.float32)
+    seen: list[int] = []
+    line_peak = D._line_peak
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        peak = line_peak(*args, **kwargs)
+        seen.append(int(peak.sum()))
+        return peak
+
+    monkeypatch.setattr(D, "_line_peak", counted)
+    config = G.GuardConfig(defect_threshold=0.5)
+    none = np.zeros(f.shape, dtype=bool)
+    want = G.guard(frame, out, none, config, prob)
+    got, flags, _ = D.guard(torch.from_numpy(f), torch.from_numpy(out), torch.from_numpy(none), config,
+                            torch.from_numpy(prob))
+    assert np.array_equal(flags.numpy(), want.flags) and np.array_equal(got.numpy(), want.output)
+    assert seen and seen[0] > 0  # the line test ran and found a line sharper than the optics (the streak)
+    assert want.counts["learned"] > 0
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_claimed_along_is_the_clamped_line_test(dim: int) -> None:
+    """All of a line's pixels claimed, positions past the edge reading the edge pixel (NumPy's clamped indices)."""
+    claimed = np.random.default_rng(dim).random((23, 31)) < 0.85
+    h, w = claimed.shape
+    want = np.ones_like(claimed)
+    for k in range(-4, 5):
+        ys, xs = np.mgrid[:h, :w]
+        if dim == 0:
+            ys = np.clip(ys + k, 0, h - 1)
+        else:
+            xs = np.clip(xs + k, 0, w - 1)
+        want &= claimed[ys, xs]
+    assert 0 < want.sum() < want.size
+    assert np.array_equal(D._claimed_along(torch.from_numpy(claimed), dim, 9).numpy(), want)
+
+
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchBackend, TorchBackend]:
     """One tiny random-weight network, as torch-cpu runs it (NumPy around it) and on the device path (CPU)."""
