@@ -330,8 +330,8 @@ def network_input(f: Tensor, adc_max: float, config: NormalisationConfig,
     fw = detect_full_well(f, adc_max, config, full_well_candidates)
     if fw is not None:
         at = torch.abs(f - _f32(fw.level)) <= _f32(fw.half_width)
-        x[1][at] = 1.0
-        x[0][at] = _f32((fw.level - offset) / scale)
+        x[1].masked_fill_(at, 1.0)
+        x[0].masked_fill_(at, _f32((fw.level - offset) / scale))
     return x, offset, scale
 
 
@@ -400,7 +400,7 @@ def measure_noise(f: Tensor, exclude: Tensor | None = None, bins: int = 16, max_
     diff, structure = diff[order], structure[order]
     offset = float(level[int(0.001 * (n - 1))])
     # np.array_split's equal-count bins as rows of one (bins, longest) array
-    sizes = torch.tensor([n // bins + (1 if i < n % bins else 0) for i in range(bins)], device=f.device)
+    sizes = (torch.arange(bins, device=f.device) < n % bins).to(torch.int64) + n // bins
     starts = torch.cumsum(sizes, 0) - sizes
     col = torch.arange(n // bins + (1 if n % bins else 0), device=f.device)
     valid = col[None, :] < sizes[:, None]
@@ -520,87 +520,57 @@ def _pad_edge(f: Tensor, p: int) -> Tensor:
     return F.pad(f[None, None], (p, p, p, p), mode="replicate")[0, 0]
 
 
-#: The offsets :func:`_tests` reads around a pixel, and those :func:`impulse_evidence` reads (the peak test's rim too).
-TEST_OFFSETS = ((0, 0), (0, -1), (0, 1), (0, -2), (0, 2), (-1, 0), (1, 0), (-2, 0), (2, 0))
-EVIDENCE_OFFSETS = tuple(dict.fromkeys(TEST_OFFSETS + PEAK_RIM))
+def _frame_at(pad: Tensor, p: int, h: int, w: int) -> Callable[[int, int], Tensor]:
+    """A padded frame's values at every pixel's ``(dy, dx)`` neighbour: views, no copies."""
+    return lambda dy, dx: pad[p + dy: p + dy + h, p + dx: p + dx + w]
 
 
-class _Gather:
-    """A padded frame's values at some pixels and fixed offsets around them, all in one gather: ``at(dy, dx)``
-    is a column of that table (an offset outside it gathers on its own). One indexing kernel instead of one per
-    offset: on a GPU the guard's cost there is the number of calls, not the bytes."""
-
-    def __init__(self, pad: Tensor, cy: Tensor, cx: Tensor, p: int, offsets: Sequence[tuple[int, int]]) -> None:
-        w = pad.shape[1]
-        self.flat, self.w = pad.reshape(-1), w
-        self.base = (cy + p) * w + (cx + p)
-        self.cols = {o: i for i, o in enumerate(offsets)}
-        steps = torch.tensor([dy * w + dx for dy, dx in offsets], device=pad.device)
-        self.table = self.flat[self.base[:, None] + steps[None, :]]
-
-    def __call__(self, dy: int, dx: int) -> Tensor:
-        i = self.cols.get((dy, dx))
-        return self.table[:, i] if i is not None else self.flat[self.base + (dy * self.w + dx)]
+def _dilate(mask: Tensor) -> Tensor:
+    """Pixels within one step (3x3) of ``mask``: the NumPy pass's clamped neighbour indices name the same pixels."""
+    return F.max_pool2d(mask[None, None].to(torch.float32), 3, stride=1, padding=1)[0, 0] > 0
 
 
 def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
                   exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`cdae.engine.guard.find_impulses` on a float32 frame tensor (the first pass on the whole frame at
-    once: NumPy's blocks of rows only keep its temporaries in cache, the values are the same)."""
+    """:func:`cdae.engine.guard.find_impulses` on a float32 frame tensor. Every pass runs on the whole frame and
+    keeps the candidates' results (the first pass's candidates are every pixel; a later pass's, the unclaimed
+    neighbours of the claimed): each pixel's arithmetic is the NumPy pass's, so the values are the same, and no
+    step waits for the device (no candidate lists, no early exit: a pass that finds nothing changes nothing)."""
     h, w = f.shape
-    pad = _pad_edge(f, 2)
-    mask, background = _tests(f, lambda dy, dx: pad[2 + dy: 2 + dy + h, 2 + dx: 2 + dx + w], noise, config,
-                              line_axes=(0, 1))
+    mask, background = _tests(f, _frame_at(_pad_edge(f, 2), 2, h, w), noise, config, line_axes=(0, 1))
     if exclude is not None:
         mask &= ~exclude
-    dy, dx = (v.reshape(-1) for v in torch.meshgrid(torch.arange(-1, 2, device=f.device),
-                                                    torch.arange(-1, 2, device=f.device), indexing="ij"))
     for _ in range(config.impulse_passes - 1):
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        if ys.numel() == 0:
-            break
-        cy = torch.clamp(ys[:, None] + dy, 0, h - 1).reshape(-1)
-        cx = torch.clamp(xs[:, None] + dx, 0, w - 1).reshape(-1)
-        flat = torch.unique(cy * w + cx)
-        flat = flat[~mask.reshape(-1)[flat]]
+        candidates = _dilate(mask) & ~mask
         if exclude is not None:
-            flat = flat[~exclude.reshape(-1)[flat]]
-        if flat.numel() == 0:
-            break
-        cy, cx = flat // w, flat % w
-        at = _Gather(_pad_edge(torch.where(mask, background, f), 2), cy, cx, 2, TEST_OFFSETS)
-        hit, bg = _tests(at(0, 0), at, noise, config, line_axes=None)
-        if not bool(hit.any()):
-            break
-        mask[cy[hit], cx[hit]] = True
-        background[cy[hit], cx[hit]] = bg[hit]
+            candidates &= ~exclude
+        work = _pad_edge(torch.where(mask, background, f), 2)
+        hit, bg = _tests(work[2: 2 + h, 2: 2 + w], _frame_at(work, 2, h, w), noise, config, line_axes=None)
+        hit &= candidates
+        mask = mask | hit
+        background = torch.where(hit, bg, background)
     return mask, background
 
 
 def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidates: Tensor,
                      impulses: Tensor | None = None, background: Tensor | None = None) -> Tensor:
-    """:func:`cdae.engine.guard.impulse_evidence` on tensors."""
-    out = torch.zeros_like(candidates)
-    cy, cx = torch.nonzero(candidates, as_tuple=True)
-    if cy.numel() == 0:
-        return out
+    """:func:`cdae.engine.guard.impulse_evidence` on tensors: the tests on the whole frame, kept at the
+    candidates (the same values as testing the candidates alone; nothing waits for the device)."""
     lines = config.learned_peak_sigma is not None and config.learned_line_peaks and config.line_length > 1
     p = max(3, config.line_length) if lines else 2  # the line test reaches half a line along, three across
+    h, w = f.shape
     pad = _pad_edge(f if impulses is None or background is None else torch.where(impulses, background, f), p)
-    at = _Gather(pad, cy, cx, p, EVIDENCE_OFFSETS)
-    hit = torch.ones_like(cy, dtype=torch.bool)
+    at = _frame_at(pad, p, h, w)
+    hit = candidates.clone()
     if config.learned_evidence_sigma is not None:
         hit &= _tests(at(0, 0), at, noise, evidence_config(config), line_axes=None)[0]
     if config.learned_peak_sigma is not None:
         peak = _not_a_real_peak(at, noise, config)
         if lines:
-            again = torch.nonzero(hit & ~peak, as_tuple=True)[0]
-            if again.numel():
-                claimed = candidates if impulses is None else candidates | impulses
-                peak[again] = _line_peak(pad, p, claimed, cy[again], cx[again], noise, config)
+            claimed = candidates if impulses is None else candidates | impulses
+            peak = torch.where(hit & ~peak, _line_peak(pad, p, claimed, noise, config), peak)
         hit &= peak
-    out[cy[hit], cx[hit]] = True
-    return out
+    return hit
 
 
 def _not_a_real_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig) -> Tensor:
@@ -634,40 +604,35 @@ def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor,
     return (excess > 0) & sharp
 
 
-def _line_peak(pad: Tensor, p: int, claimed: Tensor, cy: Tensor, cx: Tensor, noise: NoiseModel,
-               config: GuardConfig) -> Tensor:
-    """:func:`cdae.engine.guard._line_peak` on tensors. Its stretches are shifts of one sum along the line: that
-    sum over the whole padded frame (the same terms added in the same order, so the same bits as summing at each
-    candidate), then one gather of the seven stretches; the claimed test as a running count along the axis."""
+def _line_peak(pad: Tensor, p: int, claimed: Tensor, noise: NoiseModel, config: GuardConfig) -> Tensor:
+    """:func:`cdae.engine.guard._line_peak` at every pixel of the frame (``pad``: it padded by ``p``). Its stretches
+    are shifts of one sum along the line: that sum over the padded frame (the same terms added in the same order as
+    at each candidate, so the same bits), each stretch a view of it; the claimed test a running count."""
     length = config.line_length
     half = length // 2
     inverse = _f32(1 / length)
-    out = torch.zeros_like(cy, dtype=torch.bool)
-    shifts = torch.arange(-3, 4, device=cy.device)  # the stretches across: -3 .. 3
+    h, w = claimed.shape
+    out = torch.zeros_like(claimed)
     for dim, (qy, qx) in ((1, (1, 0)), (0, (0, 1))):
-        whole = ~out & _claimed_along(claimed, dim, length)[cy, cx]
-        sel = torch.nonzero(whole, as_tuple=True)[0]
-        if sel.numel() == 0:
-            continue
+        whole = ~out & _claimed_along(claimed, dim, length)
         n = pad.shape[dim] - length + 1
         along = pad.narrow(dim, 0, n).clone()  # along[i] = pad[i] + ... + pad[i + length - 1], in that order
         for k in range(1, length):
             along += pad.narrow(dim, k, n)
         along *= inverse
-        rows = cy[sel] + (p - (half if dim == 0 else 0))
-        cols = cx[sel] + (p - (half if dim == 1 else 0))
-        st = along[rows[:, None] + qy * shifts[None, :], cols[:, None] + qx * shifts[None, :]]  # (n, 7)
+        r0, c0 = p - (half if dim == 0 else 0), p - (half if dim == 1 else 0)
 
-        def stretch(d: int, st: Tensor = st) -> Tensor:
-            return st[:, d + 3]
+        def stretch(d: int, along: Tensor = along, r0: int = r0, c0: int = c0, qy: int = qy, qx: int = qx) -> Tensor:
+            return along[r0 + d * qy: r0 + d * qy + h, c0 + d * qx: c0 + d * qx + w]
 
         f, n_, s_ = stretch(0), stretch(-1), stretch(1)
         b = _median4(stretch(-2), stretch(2), stretch(-3), stretch(3))[1]
         var = sigma(noise, b)
         var = var * var
         var *= inverse
-        out[sel] = _peaks(f, b, torch.maximum(n_, s_), None, var, config) | \
+        found = _peaks(f, b, torch.maximum(n_, s_), None, var, config) | \
             _peaks(-f, -b, -torch.minimum(n_, s_), None, var, config)
+        out = torch.where(whole, found, out)
     return out
 
 
@@ -698,12 +663,12 @@ def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig
         learned = (defect_probability > _f32(config.defect_threshold)) & ~impulses & ~saturated
         if config.learned_evidence_sigma is not None or config.learned_peak_sigma is not None:
             learned = impulse_evidence(f, noise, config, learned, impulses, background)
-        out[learned] = den[learned]
-        flags[learned] = LEARNED
-    out[impulses] = background[impulses]
-    out[saturated] = f[saturated]
-    flags[impulses] = IMPULSE
-    flags[saturated] = SATURATED
+        out = torch.where(learned, den, out)
+        flags.masked_fill_(learned, LEARNED)
+    out = torch.where(impulses, background, out)
+    out = torch.where(saturated, f, out)
+    flags.masked_fill_(impulses, IMPULSE)
+    flags.masked_fill_(saturated, SATURATED)
     return out, flags, noise
 
 
