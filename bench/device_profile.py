@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "model": ref,
                                  "note": note, "size": args.size, "backend": backend.describe(),
                                  "threshold": gc.defect_threshold, "frame_ms_p50": float(np.median(walls))}
-    print("frame p50", result["frame_ms_p50"], "ms", flush=True)
+    print("frame p50", result["frame_ms_p50"], "ms", backend.describe(), flush=True)
     # the profiler: one steady frame, CPU-side (dispatch) and GPU kernels
     from torch.profiler import ProfilerActivity, profile
 
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(10):
         run()
     result["stages_ms_p50"] = {k: round(float(np.median(v)), 3) for k, v in stages.items()}
+    result["backend_after"] = backend.describe()
     for k, v in result["stages_ms_p50"].items():
         print(f"{k:20s} {v:8.3f} ms")
     # the host's small NumPy steps the device path shares (the noise model's line fit)

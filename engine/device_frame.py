@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -356,15 +357,40 @@ def camera_values(out: Tensor, dtype: np.dtype, adc_max: float) -> Tensor:
 
 # --- the guard ----------------------------------------------------------------------------------
 
-def variance(noise: NoiseModel, level: Tensor) -> Tensor:
-    """``NoiseModel.variance`` of a float32 tensor."""
-    var = torch.clamp_min(level - _f32(noise.offset_dn), 0.0)
-    var *= _f32(noise.dn_per_e)
-    var += _f32(noise.read_dn**2)
+class NoiseTensors:
+    """A noise model's three constants as float32 scalars on the device (each rounded as NumPy rounds the
+    constant it applies): the guard reads them there, so a captured CUDA graph replays with each frame's."""
+
+    def __init__(self, values: Tensor) -> None:
+        self.values = values  # (3,): offset, DN per electron, read noise squared
+        self.offset, self.dn_per_e, self.read2 = values[0], values[1], values[2]
+
+    @staticmethod
+    def host_values(noise: NoiseModel) -> list[float]:
+        return [_f32(noise.offset_dn), _f32(noise.dn_per_e), _f32(noise.read_dn**2)]
+
+    @classmethod
+    def of(cls, noise: NoiseModel, device: torch.device) -> NoiseTensors:
+        return cls(torch.tensor(cls.host_values(noise), dtype=torch.float32, device=device))
+
+
+Noise = NoiseModel | NoiseTensors
+
+
+def variance(noise: Noise, level: Tensor) -> Tensor:
+    """``NoiseModel.variance`` of a float32 tensor (the model's constants as host floats or device scalars: the
+    same float32 arithmetic)."""
+    if isinstance(noise, NoiseModel):
+        offset, dn_per_e, read2 = NoiseTensors.host_values(noise)
+    else:
+        offset, dn_per_e, read2 = noise.offset, noise.dn_per_e, noise.read2  # type: ignore[assignment]
+    var = torch.clamp_min(level - offset, 0.0)
+    var *= dn_per_e
+    var += read2
     return var
 
 
-def sigma(noise: NoiseModel, level: Tensor) -> Tensor:
+def sigma(noise: Noise, level: Tensor) -> Tensor:
     """``NoiseModel.sigma`` of a float32 tensor."""
     return _sqrt(variance(noise, level))
 
@@ -484,7 +510,7 @@ def uniform_filter1d(t: Tensor, size: int, dim: int) -> Tensor:
     return out.to(torch.float32).movedim(-1, dim)
 
 
-def _tests(f: Tensor, at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig,
+def _tests(f: Tensor, at: Callable[[int, int], Tensor], noise: Noise, config: GuardConfig,
            line_axes: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
     """:func:`cdae.engine.guard._tests` on tensors."""
     r = centre_to_neighbour_ratio(config.psf_sigma_px)
@@ -530,7 +556,7 @@ def _dilate(mask: Tensor) -> Tensor:
     return F.max_pool2d(mask[None, None].to(torch.float32), 3, stride=1, padding=1)[0, 0] > 0
 
 
-def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
+def find_impulses(f: Tensor, noise: Noise, config: GuardConfig,
                   exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`cdae.engine.guard.find_impulses` on a float32 frame tensor. Every pass runs on the whole frame and
     keeps the candidates' results (the first pass's candidates are every pixel; a later pass's, the unclaimed
@@ -552,7 +578,7 @@ def find_impulses(f: Tensor, noise: NoiseModel, config: GuardConfig,
     return mask, background
 
 
-def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidates: Tensor,
+def impulse_evidence(f: Tensor, noise: Noise, config: GuardConfig, candidates: Tensor,
                      impulses: Tensor | None = None, background: Tensor | None = None) -> Tensor:
     """:func:`cdae.engine.guard.impulse_evidence` on tensors: the tests on the whole frame, kept at the
     candidates (the same values as testing the candidates alone; nothing waits for the device)."""
@@ -573,7 +599,7 @@ def impulse_evidence(f: Tensor, noise: NoiseModel, config: GuardConfig, candidat
     return hit
 
 
-def _not_a_real_peak(at: Callable[[int, int], Tensor], noise: NoiseModel, config: GuardConfig) -> Tensor:
+def _not_a_real_peak(at: Callable[[int, int], Tensor], noise: Noise, config: GuardConfig) -> Tensor:
     """:func:`cdae.engine.guard._not_a_real_peak` on tensors."""
     f = at(0, 0)
     rim = torch.sort(torch.stack([at(dy, dx) for dy, dx in PEAK_RIM]), dim=0).values
@@ -604,7 +630,7 @@ def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor,
     return (excess > 0) & sharp
 
 
-def _line_peak(pad: Tensor, p: int, claimed: Tensor, noise: NoiseModel, config: GuardConfig) -> Tensor:
+def _line_peak(pad: Tensor, p: int, claimed: Tensor, noise: Noise, config: GuardConfig) -> Tensor:
     """:func:`cdae.engine.guard._line_peak` at every pixel of the frame (``pad``: it padded by ``p``). Its stretches
     are shifts of one sum along the line: that sum over the padded frame (the same terms added in the same order as
     at each candidate, so the same bits), each stretch a view of it; the claimed test a running count."""
@@ -648,10 +674,23 @@ def _claimed_along(claimed: Tensor, dim: int, length: int) -> Tensor:
 
 
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,
-          defect_probability: Tensor | None = None, quantum: float = 1.0) -> tuple[Tensor, Tensor, NoiseModel]:
+          defect_probability: Tensor | None = None, quantum: float = 1.0,
+          graphs: GuardGraphs | None = None) -> tuple[Tensor, Tensor, NoiseModel]:
     """:func:`cdae.engine.guard.guard` on float32 tensors: (output, uint8 flags, noise model); ``quantum``: the
-    host frame's :func:`cdae.engine.guard.frame_quantum`."""
+    host frame's :func:`cdae.engine.guard.frame_quantum`. The noise model is measured first (its statistics come
+    back to the host for the line fit); the rest (:func:`guard_core`) waits for nothing, and on a GPU ``graphs``
+    replays it as one captured CUDA graph per frame shape."""
     noise = noise_model(f, config, exclude=saturated, quantum=quantum)
+    if graphs is not None:
+        out, flags = graphs.run(f, denoised_dn, saturated, defect_probability, config, noise)
+    else:
+        out, flags = guard_core(f, denoised_dn, saturated, defect_probability, config, NoiseTensors.of(noise, f.device))
+    return out, flags, noise
+
+
+def guard_core(f: Tensor, denoised_dn: Tensor, saturated: Tensor, defect_probability: Tensor | None,
+               config: GuardConfig, noise: NoiseTensors) -> tuple[Tensor, Tensor]:
+    """The guard given its noise model: impulses, the learned flag's evidence, the bound; (output, flags)."""
     impulses, background = find_impulses(f, noise, config)
     saturated = saturated & ~impulses
     bound = sigma(noise, f)
@@ -669,7 +708,88 @@ def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig
     out = torch.where(saturated, f, out)
     flags.masked_fill_(impulses, IMPULSE)
     flags.masked_fill_(saturated, SATURATED)
-    return out, flags, noise
+    return out, flags
+
+
+def flag_class_counts(flags: Tensor) -> Tensor:
+    """Pixels per flag class (int64, one per :data:`FLAG_NAMES` code) without waiting for the device (a bincount
+    sizes its output from the data's maximum, a read back)."""
+    counts = torch.zeros(len(FLAG_NAMES), dtype=torch.int64, device=flags.device)
+    return counts.scatter_add_(0, flags.reshape(-1).to(torch.int64), torch.ones_like(flags.reshape(-1), dtype=torch.int64))
+
+
+class _Captured:
+    def __init__(self, inputs: dict[str, Tensor | None], params: Tensor, graph: torch.cuda.CUDAGraph,
+                 outputs: tuple[Tensor, Tensor]) -> None:
+        self.inputs, self.params, self.graph, self.outputs = inputs, params, graph, outputs
+
+
+class GuardGraphs:
+    """:func:`guard_core` captured as CUDA graphs, one per frame shape and guard configuration (captured the
+    second time a key is seen, the least recently used dropped beyond ``max_graphs``): hundreds of small kernels
+    launched as one, which is what the guard costs on a GPU. Each replay copies the frame's tensors and noise
+    constants into the graph's inputs on the current stream; its outputs stay valid until the next replay of
+    that key (the frame path copies them into the packed download first). A key whose capture fails runs eager."""
+
+    CAPTURE_AFTER = 2
+
+    def __init__(self, device: torch.device, max_graphs: int = 4, log: Callable[[str], None] | None = None) -> None:
+        self.device, self.max_graphs, self.log = device, max_graphs, log or (lambda s: None)
+        self._graphs: OrderedDict[tuple[object, ...], _Captured] = OrderedDict()
+        self._seen: dict[tuple[object, ...], int] = {}
+        self._failed: set[tuple[object, ...]] = set()
+        self._host_params = torch.empty(3, dtype=torch.float32, pin_memory=True)
+        self.captures = 0
+
+    def run(self, f: Tensor, den: Tensor, saturated: Tensor, prob: Tensor | None, config: GuardConfig,
+            noise: NoiseModel) -> tuple[Tensor, Tensor]:
+        key = (tuple(f.shape), den.dtype, prob is None, config.model_dump_json())
+        g = self._graphs.pop(key, None)
+        if g is None and key not in self._failed:
+            if len(self._seen) > 1024:
+                self._seen.clear()
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] >= self.CAPTURE_AFTER:
+                g = self._capture(key, f, den, saturated, prob, config)
+        if g is None:
+            return guard_core(f, den, saturated, prob, config, NoiseTensors.of(noise, f.device))
+        self._graphs[key] = g
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        for name, t in (("f", f), ("den", den), ("saturated", saturated), ("prob", prob)):
+            target = g.inputs[name]
+            if target is not None and t is not None:
+                target.copy_(t)
+        # the pinned constants: the previous frame's copy is done (its download waited for the stream)
+        self._host_params.copy_(torch.tensor(NoiseTensors.host_values(noise), dtype=torch.float32))
+        g.params.copy_(self._host_params, non_blocking=True)
+        g.graph.replay()
+        return g.outputs
+
+    def _capture(self, key: tuple[object, ...], f: Tensor, den: Tensor, saturated: Tensor, prob: Tensor | None,
+                 config: GuardConfig) -> _Captured | None:
+        inputs: dict[str, Tensor | None] = {"f": f.clone(), "den": den.clone(), "saturated": saturated.clone(),
+                                            "prob": None if prob is None else prob.clone()}
+        params = torch.zeros(3, dtype=torch.float32, device=self.device)
+        noise = NoiseTensors(params)
+        stream = torch.cuda.current_stream(self.device)
+
+        def core() -> tuple[Tensor, Tensor]:
+            return guard_core(inputs["f"], inputs["den"], inputs["saturated"], inputs["prob"],  # type: ignore[arg-type]
+                              config, noise)
+
+        try:
+            core()  # warm up: allocator, kernels
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                outputs = core()
+        except Exception as e:  # noqa: BLE001 - a capture that fails leaves this key eager, and says why
+            self._failed.add(key)
+            self.log(f"guard: CUDA graph capture for {key[0]} failed ({type(e).__name__}: {e}); it runs eager")
+            return None
+        self.captures += 1
+        return _Captured(inputs, params, graph, outputs)
 
 
 # --- staging and the whole frame ----------------------------------------------------------------
@@ -811,8 +931,9 @@ def denoise_frame_on_device(
         out = denormalise(restored, offset, scale)
         flags = counts = None
         if guard_config is not None:
-            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob, frame_quantum(frame))
-            counts = torch.bincount(flags.reshape(-1).to(torch.int64), minlength=len(FLAG_NAMES))
+            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob, frame_quantum(frame),
+                                  getattr(runner, "guard_graphs", None))
+            counts = flag_class_counts(flags)
         values = camera_values(out, dt, adc_max)
         denoised = as_carrier(values, dt)
         residual = None

@@ -15,7 +15,7 @@ from torch import nn
 from cdae.engine.architecture import pad_to_multiple
 from cdae.engine.backends.base import Backend, HostStaging, require_cuda
 from cdae.engine.config import BackendOptions
-from cdae.engine.device_frame import FrameStaging
+from cdae.engine.device_frame import FrameStaging, GuardGraphs
 from cdae.engine.errors import BackendError
 from cdae.engine.package import Manifest
 
@@ -64,6 +64,8 @@ class TorchCUDABackend(Backend):
         self.frame_on_device = options.device_pre_post  # the pipeline then runs on this GPU (device_frame)
         self.tile_batch = options.tile_batch
         self.frame_staging = FrameStaging(dev)
+        # the guard after its noise model as one CUDA graph per frame shape (device_frame.GuardGraphs)
+        self.guard_graphs = GuardGraphs(dev, options.max_cuda_graphs) if options.cuda_graphs else None
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._seen: dict[tuple[int, ...], int] = {}
         self.graph_captures = 0
@@ -74,6 +76,7 @@ class TorchCUDABackend(Backend):
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
             "cuda_graphs": self.use_graphs, "graph_captures": self.graph_captures,
             "device_pre_post": self.frame_on_device,
+            "guard_graph_captures": self.guard_graphs.captures if self.guard_graphs is not None else 0,
         }
 
     def _forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +159,7 @@ class TorchCUDABackend(Backend):
 
     def close(self) -> None:
         self._graphs.clear()
+        self.guard_graphs = None
         self._staging.clear()
         self.model = None  # type: ignore[assignment]
         torch.cuda.empty_cache()

@@ -362,3 +362,26 @@ def test_torch_cuda_on_the_device_path_matches_its_host_path(tmp_path: Path, pre
     assert on.graph_captures >= 1  # type: ignore[attr-defined]
     on.close()
     off.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_the_guards_cuda_graph_replays_each_frames_noise() -> None:
+    """The guard after its noise model, replayed from a captured graph: each frame's own tensors and noise
+    constants, so its output and flags are the eager guard's exactly, frame after frame and shape after shape."""
+    dev = torch.device("cuda")
+    graphs = D.GuardGraphs(dev, max_graphs=2)
+    config = GUARDS[0]
+    stream = torch.cuda.Stream(dev)
+    rng = np.random.default_rng(5)
+    with torch.cuda.stream(stream):
+        for rounds in range(3):
+            for name, frame, bits in FRAMES[:3]:
+                f = torch.from_numpy(frame.astype(np.float32) * (1.0 + 0.1 * rounds)).to(dev)  # another noise each round
+                out = f + torch.from_numpy(rng.normal(0.0, 3.0, frame.shape).astype(np.float32)).to(dev)
+                prob = torch.from_numpy(rng.random(frame.shape, dtype=np.float32)).to(dev)
+                saturated = f >= N.adc_max_for(frame.dtype, bits) - 0.5
+                got, flags, noise = D.guard(f, out, saturated, config, prob, graphs=graphs)
+                want, want_flags = D.guard_core(f, out, saturated, prob, config, D.NoiseTensors.of(noise, dev))
+                assert torch.equal(flags, want_flags) and torch.equal(got, want), (name, rounds)
+    assert graphs.captures >= 3  # every shape captured once (the third shape pushed the first out, then again)
