@@ -110,15 +110,18 @@ def whole_path(device: str, frames: list[tuple[np.ndarray, int]]) -> list[dict[s
 
                 manifest, model = load_model(pkg)
                 on, off = TorchBackend(manifest, model, device_pre_post=True), TorchBackend(manifest, model)
+                graphs = None
             else:
                 opts = BackendOptions(device=device, precision=precision)
                 on = load_backend("torch-cuda", pkg, opts)
                 off = load_backend("torch-cuda", pkg, opts.model_copy(update={"device_pre_post": False}))
+                graphs = load_backend("torch-cuda", pkg, opts.model_copy(update={"guard_graphs": True}))
             gc = G.GuardConfig(defect_threshold=0.6)
             for frame, bits in frames:
                 for _ in range(3):  # eager, then graphs
                     a = denoise_frame(frame, off, bit_depth=bits, guard_config=gc)
                     b = denoise_frame(frame, on, bit_depth=bits, guard_config=gc)
+                    c = denoise_frame(frame, graphs, bit_depth=bits, guard_config=gc) if graphs is not None else None
                 assert a.flags is not None and b.flags is not None and a.residual is not None and b.residual is not None
                 rows.append({"precision": precision, "shape": list(frame.shape), "bits": bits,
                              "denoised": _diff(a.denoised, b.denoised), "residual": _diff(a.residual, b.residual),
@@ -126,8 +129,16 @@ def whole_path(device: str, frames: list[tuple[np.ndarray, int]]) -> list[dict[s
                              "flags_differing": int(np.count_nonzero(a.flags != b.flags)),
                              "ms": {"host_pre_post": round(a.inference_ms, 2),
                                     "device_pre_post": round(b.inference_ms, 2)}})
+                if c is not None:  # the guard replayed from its CUDA graph against the eager device path: identical
+                    assert c.flags is not None
+                    rows[-1]["guard_graphs"] = {"denoised": _diff(b.denoised, c.denoised),
+                                                "flags_differing": int(np.count_nonzero(b.flags != c.flags)),
+                                                "captures": graphs.describe().get("guard_graph_captures"),
+                                                "ms": round(c.inference_ms, 2)}
             on.close()
             off.close()
+            if graphs is not None:
+                graphs.close()
     return rows
 
 

@@ -92,8 +92,9 @@ class Engine(ChildProcess):
     def __init__(self, spec: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
         base, _, variant = spec.partition("+")
         backend, _, precision = base.partition("@")
-        if variant not in ("", "host", "module"):
-            raise SystemExit(f"bench/engine.py: unknown variant +{variant} in {spec!r} (known: +host, +module)")
+        if variant not in ("", "host", "module", "guard-graphs"):
+            raise SystemExit(f"bench/engine.py: unknown variant +{variant} in {spec!r} (known: +host, +module, "
+                             "+guard-graphs)")
         cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
                "--model", ref, "--backend", backend, "--queue", str(max(2, args.window)),
                "--max-pixels", str(max(s for s in args.sizes) ** 2)]
@@ -101,6 +102,8 @@ class Engine(ChildProcess):
             cmd += ["--precision", precision]
         if variant == "host":  # torch-cuda with the pre/post-processing on the host (NumPy), as before device_frame
             cmd += ["--no-device-pre-post"]
+        if variant == "guard-graphs":  # torch-cuda on the device path with the guard replayed as a CUDA graph
+            cmd += ["--guard-graphs"]
         if variant == "module":  # torch-cpu in BF16 as the module under autocast, not the fused oneDNN plan
             cmd += ["--cpu-kernels", "module"]
         if args.threads:
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     "latency_p50": round(r["latency_ms"]["p50"] / ref_row["latency_ms"]["p50"], 3)}
     _variant_ratios(results, "+host", "vs_host_pre_post", "engine_total_ms_p50")  # device path vs host path
     _variant_ratios(results, "+module", "vs_module_autocast", "engine_inference_ms_p50")  # fused BF16 vs autocast
+    _variant_ratios(results, "+guard-graphs", "vs_guard_graphs", "engine_total_ms_p50")  # eager guard vs its graph
     json_path = out / f"engine-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"engine-{device}.png")

@@ -9,7 +9,8 @@
 # 3. then, alone on the machine, the engine benchmark at 1024² and 2048² uint16: torch-cuda with its
 #    pre/post-processing on the GPU (device_pre_post, the default), torch-cuda+host (the same steps in
 #    NumPy on the host) and the passthrough engine, in one run: $OUT/engine-<gpu>.json and .png, each
-#    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's);
+#    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's) and vs_guard_graphs (over
+#    the row with the guard replayed as a CUDA graph, backend_options.guard_graphs);
 #    before it, the guard's cost on the CPU by thread count (bench/guard.py: $OUT/guard-<cpu>.json).
 # STAGES="parity bench tests" picks and orders them; PARITY=0, GUARD=0, BENCH=0 are gone: name the stages instead.
 # Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
@@ -38,7 +39,7 @@ tests() {
           --out /tmp/sweep >"$OUT/sweep.log" 2>&1; cp /tmp/sweep/sweep.json /tmp/sweep/sweep.png "$OUT/" 2>/dev/null ) &
     local sweep=$!
     # from outside the tree: the source's cdae/ folder must not shadow the installed package
-    ( cd /tmp && timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider -m "not slow" -W "ignore::DeprecationWarning" \
+    ( cd /tmp && timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider -p no:benchmark -m "not slow" -W "ignore::DeprecationWarning" \
         ${TESTS:-"$ROOT/tests/engine" "$ROOT/tests/training/test_train.py" "$ROOT/tests/deploy/test_export.py"} ) >"$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -15 "$OUT/tests.log"
     wait $sweep
@@ -58,7 +59,7 @@ guard() {
     echo "guard rc=$?"; tail -4 "$OUT/guard.log"
 }
 bench() {
-    ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host}" \
+    ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host,torch-cuda+guard-graphs}" \
         --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1
     echo "bench rc=$?"; tail -12 "$OUT/bench.log"
     $PY - "$OUT" <<'PY' || true

@@ -57,6 +57,10 @@ class BackendOptions(BaseModel):
         True, description="torch-cuda: normalisation, full-well detection, denormalisation, the guard and the camera "
         "dtype on the GPU around the network (cdae.engine.device_frame), the frame uploaded once and the results "
         "downloaded once; false: those steps on the host in NumPy")
+    guard_graphs: bool = Field(
+        False, description="torch-cuda with device_pre_post and cuda_graphs: the guard after its noise model replayed "
+        "as one captured CUDA graph per frame shape (device_frame.GuardGraphs); off until its replay has been checked "
+        "on a GPU (bench/gpu-checks.sh)")
     tile_batch: int = Field(4, ge=1, le=64, description="torch-cuda with device_pre_post: a tiled frame's tiles of "
                             "one shape run up to this many to a network call (more GPU memory per call)")
     trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")

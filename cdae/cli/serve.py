@@ -44,6 +44,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         options["cuda_graphs"] = False
     if args.no_device_pre_post:
         options["device_pre_post"] = False
+    if args.guard_graphs:
+        options["guard_graphs"] = True
     problem, guard = _guard_flags(args, "engine")
     if problem:
         _err(problem)
@@ -246,6 +248,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--no-device-pre-post", action="store_true", help="torch-cuda: normalise, guard and convert "
                    "frames on the host in NumPy, not on the GPU (backend_options.device_pre_post = false)")
+    g.add_argument("--guard-graphs", action="store_true", help="torch-cuda on the device path: replay the guard as "
+                   "one CUDA graph per frame shape (backend_options.guard_graphs = true)")
     _add_guard_flags(g, "serve")
     g.model_flags("cdae.engine.config:EngineConfig", ENGINE_FIELDS, flags={"models_dir": "--models"})
     g.model_flags("cdae.engine.config:BackendOptions", BACKEND_FIELDS)

@@ -65,7 +65,8 @@ class TorchCUDABackend(Backend):
         self.tile_batch = options.tile_batch
         self.frame_staging = FrameStaging(dev)
         # the guard after its noise model as one CUDA graph per frame shape (device_frame.GuardGraphs)
-        self.guard_graphs = GuardGraphs(dev, options.max_cuda_graphs) if options.cuda_graphs else None
+        self.guard_graphs = GuardGraphs(dev, options.max_cuda_graphs) \
+            if options.cuda_graphs and options.guard_graphs else None
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._seen: dict[tuple[int, ...], int] = {}
         self.graph_captures = 0
