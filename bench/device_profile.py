@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--device-statistics", action="store_true", help="offset, scale, full well and noise model on "
+                   "the GPU (backend_options.host_statistics = false)")
+    p.add_argument("--guard-graphs", action="store_true", help="the guard replayed as a CUDA graph")
     p.add_argument("--device", default="cuda", help="cuda; cpu: a dry run of this script (torch-cpu on the device path)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
@@ -52,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     pkg = ModelRegistry(store).resolve(ref)
     pkg = getattr(pkg, "path", pkg)
     if cuda:
-        backend = load_backend("torch-cuda", pkg, BackendOptions(device="cuda", precision=args.precision))
+        backend = load_backend("torch-cuda", pkg, BackendOptions(device="cuda", precision=args.precision,
+                                                                  host_statistics=not args.device_statistics,
+                                                                  guard_graphs=args.guard_graphs))
     else:
         backend = load_backend("torch-cpu", pkg, BackendOptions(precision="fp32"))
         backend.frame_on_device = True
+        backend.host_statistics = not args.device_statistics  # type: ignore[attr-defined]
     gc = for_package(GuardConfig(), pkg)
     _, det = simulate_frame(41, 5, args.size, args.size, 16, SceneConfig(), DefectConfig.all_defects())
     frame = np.clip(np.rint(det.noisy), 0, 65535).astype(np.uint16)
@@ -93,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                    "table_cpu": table_cpu, "table_gpu": table_gpu})
     # each stage alone: a sync before and after
     stages = defaultdict(list)
-    names = ["network_input", "frame_offset_scale", "detect_full_well", "measure_noise", "find_impulses",
-             "impulse_evidence", "guard", "run_tiled", "camera_values"]
+    names = ["frame_statistics", "host_noise_model", "network_input_given", "network_input", "frame_offset_scale",
+             "detect_full_well", "measure_noise", "guard_core", "find_impulses", "impulse_evidence", "guard",
+             "run_tiled", "camera_values"]
+    if args.guard_graphs:  # a sync inside a graph's replayed stages would break nothing, but is not what runs
+        names.remove("find_impulses"), names.remove("impulse_evidence")
     originals = {n: getattr(D, n) for n in names}
 
     def timed(n):  # noqa: ANN001, ANN202
@@ -137,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     result["host_fit_variance_ms"] = (time.perf_counter() - t0) * 1e3 / 50
     print("host fit_variance", result["host_fit_variance_ms"], "ms")
     name = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    out = Path(args.out) / f"device-profile-{name}-{args.size}.json"
+    variant = ("-device-stats" if args.device_statistics else "") + ("-guard-graphs" if args.guard_graphs else "")
+    result["variant"] = variant.strip("-") or "default"
+    out = Path(args.out) / f"device-profile-{name}-{args.size}{variant}.json"
     out.write_text(json.dumps(result, indent=1))
     print("wrote", out)
     return 0

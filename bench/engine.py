@@ -92,9 +92,9 @@ class Engine(ChildProcess):
     def __init__(self, spec: str, store: Path, ref: str, args: argparse.Namespace, log_dir: Path) -> None:
         base, _, variant = spec.partition("+")
         backend, _, precision = base.partition("@")
-        if variant not in ("", "host", "module", "guard-graphs"):
+        if variant not in ("", "host", "module", "guard-graphs", "device-stats"):
             raise SystemExit(f"bench/engine.py: unknown variant +{variant} in {spec!r} (known: +host, +module, "
-                             "+guard-graphs)")
+                             "+guard-graphs, +device-stats)")
         cmd = [sys.executable, "-m", "cdae.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--models", str(store),
                "--model", ref, "--backend", backend, "--queue", str(max(2, args.window)),
                "--max-pixels", str(max(s for s in args.sizes) ** 2)]
@@ -102,6 +102,8 @@ class Engine(ChildProcess):
             cmd += ["--precision", precision]
         if variant == "host":  # torch-cuda with the pre/post-processing on the host (NumPy), as before device_frame
             cmd += ["--no-device-pre-post"]
+        if variant == "device-stats":  # torch-cuda on the device path with its statistics read on the GPU too
+            cmd += ["--device-statistics"]
         if variant == "guard-graphs":  # torch-cuda on the device path with the guard replayed as a CUDA graph
             cmd += ["--guard-graphs"]
         if variant == "module":  # torch-cpu in BF16 as the module under autocast, not the fused oneDNN plan
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     _variant_ratios(results, "+host", "vs_host_pre_post", "engine_total_ms_p50")  # device path vs host path
     _variant_ratios(results, "+module", "vs_module_autocast", "engine_inference_ms_p50")  # fused BF16 vs autocast
     _variant_ratios(results, "+guard-graphs", "vs_guard_graphs", "engine_total_ms_p50")  # eager guard vs its graph
+    _variant_ratios(results, "+device-stats", "vs_device_statistics", "engine_total_ms_p50")  # host vs device stats
     json_path = out / f"engine-{device}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"engine-{device}.png")

@@ -10,7 +10,8 @@
 #    pre/post-processing on the GPU (device_pre_post, the default), torch-cuda+host (the same steps in
 #    NumPy on the host) and the passthrough engine, in one run: $OUT/engine-<gpu>.json and .png, each
 #    torch-cuda row with vs_host_pre_post (its frames/s and latency over the +host row's) and vs_guard_graphs (over
-#    the row with the guard replayed as a CUDA graph, backend_options.guard_graphs);
+#    the row with the guard replayed as a CUDA graph, backend_options.guard_graphs) and vs_device_statistics (over the
+#    row whose offset, scale, full well and noise model are read on the GPU, not the host);
 #    before it, the guard's cost on the CPU by thread count (bench/guard.py: $OUT/guard-<cpu>.json).
 # STAGES="parity bench tests" picks and orders them; PARITY=0, GUARD=0, BENCH=0 are gone: name the stages instead.
 # Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
@@ -59,7 +60,7 @@ guard() {
     echo "guard rc=$?"; tail -4 "$OUT/guard.log"
 }
 bench() {
-    ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host,torch-cuda+guard-graphs}" \
+    ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host,torch-cuda+device-stats,torch-cuda+guard-graphs}" \
         --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1
     echo "bench rc=$?"; tail -12 "$OUT/bench.log"
     $PY - "$OUT" <<'PY' || true

@@ -57,6 +57,11 @@ class BackendOptions(BaseModel):
         True, description="torch-cuda: normalisation, full-well detection, denormalisation, the guard and the camera "
         "dtype on the GPU around the network (cdae.engine.device_frame), the frame uploaded once and the results "
         "downloaded once; false: those steps on the host in NumPy")
+    host_statistics: bool = Field(
+        True, description="torch-cuda with device_pre_post: the frame's offset and scale, its full-well search and the "
+        "guard's noise model read on the host by the NumPy path's code (the frame is there already: a strided sample, "
+        "no per-pixel work), the per-pixel work on the GPU; false: those on the GPU too (cdae.engine.device_frame's "
+        "torch versions, the same numbers, each step a kernel launch and many a read back)")
     guard_graphs: bool = Field(
         False, description="torch-cuda with device_pre_post and cuda_graphs: the guard after its noise model replayed "
         "as one captured CUDA graph per frame shape (device_frame.GuardGraphs); off until its replay has been checked "

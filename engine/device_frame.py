@@ -52,6 +52,7 @@ from cdae.engine.guard import (
     fit_variance,
     frame_quantum,
 )
+from cdae.engine.guard import noise_model as host_noise_model
 from cdae.engine.normalise import (
     F32_MAX,
     MAX_CAMERA_FULL_SCALE,
@@ -62,7 +63,9 @@ from cdae.engine.normalise import (
     _below,
     _other_peaks,
     adc_max_for,
+    frame_statistics,
     lone_pixels,
+    saturation_mask,
 )
 from cdae.engine.robust import MAD_TO_SIGMA
 from cdae.engine.tiling import Tile, plan_tiles
@@ -321,6 +324,13 @@ def network_input(f: Tensor, adc_max: float, config: NormalisationConfig,
     if not bool(finite.all()):
         raise NormalisationError(f"frame contains {int((~finite).sum())} NaN/Inf pixels")
     offset, scale = frame_offset_scale(f, adc_max, config)
+    fw = detect_full_well(f, adc_max, config, full_well_candidates)
+    return network_input_given(f, adc_max, offset, scale, fw), offset, scale
+
+
+def network_input_given(f: Tensor, adc_max: float, offset: float, scale: float, fw: FullWell | None) -> Tensor:
+    """The (2, H, W) network input of a float32 frame tensor whose offset, scale and full well are known (read on the
+    host by :func:`cdae.engine.normalise.frame_statistics`, or on the device by :func:`network_input`)."""
     x = torch.empty((2, *f.shape), dtype=torch.float32, device=f.device)
     torch.sub(f, _f32(offset), out=x[0])
     x[0] *= _f32(1.0 / scale)
@@ -328,12 +338,11 @@ def network_input(f: Tensor, adc_max: float, config: NormalisationConfig,
         x[1] = (f >= _f32(adc_max - 0.5)).to(torch.float32)
     else:
         x[1] = 0.0
-    fw = detect_full_well(f, adc_max, config, full_well_candidates)
     if fw is not None:
         at = torch.abs(f - _f32(fw.level)) <= _f32(fw.half_width)
         x[1].masked_fill_(at, 1.0)
         x[0].masked_fill_(at, _f32((fw.level - offset) / scale))
-    return x, offset, scale
+    return x
 
 
 def denormalise(y: Tensor, offset: float, scale: float) -> Tensor:
@@ -678,12 +687,14 @@ def _claimed_along(claimed: Tensor, dim: int, length: int) -> Tensor:
 
 def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig,
           defect_probability: Tensor | None = None, quantum: float = 1.0,
-          graphs: GuardGraphs | None = None) -> tuple[Tensor, Tensor, NoiseModel]:
+          graphs: GuardGraphs | None = None, noise: NoiseModel | None = None) -> tuple[Tensor, Tensor, NoiseModel]:
     """:func:`cdae.engine.guard.guard` on float32 tensors: (output, uint8 flags, noise model); ``quantum``: the
     host frame's :func:`cdae.engine.guard.frame_quantum`. The noise model is measured first (its statistics come
-    back to the host for the line fit); the rest (:func:`guard_core`) waits for nothing, and on a GPU ``graphs``
-    replays it as one captured CUDA graph per frame shape."""
-    noise = noise_model(f, config, exclude=saturated, quantum=quantum)
+    back to the host for the line fit), unless ``noise`` gives it (the host's, from the same frame); the rest
+    (:func:`guard_core`) waits for nothing, and on a GPU ``graphs`` replays it as one captured CUDA graph per
+    frame shape."""
+    if noise is None:
+        noise = noise_model(f, config, exclude=saturated, quantum=quantum)
     if graphs is not None:
         out, flags = graphs.run(f, denoised_dn, saturated, defect_probability, config, noise)
     else:
@@ -919,14 +930,26 @@ def denoise_frame_on_device(
     dt = frame.dtype.newbyteorder("=")
     if adc_max is None:
         adc_max = adc_max_for(dt, bit_depth)
+    candidates = guard_config.full_well_candidates if guard_config is not None else 1
+    on_host = getattr(runner, "host_statistics", True)
+    f_host = None
     # no_grad, not inference_mode: a CUDA graph captured here is replayed by the host path too
     with torch.no_grad(), runner.device_scope():
-        raw = runner.frame_staging.upload(frame)
+        raw = runner.frame_staging.upload(frame)  # queued: the host reads its statistics meanwhile
         f = as_float32(raw, dt)
-        if dt.kind == "f" and float(torch.max(torch.abs(f))) > FLOAT_FRAME_LIMIT:
-            return None  # NaN compares False: network_input refuses the frame as the host path does
-        x, offset, scale = network_input(f, adc_max, runner.normalisation,
-                                         guard_config.full_well_candidates if guard_config is not None else 1)
+        if on_host:
+            # the frame is on the host already: its offset, scale and full well by the NumPy path's own code (a
+            # strided sample; on a GPU each of the device's steps is a kernel launch and many a read back)
+            if dt.kind == "f":
+                f_host = np.asarray(frame, dtype=np.float32)
+                if f_host.size and float(np.max(np.abs(f_host))) > FLOAT_FRAME_LIMIT:
+                    return None  # NaN compares False: frame_statistics refuses the frame as the host path does
+            offset, scale, fw = frame_statistics(frame, adc_max, runner.normalisation, candidates)
+            x = network_input_given(f, adc_max, offset, scale, fw)
+        else:
+            if dt.kind == "f" and float(torch.max(torch.abs(f))) > FLOAT_FRAME_LIMIT:
+                return None  # NaN compares False: network_input refuses the frame as the host path does
+            x, offset, scale = network_input(f, adc_max, runner.normalisation, candidates)
         tiles = plan_tiles(tuple(frame.shape), max_pixels=max_pixels, margin=margin, multiple=runner.multiple,
                            max_side=runner.max_side)
         restored, prob = run_tiled(x, runner.infer_tensor, tiles, getattr(runner, "infer_batch", None),
@@ -934,8 +957,13 @@ def denoise_frame_on_device(
         out = denormalise(restored, offset, scale)
         flags = counts = None
         if guard_config is not None:
+            noise = None
+            if on_host:  # while the network runs: the guard's noise model, the host path's (compiled) own
+                f_host = np.asarray(frame, dtype=np.float32) if f_host is None else f_host
+                noise = host_noise_model(f_host, guard_config, exclude=saturation_mask(f_host, adc_max, fw),
+                                         quantum=frame_quantum(frame))
             out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob, frame_quantum(frame),
-                                  getattr(runner, "guard_graphs", None))
+                                  getattr(runner, "guard_graphs", None), noise=noise)
             counts = flag_class_counts(flags)
         values = camera_values(out, dt, adc_max)
         denoised = as_carrier(values, dt)

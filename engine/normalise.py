@@ -363,6 +363,31 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
     return x, offset, scale
 
 
+def frame_statistics(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
+                     full_well_candidates: int = 1) -> tuple[float, float, FullWell | None]:
+    """The numbers :func:`network_input` decides with: (offset, scale, full well), read from the frame as it reads
+    them, for a path that builds the input elsewhere (the GPU's, :mod:`cdae.engine.device_frame`): the same
+    numbers, from a strided sample of the frame, with none of its per-pixel work."""
+    if frame.ndim != 2:
+        raise NormalisationError(f"expected a 2-D frame, got shape {frame.shape}")
+    f = frame
+    if frame.dtype not in frame_kernels.EXACT_IN_FLOAT32:
+        f = np.asarray(frame, dtype=np.float32)
+        if frame.dtype.kind == "f" and not np.isfinite(f).all():
+            raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
+    offset, scale = frame_offset_scale(f, adc_max, config)
+    return offset, scale, detect_full_well(f, adc_max, config, full_well_candidates)
+
+
+def saturation_mask(f: np.ndarray, adc_max: float, fw: FullWell | None) -> np.ndarray:
+    """:func:`network_input`'s saturation channel as a mask (``x[1] > 0.5``) of the float32 frame ``f``: at the ADC
+    maximum, or at the full well."""
+    sat = f >= np.float32(adc_max - 0.5) if math.isfinite(adc_max) else np.zeros(f.shape, dtype=bool)
+    if fw is not None:
+        sat |= full_well_mask(f, fw)
+    return sat
+
+
 def full_well_mask(frame: np.ndarray, fw: FullWell) -> np.ndarray:
     """The pixels of ``frame`` at the full well ``fw`` (within its half-width of the level)."""
     return np.abs(np.asarray(frame, dtype=np.float32) - np.float32(fw.level)) <= np.float32(fw.half_width)

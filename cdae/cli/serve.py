@@ -46,6 +46,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         options["device_pre_post"] = False
     if args.guard_graphs:
         options["guard_graphs"] = True
+    if args.device_statistics:
+        options["host_statistics"] = False
     problem, guard = _guard_flags(args, "engine")
     if problem:
         _err(problem)
@@ -248,6 +250,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--no-device-pre-post", action="store_true", help="torch-cuda: normalise, guard and convert "
                    "frames on the host in NumPy, not on the GPU (backend_options.device_pre_post = false)")
+    g.add_argument("--device-statistics", action="store_true", help="torch-cuda on the device path: read the frame's "
+                   "offset, scale, full well and noise model on the GPU, not the host (backend_options.host_statistics "
+                   "= false)")
     g.add_argument("--guard-graphs", action="store_true", help="torch-cuda on the device path: replay the guard as "
                    "one CUDA graph per frame shape (backend_options.guard_graphs = true)")
     _add_guard_flags(g, "serve")

@@ -62,6 +62,7 @@ class TorchCUDABackend(Backend):
             self.stream = torch.cuda.Stream(dev)  # each backend its own: a swap warms up beside the live one
         self._staging = HostStaging(dev)
         self.frame_on_device = options.device_pre_post  # the pipeline then runs on this GPU (device_frame)
+        self.host_statistics = options.host_statistics  # its scalar decisions read on the host (device_frame)
         self.tile_batch = options.tile_batch
         self.frame_staging = FrameStaging(dev)
         # the guard after its noise model as one CUDA graph per frame shape (device_frame.GuardGraphs)
@@ -76,7 +77,7 @@ class TorchCUDABackend(Backend):
             **super().describe(), "gpu": torch.cuda.get_device_name(self.torch_device),
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
             "cuda_graphs": self.use_graphs, "graph_captures": self.graph_captures,
-            "device_pre_post": self.frame_on_device,
+            "device_pre_post": self.frame_on_device, "host_statistics": self.host_statistics,
             "guard_graph_captures": self.guard_graphs.captures if self.guard_graphs is not None else 0,
         }
 

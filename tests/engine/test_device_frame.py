@@ -103,6 +103,33 @@ def test_network_input_and_full_well_are_the_numpy_paths(name: str, frame: np.nd
         assert found == 2  # detect and detect+dark both find it: the comparison covered a found well
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32", "uint32", "float32", "float64"])
+def test_the_host_statistics_are_network_inputs(dtype: str) -> None:
+    """What the device path reads on the host (offset, scale, full well, the saturation mask the noise model leaves
+    out) is what network_input decides with, for every dtype the device path takes and every full-well setting."""
+    frames = [(name, frame, bits) for name, frame, bits in FRAMES if frame.dtype == np.uint16][:3]
+    frames.append(("full-well", _full_well_camera(), 16))
+    found = 0
+    for name, frame, bits in frames:
+        shift = {"uint8": 8, "int16": 1}.get(dtype, 0)  # into the type's range
+        frame = (frame >> shift).astype(dtype)
+        adc = N.adc_max_for(frame.dtype, None if dtype in ("uint32", "float32", "float64") else bits - shift)
+        for config in NORMS:
+            for candidates in (1, 8):
+                x, offset, scale = N.network_input(frame, adc, config, candidates)
+                got = N.frame_statistics(frame, adc, config, candidates)
+                assert got[:2] == (offset, scale), (name, dtype)
+                fw = got[2]
+                found += fw is not None
+                mask = N.saturation_mask(frame.astype(np.float32), adc, fw)
+                assert np.array_equal(mask, x[1] > 0.5), (name, dtype, config.full_well)
+    assert found > 0  # a full well was found and its mask compared
+    bad = FRAMES[0][1].astype(np.float32)
+    bad[3, 4] = np.nan
+    with pytest.raises(N.NormalisationError, match="NaN"):
+        N.frame_statistics(bad, N.adc_max_for(bad.dtype, None), NORMS[0])
+
+
 @pytest.mark.parametrize("name,frame,bits", FRAMES, ids=IDS)
 def test_the_guard_is_the_numpy_paths(name: str, frame: np.ndarray, bits: int) -> None:
     adc = N.adc_max_for(frame.dtype, bits)
@@ -204,10 +231,13 @@ def test_the_device_path_on_the_cpu_is_the_host_path(backends: tuple[TorchBacken
     host, device = backends
     frame = _simulated(3, 8 if dtype in ("uint8", "int16") else 12, (100, 130)).astype(dtype)
     bits = None if dtype == "uint32" else (8 if dtype in ("uint8", "int16") else 12)
-    for guard in (None, GUARDS[0]):
-        for max_pixels in (10**8, 64 * 64) if dtype in ("uint16", "float32") else (10**8,):  # whole, and tiled
-            kw = dict(bit_depth=bits, guard_config=guard, max_pixels=max_pixels)
-            _same(denoise_frame(frame, host, **kw), denoise_frame(frame, device, **kw))  # type: ignore[arg-type]
+    for on_host in (True, False):  # the offset, scale, full well and noise model read on the host, or on the device
+        device.host_statistics = on_host  # type: ignore[attr-defined]
+        for guard in (None, GUARDS[0]):
+            for max_pixels in (10**8, 64 * 64) if dtype in ("uint16", "float32") else (10**8,):  # whole, and tiled
+                kw = dict(bit_depth=bits, guard_config=guard, max_pixels=max_pixels)
+                _same(denoise_frame(frame, host, **kw), denoise_frame(frame, device, **kw))  # type: ignore[arg-type]
+    del device.host_statistics  # type: ignore[attr-defined]
 
 
 def test_the_device_path_fills_the_bad_pixel_map_and_skips_the_residual(
