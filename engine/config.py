@@ -66,6 +66,8 @@ class BackendOptions(BaseModel):
         False, description="torch-cuda with device_pre_post and cuda_graphs: the guard after its noise model replayed "
         "as one captured CUDA graph per frame shape (device_frame.GuardGraphs); off until its replay has been checked "
         "on a GPU (bench/gpu-checks.sh)")
+    max_guard_graphs: int = Field(2, ge=1, le=16, description="guard graphs kept (frame shapes; each holds the "
+                                  "guard's working memory, ~300 bytes a pixel)")
     tile_batch: int = Field(4, ge=1, le=64, description="torch-cuda with device_pre_post: a tiled frame's tiles of "
                             "one shape run up to this many to a network call (more GPU memory per call)")
     trt_opt_side: int = Field(1024, ge=8, description="TensorRT profile: the side it is tuned for")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -638,7 +639,7 @@ def _peaks(f: Tensor, b: Tensor, one: Tensor, other: Tensor | None, var: Tensor,
     sharp = torch.zeros_like(f, dtype=torch.bool)
     for m, total in tests:
         up = excess - _f32(r / m) * (total - float(m) * b)
-        sharp |= up > z * torch.sqrt(var * _f32(1 + r * r / m) + slack)
+        sharp |= up > z * _sqrt(var * _f32(1 + r * r / m) + slack)
     return (excess > 0) & sharp
 
 
@@ -697,13 +698,13 @@ def guard(f: Tensor, denoised_dn: Tensor, saturated: Tensor, config: GuardConfig
         noise = noise_model(f, config, exclude=saturated, quantum=quantum)
     if graphs is not None:
         out, flags = graphs.run(f, denoised_dn, saturated, defect_probability, config, noise)
-    else:
-        out, flags = guard_core(f, denoised_dn, saturated, defect_probability, config, NoiseTensors.of(noise, f.device))
+    else:  # the model's constants as host floats: nothing to copy up, nothing to wait for
+        out, flags = guard_core(f, denoised_dn, saturated, defect_probability, config, noise)
     return out, flags, noise
 
 
 def guard_core(f: Tensor, denoised_dn: Tensor, saturated: Tensor, defect_probability: Tensor | None,
-               config: GuardConfig, noise: NoiseTensors) -> tuple[Tensor, Tensor]:
+               config: GuardConfig, noise: Noise) -> tuple[Tensor, Tensor]:
     """The guard given its noise model: impulses, the learned flag's evidence, the bound; (output, flags)."""
     impulses, background = find_impulses(f, noise, config)
     saturated = saturated & ~impulses
@@ -727,9 +728,10 @@ def guard_core(f: Tensor, denoised_dn: Tensor, saturated: Tensor, defect_probabi
 
 def flag_class_counts(flags: Tensor) -> Tensor:
     """Pixels per flag class (int64, one per :data:`FLAG_NAMES` code) without waiting for the device (a bincount
-    sizes its output from the data's maximum, a read back)."""
-    counts = torch.zeros(len(FLAG_NAMES), dtype=torch.int64, device=flags.device)
-    return counts.scatter_add_(0, flags.reshape(-1).to(torch.int64), torch.ones_like(flags.reshape(-1), dtype=torch.int64))
+    sizes its output from the data's maximum, a read back) and without atomics on a few addresses: one comparison
+    with every code, summed."""
+    codes = torch.arange(len(FLAG_NAMES), dtype=flags.dtype, device=flags.device)
+    return (flags.reshape(-1, 1) == codes).sum(dim=0)
 
 
 class _Captured:
@@ -740,68 +742,89 @@ class _Captured:
 
 class GuardGraphs:
     """:func:`guard_core` captured as CUDA graphs, one per frame shape and guard configuration (captured the
-    second time a key is seen, the least recently used dropped beyond ``max_graphs``): hundreds of small kernels
-    launched as one, which is what the guard costs on a GPU. Each replay copies the frame's tensors and noise
-    constants into the graph's inputs on the current stream; its outputs stay valid until the next replay of
-    that key (the frame path copies them into the packed download first). A key whose capture fails runs eager."""
+    second time a key is seen, the least recently used dropped beyond ``max_graphs``; a key dropped twice runs
+    eager from then on, rather than be captured again and again): hundreds of small kernels launched as one, which
+    is what the guard costs on a GPU. Each replay copies the frame's tensors and noise constants into the graph's
+    inputs on the current stream (the constants from a pinned buffer of their own, so that no later frame can
+    overwrite them before the copy has run); its outputs stay valid until the next replay of that key (the frame
+    path copies them into the packed download first). Captured on a side stream, so that a caller on the default
+    stream can use it too. A capture that fails turns graphs off for this instance, and says why: torch does not
+    reliably recover a failed capture's memory, so it is not tried again."""
 
     CAPTURE_AFTER = 2
+    MAX_EVICTIONS = 2
 
-    def __init__(self, device: torch.device, max_graphs: int = 4, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, device: torch.device, max_graphs: int = 2, log: Callable[[str], None] | None = None) -> None:
         self.device, self.max_graphs, self.log = device, max_graphs, log or (lambda s: None)
         self._graphs: OrderedDict[tuple[object, ...], _Captured] = OrderedDict()
         self._seen: dict[tuple[object, ...], int] = {}
-        self._failed: set[tuple[object, ...]] = set()
-        self._host_params = torch.empty(3, dtype=torch.float32, pin_memory=True)
+        self._evicted: dict[tuple[object, ...], int] = {}
+        self._lock = threading.Lock()
         self.captures = 0
+        self.state = "on"  # "off: <why>" once a capture has failed
 
     def run(self, f: Tensor, den: Tensor, saturated: Tensor, prob: Tensor | None, config: GuardConfig,
             noise: NoiseModel) -> tuple[Tensor, Tensor]:
-        key = (tuple(f.shape), den.dtype, prob is None, config.model_dump_json())
+        with self._lock:
+            return self._run(f, den, saturated, prob, config, noise)
+
+    def _run(self, f: Tensor, den: Tensor, saturated: Tensor, prob: Tensor | None, config: GuardConfig,
+             noise: NoiseModel) -> tuple[Tensor, Tensor]:
+        key = (tuple(f.shape), str(f.device), f.dtype, den.dtype, saturated.dtype,
+               None if prob is None else (prob.dtype, tuple(prob.shape)), config.model_dump_json())
         g = self._graphs.pop(key, None)
-        if g is None and key not in self._failed:
+        if g is None and self.state == "on" and self._evicted.get(key, 0) < self.MAX_EVICTIONS:
             if len(self._seen) > 1024:
                 self._seen.clear()
             self._seen[key] = self._seen.get(key, 0) + 1
             if self._seen[key] >= self.CAPTURE_AFTER:
-                g = self._capture(key, f, den, saturated, prob, config)
+                del self._seen[key]
+                g = self._capture(f, den, saturated, prob, config)
         if g is None:
-            return guard_core(f, den, saturated, prob, config, NoiseTensors.of(noise, f.device))
+            return guard_core(f, den, saturated, prob, config, noise)
         self._graphs[key] = g
         while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+            old, _ = self._graphs.popitem(last=False)
+            self._evicted[old] = self._evicted.get(old, 0) + 1
+            if len(self._evicted) > 1024:
+                self._evicted.clear()
         for name, t in (("f", f), ("den", den), ("saturated", saturated), ("prob", prob)):
             target = g.inputs[name]
             if target is not None and t is not None:
                 target.copy_(t)
-        # the pinned constants: the previous frame's copy is done (its download waited for the stream)
-        self._host_params.copy_(torch.tensor(NoiseTensors.host_values(noise), dtype=torch.float32))
-        g.params.copy_(self._host_params, non_blocking=True)
+        host = torch.tensor(NoiseTensors.host_values(noise), dtype=torch.float32).pin_memory()
+        g.params.copy_(host, non_blocking=True)  # the caching host allocator keeps `host` until the copy has run
         g.graph.replay()
         return g.outputs
 
-    def _capture(self, key: tuple[object, ...], f: Tensor, den: Tensor, saturated: Tensor, prob: Tensor | None,
+    def _capture(self, f: Tensor, den: Tensor, saturated: Tensor, prob: Tensor | None,
                  config: GuardConfig) -> _Captured | None:
+        current = torch.cuda.current_stream(self.device)
+        # the graph's inputs belong to the stream that replays it and copies into them
         inputs: dict[str, Tensor | None] = {"f": f.clone(), "den": den.clone(), "saturated": saturated.clone(),
                                             "prob": None if prob is None else prob.clone()}
         params = torch.zeros(3, dtype=torch.float32, device=self.device)
         noise = NoiseTensors(params)
-        stream = torch.cuda.current_stream(self.device)
-
-        def core() -> tuple[Tensor, Tensor]:
-            return guard_core(inputs["f"], inputs["den"], inputs["saturated"], inputs["prob"],  # type: ignore[arg-type]
-                              config, noise)
-
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
         try:
-            core()  # warm up: allocator, kernels
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                outputs = core()
-        except Exception as e:  # noqa: BLE001 - a capture that fails leaves this key eager, and says why
-            self._failed.add(key)
-            self.log(f"guard: CUDA graph capture for {key[0]} failed ({type(e).__name__}: {e}); it runs eager")
+            with torch.cuda.stream(side):
+                def core() -> tuple[Tensor, Tensor]:
+                    return guard_core(inputs["f"], inputs["den"], inputs["saturated"],  # type: ignore[arg-type]
+                                      inputs["prob"], config, noise)
+
+                core()  # warm up: allocator, kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    outputs = core()
+        except Exception as e:  # noqa: BLE001 - graphs off for good, and why; the frame runs eager
+            self.state = f"off: capture failed ({type(e).__name__}: {e})"
+            self._graphs.clear()
+            self.log(f"guard: CUDA graph capture for a {tuple(f.shape)} frame failed ({type(e).__name__}: {e}); "
+                     "the guard runs eager from now on")
+            current.wait_stream(side)
             return None
+        current.wait_stream(side)
         self.captures += 1
         return _Captured(inputs, params, graph, outputs)
 

@@ -123,7 +123,7 @@ def make_backend(kind: str, manifest: Manifest, model: nn.Module, pkg: Path, opt
     if kind == "onnxruntime":
         return OnnxRuntimeBackend(manifest, model, pkg, options, log)
     if kind == "torch-cuda":
-        return TorchCUDABackend(manifest, model, options)
+        return TorchCUDABackend(manifest, model, options, log)
     if kind == "tensorrt":
         return TensorRTBackend(manifest, model, pkg, options, log)
     raise BackendError(f"unknown backend {kind!r}; expected one of {', '.join(BACKEND_KINDS)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,8 @@ class TorchCUDABackend(Backend):
     name = "torch-cuda"
     GRAPH_AFTER = 2  # capture a shape's graph the second time it is seen (a steady shape)
 
-    def __init__(self, manifest: Manifest, model: nn.Module, options: BackendOptions) -> None:
+    def __init__(self, manifest: Manifest, model: nn.Module, options: BackendOptions,
+                 log: Callable[[str], None] = lambda s: None) -> None:
         require_cuda(self.name)
         dev = torch.device(options.device)
         if dev.type != "cuda":
@@ -66,7 +68,7 @@ class TorchCUDABackend(Backend):
         self.tile_batch = options.tile_batch
         self.frame_staging = FrameStaging(dev)
         # the guard after its noise model as one CUDA graph per frame shape (device_frame.GuardGraphs)
-        self.guard_graphs = GuardGraphs(dev, options.max_cuda_graphs) \
+        self.guard_graphs = GuardGraphs(dev, options.max_guard_graphs, log) \
             if options.cuda_graphs and options.guard_graphs else None
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._seen: dict[tuple[int, ...], int] = {}
@@ -79,6 +81,7 @@ class TorchCUDABackend(Backend):
             "cuda_graphs": self.use_graphs, "graph_captures": self.graph_captures,
             "device_pre_post": self.frame_on_device, "host_statistics": self.host_statistics,
             "guard_graph_captures": self.guard_graphs.captures if self.guard_graphs is not None else 0,
+            "guard_graphs": self.guard_graphs.state if self.guard_graphs is not None else "off",
         }
 
     def _forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

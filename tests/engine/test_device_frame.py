@@ -206,6 +206,26 @@ def test_claimed_along_is_the_clamped_line_test(dim: int) -> None:
     assert np.array_equal(D._claimed_along(torch.from_numpy(claimed), dim, 9).numpy(), want)
 
 
+@pytest.mark.parametrize("passes,length,lines", [(1, 9, True), (3, 9, True), (4, 17, True), (2, 4, True),
+                                                  (2, 2, True), (2, 1, True), (2, 9, False)])
+def test_the_guard_is_the_numpy_paths_across_settings(passes: int, length: int, lines: bool) -> None:
+    """The whole-frame passes without early exits, the line test at other lengths (even ones too) and off, on
+    simulated frames and on frames a few pixels across: the NumPy guard's flags and output exactly."""
+    config = G.GuardConfig(defect_threshold=0.5, impulse_passes=passes, line_length=length, learned_line_peaks=lines)
+    rng = np.random.default_rng(passes * 100 + length)
+    small = _simulated(7, 12, (40, 40))
+    frames = [FRAMES[1][1], FRAMES[4][1], small[:3], small[:, :3].copy(), small[:5, :7], small[:12, :12]]
+    for frame in frames:
+        f = frame.astype(np.float32)
+        out = (f + rng.normal(0.0, 3.0, f.shape)).astype(np.float32)
+        prob = rng.random(f.shape, dtype=np.float32)
+        none = np.zeros(f.shape, dtype=bool)
+        want = G.guard(frame, out, none, config, prob)
+        got, flags, _ = D.guard(torch.from_numpy(f), torch.from_numpy(out), torch.from_numpy(none), config,
+                                torch.from_numpy(prob))
+        assert np.array_equal(flags.numpy(), want.flags) and np.array_equal(got.numpy(), want.output), frame.shape
+
+
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchBackend, TorchBackend]:
     """One tiny random-weight network, as torch-cpu runs it (NumPy around it) and on the device path (CPU)."""
@@ -390,28 +410,46 @@ def test_torch_cuda_on_the_device_path_matches_its_host_path(tmp_path: Path, pre
     assert (a.flags != b.flags).mean() <= 1e-3
     assert np.abs(b.defect_probability - a.defect_probability).max() <= tol
     assert on.graph_captures >= 1  # type: ignore[attr-defined]
+    # the guard replayed from its graph (backend_options.guard_graphs) on the same backend: the eager guard's bits
+    for name, frame, bits in FRAMES[:4]:
+        on.guard_graphs = None  # type: ignore[attr-defined]
+        eager = denoise_frame(frame, on, bit_depth=bits, guard_config=GUARDS[0])
+        on.guard_graphs = D.GuardGraphs(on.torch_device)  # type: ignore[attr-defined]
+        for _ in range(3):  # eager, captured, replayed
+            replayed = denoise_frame(frame, on, bit_depth=bits, guard_config=GUARDS[0])
+        assert on.guard_graphs.captures == 1, on.guard_graphs.state  # type: ignore[attr-defined]
+        _same(eager, replayed)
     on.close()
     off.close()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_the_guards_cuda_graph_replays_each_frames_noise() -> None:
+@pytest.mark.parametrize("side_stream", [True, False])
+def test_the_guards_cuda_graph_replays_each_frames_noise(side_stream: bool) -> None:
     """The guard after its noise model, replayed from a captured graph: each frame's own tensors and noise
-    constants, so its output and flags are the eager guard's exactly, frame after frame and shape after shape."""
+    constants, so its output and flags are the eager guard's exactly, frame after frame and shape after shape,
+    also when frames follow each other with no sync between them, and from the default stream."""
     dev = torch.device("cuda")
-    graphs = D.GuardGraphs(dev, max_graphs=2)
+    graphs = D.GuardGraphs(dev, max_graphs=3)
     config = GUARDS[0]
-    stream = torch.cuda.Stream(dev)
     rng = np.random.default_rng(5)
-    with torch.cuda.stream(stream):
-        for rounds in range(3):
-            for name, frame, bits in FRAMES[:3]:
-                f = torch.from_numpy(frame.astype(np.float32) * (1.0 + 0.1 * rounds)).to(dev)  # another noise each round
-                out = f + torch.from_numpy(rng.normal(0.0, 3.0, frame.shape).astype(np.float32)).to(dev)
-                prob = torch.from_numpy(rng.random(frame.shape, dtype=np.float32)).to(dev)
-                saturated = f >= N.adc_max_for(frame.dtype, bits) - 0.5
-                got, flags, noise = D.guard(f, out, saturated, config, prob, graphs=graphs)
-                want, want_flags = D.guard_core(f, out, saturated, prob, config, D.NoiseTensors.of(noise, dev))
-                assert torch.equal(flags, want_flags) and torch.equal(got, want), (name, rounds)
-    assert graphs.captures >= 3  # every shape captured once (the third shape pushed the first out, then again)
+    cases = []
+    for rounds in range(4):
+        for name, frame, bits in FRAMES[:3]:
+            scale = 1.0 + 0.1 * rounds  # another noise model each round
+            f = torch.from_numpy(frame.astype(np.float32) * scale).to(dev)
+            out = f + torch.from_numpy(rng.normal(0.0, 3.0, frame.shape).astype(np.float32)).to(dev)
+            prob = torch.from_numpy(rng.random(frame.shape, dtype=np.float32)).to(dev)
+            cases.append((name, rounds, f, out, prob, f >= N.adc_max_for(frame.dtype, bits) - 0.5))
+    with torch.cuda.stream(torch.cuda.Stream(dev)) if side_stream else contextlib.nullcontext():
+        got = []
+        for _, _, f, out, prob, sat in cases:  # one after another, no sync: each copy queued behind its replay
+            o, fl, noise = D.guard(f, out, sat, config, prob, graphs=graphs)
+            got.append((o.clone(), fl.clone(), noise))
+        for (name, rounds, f, out, prob, sat), (o, fl, noise) in zip(cases, got):
+            want, want_flags = D.guard_core(f, out, sat, prob, config, noise)
+            assert torch.equal(fl, want_flags) and torch.equal(o, want), (name, rounds)
+    assert graphs.captures == 3 and graphs.state == "on"  # each shape captured once, then replayed
+
+
