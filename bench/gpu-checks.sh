@@ -13,8 +13,11 @@
 #    the row with the guard replayed as a CUDA graph, backend_options.guard_graphs) and vs_device_statistics (over the
 #    row whose offset, scale, full well and noise model are read on the GPU, not the host);
 #    before it, the guard's cost on the CPU by thread count (bench/guard.py: $OUT/guard-<cpu>.json).
-# STAGES="parity bench tests" picks and orders them; PARITY=0, GUARD=0, BENCH=0 are gone: name the stages instead.
-# Python packages the machine's image lacks, cdae included, travel as wheels in .whl/.
+# 4. the device path's stage profile (bench/device_profile.py) as it runs by default, with its statistics on the GPU,
+#    and with the guard as a CUDA graph.
+# STAGES="parity bench tests" picks and orders them (default: parity bench profile tests guard).
+# Python packages the machine's image lacks, cdae included, travel as wheels in .whl/ (bench/gpu-wheels.sh makes them).
+# Everything written under $OUT is also packed into $OUT/all.tgz at the end (a device run returns 8 files at most).
 set -u
 OUT=${OUT:-/tmp/cdae-gpu}
 mkdir -p "$OUT"
@@ -59,6 +62,16 @@ guard() {
         --precision fp32 --out "$OUT" ) >"$OUT/guard.log" 2>&1
     echo "guard rc=$?"; tail -4 "$OUT/guard.log"
 }
+# where the device path's time goes, stage by stage, in its three forms (device-profile-<gpu>-<size>[-variant].json)
+profile() {
+    for size in ${PROFILE_SIZES:-1024 2048}; do
+        for variant in "" --device-statistics --guard-graphs; do
+            ( cd /tmp && timeout "${PROFILE_S:-60}" $PY "$ROOT/bench/device_profile.py" --size "$size" $variant \
+                --out "$OUT" ) >"$OUT/profile.log" 2>&1
+            echo "profile $size ${variant:-default} rc=$?"; grep -E "^frame p50|^(frame_statistics|host_noise_model|guard|run_tiled|detect_full_well|measure_noise) " "$OUT/profile.log" | cut -c1-160
+        done
+    done
+}
 bench() {
     ( cd /tmp && timeout "$BENCH_S" $PY "$ROOT/bench/engine.py" --backends "${BENCH_BACKENDS:-torch-cuda,torch-cuda+host,torch-cuda+device-stats,torch-cuda+guard-graphs}" \
         --sizes "${BENCH_SIZES:-1024,2048}" --frames "${BENCH_FRAMES:-60}" ${BENCH_ARGS:-} --out "$OUT" ) >"$OUT/bench.log" 2>&1
@@ -72,7 +85,10 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("engine-*.json")):
                   "ms, engine total p50", r["engine_total_ms_p50"], "ms", r.get("vs_host_pre_post", ""))
 PY
 }
-# STAGES: which checks, in which order (the benchmark last by default: alone on the machine)
-for stage in ${STAGES:-tests parity guard bench}; do
-    case $stage in tests|parity|guard|bench) $stage ;; *) echo "unknown stage $stage (tests, parity, guard, bench)"; exit 2 ;; esac
+# STAGES: which checks, in which order (parity and the benchmark first: a lease can be short)
+for stage in ${STAGES:-parity bench profile tests guard}; do
+    case $stage in tests|parity|guard|bench|profile) $stage ;;
+        *) echo "unknown stage $stage (tests, parity, guard, bench, profile)"; exit 2 ;; esac
 done
+# a device run brings back at most 8 files: everything, in one archive beside them (all.tgz)
+tar czf /tmp/all.tgz -C "$OUT" . 2>/dev/null && mv /tmp/all.tgz "$OUT/all.tgz"
