@@ -36,8 +36,13 @@ def _ready(stack: Stack, *ioc_args: str, element: str = "int16", source_args: tu
     out = stack.ioc_prefix
     wait_for(lambda: value_of(out + "EngineConnected_RBV") == 1, 60, "the engine")
     dt = "UInt8" if element == "uint8" else "UInt16"
-    wait_for(lambda: (push_frames(stack, uid=1, dt=dt, val=100), _n(out + "UniqueId_RBV") == 1)[1], 60,
-             "the first frame", poll_s=1.0)
+
+    def first_frame() -> bool:  # pushed again only if not published within 5 s (the IOC not subscribed yet): a
+        # second push while the first is on its way is a second frame, published after the books were read
+        push_frames(stack, uid=1, dt=dt, val=100)
+        return bool(wait_for(lambda: _n(out + "UniqueId_RBV") == 1, 5, "the first frame"))
+
+    wait_for(first_frame, 60, "the first frame", poll_s=0.0)
     _settled(out)
     return out
 
