@@ -33,6 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -378,10 +379,6 @@ class NoiseTensors:
     @staticmethod
     def host_values(noise: NoiseModel) -> list[float]:
         return [_f32(noise.offset_dn), _f32(noise.dn_per_e), _f32(noise.read_dn**2)]
-
-    @classmethod
-    def of(cls, noise: NoiseModel, device: torch.device) -> NoiseTensors:
-        return cls(torch.tensor(cls.host_values(noise), dtype=torch.float32, device=device))
 
 
 Noise = NoiseModel | NoiseTensors
@@ -734,10 +731,12 @@ def flag_class_counts(flags: Tensor) -> Tensor:
     return (flags.reshape(-1, 1) == codes).sum(dim=0)
 
 
+@dataclass
 class _Captured:
-    def __init__(self, inputs: dict[str, Tensor | None], params: Tensor, graph: torch.cuda.CUDAGraph,
-                 outputs: tuple[Tensor, Tensor]) -> None:
-        self.inputs, self.params, self.graph, self.outputs = inputs, params, graph, outputs
+    inputs: dict[str, Tensor | None]
+    params: Tensor
+    graph: torch.cuda.CUDAGraph
+    outputs: tuple[Tensor, Tensor]
 
 
 class GuardGraphs:
@@ -955,7 +954,6 @@ def denoise_frame_on_device(
         adc_max = adc_max_for(dt, bit_depth)
     candidates = guard_config.full_well_candidates if guard_config is not None else 1
     on_host = getattr(runner, "host_statistics", True)
-    f_host = None
     # no_grad, not inference_mode: a CUDA graph captured here is replayed by the host path too
     with torch.no_grad(), runner.device_scope():
         raw = runner.frame_staging.upload(frame)  # queued: the host reads its statistics meanwhile
@@ -963,11 +961,12 @@ def denoise_frame_on_device(
         if on_host:
             # the frame is on the host already: its offset, scale and full well by the NumPy path's own code (a
             # strided sample; on a GPU each of the device's steps is a kernel launch and many a read back)
+            read = frame
             if dt.kind == "f":
-                f_host = np.asarray(frame, dtype=np.float32)
-                if f_host.size and float(np.max(np.abs(f_host))) > FLOAT_FRAME_LIMIT:
+                read = np.asarray(frame, dtype=np.float32)  # what frame_statistics reads (a float32 frame itself)
+                if read.size and float(np.max(np.abs(read))) > FLOAT_FRAME_LIMIT:
                     return None  # NaN compares False: frame_statistics refuses the frame as the host path does
-            offset, scale, fw = frame_statistics(frame, adc_max, runner.normalisation, candidates)
+            read, offset, scale, fw = frame_statistics(read, adc_max, runner.normalisation, candidates)
             x = network_input_given(f, adc_max, offset, scale, fw)
         else:
             if dt.kind == "f" and float(torch.max(torch.abs(f))) > FLOAT_FRAME_LIMIT:
@@ -980,12 +979,12 @@ def denoise_frame_on_device(
         out = denormalise(restored, offset, scale)
         flags = counts = None
         if guard_config is not None:
-            noise = None
+            noise, quantum = None, frame_quantum(frame)
             if on_host:  # while the network runs: the guard's noise model, the host path's (compiled) own
-                f_host = np.asarray(frame, dtype=np.float32) if f_host is None else f_host
+                f_host = np.asarray(read, dtype=np.float32)
                 noise = host_noise_model(f_host, guard_config, exclude=saturation_mask(f_host, adc_max, fw),
-                                         quantum=frame_quantum(frame))
-            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob, frame_quantum(frame),
+                                         quantum=quantum)
+            out, flags, _ = guard(f, out, x[1] > 0.5, guard_config, prob, quantum,
                                   getattr(runner, "guard_graphs", None), noise=noise)
             counts = flag_class_counts(flags)
         values = camera_values(out, dt, adc_max)

@@ -334,20 +334,13 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
     small plateau at the full well is kept raw as saturated rather than moved by a shot noise it does not have.
     Returns the input and the (offset, scale) needed to denormalise the network's output.
     """
-    if frame.ndim != 2:
-        raise NormalisationError(f"expected a 2-D frame, got shape {frame.shape}")
+    f, offset, scale, fw = frame_statistics(frame, adc_max, config, full_well_candidates)
     x = np.empty((2, *frame.shape), dtype=np.float32)
-    if frame.dtype in frame_kernels.EXACT_IN_FLOAT32:  # an integer camera's: every value finite, exact in float32
-        offset, scale = frame_offset_scale(frame, adc_max, config)
-        if frame_kernels.normalise_into(frame, offset, scale, adc_max, x):  # one pass, the same bits as below
-            mark_full_well(x, frame, detect_full_well(frame, adc_max, config, full_well_candidates), offset, scale)
-            return x, offset, scale
-        f = np.asarray(frame, dtype=np.float32)
-    else:
-        f = np.asarray(frame, dtype=np.float32)
-        if frame.dtype.kind == "f" and not np.isfinite(f).all():  # (an int32 frame's float32 values are finite)
-            raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
-        offset, scale = frame_offset_scale(f, adc_max, config)
+    if frame.dtype in frame_kernels.EXACT_IN_FLOAT32 and frame_kernels.normalise_into(frame, offset, scale, adc_max, x):
+        # an integer camera's frame in one pass, the same bits as below
+        mark_full_well(x, frame, fw, offset, scale)
+        return x, offset, scale
+    f = np.asarray(f, dtype=np.float32)  # an integer camera's frame without the compiled kernel: exact in float32
     with np.errstate(over="ignore"):  # an overflow is caught just below
         np.subtract(f, offset, out=x[0])
         x[0] *= np.float32(1.0 / scale)
@@ -359,24 +352,25 @@ def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig
         np.greater_equal(f, np.float32(adc_max - 0.5), out=x[1], casting="unsafe")
     else:
         x[1] = 0.0
-    mark_full_well(x, f, detect_full_well(f, adc_max, config, full_well_candidates), offset, scale)
+    mark_full_well(x, f, fw, offset, scale)
     return x, offset, scale
 
 
 def frame_statistics(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
-                     full_well_candidates: int = 1) -> tuple[float, float, FullWell | None]:
-    """The numbers :func:`network_input` decides with: (offset, scale, full well), read from the frame as it reads
-    them, for a path that builds the input elsewhere (the GPU's, :mod:`cdae.engine.device_frame`): the same
-    numbers, from a strided sample of the frame, with none of its per-pixel work."""
+                     full_well_candidates: int = 1) -> tuple[np.ndarray, float, float, FullWell | None]:
+    """The numbers :func:`network_input` decides with, read from a strided sample of the frame: (the frame they were
+    read from, offset, scale, full well). That frame is ``frame`` itself for an integer camera whose values float32
+    holds exactly, else its float32 copy (refused if a float frame holds NaN or Inf). A path that builds the input
+    elsewhere (the GPU's, :mod:`cdae.engine.device_frame`) reads the same numbers with none of the per-pixel work."""
     if frame.ndim != 2:
         raise NormalisationError(f"expected a 2-D frame, got shape {frame.shape}")
     f = frame
     if frame.dtype not in frame_kernels.EXACT_IN_FLOAT32:
         f = np.asarray(frame, dtype=np.float32)
-        if frame.dtype.kind == "f" and not np.isfinite(f).all():
+        if frame.dtype.kind == "f" and not np.isfinite(f).all():  # (an int32 frame's float32 values are finite)
             raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
     offset, scale = frame_offset_scale(f, adc_max, config)
-    return offset, scale, detect_full_well(f, adc_max, config, full_well_candidates)
+    return f, offset, scale, detect_full_well(f, adc_max, config, full_well_candidates)
 
 
 def saturation_mask(f: np.ndarray, adc_max: float, fw: FullWell | None) -> np.ndarray:
