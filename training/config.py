@@ -62,6 +62,13 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="0: off. Else the weights validated, handed to the next stage and shipped are an exponential "
+        "moving average of the optimiser's, updated after every step with decay min(ema_decay, (1 + t) / (10 + t)) "
+        "(t: the step within the stage): the end of a stage is then an average over about 1 / (1 - ema_decay) "
+        "steps, not the last step's point of a noisy descent",
+    )
 
 
 class LossConfig(_Strict):

@@ -8,6 +8,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -40,6 +41,9 @@ from cdae.training.simulate import GENERATOR_VERSION
 
 LOSS_CSV = "loss.csv"
 LOSS_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_psnr_db", "lr", "seconds"]
+#: With ``optim.ema_decay`` set, ``val_loss`` and ``val_psnr_db`` are the averaged weights' (what is handed on and
+#: shipped) and these the optimiser's own, for the log.
+RAW_COLUMNS = ["val_loss_raw", "val_psnr_raw_db"]
 
 
 #: ``(model, first frame index of the batch) -> loss``: one optimisation step's objective.
@@ -187,11 +191,35 @@ def reference_psnr(frames: Sequence[EvalFrame]) -> dict[str, float]:
     }
 
 
+class WeightAverage:
+    """The exponential moving average of a model's weights (``optim.ema_decay``), kept as a second model.
+
+    After each optimiser step ``t`` (counted within the stage from 0) every parameter moves as
+    ``avg += (1 - d) * (w - avg)`` with ``d = min(ema_decay, (1 + t) / (10 + t))``: early steps weigh more, so the
+    average does not remember the random start. Buffers are copied. Plain float arithmetic in a fixed order, so a
+    CPU run stays bit-reproducible, and the average is checkpointed, so a resumed run equals an uninterrupted one."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    def update(self, model: nn.Module, t: int) -> None:
+        d = min(self.decay, (1.0 + t) / (10.0 + t))
+        with torch.no_grad():
+            for avg, w in zip(self.model.parameters(), model.parameters(), strict=True):
+                avg.lerp_(w, 1.0 - d)
+            for avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
+                avg.copy_(b)
+
+
 # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle) -----------------------
 
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int) -> None:
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
+                    average: nn.Module | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state_dict().items()})
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -202,13 +230,20 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, ep
     (path / "checkpoint.json").write_text(json.dumps(meta, indent=1))
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    average: nn.Module | None = None) -> tuple[int, int]:
     try:
         meta = json.loads((path / "checkpoint.json").read_text())
         tensors = load_file(str(path / "checkpoint.safetensors"))
     except (OSError, ValueError) as e:
         raise TrainingError(f"{path}: cannot read checkpoint ({e})") from e
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        kept = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not kept:
+            raise TrainingError(f"{path}: the checkpoint has no weight average, and optim.ema_decay asks for one "
+                                f"(it was written by a run without it): resume with the config it was made with")
+        average.load_state_dict(kept)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -256,6 +291,7 @@ def _train_stage(
     step_offset: int,
     stage: str | None,
     t0: float,
+    raw_columns: bool = False,
 ) -> dict[str, object]:
     """One stage (or the whole of an unstaged run): its optimiser, schedule, checkpoints and validation."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -266,8 +302,9 @@ def _train_stage(
     reference = reference_psnr(val_frames)
     log("validation references: " + ", ".join(f"{k} {v:.2f} dB" for k, v in reference.items()))
     start_epoch, step = 0, 0
+    average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     if resume and (run_dir / "checkpoint.json").is_file():
-        start_epoch, step = load_checkpoint(run_dir, model, opt)
+        start_epoch, step = load_checkpoint(run_dir, model, opt, average.model if average else None)
         log(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
 
     data_seed = member_data_seed(cfg)
@@ -290,22 +327,35 @@ def _train_stage(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
+            if average is not None:
+                average.update(model, step)
             step += 1
             running += loss.item()
             n += 1
             bar.set_postfix(loss=f"{running / n:.4f}")
-        val_loss, val_psnr = validate(model, val_frames, cfg)
+        raw = ["", ""]
+        if average is not None:
+            raw = list(validate(model, val_frames, cfg))
+            val_loss, val_psnr = validate(average.model, val_frames, cfg)
+        else:
+            val_loss, val_psnr = validate(model, val_frames, cfg)
         row = [epoch_offset + epoch + 1, step_offset + step, running / max(n, 1), val_loss, val_psnr,
                lr_at(step - 1, total_steps, cfg), round(time.perf_counter() - t0, 1)]
         with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow(row + ([stage] if stage else []))
+            csv.writer(f).writerow(row + (raw if raw_columns else []) + ([stage] if stage else []))
         log(f"epoch {epoch + 1}/{cfg.optim.epochs}: train {running / max(n, 1):.4f}  val {val_loss:.4f}  "
-            f"val PSNR {val_psnr:.2f} dB")
-        save_checkpoint(run_dir, model, opt, epoch + 1, step)
+            f"val PSNR {val_psnr:.2f} dB" + (f" (averaged; the optimiser's own {raw[1]:.2f} dB)" if average else ""))
+        save_checkpoint(run_dir, model, opt, epoch + 1, step, average.model if average else None)
+    if average is not None and end_epoch == cfg.optim.epochs:  # the stage is done: the average goes on
+        model.load_state_dict(average.model.state_dict())
     if math.isnan(val_loss):  # resumed at the end: nothing trained in this call
         val_loss, val_psnr = validate(model, val_frames, cfg)
-    return {"epochs": cfg.optim.epochs, "steps": step, "val_loss": val_loss, "val_psnr_db": val_psnr,
-            "reference": reference, "seconds": round(time.perf_counter() - s0, 1)}
+    out: dict[str, object] = {"epochs": cfg.optim.epochs, "steps": step, "val_loss": val_loss,
+                              "val_psnr_db": val_psnr, "reference": reference,
+                              "seconds": round(time.perf_counter() - s0, 1)}
+    if average is not None:
+        out["ema_decay"] = cfg.optim.ema_decay
+    return out
 
 
 def train(
@@ -346,7 +396,8 @@ def train(
     model.train()
     stages = cfg.stage_configs()
     csv_path = run_dir / LOSS_CSV
-    columns = LOSS_COLUMNS + (["stage"] if cfg.stages else [])
+    raw_columns = any(s.optim.ema_decay > 0 for s in stages)
+    columns = LOSS_COLUMNS + (RAW_COLUMNS if raw_columns else []) + (["stage"] if cfg.stages else [])
     if not (resume and csv_path.is_file()):
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerow(columns)
@@ -364,7 +415,7 @@ def train(
             log(f"stage {i + 1}/{len(stages)} {name!r}: {scfg.optim.epochs} epochs, lr {scfg.optim.lr:g}")
         rec = _train_stage(scfg, model, device, stage_dir, csv_path, resume=resume, progress=progress, log=log,
                            step_loss=step_loss, budget=budget, epoch_offset=done_epochs, step_offset=done_steps,
-                           stage=name, t0=t0)
+                           stage=name, t0=t0, raw_columns=raw_columns)
         records.append({"name": name, **rec})
         done_epochs += scfg.optim.epochs
         done_steps += int(rec["steps"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -106,3 +107,47 @@ def test_cdae_train_compare_says_which_and_fails_on_a_difference(tmp_path: Path,
     assert "bit for bit" in capsys.readouterr().out
     assert main([*args[:4], str(tmp_path / "e"), *args[5:], "--compare", str(tmp_path / "none" / "x")]) == 0
     assert "no package or run record there" in capsys.readouterr().out
+
+
+def test_a_weight_averaged_recipe_ships_the_average_and_resumes_to_the_bit(tmp_path: Path) -> None:
+    """``optim.ema_decay``: each stage hands on (and the package holds) the average of its weights, not the last
+    step's; the average is checkpointed, so a run stopped mid-recipe and resumed gives the same bits."""
+    plain_cfg = load_train_config(RECIPE)
+    cfg = load_train_config(RECIPE, ["optim.ema_decay=0.9"])
+    assert all(s.optim.ema_decay == 0.9 for s in cfg.stage_configs())
+    plain = train(plain_cfg, tmp_path / "plain", tmp_path / "r0", progress=False, log=_quiet).package
+    full = train(cfg, tmp_path / "full", tmp_path / "rf", progress=False, log=_quiet).package
+    train(cfg, tmp_path / "part", tmp_path / "rp", progress=False, log=_quiet, stop_after_epochs=2)
+    resumed = train(cfg, tmp_path / "part", tmp_path / "rp", resume=True, progress=False, log=_quiet).package
+    assert sha256_file(full / "weights.safetensors") == sha256_file(resumed / "weights.safetensors")
+    assert sha256_file(full / "weights.safetensors") != sha256_file(plain / "weights.safetensors")
+    m = read_manifest(full)
+    assert [s.get("ema_decay") for s in m.metrics["stages"]] == [0.9, 0.9]
+    assert m.training_config["optim"]["ema_decay"] == 0.9
+    with open(full / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stage"] for r in rows] == ["base", "base", "bright"]
+    # the logged validation is the average's, beside the optimiser's own: two different weight sets
+    assert all(r["val_psnr_raw_db"] and r["val_psnr_db"] != r["val_psnr_raw_db"] for r in rows)
+    assert float(rows[-1]["val_psnr_db"]) == pytest.approx(m.metrics["val_psnr_db"])
+
+
+def test_a_near_zero_decay_averages_nothing_away(tmp_path: Path) -> None:
+    """The average with decay ~0 is the optimiser's weights at every step: the same bits as no average, so the
+    averaging adds nothing of its own (no other arithmetic, no random numbers drawn)."""
+    one = ["stages=[{name: only, optim: {epochs: 1}}]"]
+    plain = train(load_train_config(RECIPE, one), tmp_path / "a", tmp_path / "ra", progress=False, log=_quiet).package
+    avg = train(load_train_config(RECIPE, [*one, "optim.ema_decay=1e-12"]), tmp_path / "b", tmp_path / "rb",
+                progress=False, log=_quiet).package
+    assert sha256_file(plain / "weights.safetensors") == sha256_file(avg / "weights.safetensors")
+
+
+def test_resuming_an_unaveraged_checkpoint_with_an_average_is_refused(tmp_path: Path) -> None:
+    from cdae.training.train import TrainingError
+
+    one = ["stages=[{name: only, optim: {epochs: 2}}]"]
+    train(load_train_config(RECIPE, one), tmp_path / "m", tmp_path / "r", progress=False, log=_quiet,
+          stop_after_epochs=1)
+    with pytest.raises(TrainingError, match="no weight average"):
+        train(load_train_config(RECIPE, [*one, "optim.ema_decay=0.9"]), tmp_path / "m", tmp_path / "r",
+              resume=True, progress=False, log=_quiet)
