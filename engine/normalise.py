@@ -100,20 +100,46 @@ def adc_max_for(dtype: np.dtype | str, bit_depth: int | None = None) -> float:
 MAX_CAMERA_FULL_SCALE = float(2**24 - 1)
 
 
-def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationConfig) -> tuple[float, float]:
+def sample_step(shape: tuple[int, ...], max_samples: int) -> int:
+    """The stride of the grid a frame's statistics are read from: at most about ``max_samples`` pixels."""
+    h, w = shape[-2:]
+    return max(1, int(math.sqrt(h * w / max_samples)))
+
+
+def sorted_sample(frame: np.ndarray, max_samples: int) -> np.ndarray:
+    """The pixels of the statistics' grid (:func:`sample_step`), float64, sorted: what :func:`frame_offset_scale`
+    and :func:`find_full_well` read, sorted once for both (``frame``: NaN-free, as :func:`frame_statistics` has it)."""
+    s = sample_step(frame.shape, max_samples)
+    return sorted_values(np.asarray(frame[::s, ::s], dtype=np.float64).ravel())
+
+
+def _prefix_below(s: np.ndarray, level: float) -> np.ndarray:
+    """The values of the sorted ``s`` below ``level`` (``s[s < level]``, a prefix)."""
+    return s[: int(np.searchsorted(s, level, side="left"))]
+
+
+def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
+                       ordered: np.ndarray | None = None) -> tuple[float, float]:
     """Robust per-frame (offset, scale) in DN.
 
     Saturated pixels are left out of the percentiles: a saturated glint or bloom trail covering a
-    few percent of the frame would otherwise set the scale and squash the real scene.
+    few percent of the frame would otherwise set the scale and squash the real scene. ``ordered``: the frame's
+    :func:`sorted_sample`, when the caller has it (the same numbers, without a second sample and sort).
     """
-    h, w = frame.shape[-2:]
-    s = max(1, int(math.sqrt(h * w / config.max_samples)))
-    sample = np.asarray(frame[::s, ::s], dtype=np.float32).ravel()
-    if math.isfinite(adc_max):
-        unsaturated = sample[sample < adc_max - 0.5]
-        if unsaturated.size >= max(16, sample.size // 10):
-            sample = unsaturated
-    lo, hi = percentile_of_sorted(sorted_values(sample), [config.low_percentile, config.high_percentile])
+    cut = adc_max - 0.5
+    if ordered is not None and (not math.isfinite(adc_max) or float(np.float32(cut)) == cut):
+        # float32 values and a cut float32 holds compare alike in float64: the same pixels, in the same order
+        unsaturated = _prefix_below(ordered, cut) if math.isfinite(adc_max) else ordered
+        sample = (unsaturated if unsaturated.size >= max(16, ordered.size // 10) else ordered).astype(np.float32)
+    else:
+        s = sample_step(frame.shape, config.max_samples)
+        sample = np.asarray(frame[::s, ::s], dtype=np.float32).ravel()
+        if math.isfinite(adc_max):
+            unsaturated = sample[sample < cut]
+            if unsaturated.size >= max(16, sample.size // 10):
+                sample = unsaturated
+        sample = sorted_values(sample)
+    lo, hi = percentile_of_sorted(sample, [config.low_percentile, config.high_percentile])
     lo = float(lo)
     span = float(hi) - lo
     # a 32-bit container's maximum (no bit depth given) is no camera's full scale: the frame's own peak is, as for
@@ -188,7 +214,7 @@ def dark_noise(a: np.ndarray, b: np.ndarray) -> float:
 
 def find_full_well(
     frame: np.ndarray, adc_max: float, max_samples: int = 65536, dark_reference: bool = False,
-    search: FullWellSearch | None = None, candidates: int = 1,
+    search: FullWellSearch | None = None, candidates: int = 1, ordered: np.ndarray | None = None,
 ) -> FullWell | None:
     """The level at which a sensor's full well clipped this frame's brightest real features, if it did.
 
@@ -208,21 +234,20 @@ def find_full_well(
     model's normalisation uses, 1); where it fails the tests, the next are the histogram's other local peaks
     holding at least ``search.min_share`` of the pixels, highest level first: a small full-well plateau over
     a bright background, which the background's own densest band hides. Each is held to the same tests.
+    ``ordered``: the frame's :func:`sorted_sample` for ``max_samples``, when the caller has it.
     """
     q = search or FullWellSearch()
     # only sampled pixels are read: an integer frame that float32 holds exactly is converted where sampled
     f = frame if frame.dtype in frame_kernels.EXACT_IN_FLOAT32 else np.asarray(frame, dtype=np.float32)
-    h, w = f.shape[-2:]
-    step = max(1, int(math.sqrt(h * w / max_samples)))
-    # the sampled pixels in float64: differences across a float32 frame's range (+-3e38) overflow float32
-    sample = f[::step, ::step].ravel().astype(np.float64)
+    step = sample_step(f.shape, max_samples)
+    # the sampled pixels in float64 (differences across a float32 frame's range, +-3e38, overflow float32), sorted
+    # once (by counting, for an integer camera): the percentiles are look-ups, the band a suffix, each window a
+    # sorted slice; every statistic below is of the same values as unsorted, so the same numbers
+    sample = sorted_sample(f, max_samples) if ordered is None else ordered
     if math.isfinite(adc_max):
-        sample = sample[sample < adc_max - 0.5]
+        sample = _prefix_below(sample, adc_max - 0.5)
     if sample.size < 1024:
         return None
-    # sorted once (by counting, for an integer camera): the percentiles are look-ups, the band a suffix, each
-    # window a sorted slice; every statistic below is of the same values as unsorted, so the same numbers
-    sample = sorted_values(sample)
     a, b = (v.astype(np.float64) for v in _pairs(f, step))
     noise = max(dark_noise(a, b), 0.5)  # 0.5 DN: quantisation
     lo, p80, top = (float(v) for v in percentile_of_sorted(sample, [10, q.band_percentile, 100]))
@@ -315,13 +340,13 @@ def _full_well_at(centre: float, sample: np.ndarray, band: np.ndarray, a: np.nda
 
 
 def detect_full_well(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
-                     candidates: int = 1) -> FullWell | None:
+                     candidates: int = 1, ordered: np.ndarray | None = None) -> FullWell | None:
     """The full well as ``config.full_well`` asks for it (None when 'off' or not found); ``candidates``: as
-    :func:`find_full_well` takes it (1: what the model was trained with)."""
+    :func:`find_full_well` takes it (1: what the model was trained with); ``ordered``: its ``ordered``."""
     if config.full_well == "off":
         return None
     return find_full_well(frame, adc_max, config.max_samples, dark_reference=config.full_well == "detect+dark",
-                          search=config.full_well_search, candidates=candidates)
+                          search=config.full_well_search, candidates=candidates, ordered=ordered)
 
 
 def network_input(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
@@ -369,8 +394,9 @@ def frame_statistics(frame: np.ndarray, adc_max: float, config: NormalisationCon
         f = np.asarray(frame, dtype=np.float32)
         if frame.dtype.kind == "f" and not np.isfinite(f).all():  # (an int32 frame's float32 values are finite)
             raise NormalisationError(f"frame contains {int((~np.isfinite(f)).sum())} NaN/Inf pixels")
-    offset, scale = frame_offset_scale(f, adc_max, config)
-    return f, offset, scale, detect_full_well(f, adc_max, config, full_well_candidates)
+    ordered = sorted_sample(f, config.max_samples)  # one sample, sorted once, for both
+    offset, scale = frame_offset_scale(f, adc_max, config, ordered)
+    return f, offset, scale, detect_full_well(f, adc_max, config, full_well_candidates, ordered)
 
 
 def saturation_mask(f: np.ndarray, adc_max: float, fw: FullWell | None) -> np.ndarray:

@@ -234,3 +234,25 @@ def test_the_guarded_path_keeps_a_small_well_raw_where_the_network_would_move_it
     # all but the disc's four one-pixel tips (sharper than any optics: the impulse test takes those first)
     assert sat.sum() >= disc.sum() - 4 and (served.flags[disc & ~sat] != 0).all()
     assert np.array_equal(served.denoised[sat], frame[sat])
+
+
+@pytest.mark.parametrize("dtype,adc", [(np.uint16, 65535.0), (np.uint16, 4095.0), (np.uint8, 255.0),
+                                       (np.float32, ADC), (np.float32, float("inf")), (np.int32, 2.0**31 - 1)])
+@pytest.mark.parametrize("peak_e", [0.5 * FULL_WELL_E, 3 * FULL_WELL_E])
+def test_the_statistics_read_one_sorted_sample_with_the_same_numbers(dtype: type, adc: float, peak_e: float) -> None:
+    """frame_statistics sorts the statistics' sample once for the offset, the scale and the full-well search: the same
+    numbers as each reading its own sample, for every dtype and full scale (an int32 frame's cut, 2^31 - 1.5, is not a
+    float32: it takes the offset's own sample), a frame mostly saturated included (offset from every pixel)."""
+    from cdae.engine.normalise import detect_full_well, frame_offset_scale, frame_statistics
+
+    cfg = NormalisationConfig(full_well="detect+dark", max_samples=4096)
+    raw, _ = _camera(_scene(peak_e, (200, 330)))
+    top = 255.0 if dtype is np.uint8 else min(adc, 65535.0)
+    frame = (np.clip(raw * (top / ADC), 0, top)).astype(dtype)
+    saturated = frame.copy()
+    saturated[:, : 300] = top  # over 90 % of the sample at full scale: the percentiles read every pixel
+    for f in (frame, saturated):
+        ff, offset, scale, fw = frame_statistics(f, adc, cfg, 8)
+        assert (offset, scale) == frame_offset_scale(ff, adc, cfg)
+        assert fw == detect_full_well(ff, adc, cfg, 8)
+    assert frame_statistics(frame, adc, cfg, 8)[3] is not None or peak_e < FULL_WELL_E or dtype is np.uint8
