@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from cdae.engine.robust import MAD_TO_SIGMA
+from cdae.engine.robust import MAD_TO_SIGMA, percentile
 from cdae.engine.robust import median as _median
 
 #: The defect head's calibrated threshold, beside a model package's manifest (``cdae calibrate``).
@@ -319,7 +319,7 @@ def noise_model(raw: np.ndarray, config: GuardConfig, exclude: np.ndarray | None
                 quantum: float = 1.0) -> NoiseModel:
     """The camera's noise model where the site gave it, else the frame's own."""
     if config.gain_e_per_dn is not None and config.read_noise_dn is not None:
-        offset = config.offset_dn if config.offset_dn is not None else float(np.percentile(raw[::4, ::4], 0.1))
+        offset = config.offset_dn if config.offset_dn is not None else float(percentile(raw[::4, ::4], 0.1))
         return NoiseModel(read_dn=config.read_noise_dn, dn_per_e=1.0 / config.gain_e_per_dn, offset_dn=offset,
                           measured=False)
     return measure_noise(raw, exclude, quantum=quantum)

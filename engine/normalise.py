@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cdae.engine import frame_kernels
 from cdae.engine.errors import EngineError
-from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma, median, percentile_of_sorted, sorted_values
+from cdae.engine.robust import MAD_TO_SIGMA, mad_sigma, median, percentile, percentile_of_sorted, sorted_values
 
 F32_MAX = float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "uint32", "int8")
@@ -173,7 +173,7 @@ def _pair_variance(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> float:
     d = np.abs(a - b)[(a >= lo) & (a <= hi) & (b >= lo) & (b <= hi)]
     if d.size < 32:
         return math.nan
-    return float(np.mean(np.minimum(d, np.percentile(d, 90)) ** 2))
+    return float(np.mean(np.minimum(d, percentile(d, 90)) ** 2))
 
 
 def _window(s: np.ndarray, level: float, half: float) -> slice:

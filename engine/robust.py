@@ -10,6 +10,8 @@ percentiles are a fixed cost of every frame, and a camera's pixels are integers 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 #: 1 / Φ⁻¹(3/4): a Gaussian's standard deviation over its median absolute deviation.
@@ -88,3 +90,16 @@ def percentile_of_sorted(s: np.ndarray, q: float | list[float]) -> np.floating |
     out = np.add(a, diff * t, out=...)
     np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
     return out[()] if out.ndim == 0 else out  # a scalar q: a scalar, as NumPy's
+
+
+def percentile(a: np.ndarray, q: float) -> np.floating:
+    """``np.percentile(a, q)`` (method ``linear``) for one ``q`` of a float array (flattened), from a partition at
+    the two order statistics it reads (and the last, for NaN) instead of NumPy's generic machinery: the same number."""
+    flat = np.asarray(a).reshape(-1)
+    if flat.dtype.kind in "biu":  # NumPy interpolates an integer array's neighbours in float64: exact for these
+        flat = flat.astype(np.float64)
+    n = flat.size
+    if n == 0 or not 0 <= q <= 100:
+        return np.percentile(flat, q)  # NumPy's error, or its NaN
+    i = min(int(math.floor((n - 1) * (q / 100))), n - 1)
+    return percentile_of_sorted(np.partition(flat, sorted({i, min(i + 1, n - 1), n - 1})), q)

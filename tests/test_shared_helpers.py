@@ -98,6 +98,29 @@ def test_order_statistics_are_numpys() -> None:
         percentile_of_sorted(np.sort(zeros), [50, 101])
 
 
+def test_one_percentile_by_partition_is_numpys() -> None:
+    """robust.percentile (one q, two order statistics by partition) gives np.percentile's bits and type, for float
+    and integer arrays (an integer array's neighbours interpolated in float64, as NumPy does), 2-D ones and NaN."""
+    import numpy as np
+
+    from cdae.engine.robust import percentile
+
+    rng = np.random.default_rng(12)
+    for i in range(300):
+        n = int(rng.integers(1, 3000))
+        x = [rng.integers(0, 4096, n).astype(np.uint16), rng.standard_normal(n).astype(np.float32) * 1e3,
+             rng.random(n) * 3e38, rng.integers(-5, 1 << 21, n).astype(np.int32), rng.poisson(2.0, n)][i % 5]
+        if i % 11 == 0 and x.dtype.kind == "f":
+            x[rng.integers(0, n)] = np.nan
+        for q in (0, 0.1, 10, 50.0, 90, 99.9, 100, float(rng.random() * 100)):
+            expected, got = np.percentile(x, q), percentile(x, q)
+            assert type(got) is type(expected) and np.asarray(got).tobytes() == np.asarray(expected).tobytes(), (i, q)
+    square = rng.integers(0, 65535, (64, 48)).astype(np.uint16)
+    assert percentile(square[::4, ::4], 0.1) == np.percentile(square[::4, ::4], 0.1)
+    with pytest.raises(ValueError):
+        percentile(square, 101)
+
+
 def test_one_queue_size_range() -> None:
     """QueueSize's PV limits and the IOC configuration's bounds are the same two numbers."""
     from pydantic import ValidationError
