@@ -17,5 +17,6 @@ class PassthroughBackend(Backend):
         super().__init__(manifest, "cpu")
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(x[0], dtype=np.float32), np.zeros(x.shape[1:], dtype=np.float32)
+        # the input plane itself, not a copy: the frame path reads the network's output and never writes into it
+        return np.asarray(x[0], dtype=np.float32), np.zeros(x.shape[1:], dtype=np.float32)
 

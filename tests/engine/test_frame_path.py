@@ -195,3 +195,33 @@ def test_guarded_output_and_flags_are_the_same_live_and_offline(engine_launcher,
     np.testing.assert_array_equal(live.flags, flags_file)
     assert live.flags[30, 40] == IMPULSE
     assert live.header.flag_counts is not None and live.header.flag_counts["impulse"] == int((live.flags == IMPULSE).sum())
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_the_frame_path_never_writes_into_the_networks_output(guarded: bool) -> None:
+    """The pass-through backend hands back its input plane itself (no copy): the frame path, tiled or whole, guarded or
+    not, with a bad-pixel map, only reads what a backend returns. Read-only outputs prove it."""
+    from cdae.engine.backends.passthrough import PassthroughBackend
+    from cdae.engine.guard import GuardConfig
+    from cdae.engine.package import read_manifest
+    from cdae.engine.pipeline import denoise_frame
+
+    class ReadOnly(PassthroughBackend):
+        def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            outs = super()._run(x)
+            for a in outs:
+                a.setflags(write=False)
+            return outs
+
+    runner = ReadOnly(read_manifest(ROOT / "models" / "cdae-default" / "11"))
+    rng = np.random.default_rng(3)
+    frame = rng.poisson(400.0, (256, 300)).astype(np.uint16)
+    frame[40, 50] = 4095
+    mask = np.zeros(frame.shape, bool)
+    mask[:, 7] = True
+    for max_pixels in (256 * 300, 176 * 176):  # whole, then tiled
+        r = denoise_frame(frame, runner, bit_depth=12, max_pixels=max_pixels, bad_pixels=BadPixelMap.from_mask(mask),
+                          guard_config=GuardConfig() if guarded else None)
+        assert r.denoised.shape == frame.shape and (r.flags is not None) == guarded
+        keep = ~mask if not guarded else (r.flags == 0)
+        assert np.array_equal(r.denoised[keep], frame[keep])  # identity where nothing is flagged or filled
