@@ -118,6 +118,12 @@ def _prefix_below(s: np.ndarray, level: float) -> np.ndarray:
     return s[: int(np.searchsorted(s, level, side="left"))]
 
 
+def _mixed_zeros(s: np.ndarray) -> bool:
+    """Whether the sorted ``s`` holds both -0.0 and +0.0 (whose order a sort leaves to its kind and dtype)."""
+    z = np.signbit(s[int(np.searchsorted(s, 0.0, side="left")):int(np.searchsorted(s, 0.0, side="right"))])
+    return bool(z.any() and not z.all())
+
+
 def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationConfig,
                        ordered: np.ndarray | None = None) -> tuple[float, float]:
     """Robust per-frame (offset, scale) in DN.
@@ -127,7 +133,8 @@ def frame_offset_scale(frame: np.ndarray, adc_max: float, config: NormalisationC
     :func:`sorted_sample`, when the caller has it (the same numbers, without a second sample and sort).
     """
     cut = adc_max - 0.5
-    if ordered is not None and (not math.isfinite(adc_max) or float(np.float32(cut)) == cut):
+    shared = ordered is not None and (not math.isfinite(adc_max) or float(np.float32(cut)) == cut)
+    if shared and not _mixed_zeros(ordered):  # type: ignore[arg-type]
         # float32 values and a cut float32 holds compare alike in float64: the same pixels, in the same order
         unsaturated = _prefix_below(ordered, cut) if math.isfinite(adc_max) else ordered
         sample = (unsaturated if unsaturated.size >= max(16, ordered.size // 10) else ordered).astype(np.float32)

@@ -96,10 +96,10 @@ def percentile(a: np.ndarray, q: float) -> np.floating:
     """``np.percentile(a, q)`` (method ``linear``) for one ``q`` of a float array (flattened), from a partition at
     the two order statistics it reads (and the last, for NaN) instead of NumPy's generic machinery: the same number."""
     flat = np.asarray(a).reshape(-1)
-    if flat.dtype.kind in "biu":  # NumPy interpolates an integer array's neighbours in float64: exact for these
+    if flat.dtype.kind in "iu" and flat.dtype.itemsize <= 4:  # NumPy interpolates in float64: exact for these
         flat = flat.astype(np.float64)
     n = flat.size
-    if n == 0 or not 0 <= q <= 100:
-        return np.percentile(flat, q)  # NumPy's error, or its NaN
+    if n == 0 or flat.dtype.kind != "f" or not 0 <= q <= 100:
+        return np.percentile(flat, q)  # NumPy's own (64-bit integers, bool, complex), its error, or its NaN
     i = min(int(math.floor((n - 1) * (q / 100))), n - 1)
     return percentile_of_sorted(np.partition(flat, sorted({i, min(i + 1, n - 1), n - 1})), q)

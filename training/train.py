@@ -238,11 +238,12 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     except (OSError, ValueError) as e:
         raise TrainingError(f"{path}: cannot read checkpoint ({e})") from e
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    kept = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if (average is not None) != bool(kept):
+        has, asks = ("no", "asks for one") if average is not None else ("a", "asks for none")
+        raise TrainingError(f"{path}: the checkpoint has {has} weight average and optim.ema_decay {asks} (it was "
+                            f"written by a run with another config): resume with the config it was made with")
     if average is not None:
-        kept = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        if not kept:
-            raise TrainingError(f"{path}: the checkpoint has no weight average, and optim.ema_decay asks for one "
-                                f"(it was written by a run without it): resume with the config it was made with")
         average.load_state_dict(kept)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
@@ -346,7 +347,7 @@ def _train_stage(
         log(f"epoch {epoch + 1}/{cfg.optim.epochs}: train {running / max(n, 1):.4f}  val {val_loss:.4f}  "
             f"val PSNR {val_psnr:.2f} dB" + (f" (averaged; the optimiser's own {raw[1]:.2f} dB)" if average else ""))
         save_checkpoint(run_dir, model, opt, epoch + 1, step, average.model if average else None)
-    if average is not None and end_epoch == cfg.optim.epochs:  # the stage is done: the average goes on
+    if average is not None:  # the average goes on (a stage stopped early: into the package; the checkpoint keeps both)
         model.load_state_dict(average.model.state_dict())
     if math.isnan(val_loss):  # resumed at the end: nothing trained in this call
         val_loss, val_psnr = validate(model, val_frames, cfg)
@@ -398,7 +399,13 @@ def train(
     csv_path = run_dir / LOSS_CSV
     raw_columns = any(s.optim.ema_decay > 0 for s in stages)
     columns = LOSS_COLUMNS + (RAW_COLUMNS if raw_columns else []) + (["stage"] if cfg.stages else [])
-    if not (resume and csv_path.is_file()):
+    if resume and csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header and header != columns:
+            raise TrainingError(f"{csv_path}: its columns ({','.join(header)}) are not this config's "
+                                f"({','.join(columns)}): resume with the config the run was started with")
+    else:
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerow(columns)
 

@@ -142,12 +142,32 @@ def test_a_near_zero_decay_averages_nothing_away(tmp_path: Path) -> None:
     assert sha256_file(plain / "weights.safetensors") == sha256_file(avg / "weights.safetensors")
 
 
-def test_resuming_an_unaveraged_checkpoint_with_an_average_is_refused(tmp_path: Path) -> None:
+def test_resuming_with_another_averaging_is_refused(tmp_path: Path) -> None:
     from cdae.training.train import TrainingError
 
     one = ["stages=[{name: only, optim: {epochs: 2}}]"]
-    train(load_train_config(RECIPE, one), tmp_path / "m", tmp_path / "r", progress=False, log=_quiet,
-          stop_after_epochs=1)
-    with pytest.raises(TrainingError, match="no weight average"):
-        train(load_train_config(RECIPE, [*one, "optim.ema_decay=0.9"]), tmp_path / "m", tmp_path / "r",
-              resume=True, progress=False, log=_quiet)
+    plain, averaged = load_train_config(RECIPE, one), load_train_config(RECIPE, [*one, "optim.ema_decay=0.9"])
+    for first, then, says in ((plain, averaged, "no weight average"), (averaged, plain, "has a weight average")):
+        run = tmp_path / says.replace(" ", "-")
+        train(first, run / "m", run / "r", progress=False, log=_quiet, stop_after_epochs=1)
+        with pytest.raises(TrainingError, match="its columns"):  # the log first: its columns are the config's
+            train(then, run / "m", run / "r", resume=True, progress=False, log=_quiet)
+        (run / "r" / "loss.csv").unlink()
+        with pytest.raises(TrainingError, match=says):  # then the checkpoint
+            train(then, run / "m", run / "r", resume=True, progress=False, log=_quiet)
+
+
+def test_a_run_stopped_mid_stage_ships_the_average_its_metrics_describe(tmp_path: Path) -> None:
+    from cdae.engine.architecture import CDAE
+    from cdae.engine.package import load_package
+    from cdae.training.dataset import simulated_frames
+    from cdae.training.train import validate
+
+    cfg = load_train_config(RECIPE, ["stages=[{name: only, optim: {epochs: 2}}]", "optim.ema_decay=0.9"])
+    pkg = train(cfg, tmp_path / "m", tmp_path / "r", progress=False, log=_quiet, stop_after_epochs=1).package
+    _, state = load_package(pkg)
+    model = CDAE(cfg.architecture)
+    model.load_state_dict(state)
+    s = cfg.stage_configs()[0]
+    val = simulated_frames(s.data, s.data.val_seed, 0, s.data.val_frames, [(s.data.val_size,) * 2])
+    assert validate(model, val, s)[1] == read_manifest(pkg).metrics["val_psnr_db"]
