@@ -67,6 +67,7 @@ from cdae.engine.normalise import (
     adc_max_for,
     frame_statistics,
     lone_pixels,
+    sample_step,
     saturation_mask,
 )
 from cdae.engine.robust import MAD_TO_SIGMA
@@ -184,8 +185,7 @@ def _masked_medians(values: Tensor, valid: Tensor) -> Tensor:
 
 def frame_offset_scale(f: Tensor, adc_max: float, config: NormalisationConfig) -> tuple[float, float]:
     """:func:`cdae.engine.normalise.frame_offset_scale` of a float32 frame tensor."""
-    h, w = f.shape[-2:]
-    s = max(1, int(math.sqrt(h * w / config.max_samples)))
+    s = sample_step(f.shape, config.max_samples)
     sample = f[::s, ::s].reshape(-1)
     if math.isfinite(adc_max):
         unsaturated = sample[sample < _f32(adc_max - 0.5)]
@@ -243,8 +243,7 @@ def find_full_well(f: Tensor, adc_max: float, max_samples: int = 65536, dark_ref
                    search: FullWellSearch | None = None, candidates: int = 1) -> FullWell | None:
     """:func:`cdae.engine.normalise.find_full_well` of a float32 frame tensor (same steps; see the module note)."""
     q = search or FullWellSearch()
-    h, w = f.shape[-2:]
-    step = max(1, int(math.sqrt(h * w / max_samples)))
+    step = sample_step(f.shape, max_samples)
     sample = f[::step, ::step].reshape(-1).to(torch.float64)
     if math.isfinite(adc_max):
         sample = sample[sample < adc_max - 0.5]
